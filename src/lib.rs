@@ -1,0 +1,3 @@
+//! tokenscope: exact next-token distributions of causal language models.
+
+pub mod model;

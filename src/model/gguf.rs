@@ -1,0 +1,219 @@
+//! Reading llama-architecture GGUF files into HF-named tensors and a [`Config`].
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::error::{ModelError, Result};
+use super::llama::{Config, EosTokenId};
+
+pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama"];
+
+/// An opened GGUF file: its metadata and a reader positioned anywhere.
+pub struct GgufFile {
+    pub content: gguf_file::Content,
+    reader: std::io::BufReader<std::fs::File>,
+    path: std::path::PathBuf,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let mut reader = std::io::BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| ModelError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("not a valid GGUF file ({e})"),
+        })?;
+        Ok(Self {
+            content,
+            reader,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, gguf_file::Value> {
+        &self.content.metadata
+    }
+
+    pub fn architecture(&self) -> Result<String> {
+        let arch = self
+            .metadata()
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .ok_or_else(|| self.corrupt("general.architecture is missing".into()))?;
+        if !SUPPORTED_GGUF_ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(ModelError::UnsupportedArchitecture {
+                found: arch,
+                supported: SUPPORTED_GGUF_ARCHITECTURES.join(", "),
+            });
+        }
+        Ok(arch)
+    }
+
+    fn corrupt(&self, reason: String) -> ModelError {
+        ModelError::Corrupt {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    fn md_u32(&self, key: &str) -> Result<Option<u32>> {
+        match self.metadata().get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_u32()
+                .or_else(|_| v.to_u64().map(|x| x as u32))
+                .or_else(|_| v.to_i32().map(|x| x as u32))
+                .map(Some)
+                .map_err(|e| self.corrupt(format!("{key}: {e}"))),
+        }
+    }
+
+    fn md_f32(&self, key: &str) -> Result<Option<f32>> {
+        match self.metadata().get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_f32()
+                .or_else(|_| v.to_f64().map(|x| x as f32))
+                .map(Some)
+                .map_err(|e| self.corrupt(format!("{key}: {e}"))),
+        }
+    }
+
+    fn require_u32(&self, key: &str) -> Result<usize> {
+        self.md_u32(key)?
+            .map(|v| v as usize)
+            .ok_or_else(|| self.corrupt(format!("metadata `{key}` is missing")))
+    }
+
+    /// The HF-style config implied by `llama.*` metadata.
+    pub fn config(&self) -> Result<Config> {
+        let arch = self.architecture()?;
+        let k = |s: &str| format!("{arch}.{s}");
+        let vocab_size = match self.md_u32(&k("vocab_size"))? {
+            Some(v) => v as usize,
+            None => match self.metadata().get("tokenizer.ggml.tokens") {
+                Some(v) => v.to_vec().map(|v| v.len()).unwrap_or(0),
+                None => self
+                    .content
+                    .tensor_infos
+                    .get("token_embd.weight")
+                    .map(|t| t.shape.dims()[0])
+                    .unwrap_or(0),
+            },
+        };
+        let has_output = self.content.tensor_infos.contains_key("output.weight");
+        let cfg = Config {
+            hidden_size: self.require_u32(&k("embedding_length"))?,
+            intermediate_size: self.require_u32(&k("feed_forward_length"))?,
+            vocab_size,
+            num_hidden_layers: self.require_u32(&k("block_count"))?,
+            num_attention_heads: self.require_u32(&k("attention.head_count"))?,
+            num_key_value_heads: self.md_u32(&k("attention.head_count_kv"))?.map(|v| v as usize),
+            head_dim: None,
+            rms_norm_eps: self
+                .md_f32(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5) as f64,
+            rope_theta: self.md_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0) as f64,
+            max_position_embeddings: self.md_u32(&k("context_length"))?.unwrap_or(2048) as usize,
+            tie_word_embeddings: !has_output,
+            bos_token_id: self.md_u32("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: self.md_u32("tokenizer.ggml.eos_token_id")?.map(EosTokenId::One),
+        };
+        cfg.validate().map_err(|e| self.corrupt(e))?;
+        Ok(cfg)
+    }
+
+    fn read(&mut self, name: &str, device: &Device) -> Result<QTensor> {
+        self.content
+            .tensor(&mut self.reader, name, device)
+            .map_err(|e| ModelError::Corrupt {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}`: {e}"),
+            })
+    }
+
+    /// All tensors, dequantized to `dtype` and renamed to HF names, with q/k un-permuted.
+    /// With `keep_quantized`, the 2-D projection weights are also returned as [`QMatMul`]s.
+    pub fn tensors(
+        &mut self,
+        cfg: &Config,
+        dtype: DType,
+        device: &Device,
+        keep_quantized: bool,
+    ) -> Result<(HashMap<String, Tensor>, HashMap<String, QMatMul>)> {
+        let names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        let mut dense = HashMap::new();
+        let mut quant = HashMap::new();
+        for name in names {
+            let Some(hf) = hf_name(&name) else {
+                // rope_freqs and similar auxiliary tensors are recomputed, not loaded.
+                continue;
+            };
+            let q = self.read(&name, device)?;
+            let heads = if name.ends_with("attn_q.weight") {
+                Some(cfg.num_attention_heads)
+            } else if name.ends_with("attn_k.weight") {
+                Some(cfg.n_kv_heads())
+            } else {
+                None
+            };
+            let t = q.dequantize(device)?;
+            let t = match heads {
+                Some(n) => unpermute(&t, n)?,
+                None => t,
+            };
+            let is_projection = t.rank() == 2 && hf != "model.embed_tokens.weight";
+            // q/k stay dense: their rows had to be un-permuted, and re-quantizing the
+            // dequantized values would not reproduce the file's blocks bit for bit.
+            if keep_quantized && is_projection && heads.is_none() {
+                quant.insert(hf.clone(), QMatMul::from_qtensor(q)?);
+            }
+            dense.insert(hf, t.to_dtype(dtype)?);
+        }
+        Ok((dense, quant))
+    }
+}
+
+/// GGUF tensor name → HF name.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let simple = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// Undoes llama.cpp's converter permutation of q/k rows (done there for interleaved rope):
+/// rows were reordered as (heads, head_dim/2, 2) → (heads, 2, head_dim/2).
+pub fn unpermute(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let head_dim = rows / n_head;
+    w.reshape((n_head, head_dim / 2, 2, cols))?
+        .transpose(1, 2)?
+        .reshape((rows, cols))
+}

@@ -1,0 +1,117 @@
+//! Hugging Face model directories: config.json, (sharded) safetensors, tokenizer.json.
+
+use std::path::{Path, PathBuf};
+
+use super::error::{ModelError, Result};
+use super::llama::Config;
+
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama"];
+
+/// The parts of a model directory, checked to exist.
+pub struct HfDir {
+    pub config: Config,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: PathBuf,
+    pub extra_eos: Vec<u32>,
+}
+
+pub fn inspect(dir: &Path) -> Result<HfDir> {
+    let missing = |what: &str| ModelError::MissingFile {
+        dir: dir.to_path_buf(),
+        what: what.to_string(),
+    };
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(missing("config.json"));
+    }
+    let raw = std::fs::read_to_string(&config_path)?;
+    let json: serde_json::Value = serde_json::from_str(&raw).map_err(|e| ModelError::Corrupt {
+        path: config_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let model_type = json
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("<missing model_type>");
+    if !SUPPORTED_MODEL_TYPES.contains(&model_type) {
+        return Err(ModelError::UnsupportedArchitecture {
+            found: model_type.to_string(),
+            supported: SUPPORTED_MODEL_TYPES.join(", "),
+        });
+    }
+    let config: Config = serde_json::from_value(json).map_err(|e| ModelError::Corrupt {
+        path: config_path.clone(),
+        reason: e.to_string(),
+    })?;
+    config.validate().map_err(|e| ModelError::Corrupt {
+        path: config_path.clone(),
+        reason: e,
+    })?;
+
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let weights = if single.is_file() {
+        vec![single]
+    } else if index.is_file() {
+        shard_files(&index)?
+            .into_iter()
+            .map(|f| {
+                let p = dir.join(&f);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(missing(&format!("shard {f} (named in model.safetensors.index.json)")))
+                }
+            })
+            .collect::<Result<_>>()?
+    } else {
+        return Err(missing("model.safetensors (or model.safetensors.index.json)"));
+    };
+
+    let tokenizer = dir.join("tokenizer.json");
+    if !tokenizer.is_file() {
+        return Err(missing("tokenizer.json"));
+    }
+    let mut extra_eos = Vec::new();
+    if let Ok(raw) = std::fs::read_to_string(dir.join("generation_config.json")) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&raw) {
+            match v.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => extra_eos.extend(n.as_u64().map(|x| x as u32)),
+                Some(serde_json::Value::Array(a)) => {
+                    extra_eos.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(HfDir {
+        config,
+        weights,
+        tokenizer,
+        extra_eos,
+    })
+}
+
+/// The distinct shard file names listed in a `model.safetensors.index.json`.
+pub fn shard_files(index: &Path) -> Result<Vec<String>> {
+    let raw = std::fs::read_to_string(index)?;
+    let corrupt = |reason: String| ModelError::Corrupt {
+        path: index.to_path_buf(),
+        reason,
+    };
+    let v: serde_json::Value = serde_json::from_str(&raw).map_err(|e| corrupt(e.to_string()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| corrupt("no weight_map".into()))?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    files.sort();
+    files.dedup();
+    if files.iter().any(|f| f.contains("..") || f.starts_with('/')) {
+        return Err(corrupt("shard names must stay inside the directory".into()));
+    }
+    Ok(files)
+}

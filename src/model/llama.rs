@@ -1,0 +1,516 @@
+//! The llama family (Llama 2/3, SmolLM, TinyLlama, ...), written for both inference and training.
+//!
+//! candle-transformers' stock llama cannot train: its fused rms_norm, softmax and rope have no
+//! backward pass (gradients silently reach only the embeddings) and it returns logits for the
+//! last position only. This file keeps one set of weights and two forward paths:
+//! - [`Llama::forward`]: fused kernels, a KV cache, logits only for the positions asked for;
+//! - [`Llama::forward_train`]: every op differentiable, logits for every position.
+//!
+//! A test proves that both paths give the same logits.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+/// Hugging Face `config.json` fields of a `LlamaForCausalLM`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<EosTokenId>,
+}
+
+/// `eos_token_id` is a single id or a list in HF configs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EosTokenId {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl EosTokenId {
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+impl Config {
+    pub fn n_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Rejects shapes that would otherwise fail deep inside a matmul.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let nonzero = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in nonzero {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        if self.n_kv_heads() == 0 || self.num_attention_heads % self.n_kv_heads() != 0 {
+            return Err(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.n_kv_heads()
+            ));
+        }
+        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim ({}) must be even", self.head_dim()));
+        }
+        Ok(())
+    }
+}
+
+/// A projection whose weight is dense (any float dtype) or kept in a GGUF quantized format.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Dense(candle_nn::Linear),
+    Quantized(QMatMul),
+}
+
+impl Linear {
+    pub fn dense(weight: Tensor) -> Self {
+        Self::Dense(candle_nn::Linear::new(weight, None))
+    }
+    fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
+        Ok(Self::dense(vb.get((out_dim, in_dim), "weight")?))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward(xs),
+            Self::Quantized(q) => q.forward(xs),
+        }
+    }
+}
+
+/// The KV cache of one sequence: per layer, keys and values of shape (b, n_kv, t, head_dim).
+#[derive(Debug, Clone, Default)]
+pub struct Cache {
+    kvs: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl Cache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            kvs: vec![None; n_layers],
+            len: 0,
+        }
+    }
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RotaryEmbedding {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    fn new(cfg: &Config, dtype: DType, dev: &Device) -> candle_core::Result<Self> {
+        let head_dim = cfg.head_dim();
+        let inv_freq: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1f32 / (cfg.rope_theta as f32).powf(i as f32 / head_dim as f32))
+            .collect();
+        let n = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, n), dev)?;
+        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_position_embeddings, 1))?;
+        let freqs = positions.matmul(&inv_freq)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    fn apply(&self, x: &Tensor, offset: usize, differentiable: bool) -> candle_core::Result<Tensor> {
+        let (_b, _h, t, _d) = x.dims4()?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        if differentiable {
+            candle_nn::rotary_emb::rope_slow(x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
+        if differentiable {
+            candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32)
+        } else {
+            candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), h, nh * hd)?,
+            k_proj: Linear::load(vb.pp("k_proj"), h, nkv * hd)?,
+            v_proj: Linear::load(vb.pp("v_proj"), h, nkv * hd)?,
+            o_proj: Linear::load(vb.pp("o_proj"), nh * hd, h)?,
+            n_head: nh,
+            n_kv_head: nkv,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        mask: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        offset: usize,
+        differentiable: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let shape = |n| (b, t, n, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape(shape(self.n_head))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape(shape(self.n_kv_head))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape(shape(self.n_kv_head))?.transpose(1, 2)?;
+        let q = rope.apply(&q, offset, differentiable)?;
+        let k = rope.apply(&k, offset, differentiable)?;
+        let v = if differentiable { v } else { v.contiguous()? };
+
+        let (k, v) = match kv {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+
+        let n_rep = self.n_head / self.n_kv_head;
+        let k = repeat_kv(k, n_rep)?;
+        let v = repeat_kv(v, n_rep)?;
+        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = if differentiable {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
+        let y = att.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, self.n_head * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+fn repeat_kv(xs: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(xs);
+    }
+    let (b, n_kv, t, hd) = xs.dims4()?;
+    Tensor::cat(&vec![&xs; n_rep], 2)?.reshape((b, n_kv * n_rep, t, hd))
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(vb.pp("gate_proj"), h, i)?,
+            up_proj: Linear::load(vb.pp("up_proj"), h, i)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, h)?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+}
+
+/// A llama decoder with its LM head.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: candle_nn::Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    cfg: Config,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Loads from HF names (`model.layers.N.self_attn.q_proj.weight`, ...).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let dtype = vb.dtype();
+        let device = vb.device().clone();
+        let embed_weight = vb
+            .pp("model.embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let embed_tokens = candle_nn::Embedding::new(embed_weight.clone(), cfg.hidden_size);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(vb.pp("model.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        // A checkpoint without lm_head shares the embedding matrix (tied embeddings).
+        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+            Linear::dense(embed_weight)
+        } else {
+            Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?
+        };
+        let rope = RotaryEmbedding::new(cfg, dtype, &device)?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            cfg: cfg.clone(),
+            dtype,
+            device,
+        })
+    }
+
+    /// Replaces the dense projections with quantized ones (for `--dtype gguf`).
+    pub fn with_quantized(
+        mut self,
+        mut take: impl FnMut(&str) -> Option<QMatMul>,
+    ) -> Self {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let slots: [(&str, &mut Linear); 7] = [
+                ("self_attn.q_proj", &mut layer.self_attn.q_proj),
+                ("self_attn.k_proj", &mut layer.self_attn.k_proj),
+                ("self_attn.v_proj", &mut layer.self_attn.v_proj),
+                ("self_attn.o_proj", &mut layer.self_attn.o_proj),
+                ("mlp.gate_proj", &mut layer.mlp.gate_proj),
+                ("mlp.up_proj", &mut layer.mlp.up_proj),
+                ("mlp.down_proj", &mut layer.mlp.down_proj),
+            ];
+            for (name, slot) in slots {
+                if let Some(q) = take(&format!("{p}.{name}.weight")) {
+                    *slot = Linear::Quantized(q);
+                }
+            }
+        }
+        if let Some(q) = take("lm_head.weight") {
+            self.lm_head = Linear::Quantized(q);
+        }
+        self
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(self.cfg.num_hidden_layers)
+    }
+
+    /// Inference: runs `ids` (b, t) after the positions already in `cache`, appends their keys
+    /// and values to it, and returns f32 logits (b, vocab) of the last position only.
+    pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        let hidden = self.hidden_states(ids, cache)?;
+        let last = hidden.narrow(1, t - 1, 1)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last, false)?)?;
+        logits.squeeze(1)?.to_dtype(DType::F32)
+    }
+
+    /// Inference like [`Self::forward`] but returns f32 logits (b, t, vocab) for every new
+    /// position (used to score text and to compare with the training path).
+    pub fn forward_all(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden_states(ids, cache)?;
+        self.lm_head
+            .forward(&self.norm.forward(&hidden, false)?)?
+            .to_dtype(DType::F32)
+    }
+
+    fn hidden_states(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        let offset = cache.len;
+        if offset + t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the model's context of {}",
+                offset + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        if cache.kvs.len() != self.layers.len() {
+            *cache = self.new_cache();
+        }
+        let mask = causal_mask(t, offset, self.dtype, &self.device)?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for (layer, kv) in self.layers.iter().zip(cache.kvs.iter_mut()) {
+            let h = layer.input_layernorm.forward(&x, false)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &self.rope, mask.as_ref(), Some(kv), offset, false)?;
+            x = (x + h)?;
+            let h = layer.post_attention_layernorm.forward(&x, false)?;
+            x = (&x + layer.mlp.forward(&h)?)?;
+        }
+        cache.len = offset + t;
+        Ok(x)
+    }
+
+    /// Training: every op has a backward pass; returns logits (b, t, vocab) in the model dtype.
+    pub fn forward_train(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!("sequence longer than the model's context");
+        }
+        let mask = causal_mask(t, 0, self.dtype, &self.device)?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for layer in &self.layers {
+            let h = layer.input_layernorm.forward(&x, true)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &self.rope, mask.as_ref(), None, 0, true)?;
+            x = (x + h)?;
+            let h = layer.post_attention_layernorm.forward(&x, true)?;
+            x = (&x + layer.mlp.forward(&h)?)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x, true)?)
+    }
+}
+
+/// Additive causal mask (t, offset + t): 0 where a query may look, -inf where it may not.
+fn causal_mask(
+    t: usize,
+    offset: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
+    }
+    let total = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
+    Ok(Some(
+        Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?,
+    ))
+}

@@ -1,0 +1,285 @@
+//! Everything candle: where a model comes from, how its weights and tokenizer are read, and
+//! the llama implementation itself.
+
+pub mod error;
+pub mod gguf;
+pub mod hf_dir;
+pub mod llama;
+pub mod source;
+pub mod tokenizer;
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+pub use error::{ModelError, Result};
+pub use llama::{Cache, Config, Llama};
+pub use source::ModelSource;
+pub use tokenizer::TextTokenizer;
+
+/// File name of the default model inside `models/` (fetched by `scripts/setup.sh`).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `--device auto|cpu|cuda[:N]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("invalid device `{s}` (expected auto, cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl DeviceChoice {
+    pub fn resolve(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+            Self::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(ModelError::Device(
+                        "CUDA was requested but this build has no CUDA support (rebuild with --features cuda)".into(),
+                    ));
+                }
+                Device::new_cuda(n).map_err(|e| ModelError::Device(format!("cuda:{n}: {e}")))
+            }
+        }
+    }
+}
+
+/// `--dtype auto|f32|f16|bf16|gguf`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DtypeChoice {
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+    /// Keep GGUF weights in their quantized blocks (activations in f32).
+    Gguf,
+}
+
+impl FromStr for DtypeChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" | "half" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "gguf" | "quantized" => Ok(Self::Gguf),
+            _ => Err(format!("invalid dtype `{s}` (expected auto, f32, f16, bf16 or gguf)")),
+        }
+    }
+}
+
+impl DtypeChoice {
+    /// `auto` is f16 on CUDA and f32 on CPU (measured: f16 matmuls on CPU are ~2.5x slower).
+    pub fn resolve(self, device: &Device) -> DType {
+        match self {
+            Self::Auto if device.is_cuda() => DType::F16,
+            Self::Auto | Self::F32 | Self::Gguf => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub device: DeviceChoice,
+    pub dtype: DtypeChoice,
+}
+
+/// A model ready to run: weights, tokenizer and what to report about them.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    pub name: String,
+    pub architecture: String,
+    pub eos_ids: Vec<u32>,
+    /// `cpu` or `cuda:N`.
+    pub device_label: String,
+    /// `f32`, `f16`, `bf16`, or `gguf-<type>` for kept-quantized weights.
+    pub dtype_label: String,
+}
+
+impl LoadedModel {
+    pub fn context_length(&self) -> usize {
+        self.model.config().max_position_embeddings
+    }
+}
+
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F64 => "f64",
+        _ => "other",
+    }
+}
+
+fn device_label(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Where the default model lives: `models/` under the working directory or under any
+/// ancestor of the executable (so `target/release/tokenscope` finds the repo's copy).
+pub fn default_model_path() -> Option<PathBuf> {
+    let mut roots = vec![std::env::current_dir().ok()];
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(|p| Some(p.to_path_buf())));
+    }
+    roots
+        .into_iter()
+        .flatten()
+        .map(|r| r.join("models").join(DEFAULT_MODEL_FILE))
+        .find(|p| p.is_file())
+}
+
+/// Resolves `--model` (or the default) to a source, with a helpful message when absent.
+pub fn resolve_source(model: Option<&str>) -> Result<ModelSource> {
+    match model {
+        Some(m) => ModelSource::parse(m),
+        None => default_model_path().map(ModelSource::Gguf).ok_or_else(|| {
+            ModelError::NotFound(format!(
+                "models/{DEFAULT_MODEL_FILE} (the default model; run ./scripts/setup.sh to fetch it, or pass --model)"
+            ))
+        }),
+    }
+}
+
+/// Loads a model from any supported source.
+pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
+    let device = opts.device.resolve()?;
+    let dtype = opts.dtype.resolve(&device);
+    match source {
+        ModelSource::Gguf(path) => load_gguf(path, source, opts.dtype, dtype, &device),
+        ModelSource::HfDir(dir) => load_hf_dir(dir, source.display_name(), opts.dtype, dtype, &device),
+        ModelSource::Hub { repo, revision } => {
+            let dir = source::resolve_hub(repo, revision)?;
+            load_hf_dir(&dir, source.display_name(), opts.dtype, dtype, &device)
+        }
+    }
+}
+
+fn load_gguf(
+    path: &std::path::Path,
+    source: &ModelSource,
+    choice: DtypeChoice,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedModel> {
+    let mut file = gguf::GgufFile::open(path)?;
+    let architecture = file.architecture()?;
+    let cfg = file.config()?;
+    let tokenizer = TextTokenizer::from_gguf(file.metadata())?;
+    let keep_quantized = choice == DtypeChoice::Gguf;
+    let (tensors, mut quantized) = file.tensors(&cfg, dtype, device, keep_quantized)?;
+    let mut quant_type = None;
+    if keep_quantized {
+        quant_type = file
+            .content
+            .tensor_infos
+            .get("blk.0.ffn_up.weight")
+            .map(|t| format!("{:?}", t.ggml_dtype).to_lowercase());
+    }
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    let mut model = Llama::load(vb, &cfg).map_err(|e| ModelError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if keep_quantized {
+        model = model.with_quantized(|name| quantized.remove(name));
+    }
+    let mut eos_ids: Vec<u32> = cfg.eos_token_id.iter().flat_map(|e| e.ids()).collect();
+    if let Some(eot) = file
+        .metadata()
+        .get("tokenizer.ggml.eot_token_id")
+        .and_then(|v| v.to_u32().ok())
+    {
+        eos_ids.push(eot);
+    }
+    eos_ids.sort();
+    eos_ids.dedup();
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        name: source.display_name(),
+        architecture,
+        eos_ids,
+        device_label: device_label(device),
+        dtype_label: match quant_type {
+            Some(q) => format!("gguf-{q}"),
+            None => dtype_name(dtype).to_string(),
+        },
+    })
+}
+
+fn load_hf_dir(
+    dir: &std::path::Path,
+    name: String,
+    choice: DtypeChoice,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedModel> {
+    if choice == DtypeChoice::Gguf {
+        return Err(ModelError::Config(
+            "--dtype gguf needs a .gguf model; use f32, f16 or bf16 for a Hugging Face directory".into(),
+        ));
+    }
+    let parts = hf_dir::inspect(dir)?;
+    let tokenizer = TextTokenizer::from_file(&parts.tokenizer, parts.config.vocab_size)?;
+    // SAFETY: the files are memory-mapped read-only; like every safetensors loader we rely on
+    // them not being modified while the model is loaded.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&parts.weights, dtype, device) }
+        .map_err(|e| ModelError::Corrupt {
+            path: dir.to_path_buf(),
+            reason: format!("safetensors: {e}"),
+        })?;
+    let model = Llama::load(vb, &parts.config).map_err(|e| ModelError::Corrupt {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut eos_ids: Vec<u32> = parts
+        .config
+        .eos_token_id
+        .iter()
+        .flat_map(|e| e.ids())
+        .chain(parts.extra_eos.iter().copied())
+        .collect();
+    eos_ids.sort();
+    eos_ids.dedup();
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        name,
+        architecture: "llama".into(),
+        eos_ids,
+        device_label: device_label(device),
+        dtype_label: dtype_name(dtype).to_string(),
+    })
+}

@@ -1,0 +1,147 @@
+//! Where a model comes from: a `.gguf` file, a Hugging Face directory, or a hub id.
+
+use std::path::{Path, PathBuf};
+
+use super::error::{ModelError, Result};
+
+/// A parsed `--model` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A single GGUF file (weights, config and tokenizer all inside).
+    Gguf(PathBuf),
+    /// A Hugging Face model directory: config.json, safetensors, tokenizer.json.
+    HfDir(PathBuf),
+    /// A hub repository, resolved through the local hf-hub cache (downloading if allowed).
+    Hub { repo: String, revision: String },
+}
+
+impl ModelSource {
+    /// Interprets a string the way the CLI does: existing paths win, then `org/name[@rev]`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(ModelError::NotFound(String::new()));
+        }
+        let path = Path::new(s);
+        if path.is_file() {
+            return Ok(Self::Gguf(path.to_path_buf()));
+        }
+        if path.is_dir() {
+            return Ok(Self::HfDir(path.to_path_buf()));
+        }
+        let looks_like_path = s.starts_with('.')
+            || s.starts_with('/')
+            || s.starts_with('~')
+            || s.ends_with(".gguf")
+            || s.ends_with(".safetensors")
+            || s.contains('\\');
+        let (repo, revision) = match s.split_once('@') {
+            Some((r, rev)) => (r, rev),
+            None => (s, "main"),
+        };
+        let valid_part = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        let is_repo = match repo.split_once('/') {
+            Some((org, name)) => valid_part(org) && valid_part(name) && !name.contains('/'),
+            None => false,
+        };
+        if looks_like_path || !is_repo || revision.is_empty() {
+            return Err(ModelError::NotFound(s.to_string()));
+        }
+        Ok(Self::Hub {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+        })
+    }
+
+    /// A short human name for logs and `metadata.model_name`.
+    pub fn display_name(&self) -> String {
+        match self {
+            Self::Gguf(p) => p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| p.display().to_string()),
+            Self::HfDir(p) => std::fs::canonicalize(p)
+                .ok()
+                .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| p.display().to_string()),
+            Self::Hub { repo, revision } if revision == "main" => repo.clone(),
+            Self::Hub { repo, revision } => format!("{repo}@{revision}"),
+        }
+    }
+}
+
+/// Fetches (or finds in the cache) the files of a hub model and returns the snapshot
+/// directory, which is then loaded like any Hugging Face directory.
+pub fn resolve_hub(repo: &str, revision: &str) -> Result<PathBuf> {
+    use hf_hub::{Cache, Repo, RepoType};
+    let offline = std::env::var("HF_HUB_OFFLINE")
+        .map(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false")
+        .unwrap_or(false);
+    let hub_repo = Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string());
+    let cache = Cache::from_env();
+    let alternatives = "set HF_HOME to a cache that holds it, download it while online, \
+                        or pass a local directory or .gguf file with --model";
+
+    // Online, one `info` call lists the repository so that optional files are not probed
+    // with failing requests; offline, only the cache is consulted.
+    let listing: Option<Vec<String>> = if offline {
+        None
+    } else {
+        let info = api_repo(&hub_repo)?.info().map_err(|e| {
+            ModelError::Hub(format!(
+                "could not reach the hub for `{repo}@{revision}`: {e}. Offline? Set HF_HUB_OFFLINE=1 to use the local cache; {alternatives}"
+            ))
+        })?;
+        Some(info.siblings.into_iter().map(|s| s.rfilename).collect())
+    };
+    let get = |f: &str| -> Result<Option<PathBuf>> {
+        if let Some(p) = cache.repo(hub_repo.clone()).get(f) {
+            return Ok(Some(p));
+        }
+        match &listing {
+            None => Ok(None),
+            Some(files) if !files.iter().any(|x| x == f) => Ok(None),
+            Some(_) => api_repo(&hub_repo)?.get(f).map(Some).map_err(|e| {
+                ModelError::Hub(format!("could not fetch `{f}` of `{repo}@{revision}`: {e}"))
+            }),
+        }
+    };
+
+    let missing = |what: &str| {
+        ModelError::Hub(format!(
+            "`{repo}@{revision}` has no `{what}`{} ; {alternatives}",
+            if offline { " in the local cache (HF_HUB_OFFLINE is set)" } else { "" }
+        ))
+    };
+    let config = get("config.json")?.ok_or_else(|| missing("config.json"))?;
+    get("tokenizer.json")?.ok_or_else(|| missing("tokenizer.json"))?;
+    if get("model.safetensors")?.is_none() {
+        let index = get("model.safetensors.index.json")?
+            .ok_or_else(|| missing("model.safetensors or model.safetensors.index.json"))?;
+        for shard in super::hf_dir::shard_files(&index)? {
+            get(&shard)?.ok_or_else(|| missing(&shard))?;
+        }
+    }
+    let _ = get("generation_config.json");
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| missing("a snapshot directory"))
+}
+
+fn api_repo(repo: &hf_hub::Repo) -> Result<hf_hub::api::sync::ApiRepo> {
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false);
+    if let Ok(token) = std::env::var("HF_TOKEN") {
+        if !token.is_empty() {
+            builder = builder.with_token(Some(token));
+        }
+    }
+    let api = builder
+        .build()
+        .map_err(|e| ModelError::Hub(format!("cannot start the hub client: {e}")))?;
+    Ok(api.repo(repo.clone()))
+}

@@ -1,0 +1,285 @@
+//! Tokenizers: built from GGUF metadata or read from `tokenizer.json`, plus per-token text
+//! and raw bytes (a byte-level token can be part of a UTF-8 character).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, Tokenizer};
+
+use super::error::{ModelError, Result};
+
+/// GGUF `tokenizer.ggml.pre` values we know how to rebuild exactly.
+pub const SUPPORTED_GGUF_PRE: &[&str] = &["smollm", "gpt2", "default"];
+
+/// A tokenizer with the per-id tables the engine reports.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    token_bytes: Vec<Vec<u8>>,
+    token_text: Vec<String>,
+    special: Vec<bool>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab_size", &self.token_bytes.len())
+            .finish()
+    }
+}
+
+fn tok_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(e.to_string())
+}
+
+impl TextTokenizer {
+    /// Builds a byte-level BPE from `tokenizer.ggml.*` metadata.
+    ///
+    /// candle's own `TokenizerFromGguf` adds a prefix space for SmolLM2, so it is not used.
+    pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
+        let get = |k: &str| {
+            md.get(k)
+                .ok_or_else(|| tok_err(format!("GGUF metadata has no `{k}`")))
+        };
+        let model = get("tokenizer.ggml.model")?.to_string().map_err(tok_err)?;
+        if model != "gpt2" {
+            return Err(tok_err(format!(
+                "GGUF tokenizer model `{model}` is not supported (supported: gpt2 byte-level BPE)"
+            )));
+        }
+        let pre = match md.get("tokenizer.ggml.pre") {
+            Some(v) => v.to_string().map_err(tok_err)?.clone(),
+            None => "default".to_string(),
+        };
+        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+            "smollm" => Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into(),
+            "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
+            other => {
+                return Err(tok_err(format!(
+                    "GGUF pre-tokenizer `{other}` is not supported (supported: {}); \
+                     use the model's Hugging Face directory with its tokenizer.json instead",
+                    SUPPORTED_GGUF_PRE.join(", ")
+                )))
+            }
+        };
+        let tokens: Vec<String> = get("tokenizer.ggml.tokens")?
+            .to_vec()
+            .map_err(tok_err)?
+            .iter()
+            .map(|v| v.to_string().cloned().map_err(tok_err))
+            .collect::<Result<_>>()?;
+        let merges: Vec<(String, String)> = match md.get("tokenizer.ggml.merges") {
+            None => Vec::new(),
+            Some(v) => v
+                .to_vec()
+                .map_err(tok_err)?
+                .iter()
+                .map(|m| {
+                    let m = m.to_string().map_err(tok_err)?;
+                    m.split_once(' ')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .ok_or_else(|| tok_err(format!("malformed merge `{m}`")))
+                })
+                .collect::<Result<_>>()?,
+        };
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            None => vec![1; tokens.len()],
+            Some(v) => v
+                .to_vec()
+                .map_err(tok_err)?
+                .iter()
+                .map(|t| t.to_i32().map_err(tok_err))
+                .collect::<Result<_>>()?,
+        };
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(tok_err)?;
+        let mut tk = Tokenizer::new(bpe);
+        tk.with_pre_tokenizer(Some(pre_tokenizer));
+        tk.with_decoder(Some(ByteLevelDecoder::default()));
+
+        // Control tokens (type 3) are special; user-defined ones (type 4) match as wholes.
+        let special: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| **t == 3)
+            .map(|(s, _)| AddedToken::from(s.clone(), true))
+            .collect();
+        let user: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| **t == 4)
+            .map(|(s, _)| AddedToken::from(s.clone(), false))
+            .collect();
+        tk.add_special_tokens(special).map_err(tok_err)?;
+        tk.add_tokens(user).map_err(tok_err)?;
+
+        let add_bos = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        if add_bos {
+            let bos_id = md
+                .get("tokenizer.ggml.bos_token_id")
+                .and_then(|v| v.to_u32().ok())
+                .ok_or_else(|| tok_err("add_bos_token is set but bos_token_id is missing"))?;
+            let bos = tokens
+                .get(bos_id as usize)
+                .ok_or_else(|| tok_err("bos_token_id is outside the vocabulary"))?
+                .clone();
+            let post = TemplateProcessing::builder()
+                .try_single(format!("{bos} $A"))
+                .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
+                .map_err(tok_err)?
+                .special_tokens(vec![(bos.clone(), bos_id)])
+                .build()
+                .map_err(tok_err)?;
+            tk.with_post_processor(Some(post));
+        }
+        Self::new(tk, tokens.len())
+    }
+
+    /// Reads a `tokenizer.json`.
+    pub fn from_file(path: &Path, vocab_size: usize) -> Result<Self> {
+        let tk = Tokenizer::from_file(path).map_err(|e| ModelError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("not a valid tokenizer.json ({e})"),
+        })?;
+        Self::new(tk, vocab_size)
+    }
+
+    fn new(inner: Tokenizer, vocab_size: usize) -> Result<Self> {
+        let size = vocab_size.max(inner.get_vocab_size(true));
+        let byte_level = inner
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .is_some_and(|s| s.contains("\"ByteLevel\""));
+        let specials: std::collections::HashSet<u32> = inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        let char_bytes = byte_level_char_to_byte();
+        let mut token_bytes = Vec::with_capacity(size);
+        let mut token_text = Vec::with_capacity(size);
+        let mut special = Vec::with_capacity(size);
+        for id in 0..size as u32 {
+            let piece = inner.id_to_token(id).unwrap_or_default();
+            let is_special = specials.contains(&id);
+            let bytes = if is_special {
+                piece.as_bytes().to_vec()
+            } else {
+                piece_bytes(&piece, byte_level, &char_bytes)
+            };
+            token_text.push(String::from_utf8_lossy(&bytes).into_owned());
+            token_bytes.push(bytes);
+            special.push(is_special);
+        }
+        Ok(Self {
+            inner,
+            token_bytes,
+            token_text,
+            special,
+        })
+    }
+
+    /// Token ids of `text`, with the tokenizer's own special-token rules (BOS if configured).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`; special tokens are left out when `skip_special`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
+    /// Raw bytes of `ids` concatenated, special tokens left out.
+    pub fn decode_bytes(&self, ids: &[u32]) -> Vec<u8> {
+        ids.iter()
+            .filter(|&&id| !self.is_special(id))
+            .flat_map(|&id| self.token_bytes(id).iter().copied())
+            .collect()
+    }
+
+    pub fn token_text(&self, id: u32) -> &str {
+        self.token_text.get(id as usize).map_or("", |s| s.as_str())
+    }
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes.get(id as usize).map_or(&[], |b| b.as_slice())
+    }
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
+    }
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len()
+    }
+    /// The underlying `tokenizers` object (to save it as tokenizer.json).
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+}
+
+/// Raw bytes of a vocabulary piece.
+fn piece_bytes(piece: &str, byte_level: bool, char_bytes: &HashMap<char, u8>) -> Vec<u8> {
+    if byte_level {
+        if let Some(bytes) = piece
+            .chars()
+            .map(|c| char_bytes.get(&c).copied())
+            .collect::<Option<Vec<u8>>>()
+        {
+            return bytes;
+        }
+    }
+    // SentencePiece byte-fallback pieces look like <0x0A>.
+    if piece.len() == 6 && piece.starts_with("<0x") && piece.ends_with('>') {
+        if let Ok(b) = u8::from_str_radix(&piece[3..5], 16) {
+            return vec![b];
+        }
+    }
+    piece.replace('\u{2581}', " ").into_bytes()
+}
+
+/// GPT-2's reversible byte ↔ printable-character table, inverted.
+fn byte_level_char_to_byte() -> HashMap<char, u8> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = printable.clone();
+    let mut n = 0;
+    for b in 0..=255u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    printable
+        .into_iter()
+        .zip(chars)
+        .filter_map(|(b, c)| char::from_u32(c).map(|c| (c, b as u8)))
+        .collect()
+}
