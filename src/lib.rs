@@ -1,3 +1,33 @@
 //! tokenscope: exact next-token distributions of causal language models.
+//!
+//! `model` reads weights and tokenizers and runs the llama network (candle); `engine` turns
+//! logits into distributions and generations; `cli` and `inspect` are the terminal front end.
 
+pub mod cli;
+pub mod engine;
+pub mod inspect;
+pub mod logging;
 pub mod model;
+
+use anyhow::Context;
+
+/// `tokenscope inspect`.
+pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
+    if args.prompt.trim().is_empty() {
+        anyhow::bail!("the prompt is empty");
+    }
+    if args.stop.len() > 4 {
+        anyhow::bail!("at most 4 stop strings");
+    }
+    let source = model::resolve_source(args.model.model.as_deref())?;
+    let loaded = model::load(&source, &args.model.load_options())
+        .with_context(|| format!("loading {}", source.display_name()))?;
+    let ids = engine::tokenize(&loaded, &args.prompt)?;
+    let resp = engine::generate(&loaded, &args.prompt, &ids, &args.params(), &|| false)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+    } else {
+        print!("{}", inspect::render(&args.prompt, &resp));
+    }
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! The generation loop: prompt → forward → distribution → pick → repeat, with a KV cache.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::distribution::Distribution;
+use super::output::{FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability};
+use crate::model::LoadedModel;
+
+/// Validated generation parameters (the API checks ranges before they get here).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub max_tokens: usize,
+    pub top_k: usize,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub logprobs_mode: LogprobsMode,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            max_tokens: 1,
+            top_k: 5,
+            seed: None,
+            stop: Vec::new(),
+            logprobs_mode: LogprobsMode::Processed,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("prompt is empty after tokenization")]
+    EmptyPrompt,
+    #[error("prompt of {prompt} tokens plus {max_tokens} new tokens exceeds the limit of {limit}")]
+    TooLong {
+        prompt: usize,
+        max_tokens: usize,
+        limit: usize,
+    },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("inference: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Tokenizes a prompt.
+pub fn tokenize(model: &LoadedModel, prompt: &str) -> Result<Vec<u32>, EngineError> {
+    model
+        .tokenizer
+        .encode(prompt)
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))
+}
+
+/// Runs one request start to finish. `cancelled` is polled between steps so that a request
+/// nobody waits for any more stops using the model.
+pub fn generate(
+    model: &LoadedModel,
+    prompt: &str,
+    prompt_ids: &[u32],
+    params: &GenerateParams,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<GenerateResponse, EngineError> {
+    let start = Instant::now();
+    if prompt_ids.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    let limit = model.context_length();
+    if prompt_ids.len() + params.max_tokens > limit {
+        return Err(EngineError::TooLong {
+            prompt: prompt_ids.len(),
+            max_tokens: params.max_tokens,
+            limit,
+        });
+    }
+    let greedy = params.temperature <= 0.0;
+    let seed = match (greedy, params.seed) {
+        (true, _) => None,
+        (false, Some(s)) => Some(s),
+        (false, None) => Some(rand::random::<u64>()),
+    };
+    let mut rng = StdRng::seed_from_u64(seed.unwrap_or(0));
+    // The reported distribution: processed = what the sampler draws from (T = 1 if greedy).
+    let report_t = match (params.logprobs_mode, greedy) {
+        (LogprobsMode::Processed, false) => params.temperature,
+        _ => 1.0,
+    };
+
+    let lm = &model.model;
+    let mut cache = lm.new_cache();
+    let mut input = Tensor::new(prompt_ids, lm.device())?.unsqueeze(0)?;
+    let mut generated: Vec<u32> = Vec::new();
+    let mut steps: Vec<Step> = Vec::new();
+    let mut finish = FinishReason::Length;
+    let mut text = String::new();
+
+    while steps.len() < params.max_tokens {
+        if cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        let logits: Vec<f32> = lm.forward(&input, &mut cache)?.squeeze(0)?.to_vec1()?;
+        let reported = Distribution::from_logits(&logits, report_t);
+        let next = if greedy {
+            reported.argmax()
+        } else if report_t == params.temperature {
+            reported.sample(&mut rng)
+        } else {
+            Distribution::from_logits(&logits, params.temperature).sample(&mut rng)
+        };
+        steps.push(make_step(model, &reported, next, params.top_k));
+        generated.push(next);
+
+        if model.eos_ids.contains(&next) {
+            finish = FinishReason::Eos;
+            text = decode(model, &generated)?;
+            break;
+        }
+        text = decode(model, &generated)?;
+        if let Some(cut) = params
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text.truncate(cut);
+            finish = FinishReason::Stop;
+            break;
+        }
+        input = Tensor::new(&[next], lm.device())?.unsqueeze(0)?;
+    }
+
+    let tokens = steps.first().map(|s| s.top.clone()).unwrap_or_default();
+    Ok(GenerateResponse {
+        generated_text: text,
+        tokens,
+        finish_reason: finish,
+        metadata: Metadata {
+            model_name: model.name.clone(),
+            prompt_length: prompt.chars().count(),
+            prompt_tokens: prompt_ids.len(),
+            completion_tokens: steps.len(),
+            generation_time_ms: start.elapsed().as_secs_f64() * 1000.0,
+            temperature_used: params.temperature as f64,
+            logprobs_mode: params.logprobs_mode,
+            device: model.device_label.clone(),
+            dtype: model.dtype_label.clone(),
+            seed,
+        },
+        steps,
+    })
+}
+
+fn decode(model: &LoadedModel, ids: &[u32]) -> Result<String, EngineError> {
+    model
+        .tokenizer
+        .decode(ids, true)
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))
+}
+
+/// A ranked candidate as reported to the user.
+pub fn token_probability(model: &LoadedModel, id: u32, logprob: f32, rank: usize) -> TokenProbability {
+    let probability = (logprob as f64).exp();
+    TokenProbability {
+        token: model.tokenizer.token_text(id).to_string(),
+        token_id: id,
+        bytes: model.tokenizer.token_bytes(id).to_vec(),
+        probability,
+        percentage: probability * 100.0,
+        logprob: logprob as f64,
+        rank,
+    }
+}
+
+fn make_step(model: &LoadedModel, dist: &Distribution, chosen: u32, top_k: usize) -> Step {
+    let top: Vec<TokenProbability> = dist
+        .top_k(top_k)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (id, lp))| token_probability(model, id, lp, i + 1))
+        .collect();
+    let logprob = dist.logprob(chosen);
+    Step {
+        token: model.tokenizer.token_text(chosen).to_string(),
+        token_id: chosen,
+        bytes: model.tokenizer.token_bytes(chosen).to_vec(),
+        probability: (logprob as f64).exp(),
+        logprob: logprob as f64,
+        rank: dist.rank(chosen),
+        entropy: dist.entropy(),
+        top,
+    }
+}

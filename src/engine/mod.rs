@@ -1,0 +1,9 @@
+//! Turning a prompt into distributions: the maths, the generation loop, the response types.
+
+pub mod distribution;
+pub mod generate;
+pub mod output;
+
+pub use distribution::Distribution;
+pub use generate::{generate, tokenize, EngineError, GenerateParams};
+pub use output::{FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability};

@@ -1,0 +1,111 @@
+//! The response body of POST /generate (also printed by `tokenscope inspect --json`).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Which distribution is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogprobsMode {
+    /// softmax(logits / T), the distribution the sampler draws from (T = 1 when greedy).
+    #[default]
+    Processed,
+    /// The model's own distribution, softmax(logits), whatever the temperature.
+    Raw,
+}
+
+impl LogprobsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Processed => "processed",
+            Self::Raw => "raw",
+        }
+    }
+}
+
+/// One candidate token with its probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"token": " Paris", "token_id": 7042, "bytes": [32, 80, 97, 114, 105, 115],
+    "probability": 0.7712, "percentage": 77.12, "logprob": -0.2598, "rank": 1}))]
+pub struct TokenProbability {
+    /// The token's text (lossy when the token is only part of a UTF-8 character).
+    pub token: String,
+    pub token_id: u32,
+    /// The token's raw bytes.
+    pub bytes: Vec<u8>,
+    /// Probability, 0.0–1.0.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub probability: f64,
+    /// 100 × probability.
+    #[schema(minimum = 0.0, maximum = 100.0)]
+    pub percentage: f64,
+    /// Natural-log probability (log-softmax in f32).
+    pub logprob: f64,
+    /// 1-based rank in the whole vocabulary (ties broken by token id).
+    #[schema(minimum = 1)]
+    pub rank: usize,
+}
+
+/// One generated position: the chosen token and the alternatives at that position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Step {
+    pub token: String,
+    pub token_id: u32,
+    pub bytes: Vec<u8>,
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub probability: f64,
+    pub logprob: f64,
+    /// Rank of the chosen token in the whole vocabulary.
+    #[schema(minimum = 1)]
+    pub rank: usize,
+    /// Entropy (nats) of this position's reported distribution.
+    pub entropy: f64,
+    /// The top-k alternatives at this position.
+    pub top: Vec<TokenProbability>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// `max_tokens` reached.
+    Length,
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// A stop string appeared in the generated text.
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Metadata {
+    pub model_name: String,
+    /// Prompt length in characters.
+    pub prompt_length: usize,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Wall time of tokenization, the forward passes and the maths, in milliseconds.
+    pub generation_time_ms: f64,
+    pub temperature_used: f64,
+    pub logprobs_mode: LogprobsMode,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Weight format: `f32`, `f16`, `bf16`, or `gguf-<type>`.
+    pub dtype: String,
+    /// The seed used for sampling (absent for greedy decoding).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+/// Response of POST /generate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GenerateResponse {
+    /// The generated text (a matched stop string is not included).
+    pub generated_text: String,
+    /// Top-k tokens at the first generated position, ranked 1..k.
+    pub tokens: Vec<TokenProbability>,
+    /// One entry per generated token.
+    pub steps: Vec<Step>,
+    pub finish_reason: FinishReason,
+    pub metadata: Metadata,
+}

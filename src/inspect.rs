@@ -1,0 +1,92 @@
+//! `tokenscope inspect`: the next-token table in a terminal.
+
+use std::fmt::Write;
+
+use crate::engine::{GenerateResponse, TokenProbability};
+
+/// Shows whitespace so that " Paris" and "Paris" are told apart.
+pub fn visible(token: &str) -> String {
+    token
+        .chars()
+        .map(|c| match c {
+            ' ' => '␣',
+            '\n' => '↵',
+            '\t' => '→',
+            '\r' => '␍',
+            c if c.is_control() => '�',
+            c => c,
+        })
+        .collect()
+}
+
+fn bar(probability: f64, width: usize) -> String {
+    let cells = probability.clamp(0.0, 1.0) * width as f64;
+    let full = cells.floor() as usize;
+    let mut s = "█".repeat(full);
+    let rest = cells - full as f64;
+    const PARTS: [&str; 8] = ["", "▏", "▎", "▍", "▌", "▋", "▊", "▉"];
+    if full < width {
+        s.push_str(PARTS[(rest * 8.0) as usize % 8]);
+    }
+    s
+}
+
+fn table(out: &mut String, rows: &[TokenProbability]) {
+    let width = rows
+        .iter()
+        .map(|r| visible(&r.token).chars().count())
+        .max()
+        .unwrap_or(5)
+        .clamp(5, 30);
+    let _ = writeln!(
+        out,
+        "  {:>4}  {:<width$}  {:>8}  {:>9}  {:<20}  {:>6}",
+        "rank", "token", "prob", "logprob", "", "id"
+    );
+    for r in rows {
+        let tok: String = visible(&r.token).chars().take(30).collect();
+        let _ = writeln!(
+            out,
+            "  {:>4}  {:<width$}  {:>7.3}%  {:>9.4}  {:<20}  {:>6}",
+            r.rank,
+            tok,
+            r.percentage,
+            r.logprob,
+            bar(r.probability, 20),
+            r.token_id
+        );
+    }
+}
+
+/// Renders a response as readable text.
+pub fn render(prompt: &str, resp: &GenerateResponse) -> String {
+    let m = &resp.metadata;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "model {} ({}, {}) · prompt {:?} ({} tokens) · T={} · {:.1} ms",
+        m.model_name, m.device, m.dtype, prompt, m.prompt_tokens, m.temperature_used, m.generation_time_ms
+    );
+    for (i, step) in resp.steps.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "\nposition {} · chose {:?} (rank {}, {:.3}%) · entropy {:.3} nats",
+            i + 1,
+            visible(&step.token),
+            step.rank,
+            step.probability * 100.0,
+            step.entropy
+        );
+        table(&mut out, &step.top);
+    }
+    let _ = writeln!(
+        out,
+        "\ngenerated {:?} · finish_reason {}",
+        resp.generated_text,
+        serde_json::to_value(resp.finish_reason)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    );
+    out
+}

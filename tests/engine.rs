@@ -1,0 +1,214 @@
+//! Generation on the real default model: greedy, seeded sampling, stop strings, EOS, and the
+//! agreement of the inference and differentiable paths.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use tokenscope::engine::{self, FinishReason, GenerateParams, GenerateResponse, LogprobsMode};
+
+const FRANCE: &str = "The capital of France is";
+const CHAT: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+
+fn run(prompt: &str, params: &GenerateParams) -> GenerateResponse {
+    let m = common::smollm();
+    let ids = engine::tokenize(m, prompt).unwrap();
+    engine::generate(m, prompt, &ids, params, &|| false).unwrap()
+}
+
+fn greedy(max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        temperature: 0.0,
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn paris_is_rank_one_with_the_reference_probability() {
+    let r = run(FRANCE, &greedy(1));
+    let top = &r.tokens[0];
+    assert_eq!(top.token, " Paris");
+    assert_eq!(top.token_id, 7042);
+    assert_eq!(top.bytes, b" Paris");
+    assert_eq!(top.rank, 1);
+    assert!((top.probability - 0.7725).abs() < 0.005, "{}", top.probability);
+    assert_eq!(top.percentage, top.probability * 100.0);
+    assert_eq!(top.probability, top.logprob.exp());
+    assert_eq!(r.generated_text, " Paris");
+    assert_eq!(r.metadata.prompt_tokens, 5);
+    assert_eq!(r.metadata.prompt_length, FRANCE.len());
+    assert_eq!(r.metadata.completion_tokens, 1);
+    assert_eq!(r.metadata.dtype, "f32");
+    assert_eq!(r.finish_reason, FinishReason::Length);
+}
+
+#[test]
+fn top_k_is_ranked_and_consistent_with_steps() {
+    let params = GenerateParams {
+        temperature: 0.0,
+        top_k: 50,
+        max_tokens: 3,
+        ..Default::default()
+    };
+    let r = run(FRANCE, &params);
+    assert_eq!(r.tokens.len(), 50);
+    assert_eq!(r.steps.len(), 3);
+    assert_eq!(r.tokens, r.steps[0].top);
+    for (i, t) in r.tokens.iter().enumerate() {
+        assert_eq!(t.rank, i + 1);
+        if i > 0 {
+            assert!(t.logprob <= r.tokens[i - 1].logprob);
+        }
+    }
+    for s in &r.steps {
+        // Greedy: the chosen token is rank 1 of its position and equals top[0].
+        assert_eq!(s.rank, 1);
+        assert_eq!(s.token_id, s.top[0].token_id);
+        assert!(s.entropy > 0.0 && s.entropy < (49152f64).ln());
+    }
+    let text: String = r.steps.iter().map(|s| s.token.clone()).collect();
+    assert_eq!(text, r.generated_text);
+}
+
+#[test]
+fn temperature_changes_the_processed_distribution_only() {
+    let base = GenerateParams {
+        temperature: 0.5,
+        seed: Some(7),
+        ..Default::default()
+    };
+    let processed = run(FRANCE, &base);
+    let raw = run(
+        FRANCE,
+        &GenerateParams {
+            logprobs_mode: LogprobsMode::Raw,
+            ..base.clone()
+        },
+    );
+    let greedy = run(FRANCE, &greedy(1));
+    // Raw = the model's own distribution = what greedy reports.
+    assert_eq!(raw.tokens[0].logprob, greedy.tokens[0].logprob);
+    // T = 0.5 sharpens: p(Paris) grows.
+    assert!(processed.tokens[0].probability > raw.tokens[0].probability);
+    assert_eq!(processed.metadata.logprobs_mode, LogprobsMode::Processed);
+    assert_eq!(raw.metadata.logprobs_mode, LogprobsMode::Raw);
+    assert_eq!(processed.metadata.temperature_used, 0.5);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let params = GenerateParams {
+        temperature: 1.5,
+        max_tokens: 12,
+        seed: Some(1234),
+        ..Default::default()
+    };
+    let a = run(FRANCE, &params);
+    let b = run(FRANCE, &params);
+    assert_eq!(a.generated_text, b.generated_text);
+    assert_eq!(a.steps, b.steps);
+    assert_eq!(a.metadata.seed, Some(1234));
+    // Another seed goes elsewhere for at least one of several seeds.
+    let differs = (0..5u64).any(|s| {
+        run(
+            FRANCE,
+            &GenerateParams {
+                seed: Some(s),
+                ..params.clone()
+            },
+        )
+        .generated_text
+            != a.generated_text
+    });
+    assert!(differs);
+}
+
+#[test]
+fn eos_ends_generation() {
+    let r = run(CHAT, &greedy(60));
+    assert_eq!(r.finish_reason, FinishReason::Eos);
+    assert_eq!(r.generated_text, "The capital of France is Paris.");
+    let last = r.steps.last().unwrap();
+    assert_eq!(last.token, "<|im_end|>");
+    assert!(r.steps.len() < 60);
+}
+
+#[test]
+fn stop_string_ends_generation_and_is_not_returned() {
+    // Greedy continuation is " Paris.\n\nThe answer is: ..."
+    let params = GenerateParams {
+        stop: vec!["\n".into(), "zzz".into()],
+        ..greedy(20)
+    };
+    let r = run(FRANCE, &params);
+    assert_eq!(r.finish_reason, FinishReason::Stop);
+    assert_eq!(r.generated_text, " Paris.");
+    assert!(r.steps.len() < 20);
+    // A stop string that never appears changes nothing.
+    let r = run(
+        FRANCE,
+        &GenerateParams {
+            stop: vec!["zzz".into()],
+            ..greedy(4)
+        },
+    );
+    assert_eq!(r.finish_reason, FinishReason::Length);
+    assert_eq!(r.steps.len(), 4);
+}
+
+#[test]
+fn cancellation_stops_between_steps() {
+    let m = common::smollm();
+    let ids = engine::tokenize(m, FRANCE).unwrap();
+    let err = engine::generate(m, FRANCE, &ids, &greedy(5), &|| true).unwrap_err();
+    assert!(matches!(err, engine::EngineError::Cancelled));
+}
+
+#[test]
+fn too_long_prompt_is_refused() {
+    let m = common::smollm();
+    let ids = vec![504u32; m.context_length()];
+    let err = engine::generate(m, "x", &ids, &greedy(1), &|| false).unwrap_err();
+    assert!(matches!(err, engine::EngineError::TooLong { .. }), "{err}");
+}
+
+#[test]
+fn kv_cache_steps_equal_one_full_pass() {
+    let m = common::smollm();
+    let ids = m.tokenizer.encode("One, two, three, four, five, six").unwrap();
+    let dev = Device::Cpu;
+    let full: Vec<f32> = {
+        let mut cache = m.model.new_cache();
+        let x = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+        m.model.forward(&x, &mut cache).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let stepped: Vec<f32> = {
+        let mut cache = m.model.new_cache();
+        let (head, tail) = ids.split_at(ids.len() - 3);
+        let x = Tensor::new(head, &dev).unwrap().unsqueeze(0).unwrap();
+        m.model.forward(&x, &mut cache).unwrap();
+        let mut last = None;
+        for &t in tail {
+            let x = Tensor::new(&[t], &dev).unwrap().unsqueeze(0).unwrap();
+            last = Some(m.model.forward(&x, &mut cache).unwrap());
+        }
+        assert_eq!(cache.len(), ids.len());
+        last.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let diff = full.iter().zip(&stepped).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-4, "max |Δ logit| = {diff}");
+}
+
+#[test]
+fn inference_and_differentiable_paths_agree() {
+    let m = common::smollm();
+    let ids = m.tokenizer.encode("Training and inference share one set of weights.").unwrap();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let mut cache = m.model.new_cache();
+    let fast = m.model.forward_all(&x, &mut cache).unwrap();
+    let slow = m.model.forward_train(&x).unwrap();
+    assert_eq!(fast.dims(), &[1, ids.len(), 49152]);
+    assert_eq!(fast.dims(), slow.dims());
+    let diff: f32 = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    assert!(diff <= 1e-4, "max |Δ logit| = {diff}");
+}
