@@ -8,7 +8,11 @@ use crate::engine::{GenerateParams, LogprobsMode};
 use crate::model::{DeviceChoice, DtypeChoice, LoadOptions};
 
 #[derive(Debug, Parser)]
-#[command(name = "tokenscope", version, about = "What does a causal language model think comes next?")]
+#[command(
+    name = "tokenscope",
+    version,
+    about = "What does a causal language model think comes next?"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -65,7 +65,13 @@ pub fn render(prompt: &str, resp: &GenerateResponse) -> String {
     let _ = writeln!(
         out,
         "model {} ({}, {}) · prompt {:?} ({} tokens) · T={} · {:.1} ms",
-        m.model_name, m.device, m.dtype, prompt, m.prompt_tokens, m.temperature_used, m.generation_time_ms
+        m.model_name,
+        m.device,
+        m.dtype,
+        prompt,
+        m.prompt_tokens,
+        m.temperature_used,
+        m.generation_time_ms
     );
     for (i, step) in resp.steps.iter().enumerate() {
         let _ = writeln!(

@@ -28,7 +28,10 @@ fn reference_logprobs(prompt_ids: &[u32]) -> Vec<f32> {
         &Device::Cpu,
     )
     .unwrap();
-    let input = Tensor::new(prompt_ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(prompt_ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits: Vec<f32> = model
         .forward(&input, 0)
         .unwrap()
@@ -42,7 +45,10 @@ fn reference_logprobs(prompt_ids: &[u32]) -> Vec<f32> {
 fn ours_logprobs(prompt_ids: &[u32]) -> Vec<f32> {
     let m = common::smollm();
     let mut cache = m.model.new_cache();
-    let input = Tensor::new(prompt_ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(prompt_ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits: Vec<f32> = m
         .model
         .forward(&input, &mut cache)
@@ -56,7 +62,10 @@ fn ours_logprobs(prompt_ids: &[u32]) -> Vec<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -73,7 +82,11 @@ fn matches_candle_quantized_llama_dequantized() {
         let ours = ours_logprobs(ids);
         assert_eq!(ours.len(), 49152);
         let diff = max_abs_diff(&ours, &reference);
-        assert!(diff <= 1e-4, "{} tokens: max |Δ logprob| = {diff}", ids.len());
+        assert!(
+            diff <= 1e-4,
+            "{} tokens: max |Δ logprob| = {diff}",
+            ids.len()
+        );
         // Same winner, and a real distribution (not a degenerate one that trivially agrees).
         let argmax = |v: &[f32]| {
             v.iter()
@@ -91,8 +104,15 @@ fn matches_candle_quantized_llama_dequantized() {
 #[test]
 fn without_unpermute_the_model_would_be_wrong() {
     // Guards the guard: the un-permutation is what makes the match above hold.
-    let ids = common::smollm().tokenizer.encode("The capital of France is").unwrap();
+    let ids = common::smollm()
+        .tokenizer
+        .encode("The capital of France is")
+        .unwrap();
     let ours = ours_logprobs(&ids);
     let paris = common::smollm().tokenizer.encode(" Paris").unwrap()[0] as usize;
-    assert!((ours[paris].exp() - 0.7725).abs() < 0.01, "p(Paris) = {}", ours[paris].exp());
+    assert!(
+        (ours[paris].exp() - 0.7725).abs() < 0.01,
+        "p(Paris) = {}",
+        ours[paris].exp()
+    );
 }

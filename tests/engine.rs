@@ -31,7 +31,11 @@ fn paris_is_rank_one_with_the_reference_probability() {
     assert_eq!(top.token_id, 7042);
     assert_eq!(top.bytes, b" Paris");
     assert_eq!(top.rank, 1);
-    assert!((top.probability - 0.7725).abs() < 0.005, "{}", top.probability);
+    assert!(
+        (top.probability - 0.7725).abs() < 0.005,
+        "{}",
+        top.probability
+    );
     assert_eq!(top.percentage, top.probability * 100.0);
     assert_eq!(top.probability, top.logprob.exp());
     assert_eq!(r.generated_text, " Paris");
@@ -175,12 +179,24 @@ fn too_long_prompt_is_refused() {
 #[test]
 fn kv_cache_steps_equal_one_full_pass() {
     let m = common::smollm();
-    let ids = m.tokenizer.encode("One, two, three, four, five, six").unwrap();
+    let ids = m
+        .tokenizer
+        .encode("One, two, three, four, five, six")
+        .unwrap();
     let dev = Device::Cpu;
     let full: Vec<f32> = {
         let mut cache = m.model.new_cache();
-        let x = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
-        m.model.forward(&x, &mut cache).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        let x = Tensor::new(ids.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        m.model
+            .forward(&x, &mut cache)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     };
     let stepped: Vec<f32> = {
         let mut cache = m.model.new_cache();
@@ -195,20 +211,37 @@ fn kv_cache_steps_equal_one_full_pass() {
         assert_eq!(cache.len(), ids.len());
         last.unwrap().flatten_all().unwrap().to_vec1().unwrap()
     };
-    let diff = full.iter().zip(&stepped).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let diff = full
+        .iter()
+        .zip(&stepped)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(diff < 1e-4, "max |Δ logit| = {diff}");
 }
 
 #[test]
 fn inference_and_differentiable_paths_agree() {
     let m = common::smollm();
-    let ids = m.tokenizer.encode("Training and inference share one set of weights.").unwrap();
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ids = m
+        .tokenizer
+        .encode("Training and inference share one set of weights.")
+        .unwrap();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let mut cache = m.model.new_cache();
     let fast = m.model.forward_all(&x, &mut cache).unwrap();
     let slow = m.model.forward_train(&x).unwrap();
     assert_eq!(fast.dims(), &[1, ids.len(), 49152]);
     assert_eq!(fast.dims(), slow.dims());
-    let diff: f32 = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let diff: f32 = (fast - slow)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(diff <= 1e-4, "max |Δ logit| = {diff}");
 }

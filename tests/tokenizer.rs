@@ -8,13 +8,19 @@ fn encode(s: &str) -> Vec<u32> {
 
 #[test]
 fn encodes_like_the_reference_tokenizer() {
-    assert_eq!(encode("The capital of France is"), [504, 3575, 282, 4649, 314]);
+    assert_eq!(
+        encode("The capital of France is"),
+        [504, 3575, 282, 4649, 314]
+    );
     assert_eq!(
         encode("In 2024, 12345")[..13],
         [788, 216, 34, 32, 34, 36, 28, 216, 33, 34, 35, 36, 37]
     );
     assert_eq!(encode("\n\nleading newlines"), [198, 198, 15957, 725, 5110]);
-    assert_eq!(encode("<|im_start|>user\nHi<|im_end|>"), [1, 4093, 198, 26843, 2]);
+    assert_eq!(
+        encode("<|im_start|>user\nHi<|im_end|>"),
+        [1, 4093, 198, 26843, 2]
+    );
 }
 
 #[test]
@@ -52,7 +58,10 @@ fn token_bytes_are_raw_bytes() {
     assert_eq!(tk.token_text(ids[0]), " Paris");
     // An emoji split across byte-level tokens: the pieces' bytes concatenate to the UTF-8.
     let ids = tk.encode("🦀").unwrap();
-    let bytes: Vec<u8> = ids.iter().flat_map(|&i| tk.token_bytes(i).to_vec()).collect();
+    let bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&i| tk.token_bytes(i).to_vec())
+        .collect();
     assert_eq!(bytes, "🦀".as_bytes());
     // Special tokens report their literal text.
     assert!(tk.is_special(2));

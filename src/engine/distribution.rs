@@ -52,7 +52,9 @@ impl Distribution {
             idx.truncate(k);
         }
         idx.sort_unstable_by(cmp);
-        idx.into_iter().map(|i| (i, self.logprobs[i as usize])).collect()
+        idx.into_iter()
+            .map(|i| (i, self.logprobs[i as usize]))
+            .collect()
     }
 
     /// Best-first order: higher log-prob first, then lower id. NaN sorts last.

@@ -7,7 +7,9 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::distribution::Distribution;
-use super::output::{FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability};
+use super::output::{
+    FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability,
+};
 use crate::model::LoadedModel;
 
 /// Validated generation parameters (the API checks ranges before they get here).
@@ -168,7 +170,12 @@ fn decode(model: &LoadedModel, ids: &[u32]) -> Result<String, EngineError> {
 }
 
 /// A ranked candidate as reported to the user.
-pub fn token_probability(model: &LoadedModel, id: u32, logprob: f32, rank: usize) -> TokenProbability {
+pub fn token_probability(
+    model: &LoadedModel,
+    id: u32,
+    logprob: f32,
+    rank: usize,
+) -> TokenProbability {
     let probability = (logprob as f64).exp();
     TokenProbability {
         token: model.tokenizer.token_text(id).to_string(),

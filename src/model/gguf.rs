@@ -112,7 +112,9 @@ impl GgufFile {
             vocab_size,
             num_hidden_layers: self.require_u32(&k("block_count"))?,
             num_attention_heads: self.require_u32(&k("attention.head_count"))?,
-            num_key_value_heads: self.md_u32(&k("attention.head_count_kv"))?.map(|v| v as usize),
+            num_key_value_heads: self
+                .md_u32(&k("attention.head_count_kv"))?
+                .map(|v| v as usize),
             head_dim: None,
             rms_norm_eps: self
                 .md_f32(&k("attention.layer_norm_rms_epsilon"))?
@@ -121,7 +123,9 @@ impl GgufFile {
             max_position_embeddings: self.md_u32(&k("context_length"))?.unwrap_or(2048) as usize,
             tie_word_embeddings: !has_output,
             bos_token_id: self.md_u32("tokenizer.ggml.bos_token_id")?,
-            eos_token_id: self.md_u32("tokenizer.ggml.eos_token_id")?.map(EosTokenId::One),
+            eos_token_id: self
+                .md_u32("tokenizer.ggml.eos_token_id")?
+                .map(EosTokenId::One),
         };
         cfg.validate().map_err(|e| self.corrupt(e))?;
         Ok(cfg)

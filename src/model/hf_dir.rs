@@ -60,12 +60,16 @@ pub fn inspect(dir: &Path) -> Result<HfDir> {
                 if p.is_file() {
                     Ok(p)
                 } else {
-                    Err(missing(&format!("shard {f} (named in model.safetensors.index.json)")))
+                    Err(missing(&format!(
+                        "shard {f} (named in model.safetensors.index.json)"
+                    )))
                 }
             })
             .collect::<Result<_>>()?
     } else {
-        return Err(missing("model.safetensors (or model.safetensors.index.json)"));
+        return Err(missing(
+            "model.safetensors (or model.safetensors.index.json)",
+        ));
     };
 
     let tokenizer = dir.join("tokenizer.json");
@@ -76,7 +80,9 @@ pub fn inspect(dir: &Path) -> Result<HfDir> {
     if let Ok(raw) = std::fs::read_to_string(dir.join("generation_config.json")) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&raw) {
             match v.get("eos_token_id") {
-                Some(serde_json::Value::Number(n)) => extra_eos.extend(n.as_u64().map(|x| x as u32)),
+                Some(serde_json::Value::Number(n)) => {
+                    extra_eos.extend(n.as_u64().map(|x| x as u32))
+                }
                 Some(serde_json::Value::Array(a)) => {
                     extra_eos.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
                 }
@@ -114,4 +120,69 @@ pub fn shard_files(index: &Path) -> Result<Vec<String>> {
         return Err(corrupt("shard names must stay inside the directory".into()));
     }
     Ok(files)
+}
+
+/// Writes a Hugging Face model directory that this crate and `transformers` both load:
+/// config.json, model.safetensors (in `dtype`), tokenizer.json, generation_config.json.
+pub fn save(
+    dir: &Path,
+    config: &Config,
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+    tokenizer: &super::TextTokenizer,
+    dtype: candle_core::DType,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut json = serde_json::to_value(config).map_err(|e| ModelError::Config(e.to_string()))?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("model_type".into(), "llama".into());
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!(["LlamaForCausalLM"]),
+        );
+        obj.insert("torch_dtype".into(), torch_dtype(dtype).into());
+        obj.insert("hidden_act".into(), "silu".into());
+        obj.insert("attention_bias".into(), false.into());
+        obj.insert("mlp_bias".into(), false.into());
+        obj.insert("initializer_range".into(), 0.02.into());
+        obj.insert("use_cache".into(), true.into());
+        obj.retain(|_, v| !v.is_null());
+    }
+    write_json(&dir.join("config.json"), &json)?;
+    let mut gen = serde_json::json!({"_from_model_config": true});
+    if let Some(bos) = config.bos_token_id {
+        gen["bos_token_id"] = bos.into();
+    }
+    if let Some(eos) = &config.eos_token_id {
+        gen["eos_token_id"] = serde_json::to_value(eos).unwrap_or_default();
+    }
+    write_json(&dir.join("generation_config.json"), &gen)?;
+
+    let converted = tensors
+        .iter()
+        // Tied embeddings: the head is the embedding matrix, saved once.
+        .filter(|(k, _)| !(config.tie_word_embeddings && k.as_str() == "lm_head.weight"))
+        .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?.contiguous()?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    let tmp = dir.join("model.safetensors.part");
+    candle_core::safetensors::save(&converted, &tmp)?;
+    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+    tokenizer
+        .inner()
+        .save(dir.join("tokenizer.json"), true)
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    Ok(())
+}
+
+fn torch_dtype(dtype: candle_core::DType) -> &'static str {
+    match dtype {
+        candle_core::DType::F16 => "float16",
+        candle_core::DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| ModelError::Config(e.to_string()))?;
+    std::fs::write(path, s + "\n")?;
+    Ok(())
 }

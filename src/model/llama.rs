@@ -67,6 +67,39 @@ fn default_max_pos() -> usize {
 }
 
 impl Config {
+    /// A small llama for tests and from-scratch training (`--config tiny`).
+    pub fn tiny(vocab_size: usize) -> Self {
+        Self {
+            hidden_size: 64,
+            intermediate_size: 128,
+            vocab_size,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 512,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_id: None,
+        }
+    }
+
+    /// A SmolLM-shaped model of ~30M parameters (`--config small`).
+    pub fn small(vocab_size: usize) -> Self {
+        Self {
+            hidden_size: 384,
+            intermediate_size: 1024,
+            num_hidden_layers: 6,
+            num_attention_heads: 6,
+            num_key_value_heads: Some(2),
+            max_position_embeddings: 2048,
+            rope_theta: 100_000.0,
+            ..Self::tiny(vocab_size)
+        }
+    }
+
     pub fn n_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -104,6 +137,12 @@ impl Config {
     }
 }
 
+/// Initialisation of fresh weights (HF's `initializer_range` = 0.02).
+const INIT_WEIGHT: candle_nn::Init = candle_nn::Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
+
 /// A projection whose weight is dense (any float dtype) or kept in a GGUF quantized format.
 #[derive(Debug, Clone)]
 pub enum Linear {
@@ -116,7 +155,12 @@ impl Linear {
         Self::Dense(candle_nn::Linear::new(weight, None))
     }
     fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
-        Ok(Self::dense(vb.get((out_dim, in_dim), "weight")?))
+        // The init hint only matters when training from scratch (a VarMap-backed builder).
+        Ok(Self::dense(vb.get_with_hints(
+            (out_dim, in_dim),
+            "weight",
+            INIT_WEIGHT,
+        )?))
     }
 }
 
@@ -177,7 +221,12 @@ impl RotaryEmbedding {
         })
     }
 
-    fn apply(&self, x: &Tensor, offset: usize, differentiable: bool) -> candle_core::Result<Tensor> {
+    fn apply(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        differentiable: bool,
+    ) -> candle_core::Result<Tensor> {
         let (_b, _h, t, _d) = x.dims4()?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
@@ -198,7 +247,7 @@ struct RmsNorm {
 impl RmsNorm {
     fn load(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Self> {
         Ok(Self {
-            weight: vb.get(size, "weight")?,
+            weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
             eps,
         })
     }
@@ -249,9 +298,21 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let shape = |n| (b, t, n, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape(shape(self.n_head))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(x)?.reshape(shape(self.n_kv_head))?.transpose(1, 2)?;
-        let v = self.v_proj.forward(x)?.reshape(shape(self.n_kv_head))?.transpose(1, 2)?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape(shape(self.n_head))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape(shape(self.n_kv_head))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape(shape(self.n_kv_head))?
+            .transpose(1, 2)?;
         let q = rope.apply(&q, offset, differentiable)?;
         let k = rope.apply(&k, offset, differentiable)?;
         let v = if differentiable { v } else { v.contiguous()? };
@@ -282,7 +343,9 @@ impl Attention {
             candle_nn::ops::softmax_last_dim(&att)?
         };
         let y = att.matmul(&v.contiguous()?)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, self.n_head * self.head_dim))?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_head * self.head_dim))?;
         self.o_proj.forward(&y)
     }
 }
@@ -328,7 +391,11 @@ struct Block {
 impl Block {
     fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
         Ok(Self {
-            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
             post_attention_layernorm: RmsNorm::load(
                 vb.pp("post_attention_layernorm"),
@@ -358,9 +425,11 @@ impl Llama {
     pub fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
         let dtype = vb.dtype();
         let device = vb.device().clone();
-        let embed_weight = vb
-            .pp("model.embed_tokens")
-            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let embed_weight = vb.pp("model.embed_tokens").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            INIT_WEIGHT,
+        )?;
         let embed_tokens = candle_nn::Embedding::new(embed_weight.clone(), cfg.hidden_size);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg))
@@ -386,10 +455,7 @@ impl Llama {
     }
 
     /// Replaces the dense projections with quantized ones (for `--dtype gguf`).
-    pub fn with_quantized(
-        mut self,
-        mut take: impl FnMut(&str) -> Option<QMatMul>,
-    ) -> Self {
+    pub fn with_quantized(mut self, mut take: impl FnMut(&str) -> Option<QMatMul>) -> Self {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
             let slots: [(&str, &mut Linear); 7] = [
@@ -462,9 +528,10 @@ impl Llama {
         let mut x = self.embed_tokens.forward(ids)?;
         for (layer, kv) in self.layers.iter().zip(cache.kvs.iter_mut()) {
             let h = layer.input_layernorm.forward(&x, false)?;
-            let h = layer
-                .self_attn
-                .forward(&h, &self.rope, mask.as_ref(), Some(kv), offset, false)?;
+            let h =
+                layer
+                    .self_attn
+                    .forward(&h, &self.rope, mask.as_ref(), Some(kv), offset, false)?;
             x = (x + h)?;
             let h = layer.post_attention_layernorm.forward(&x, false)?;
             x = (&x + layer.mlp.forward(&h)?)?;
@@ -507,10 +574,75 @@ fn causal_mask(
     let total = offset + t;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| {
-            (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 })
+            (0..total).map(move |j| {
+                if j > i + offset {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
         })
         .collect();
     Ok(Some(
         Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?,
     ))
+}
+
+/// Names and shapes of every parameter, in HF naming (tied models have no `lm_head`).
+pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let hd = cfg.head_dim();
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
+    let mut out = vec![
+        ("model.embed_tokens.weight".to_string(), vec![v, h]),
+        ("model.norm.weight".to_string(), vec![h]),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![nh * hd, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![nkv * hd, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![nkv * hd, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, nh * hd]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+        ]);
+    }
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out
+}
+
+/// Fresh weights from a seed (candle's CPU RNG cannot be seeded): norms at 1, everything
+/// else N(0, 0.02²), as HF initialises llama.
+pub fn random_weights(
+    cfg: &Config,
+    seed: u64,
+    device: &Device,
+) -> candle_core::Result<std::collections::HashMap<String, Tensor>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    parameter_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else {
+                (0..n)
+                    .map(|_| {
+                        // Box–Muller.
+                        let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+                        let u2: f32 = rng.random();
+                        0.02 * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+                    })
+                    .collect()
+            };
+            Ok((name, Tensor::from_vec(data, shape, device)?))
+        })
+        .collect()
 }

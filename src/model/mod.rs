@@ -42,7 +42,9 @@ impl FromStr for DeviceChoice {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Self::Cuda)
-                .ok_or_else(|| format!("invalid device `{s}` (expected auto, cpu, cuda or cuda:N)")),
+                .ok_or_else(|| {
+                    format!("invalid device `{s}` (expected auto, cpu, cuda or cuda:N)")
+                }),
         }
     }
 }
@@ -85,7 +87,9 @@ impl FromStr for DtypeChoice {
             "f16" | "float16" | "half" => Ok(Self::F16),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "gguf" | "quantized" => Ok(Self::Gguf),
-            _ => Err(format!("invalid dtype `{s}` (expected auto, f32, f16, bf16 or gguf)")),
+            _ => Err(format!(
+                "invalid dtype `{s}` (expected auto, f32, f16, bf16 or gguf)"
+            )),
         }
     }
 }
@@ -178,7 +182,9 @@ pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
     let dtype = opts.dtype.resolve(&device);
     match source {
         ModelSource::Gguf(path) => load_gguf(path, source, opts.dtype, dtype, &device),
-        ModelSource::HfDir(dir) => load_hf_dir(dir, source.display_name(), opts.dtype, dtype, &device),
+        ModelSource::HfDir(dir) => {
+            load_hf_dir(dir, source.display_name(), opts.dtype, dtype, &device)
+        }
         ModelSource::Hub { repo, revision } => {
             let dir = source::resolve_hub(repo, revision)?;
             load_hf_dir(&dir, source.display_name(), opts.dtype, dtype, &device)
@@ -248,7 +254,8 @@ fn load_hf_dir(
 ) -> Result<LoadedModel> {
     if choice == DtypeChoice::Gguf {
         return Err(ModelError::Config(
-            "--dtype gguf needs a .gguf model; use f32, f16 or bf16 for a Hugging Face directory".into(),
+            "--dtype gguf needs a .gguf model; use f32, f16 or bf16 for a Hugging Face directory"
+                .into(),
         ));
     }
     let parts = hf_dir::inspect(dir)?;

@@ -114,7 +114,11 @@ pub fn resolve_hub(repo: &str, revision: &str) -> Result<PathBuf> {
     let missing = |what: &str| {
         ModelError::Hub(format!(
             "`{repo}@{revision}` has no `{what}`{} ; {alternatives}",
-            if offline { " in the local cache (HF_HUB_OFFLINE is set)" } else { "" }
+            if offline {
+                " in the local cache (HF_HUB_OFFLINE is set)"
+            } else {
+                ""
+            }
         ))
     };
     let config = get("config.json")?.ok_or_else(|| missing("config.json"))?;

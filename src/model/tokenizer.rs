@@ -225,7 +225,9 @@ impl TextTokenizer {
         self.token_text.get(id as usize).map_or("", |s| s.as_str())
     }
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.token_bytes.get(id as usize).map_or(&[], |b| b.as_slice())
+        self.token_bytes
+            .get(id as usize)
+            .map_or(&[], |b| b.as_slice())
     }
     pub fn is_special(&self, id: u32) -> bool {
         self.special.get(id as usize).copied().unwrap_or(false)

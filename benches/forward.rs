@@ -1,0 +1,81 @@
+//! Forward passes of the default model (f32, CPU) and the distribution step over its vocabulary.
+//! Run: `cargo bench --bench forward` (after ./scripts/setup.sh).
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion};
+use tokenscope::engine::{Distribution, GenerateParams};
+use tokenscope::model::{self, LoadOptions, ModelSource};
+
+fn load() -> model::LoadedModel {
+    let path = model::default_model_path().expect("run ./scripts/setup.sh first");
+    model::load(&ModelSource::Gguf(path), &LoadOptions::default()).expect("model loads")
+}
+
+fn prompt_of(m: &model::LoadedModel, tokens: usize) -> Vec<u32> {
+    let text = "The quick brown fox jumps over the lazy dog while the farmer counts his sheep. "
+        .repeat(16);
+    let ids = m.tokenizer.encode(&text).unwrap();
+    ids[..tokens].to_vec()
+}
+
+fn forward(c: &mut Criterion) {
+    let m = load();
+    let mut group = c.benchmark_group("forward_f32");
+    group.sample_size(10);
+    for n in [5usize, 128] {
+        let ids = prompt_of(&m, n);
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        group.bench_function(format!("prompt_{n}_tokens"), |b| {
+            b.iter(|| {
+                let mut cache = m.model.new_cache();
+                m.model.forward(&x, &mut cache).unwrap()
+            })
+        });
+    }
+    group.finish();
+
+    let mut cache = m.model.new_cache();
+    let x = Tensor::new(prompt_of(&m, 5).as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<f32> = m
+        .model
+        .forward(&x, &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    c.bench_function("distribution_49152/log_softmax+top5+entropy", |b| {
+        b.iter(|| {
+            let d = Distribution::from_logits(std::hint::black_box(&logits), 1.0);
+            (d.top_k(5), d.entropy())
+        })
+    });
+    c.bench_function("distribution_49152/log_softmax+top50+rank", |b| {
+        b.iter(|| {
+            let d = Distribution::from_logits(std::hint::black_box(&logits), 0.7);
+            (d.top_k(50), d.rank(7042))
+        })
+    });
+    let prompt = "The capital of France is";
+    let ids = m.tokenizer.encode(prompt).unwrap();
+    let params = GenerateParams {
+        temperature: 0.0,
+        max_tokens: 16,
+        ..Default::default()
+    };
+    let mut group = c.benchmark_group("generate_f32");
+    group.sample_size(10);
+    group.bench_function("greedy_16_tokens", |b| {
+        b.iter(|| tokenscope::engine::generate(&m, prompt, &ids, &params, &|| false).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, forward);
+criterion_main!(benches);
