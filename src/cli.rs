@@ -20,10 +20,70 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Start the HTTP service (the model loads in the background; /health is 503 until ready).
+    Serve(ServeArgs),
     /// Print the next-token table for one prompt (no server).
     Inspect(InspectArgs),
     /// Print the OpenAPI document of the HTTP API.
     Openapi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (0.0.0.0 to accept connections from other machines).
+    #[arg(long, env = "TOKENSCOPE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, env = "TOKENSCOPE_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// An accepted bearer key (repeatable; TOKENSCOPE_API_KEYS takes a comma-separated list).
+    #[arg(
+        long = "api-key",
+        env = "TOKENSCOPE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// A file with one accepted key per line.
+    #[arg(long, env = "TOKENSCOPE_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Require the API key for /docs, /redoc and /openapi.json too.
+    #[arg(long, env = "TOKENSCOPE_PROTECT_DOCS")]
+    pub protect_docs: bool,
+    /// Serve /metrics without the API key.
+    #[arg(long, env = "TOKENSCOPE_PUBLIC_METRICS")]
+    pub public_metrics: bool,
+    /// Cap on prompt tokens (always also ≤ context length − max_tokens).
+    #[arg(long, env = "TOKENSCOPE_MAX_PROMPT_TOKENS")]
+    pub max_prompt_tokens: Option<usize>,
+    /// Requests allowed to wait for the model; more are answered 503 OVERLOADED.
+    #[arg(long, env = "TOKENSCOPE_MAX_QUEUE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queue: u32,
+    /// Seconds a request may take (queueing included) before 504 TIMEOUT.
+    #[arg(long, env = "TOKENSCOPE_REQUEST_TIMEOUT", default_value_t = 60.0, value_parser = parse_positive_secs)]
+    pub request_timeout: f64,
+    /// Largest accepted request body in bytes (413 beyond).
+    #[arg(long, env = "TOKENSCOPE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// text | json (one JSON object per line).
+    #[arg(long, env = "TOKENSCOPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn parse_positive_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !(v > 0.0 && v <= 86_400.0) {
+        return Err("must be between 0 and 86400 seconds".into());
+    }
+    Ok(v)
 }
 
 /// Flags shared by every command that loads a model.

@@ -3,11 +3,14 @@
 //! `model` reads weights and tokenizers and runs the llama network (candle); `engine` turns
 //! logits into distributions and generations; `cli` and `inspect` are the terminal front end.
 
+pub mod api;
 pub mod cli;
 pub mod engine;
 pub mod inspect;
 pub mod logging;
 pub mod model;
+pub mod serve;
+pub mod system;
 
 use anyhow::Context;
 

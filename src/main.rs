@@ -1,15 +1,20 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokenscope::cli::{Cli, Command};
+use tokenscope::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tokenscope::logging::init();
+    let format = match &cli.command {
+        Command::Serve(a) => a.log_format,
+        _ => LogFormat::Text,
+    };
+    tokenscope::logging::init(format);
     let result = match cli.command {
+        Command::Serve(args) => tokenscope::serve::run(args),
         Command::Inspect(args) => tokenscope::run_inspect(&args),
         Command::Openapi => {
-            println!("{{}}");
+            println!("{}", tokenscope::api::docs::openapi_json());
             Ok(())
         }
     };

@@ -3,6 +3,7 @@
 pub mod distribution;
 pub mod generate;
 pub mod output;
+pub mod worker;
 
 pub use distribution::Distribution;
 pub use generate::{generate, tokenize, EngineError, GenerateParams};

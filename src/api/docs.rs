@@ -1,0 +1,129 @@
+//! The OpenAPI document, Swagger UI (vendored assets) and ReDoc (standalone bundle served by
+//! this process when `assets/redoc.standalone.js` is present; otherwise its CDN).
+
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::error::{ErrorBody, FieldError};
+use super::routes;
+use super::types::*;
+use crate::engine::{
+    FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability,
+};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tokenscope",
+        description = "What does a causal language model think comes next, and how sure is it? \
+Top-k next tokens with probability, percentage, log-probability and rank.\n\n\
+Errors are `{\"detail\": ..., \"error_code\": ...}`. When API keys are configured, every route \
+but /health needs `Authorization: Bearer <key>` (use the Authorize button).",
+        license(name = "Apache-2.0")
+    ),
+    paths(routes::generate, routes::health, routes::status, routes::root),
+    components(schemas(
+        GenerateRequest, GenerateResponse, TokenProbability, Step, Metadata, FinishReason,
+        LogprobsMode, HealthResponse, StatusResponse, ServiceStatus, ModelStatus, SystemStatus,
+        RootResponse, EndpointInfo, ErrorBody, FieldError
+    )),
+    modifiers(&BearerScheme),
+    tags(
+        (name = "generation", description = "Next-token distributions"),
+        (name = "service", description = "Health, status and overview"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerScheme;
+
+impl Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API key given to the server with --api-key"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document as served at /openapi.json and printed by `tokenscope openapi`.
+pub fn openapi_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc.to_pretty_json().unwrap_or_else(|_| "{}".into())
+}
+
+pub async fn openapi_handler() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
+}
+
+pub const REDOC_CDN: &str = "https://cdn.redoc.ly/redoc/v2.5.1/bundles/redoc.standalone.js";
+
+/// ReDoc's page. `Redoc.init` is called from the page so that it works with the bundle
+/// served locally (offline) or from the CDN.
+pub fn redoc_page(local_bundle: bool) -> String {
+    let src = if local_bundle {
+        "/redoc/redoc.standalone.js"
+    } else {
+        REDOC_CDN
+    };
+    format!(
+        r#"<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8"/>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>tokenscope — ReDoc</title>
+<style>body {{ margin: 0; padding: 0; }}</style>
+</head>
+<body>
+<div id="redoc-container"></div>
+<script src="{src}"></script>
+<script>
+fetch("/openapi.json").then(function (r) {{ return r.json(); }}).then(function (spec) {{
+  Redoc.init(spec, {{}}, document.getElementById("redoc-container"));
+}});
+</script>
+</body>
+</html>
+"#
+    )
+}
+
+pub async fn redoc_bundle(bundle: Option<std::sync::Arc<Vec<u8>>>) -> Response {
+    match bundle {
+        Some(b) => (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    "application/javascript; charset=utf-8",
+                ),
+                (header::CACHE_CONTROL, "public, max-age=86400"),
+            ],
+            b.as_ref().clone(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, Html("ReDoc bundle not installed")).into_response(),
+    }
+}
+
+/// Finds `assets/redoc.standalone.js` under the working directory or the executable's ancestors.
+pub fn find_redoc_bundle() -> Option<std::path::PathBuf> {
+    let mut roots = vec![std::env::current_dir().ok()];
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(|p| Some(p.to_path_buf())));
+    }
+    roots
+        .into_iter()
+        .flatten()
+        .map(|r| r.join("assets").join("redoc.standalone.js"))
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,131 @@
+//! The one error type of the HTTP API: `{"detail": ..., "error_code": ...}` with a status.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// Error body of every non-2xx response.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(example = json!({"detail": "Prompt cannot be empty", "error_code": "EMPTY_PROMPT"}))]
+pub struct ErrorBody {
+    /// A message, or (422) a list of `{"loc", "msg", "type"}` objects.
+    #[schema(value_type = Object)]
+    pub detail: Value,
+    /// Machine-readable code, e.g. EMPTY_PROMPT, INVALID_TEMPERATURE, OVERLOADED.
+    pub error_code: String,
+}
+
+/// One FastAPI-style validation error.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FieldError {
+    pub loc: Vec<Value>,
+    pub msg: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: Value,
+    pub retry_after: Option<u64>,
+    pub www_authenticate: bool,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: Value::String(detail.into()),
+            retry_after: None,
+            www_authenticate: false,
+        }
+    }
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// 422 with a list of field errors; the code names the first offending known field.
+    pub fn validation(errors: Vec<FieldError>, range_code: Option<&'static str>) -> Self {
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: range_code.unwrap_or("VALIDATION_ERROR"),
+            detail: serde_json::to_value(errors).unwrap_or(Value::Null),
+            retry_after: None,
+            www_authenticate: false,
+        }
+    }
+
+    pub fn empty_prompt() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "EMPTY_PROMPT",
+            "Prompt cannot be empty",
+        )
+    }
+    pub fn not_loaded(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "MODEL_NOT_LOADED", detail).retry_after(5)
+    }
+    pub fn overloaded() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "OVERLOADED",
+            "The request queue is full. Please retry shortly.",
+        )
+        .retry_after(1)
+    }
+    pub fn timeout(secs: f64) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "TIMEOUT",
+            format!("The request did not complete within {secs} seconds"),
+        )
+    }
+    pub fn generation_failed() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "GENERATION_FAILED",
+            "Token generation failed due to internal error",
+        )
+    }
+    pub fn unauthorized(detail: &str) -> Self {
+        Self {
+            www_authenticate: true,
+            ..Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", detail)
+        }
+    }
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", "Not Found")
+    }
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            "Method Not Allowed",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            detail: self.detail,
+            error_code: self.code.to_string(),
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.www_authenticate {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}

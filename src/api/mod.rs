@@ -1,0 +1,113 @@
+//! The HTTP API (axum): routes, request/response types, errors, auth and docs. The model is
+//! never touched here — handlers talk to the engine's worker thread.
+
+pub mod auth;
+pub mod docs;
+pub mod error;
+pub mod extract;
+pub mod routes;
+pub mod types;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::{Html, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use utoipa_swagger_ui::SwaggerUi;
+
+pub use error::ApiError;
+
+use crate::engine::worker::WorkerHandle;
+
+/// Settings the HTTP layer needs (the model's own settings live with the worker).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub api_keys: Vec<String>,
+    pub protect_docs: bool,
+    pub public_metrics: bool,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    /// Shown before the model has loaded.
+    pub model_name: String,
+    /// ReDoc standalone bundle, when installed.
+    pub redoc_bundle: Option<Arc<Vec<u8>>>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            protect_docs: false,
+            public_metrics: false,
+            request_timeout: Duration::from_secs(60),
+            max_body_bytes: 1 << 20,
+            model_name: String::new(),
+            redoc_bundle: None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub worker: WorkerHandle,
+    pub config: Arc<ServeConfig>,
+    pub started: Instant,
+}
+
+impl AppState {
+    pub fn new(worker: WorkerHandle, config: ServeConfig) -> Self {
+        Self {
+            worker,
+            config: Arc::new(config),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// The whole application.
+pub fn router(state: AppState) -> Router {
+    let local_redoc = state.config.redoc_bundle.is_some();
+    let bundle = state.config.redoc_bundle.clone();
+    let api = Router::new()
+        .route("/generate", post(routes::generate))
+        .route("/health", get(routes::health))
+        .route("/status", get(routes::status))
+        .route("/", get(routes::root))
+        .route("/openapi.json", get(docs::openapi_handler))
+        .route(
+            "/redoc",
+            get(move || async move { Html(docs::redoc_page(local_redoc)) }),
+        )
+        .route(
+            "/redoc/redoc.standalone.js",
+            get(move || docs::redoc_bundle(bundle.clone())),
+        )
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .fallback(routes::not_found);
+    // Swagger UI's own routes (vendored assets, no network) point at our /openapi.json.
+    let swagger: Router = SwaggerUi::new("/docs")
+        .config(utoipa_swagger_ui::Config::from("/openapi.json"))
+        .into();
+    api.with_state(state.clone())
+        .merge(swagger)
+        .layer(middleware::from_fn_with_state(state, auth::require_key))
+        .layer(middleware::from_fn(log_request))
+}
+
+/// One line per request, like uvicorn's access log. Headers (and so keys) are never logged.
+async fn log_request(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    tracing::info!(
+        target: "tokenscope::access",
+        "{method} {path} {} {ms:.1}ms",
+        resp.status().as_u16()
+    );
+    resp
+}

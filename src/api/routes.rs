@@ -1,0 +1,265 @@
+//! Handlers: /generate, /health, /status, /.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::ValidJson;
+use super::types::*;
+use super::AppState;
+use crate::engine::worker::{ModelInfo, ModelState, WorkerError};
+use crate::engine::GenerateResponse;
+
+/// Next-token distribution (and optional generation) for a prompt.
+#[utoipa::path(
+    post,
+    path = "/generate",
+    tag = "generation",
+    request_body = GenerateRequest,
+    responses(
+        (status = 200, description = "Top-k next tokens with probabilities, and each generated step", body = GenerateResponse),
+        (status = 400, description = "EMPTY_PROMPT or PROMPT_TOO_LONG", body = ErrorBody,
+            example = json!({"detail": "Prompt cannot be empty", "error_code": "EMPTY_PROMPT"})),
+        (status = 401, description = "UNAUTHORIZED: missing or wrong bearer key", body = ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
+        (status = 415, description = "UNSUPPORTED_MEDIA_TYPE: body is not application/json", body = ErrorBody),
+        (status = 422, description = "INVALID_TEMPERATURE, INVALID_MAX_TOKENS, INVALID_TOP_K or VALIDATION_ERROR, with a FastAPI-style list in `detail`", body = ErrorBody,
+            example = json!({"detail": [{"loc": ["body", "temperature"], "msg": "ensure this value is less than or equal to 2.0", "type": "value_error.number.not_le"}], "error_code": "INVALID_TEMPERATURE"})),
+        (status = 500, description = "GENERATION_FAILED", body = ErrorBody),
+        (status = 503, description = "MODEL_NOT_LOADED or OVERLOADED (Retry-After set)", body = ErrorBody),
+        (status = 504, description = "TIMEOUT", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn generate(
+    State(state): State<AppState>,
+    ValidJson(req): ValidJson<GenerateRequest>,
+) -> Result<Json<GenerateResponse>, ApiError> {
+    if req.prompt.trim().is_empty() {
+        return Err(ApiError::empty_prompt());
+    }
+    let rx = state
+        .worker
+        .submit(req.prompt.clone(), req.params())
+        .map_err(|e| worker_error(&state, e))?;
+    let timeout = state.config.request_timeout;
+    // Dropping `rx` (timeout, or the client going away and axum dropping this future) is seen
+    // by the worker, which then stops generating for nobody.
+    match tokio::time::timeout(timeout, rx).await {
+        Err(_) => Err(ApiError::timeout(timeout.as_secs_f64())),
+        Ok(Err(_)) => Err(ApiError::generation_failed()),
+        Ok(Ok(result)) => result.map(Json).map_err(|e| worker_error(&state, e)),
+    }
+}
+
+fn worker_error(state: &AppState, e: WorkerError) -> ApiError {
+    match e {
+        WorkerError::EmptyPrompt => ApiError::empty_prompt(),
+        WorkerError::PromptTooLong { .. } => {
+            ApiError::new(StatusCode::BAD_REQUEST, "PROMPT_TOO_LONG", capitalize(&e.to_string()))
+        }
+        WorkerError::Overloaded => ApiError::overloaded(),
+        WorkerError::NotLoaded => match state.worker.state() {
+            ModelState::Failed(_) => ApiError::not_loaded(
+                "Model failed to load; see GET /health for the reason and the service log for details.",
+            ),
+            _ => ApiError::not_loaded("Model is not loaded. Please wait for model loading to complete."),
+        },
+        WorkerError::Stopped | WorkerError::Failed(_) => ApiError::generation_failed(),
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Liveness and readiness: 200 once the model is loaded, 503 before or after a failed load.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "service",
+    responses(
+        (status = 200, description = "The model is loaded and serving", body = HealthResponse),
+        (status = 503, description = "Loading, or unhealthy with a reason", body = HealthResponse,
+            example = json!({"status": "loading", "timestamp": "2026-01-01T12:00:00Z"})),
+    )
+)]
+pub async fn health(State(state): State<AppState>) -> Response {
+    let (code, status, reason) = match state.worker.state() {
+        ModelState::Ready(_) => (StatusCode::OK, "healthy", None),
+        ModelState::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading", None),
+        ModelState::Failed(r) => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy", Some(r)),
+    };
+    let body = HealthResponse {
+        status: status.into(),
+        timestamp: now_rfc3339(),
+        reason,
+    };
+    (code, Json(body)).into_response()
+}
+
+/// Service, model and machine status.
+#[utoipa::path(
+    get,
+    path = "/status",
+    tag = "service",
+    responses(
+        (status = 200, description = "Status retrieved", body = StatusResponse),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 503, description = "The model is still loading (or failed); same body", body = StatusResponse),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn status(State(state): State<AppState>) -> Response {
+    let model_state = state.worker.state();
+    let body = tokio::task::spawn_blocking(move || status_body(&state, &model_state))
+        .await
+        .ok();
+    match body {
+        Some((code, body)) => (code, Json(body)).into_response(),
+        None => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            "status unavailable",
+        )
+        .into_response(),
+    }
+}
+
+fn precision_name(dtype: &str) -> String {
+    match dtype {
+        "f32" => "float32".into(),
+        "f16" => "float16".into(),
+        "bf16" => "bfloat16".into(),
+        other => other.into(),
+    }
+}
+
+fn status_body(state: &AppState, model_state: &ModelState) -> (StatusCode, StatusResponse) {
+    let (loaded, info, error): (bool, Option<Arc<ModelInfo>>, Option<String>) = match model_state {
+        ModelState::Ready(i) => (true, Some(i.clone()), None),
+        ModelState::Loading => (false, None, None),
+        ModelState::Failed(r) => (false, None, Some(r.clone())),
+    };
+    let gpu = crate::system::gpu();
+    let model = match &info {
+        Some(i) => ModelStatus {
+            name: i.name.clone(),
+            loaded,
+            device: i.device.clone(),
+            precision: precision_name(&i.dtype),
+            max_length: i.context_length,
+            vocab_size: i.vocab_size,
+            architecture: i.architecture.clone(),
+            load_time_seconds: Some(i.load_seconds),
+            error: None,
+        },
+        None => ModelStatus {
+            name: state.config.model_name.clone(),
+            loaded,
+            device: String::new(),
+            precision: String::new(),
+            max_length: 0,
+            vocab_size: 0,
+            architecture: String::new(),
+            load_time_seconds: None,
+            error,
+        },
+    };
+    let body = StatusResponse {
+        service: ServiceStatus {
+            status: if loaded {
+                "running"
+            } else if model.error.is_some() {
+                "degraded"
+            } else {
+                "loading"
+            }
+            .into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_seconds: state.started.elapsed().as_secs(),
+            memory_usage_mb: crate::system::process_rss_mb(),
+            queue_depth: state.worker.queue_depth(),
+            queue_capacity: state.worker.queue_capacity(),
+            auth_enabled: !state.config.api_keys.is_empty(),
+        },
+        model,
+        system: SystemStatus {
+            gpu_available: gpu.is_some(),
+            gpu_name: gpu.as_ref().map(|g| g.name.clone()),
+            gpu_memory_total_mb: gpu.as_ref().map(|g| g.memory_total_mb),
+            gpu_memory_used_mb: gpu.as_ref().map(|g| g.memory_used_mb),
+            cpu_cores: crate::system::cpu_cores(),
+            system_memory_gb: crate::system::system_memory_gb(),
+        },
+    };
+    let code = if loaded {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body)
+}
+
+/// Service overview.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "service",
+    responses(
+        (status = 200, description = "Name, version, model, status and endpoints", body = RootResponse),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn root(State(state): State<AppState>) -> Json<RootResponse> {
+    let (status, model) = match state.worker.state() {
+        ModelState::Ready(i) => ("ready", i.name.clone()),
+        ModelState::Loading => ("loading", state.config.model_name.clone()),
+        ModelState::Failed(_) => ("failed", state.config.model_name.clone()),
+    };
+    let ep = |m: &str, p: &str, d: &str| EndpointInfo {
+        method: m.into(),
+        path: p.into(),
+        description: d.into(),
+    };
+    Json(RootResponse {
+        name: "tokenscope".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        description: "Next-token distributions of a causal language model".into(),
+        model,
+        status: status.into(),
+        docs: "/docs".into(),
+        endpoints: vec![
+            ep(
+                "POST",
+                "/generate",
+                "Top-k next tokens with probabilities; optional generation",
+            ),
+            ep("GET", "/health", "Readiness: 200 once the model is loaded"),
+            ep("GET", "/status", "Service, model and system status"),
+            ep("GET", "/docs", "Swagger UI"),
+            ep("GET", "/redoc", "ReDoc"),
+            ep("GET", "/openapi.json", "OpenAPI document"),
+        ],
+    })
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found()
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}

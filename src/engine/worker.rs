@@ -1,0 +1,265 @@
+//! The model's own thread (the text-embeddings-inference pattern): it loads the model, then
+//! loops on a bounded channel of jobs, each carrying a oneshot for its reply. HTTP handlers
+//! never touch the model; they enqueue and await with a timeout. Health is published on a
+//! watch channel. The loop takes one job at a time today; because jobs queue up here, several
+//! could be drained and run as one batched forward pass without changing the API.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::generate::{self, EngineError, GenerateParams};
+use super::output::GenerateResponse;
+use crate::model::{self, LoadOptions, LoadedModel, ModelSource};
+
+/// What the service reports about its model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub architecture: String,
+    pub device: String,
+    pub dtype: String,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub load_seconds: f64,
+}
+
+/// Published on a watch channel; /health and /status read it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelState {
+    Loading,
+    Ready(Arc<ModelInfo>),
+    Failed(String),
+}
+
+/// Why a job produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("prompt exceeds maximum length of {limit} tokens (prompt has {prompt_tokens} tokens, max_tokens is {max_tokens})")]
+    PromptTooLong {
+        limit: usize,
+        prompt_tokens: usize,
+        max_tokens: usize,
+    },
+    #[error("prompt is empty")]
+    EmptyPrompt,
+    #[error("the queue is full")]
+    Overloaded,
+    #[error("the model is not loaded")]
+    NotLoaded,
+    #[error("the worker stopped")]
+    Stopped,
+    #[error("generation failed: {0}")]
+    Failed(String),
+}
+
+/// One request for the model thread.
+pub struct Job {
+    pub prompt: String,
+    pub params: GenerateParams,
+    pub reply: oneshot::Sender<Result<GenerateResponse, WorkerError>>,
+    pub enqueued: Instant,
+}
+
+/// Limits the worker applies to every job.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerLimits {
+    /// Cap on prompt tokens (in addition to context length − max_tokens).
+    pub max_prompt_tokens: Option<usize>,
+}
+
+/// The handlers' side: a bounded sender and the model state.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: mpsc::Sender<Job>,
+    state: watch::Receiver<ModelState>,
+    capacity: usize,
+}
+
+impl WorkerHandle {
+    pub fn state(&self) -> ModelState {
+        self.state.borrow().clone()
+    }
+    pub fn subscribe(&self) -> watch::Receiver<ModelState> {
+        self.state.clone()
+    }
+    /// Jobs waiting in the queue (not counting the one running).
+    pub fn queue_depth(&self) -> usize {
+        self.capacity - self.tx.capacity()
+    }
+    pub fn queue_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Enqueues without waiting: a full queue is an immediate `Overloaded`.
+    pub fn submit(
+        &self,
+        prompt: String,
+        params: GenerateParams,
+    ) -> Result<oneshot::Receiver<Result<GenerateResponse, WorkerError>>, WorkerError> {
+        if !matches!(*self.state.borrow(), ModelState::Ready(_)) {
+            return Err(WorkerError::NotLoaded);
+        }
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            prompt,
+            params,
+            reply,
+            enqueued: Instant::now(),
+        };
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => WorkerError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => WorkerError::Stopped,
+        })?;
+        Ok(rx)
+    }
+}
+
+/// Starts the model thread: it loads `source` and then serves jobs until every handle is gone.
+pub fn spawn(
+    source: Result<ModelSource, String>,
+    options: LoadOptions,
+    limits: WorkerLimits,
+    queue: usize,
+) -> WorkerHandle {
+    let capacity = queue.max(1);
+    let (tx, rx) = mpsc::channel(capacity);
+    let (state_tx, state_rx) = watch::channel(ModelState::Loading);
+    let spawned = std::thread::Builder::new()
+        .name("tokenscope-model".into())
+        .spawn(move || run(source, options, limits, rx, state_tx));
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the model thread: {e}");
+    }
+    WorkerHandle {
+        tx,
+        state: state_rx,
+        capacity,
+    }
+}
+
+/// A worker for an already-loaded model (tests, benches).
+pub fn spawn_loaded(model: LoadedModel, limits: WorkerLimits, queue: usize) -> WorkerHandle {
+    let capacity = queue.max(1);
+    let (tx, rx) = mpsc::channel(capacity);
+    let (state_tx, state_rx) = watch::channel(ModelState::Loading);
+    let _ = std::thread::Builder::new()
+        .name("tokenscope-model".into())
+        .spawn(move || {
+            let _ = state_tx.send(ModelState::Ready(Arc::new(info_of(&model, 0.0))));
+            serve(&model, limits, rx);
+        });
+    WorkerHandle {
+        tx,
+        state: state_rx,
+        capacity,
+    }
+}
+
+fn info_of(m: &LoadedModel, load_seconds: f64) -> ModelInfo {
+    ModelInfo {
+        name: m.name.clone(),
+        architecture: m.architecture.clone(),
+        device: m.device_label.clone(),
+        dtype: m.dtype_label.clone(),
+        context_length: m.context_length(),
+        vocab_size: m.model.config().vocab_size,
+        load_seconds,
+    }
+}
+
+fn run(
+    source: Result<ModelSource, String>,
+    options: LoadOptions,
+    limits: WorkerLimits,
+    rx: mpsc::Receiver<Job>,
+    state: watch::Sender<ModelState>,
+) {
+    let started = Instant::now();
+    let loaded = source.and_then(|s| {
+        tracing::info!(model = %s.display_name(), "loading model");
+        std::panic::catch_unwind(AssertUnwindSafe(|| model::load(&s, &options)))
+            .map_err(|_| "the model loader panicked".to_string())?
+            .map_err(|e| e.to_string())
+    });
+    match loaded {
+        Ok(m) => {
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                model = %m.name, device = %m.device_label, dtype = %m.dtype_label,
+                "model loaded in {secs:.2}s"
+            );
+            let _ = state.send(ModelState::Ready(Arc::new(info_of(&m, secs))));
+            serve(&m, limits, rx);
+        }
+        Err(reason) => {
+            tracing::error!("model failed to load: {reason}");
+            let _ = state.send(ModelState::Failed(reason));
+            // Keep draining so that queued senders get an answer rather than hanging.
+            let mut rx = rx;
+            while let Some(job) = rx.blocking_recv() {
+                let _ = job.reply.send(Err(WorkerError::NotLoaded));
+            }
+        }
+    }
+}
+
+fn serve(model: &LoadedModel, limits: WorkerLimits, mut rx: mpsc::Receiver<Job>) {
+    while let Some(job) = rx.blocking_recv() {
+        if job.reply.is_closed() {
+            // The client gave up (timeout or disconnect) while the job waited.
+            continue;
+        }
+        let waited = job.enqueued.elapsed();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(model, limits, &job)))
+            .unwrap_or_else(|_| Err(WorkerError::Failed("panic in the model thread".into())));
+        if let Err(WorkerError::Failed(e)) = &result {
+            tracing::error!(
+                queue_wait_ms = waited.as_millis() as u64,
+                "generation failed: {e}"
+            );
+        }
+        let _ = job.reply.send(result);
+    }
+}
+
+fn run_job(
+    model: &LoadedModel,
+    limits: WorkerLimits,
+    job: &Job,
+) -> Result<GenerateResponse, WorkerError> {
+    let ids =
+        generate::tokenize(model, &job.prompt).map_err(|e| WorkerError::Failed(e.to_string()))?;
+    if ids.is_empty() {
+        return Err(WorkerError::EmptyPrompt);
+    }
+    let max_tokens = job.params.max_tokens;
+    let mut limit = model.context_length().saturating_sub(max_tokens);
+    if let Some(cap) = limits.max_prompt_tokens {
+        limit = limit.min(cap);
+    }
+    if ids.len() > limit {
+        return Err(WorkerError::PromptTooLong {
+            limit,
+            prompt_tokens: ids.len(),
+            max_tokens,
+        });
+    }
+    let cancelled = || job.reply.is_closed();
+    generate::generate(model, &job.prompt, &ids, &job.params, &cancelled).map_err(|e| match e {
+        EngineError::EmptyPrompt => WorkerError::EmptyPrompt,
+        EngineError::TooLong {
+            prompt, max_tokens, ..
+        } => WorkerError::PromptTooLong {
+            limit,
+            prompt_tokens: prompt,
+            max_tokens,
+        },
+        other => WorkerError::Failed(other.to_string()),
+    })
+}
+
+/// How long a client should wait before retrying, for Retry-After.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);

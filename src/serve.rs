@@ -1,0 +1,130 @@
+//! `tokenscope serve`: wires the CLI settings to the worker and the router, then serves until
+//! Ctrl-C / SIGTERM, draining in-flight requests.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::api::{self, AppState, ServeConfig};
+use crate::cli::{read_key_file, ServeArgs};
+use crate::engine::worker::{self, WorkerLimits};
+use crate::model;
+
+/// Keys from --api-key / TOKENSCOPE_API_KEYS and --api-key-file, blanks dropped.
+pub fn collect_keys(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
+    let mut keys: Vec<String> = args.api_keys.iter().map(|k| k.trim().to_string()).collect();
+    if let Some(path) = &args.api_key_file {
+        keys.extend(
+            read_key_file(path)
+                .with_context(|| format!("reading --api-key-file {}", path.display()))?,
+        );
+    }
+    keys.retain(|k| !k.is_empty());
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tokenscope-http")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let keys = collect_keys(&args)?;
+    let ip: IpAddr = args.host.parse().or_else(|_| {
+        if args.host == "localhost" {
+            Ok("127.0.0.1".parse().expect("literal address"))
+        } else {
+            Err(anyhow::anyhow!(
+                "--host `{}` is not an IP address",
+                args.host
+            ))
+        }
+    })?;
+    if keys.is_empty() {
+        if ip.is_loopback() {
+            tracing::warn!(
+                "API key authentication is OFF: no --api-key given (listening on loopback only)"
+            );
+        } else {
+            tracing::warn!(
+                "!!! API key authentication is OFF and the service listens on {ip}: anyone who can reach \
+                 this port can use it. Pass --api-key or TOKENSCOPE_API_KEYS. !!!"
+            );
+        }
+    } else {
+        tracing::info!("API key authentication is on ({} key(s))", keys.len());
+    }
+
+    let source = model::resolve_source(args.model.model.as_deref()).map_err(|e| e.to_string());
+    let model_name = match &source {
+        Ok(s) => s.display_name(),
+        Err(_) => args.model.model.clone().unwrap_or_else(|| "default".into()),
+    };
+    let worker = worker::spawn(
+        source,
+        args.model.load_options(),
+        WorkerLimits {
+            max_prompt_tokens: args.max_prompt_tokens,
+        },
+        args.max_queue as usize,
+    );
+    let redoc_bundle = api::docs::find_redoc_bundle()
+        .and_then(|p| std::fs::read(&p).ok())
+        .map(Arc::new);
+    if redoc_bundle.is_none() {
+        tracing::warn!("assets/redoc.standalone.js not found (run ./scripts/setup.sh); /redoc will use the CDN");
+    }
+    let config = ServeConfig {
+        api_keys: keys,
+        protect_docs: args.protect_docs,
+        public_metrics: args.public_metrics,
+        request_timeout: Duration::from_secs_f64(args.request_timeout),
+        max_body_bytes: args.max_body_bytes,
+        model_name,
+        redoc_bundle,
+    };
+    let app = api::router(AppState::new(worker, config));
+    let addr = SocketAddr::new(ip, args.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!("tokenscope listening on http://{local} (docs at http://{local}/docs)");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server error")?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; draining in-flight requests");
+}

@@ -1,0 +1,71 @@
+//! Machine facts for /status: process memory and uptime (sysinfo), GPUs (NVML, loaded at run
+//! time once; a machine without NVIDIA's library reports no GPU and never fails).
+
+use std::sync::{Mutex, OnceLock};
+
+use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuInfo {
+    pub name: String,
+    pub memory_total_mb: u64,
+    pub memory_used_mb: u64,
+}
+
+/// NVML handle, tried once per process: retrying a missing library on every call is slow.
+fn nvml() -> Option<&'static nvml_wrapper::Nvml> {
+    static NVML: OnceLock<Option<nvml_wrapper::Nvml>> = OnceLock::new();
+    NVML.get_or_init(|| match nvml_wrapper::Nvml::init() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::debug!("NVML unavailable ({e}); reporting no GPU");
+            None
+        }
+    })
+    .as_ref()
+}
+
+/// The first GPU's name and memory, if NVML can see one.
+pub fn gpu() -> Option<GpuInfo> {
+    let nvml = nvml()?;
+    let device = nvml.device_by_index(0).ok()?;
+    let mem = device.memory_info().ok()?;
+    Some(GpuInfo {
+        name: device.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
+        memory_total_mb: mem.total / (1024 * 1024),
+        memory_used_mb: mem.used / (1024 * 1024),
+    })
+}
+
+fn system() -> &'static Mutex<System> {
+    static SYS: OnceLock<Mutex<System>> = OnceLock::new();
+    SYS.get_or_init(|| Mutex::new(System::new()))
+}
+
+/// Resident memory of this process in MB.
+pub fn process_rss_mb() -> u64 {
+    let Ok(mut sys) = system().lock() else {
+        return 0;
+    };
+    let pid = Pid::from_u32(std::process::id());
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::Some(&[pid]),
+        true,
+        ProcessRefreshKind::nothing().with_memory(),
+    );
+    sys.process(pid).map_or(0, |p| p.memory() / (1024 * 1024))
+}
+
+/// Total system memory in GB.
+pub fn system_memory_gb() -> f64 {
+    let Ok(mut sys) = system().lock() else {
+        return 0.0;
+    };
+    sys.refresh_memory();
+    let gb = sys.total_memory() as f64 / (1024.0 * 1024.0 * 1024.0);
+    (gb * 10.0).round() / 10.0
+}
+
+pub fn cpu_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
