@@ -112,7 +112,8 @@ pub fn parse_body<T: BodySchema>(bytes: &[u8]) -> Result<T, ApiError> {
             None,
         )
     })?;
-    let Value::Object(obj) = &value else {
+    let mut value = value;
+    let Value::Object(obj) = &mut value else {
         return Err(ApiError::validation(
             vec![err(
                 &["body"],
@@ -123,6 +124,7 @@ pub fn parse_body<T: BodySchema>(bytes: &[u8]) -> Result<T, ApiError> {
         ));
     };
     let errors = check_types::<T>(obj);
+    normalize_integers::<T>(obj);
     if !errors.is_empty() {
         return Err(ApiError::validation(errors, None));
     }
@@ -141,6 +143,29 @@ pub fn parse_body<T: BodySchema>(bytes: &[u8]) -> Result<T, ApiError> {
         return Err(ApiError::validation(list, code));
     }
     Ok(parsed)
+}
+
+/// Integral floats (5.0) become integers, saturating at the i64 range so that the range check
+/// (not a parse error) reports values like 1e20.
+fn normalize_integers<T: BodySchema>(obj: &mut Map<String, Value>) {
+    for (name, ty, _) in T::FIELDS {
+        if !matches!(ty, FieldType::Integer) {
+            continue;
+        }
+        if let Some(Value::Number(n)) = obj.get(*name) {
+            let replacement = if n.is_i64() {
+                None
+            } else if n.is_u64() {
+                Some(i64::MAX)
+            } else {
+                n.as_f64()
+                    .map(|f| f.clamp(i64::MIN as f64, i64::MAX as f64) as i64)
+            };
+            if let Some(v) = replacement {
+                obj.insert((*name).to_string(), Value::from(v));
+            }
+        }
+    }
 }
 
 fn check_types<T: BodySchema>(obj: &Map<String, Value>) -> Vec<FieldError> {

@@ -144,11 +144,12 @@ pub fn spawn(
 pub fn spawn_loaded(model: LoadedModel, limits: WorkerLimits, queue: usize) -> WorkerHandle {
     let capacity = queue.max(1);
     let (tx, rx) = mpsc::channel(capacity);
-    let (state_tx, state_rx) = watch::channel(ModelState::Loading);
+    let (state_tx, state_rx) = watch::channel(ModelState::Ready(Arc::new(info_of(&model, 0.0))));
     let _ = std::thread::Builder::new()
         .name("tokenscope-model".into())
         .spawn(move || {
-            let _ = state_tx.send(ModelState::Ready(Arc::new(info_of(&model, 0.0))));
+            // Holding the sender keeps the state readable for as long as the worker runs.
+            let _state = state_tx;
             serve(&model, limits, rx);
         });
     WorkerHandle {

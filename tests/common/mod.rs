@@ -24,12 +24,22 @@ pub fn smollm() -> &'static LoadedModel {
 /// Writes a tiny random-weight llama (SmolLM2's tokenizer, 2 layers, hidden 64) as a
 /// Hugging Face directory and returns the in-memory model it was saved from.
 pub fn write_tiny_llama(dir: &std::path::Path, seed: u64) -> tokenscope::model::Llama {
+    let mut cfg = tokenscope::model::Config::tiny(49152);
+    cfg.eos_token_id = Some(tokenscope::model::llama::EosTokenId::One(2));
+    write_llama(dir, &cfg, seed)
+}
+
+/// Writes a random-weight llama of any shape as a Hugging Face directory.
+pub fn write_llama(
+    dir: &std::path::Path,
+    cfg: &tokenscope::model::Config,
+    seed: u64,
+) -> tokenscope::model::Llama {
     use candle_core::{DType, Device};
     use candle_nn::VarBuilder;
-    use tokenscope::model::{hf_dir, Config, Llama};
+    use tokenscope::model::{hf_dir, Llama};
 
-    let mut cfg = Config::tiny(49152);
-    cfg.eos_token_id = Some(tokenscope::model::llama::EosTokenId::One(2));
+    let cfg = cfg.clone();
     let tensors = tokenscope::model::llama::random_weights(&cfg, seed, &Device::Cpu).unwrap();
     let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
     let model = Llama::load(vb, &cfg).unwrap();

@@ -1,0 +1,782 @@
+//! Router-level tests (tower `oneshot`) on the real default model: every endpoint, every error
+//! code, auth on and off, the docs pages.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use tokenscope::api::{self, AppState, ServeConfig};
+use tokenscope::engine::worker::{self, WorkerLimits};
+
+fn app_with(config: ServeConfig, limits: WorkerLimits, queue: usize) -> Router {
+    let worker = worker::spawn_loaded(common::smollm().clone(), limits, queue);
+    api::router(AppState::new(worker, config))
+}
+
+fn app() -> Router {
+    app_with(
+        ServeConfig::default(),
+        WorkerLimits {
+            max_prompt_tokens: None,
+        },
+        16,
+    )
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, headers, body)
+}
+
+fn post_json(body: &str) -> Request<Body> {
+    Request::post("/generate")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(path).body(Body::empty()).unwrap()
+}
+
+async fn generate(app: &Router, body: Value) -> (StatusCode, Value) {
+    let (s, _, b) = send(app, post_json(&body.to_string())).await;
+    (s, b)
+}
+
+#[tokio::test]
+async fn seed_contract_request_returns_paris() {
+    let app = app();
+    // Exactly the seed document's request.
+    let (s, b) = generate(
+        &app,
+        json!({"prompt": "The capital of France is", "temperature": 1.0, "max_tokens": 1, "top_k": 5}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let tokens = b["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 5);
+    assert_eq!(tokens[0]["token"], " Paris");
+    assert_eq!(tokens[0]["rank"], 1);
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(t["rank"], i + 1);
+        let p = t["probability"].as_f64().unwrap();
+        assert_eq!(t["percentage"].as_f64().unwrap(), p * 100.0);
+        assert!((t["logprob"].as_f64().unwrap().exp() - p).abs() < 1e-12);
+        assert!(t["token_id"].is_u64() && t["bytes"].is_array());
+    }
+    let p = tokens[0]["probability"].as_f64().unwrap();
+    assert!((p - 0.7725).abs() < 0.005, "{p}");
+    let m = &b["metadata"];
+    for key in [
+        "model_name",
+        "prompt_length",
+        "prompt_tokens",
+        "completion_tokens",
+        "generation_time_ms",
+        "temperature_used",
+        "logprobs_mode",
+        "device",
+        "dtype",
+    ] {
+        assert!(!m[key].is_null(), "metadata.{key} missing: {m}");
+    }
+    assert_eq!(m["prompt_length"], 24);
+    assert_eq!(m["prompt_tokens"], 5);
+    assert_eq!(m["completion_tokens"], 1);
+    assert_eq!(m["temperature_used"], 1.0);
+    assert_eq!(m["device"], "cpu");
+    assert_eq!(b["steps"].as_array().unwrap().len(), 1);
+    assert_eq!(b["steps"][0]["top"], b["tokens"]);
+    assert!(["length", "eos", "stop"].contains(&b["finish_reason"].as_str().unwrap()));
+}
+
+#[tokio::test]
+async fn greedy_generation_with_stop_and_defaults() {
+    let app = app();
+    let (s, b) = generate(&app, json!({"prompt": "The capital of France is"})).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        b["tokens"].as_array().unwrap().len(),
+        5,
+        "top_k defaults to 5"
+    );
+    assert_eq!(
+        b["metadata"]["completion_tokens"], 1,
+        "max_tokens defaults to 1"
+    );
+    assert_eq!(b["metadata"]["logprobs_mode"], "processed");
+
+    let (s, b) = generate(
+        &app,
+        json!({"prompt": "The capital of France is", "temperature": 0, "max_tokens": 20, "stop": ["\n"], "top_k": 2}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["generated_text"], " Paris.");
+    assert_eq!(b["finish_reason"], "stop");
+    let steps = b["steps"].as_array().unwrap();
+    assert!(steps
+        .iter()
+        .all(|st| st["rank"] == 1 && st["top"].as_array().unwrap().len() == 2));
+    assert!(steps.iter().all(|st| st["entropy"].as_f64().unwrap() > 0.0));
+}
+
+#[tokio::test]
+async fn seeded_requests_repeat_and_raw_mode_ignores_temperature() {
+    let app = app();
+    let req =
+        json!({"prompt": "Once upon a time", "temperature": 1.3, "max_tokens": 8, "seed": 42});
+    let (_, a) = generate(&app, req.clone()).await;
+    let (_, b) = generate(&app, req).await;
+    assert_eq!(a["generated_text"], b["generated_text"]);
+    assert_eq!(a["steps"], b["steps"]);
+
+    let (_, raw) = generate(
+        &app,
+        json!({"prompt": "The capital of France is", "temperature": 1.7, "logprobs_mode": "raw", "seed": 1}),
+    )
+    .await;
+    let (_, plain) = generate(
+        &app,
+        json!({"prompt": "The capital of France is", "temperature": 0}),
+    )
+    .await;
+    assert_eq!(raw["tokens"], plain["tokens"]);
+    assert_eq!(raw["metadata"]["logprobs_mode"], "raw");
+}
+
+#[tokio::test]
+async fn empty_and_too_long_prompts() {
+    let app = app_with(
+        ServeConfig::default(),
+        WorkerLimits {
+            max_prompt_tokens: Some(8),
+        },
+        4,
+    );
+    for prompt in ["", "   ", "\n\t "] {
+        let (s, b) = generate(&app, json!({ "prompt": prompt })).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            b,
+            json!({"detail": "Prompt cannot be empty", "error_code": "EMPTY_PROMPT"})
+        );
+    }
+    let (s, b) = generate(
+        &app,
+        json!({"prompt": "one two three four five six seven eight nine ten"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(b["error_code"], "PROMPT_TOO_LONG");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("maximum length of 8 tokens"),
+        "{b}"
+    );
+    // Without a cap, the limit is the context length (8192) minus max_tokens.
+    let app = self::app();
+    let long = "word ".repeat(8200);
+    let (s, b) = generate(&app, json!({"prompt": long, "max_tokens": 10})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b["detail"].as_str().unwrap().contains("8182"), "{b}");
+}
+
+async fn expect_422(app: &Router, body: &str, code: &str, loc: Value) {
+    let (s, _, b) = send(app, post_json(body)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {b}");
+    assert_eq!(b["error_code"], code, "{body}: {b}");
+    let detail = b["detail"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}: detail is a list: {b}"));
+    assert!(
+        detail
+            .iter()
+            .any(|d| d["loc"] == loc && d["msg"].is_string() && d["type"].is_string()),
+        "{body}: no entry at {loc}: {b}"
+    );
+}
+
+#[tokio::test]
+async fn validation_errors_are_fastapi_style() {
+    let app = app();
+    let p = r#""prompt": "hi""#;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"temperature\": 2.5}}"),
+        "INVALID_TEMPERATURE",
+        json!(["body", "temperature"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"temperature\": -0.1}}"),
+        "INVALID_TEMPERATURE",
+        json!(["body", "temperature"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"max_tokens\": 0}}"),
+        "INVALID_MAX_TOKENS",
+        json!(["body", "max_tokens"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"max_tokens\": 101}}"),
+        "INVALID_MAX_TOKENS",
+        json!(["body", "max_tokens"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"top_k\": 0}}"),
+        "INVALID_TOP_K",
+        json!(["body", "top_k"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"top_k\": 51}}"),
+        "INVALID_TOP_K",
+        json!(["body", "top_k"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        r#"{"temperature": 1.0}"#,
+        "VALIDATION_ERROR",
+        json!(["body", "prompt"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        r#"{"prompt": 5}"#,
+        "VALIDATION_ERROR",
+        json!(["body", "prompt"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"temperature\": \"hot\"}}"),
+        "VALIDATION_ERROR",
+        json!(["body", "temperature"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"top_k\": 2.5}}"),
+        "VALIDATION_ERROR",
+        json!(["body", "top_k"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"max_tokens\": null}}"),
+        "VALIDATION_ERROR",
+        json!(["body", "max_tokens"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"seed\": -1}}"),
+        "VALIDATION_ERROR",
+        json!(["body", "seed"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"stop\": [\"a\",\"b\",\"c\",\"d\",\"e\"]}}"),
+        "VALIDATION_ERROR",
+        json!(["body", "stop"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"stop\": \"a\"}}"),
+        "VALIDATION_ERROR",
+        json!(["body", "stop"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"stop\": [\"\"]}}"),
+        "VALIDATION_ERROR",
+        json!(["body", "stop", 0]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"logprobs_mode\": \"cooked\"}}"),
+        "VALIDATION_ERROR",
+        json!(["body", "logprobs_mode"]),
+    )
+    .await;
+    expect_422(
+        &app,
+        &format!("{{{p}, \"n_probs\": 5}}"),
+        "VALIDATION_ERROR",
+        json!(["body", "n_probs"]),
+    )
+    .await;
+    expect_422(&app, r#"["prompt"]"#, "VALIDATION_ERROR", json!(["body"])).await;
+    for malformed in [
+        r#"{"prompt": "hi", "#,
+        "",
+        "{'prompt': 'hi'}",
+        r#"{"prompt": "hi", "top_k": 1e400}"#,
+    ] {
+        let (s, _, b) = send(&app, post_json(malformed)).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{malformed}");
+        assert_eq!(b["error_code"], "VALIDATION_ERROR");
+        assert_eq!(b["detail"][0]["loc"][0], "body");
+        assert_eq!(b["detail"][0]["type"], "value_error.jsondecode");
+    }
+
+    // The seed's exact message for the seed's example.
+    let (_, _, b) = send(&app, post_json(&format!("{{{p}, \"temperature\": 3}}"))).await;
+    assert_eq!(
+        b["detail"][0],
+        json!({"loc": ["body", "temperature"], "msg": "ensure this value is less than or equal to 2.0", "type": "value_error.number.not_le"})
+    );
+    // Integral floats are integers; big seeds are fine.
+    let (s, b) = generate(
+        &app,
+        json!({"prompt": "hi", "top_k": 3.0, "seed": u64::MAX, "temperature": 0.7}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["tokens"].as_array().unwrap().len(), 3);
+    // After all that, the service still answers.
+    let (s, _) = generate(&app, json!({"prompt": "still alive?"})).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn media_type_and_size_limits() {
+    let app = app_with(
+        ServeConfig {
+            max_body_bytes: 256,
+            ..Default::default()
+        },
+        WorkerLimits {
+            max_prompt_tokens: None,
+        },
+        4,
+    );
+    let no_type = Request::post("/generate")
+        .body(Body::from(r#"{"prompt":"hi"}"#))
+        .unwrap();
+    let (s, _, b) = send(&app, no_type).await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(b["error_code"], "UNSUPPORTED_MEDIA_TYPE");
+    let text = Request::post("/generate")
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from(r#"{"prompt":"hi"}"#))
+        .unwrap();
+    assert_eq!(send(&app, text).await.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let charset = Request::post("/generate")
+        .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
+        .body(Body::from(r#"{"prompt":"hi"}"#))
+        .unwrap();
+    assert_eq!(send(&app, charset).await.0, StatusCode::OK);
+    let big = json!({ "prompt": "x".repeat(1000) }).to_string();
+    let (s, _, b) = send(&app, post_json(&big)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(b["error_code"], "PAYLOAD_TOO_LARGE");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_json() {
+    let app = app();
+    let (s, _, b) = send(&app, get("/nope")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(b, json!({"detail": "Not Found", "error_code": "NOT_FOUND"}));
+    let (s, _, b) = send(&app, get("/generate")).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(b["error_code"], "METHOD_NOT_ALLOWED");
+    let (s, _, b) = send(
+        &app,
+        Request::builder()
+            .method(Method::DELETE)
+            .uri("/health")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(b["error_code"], "METHOD_NOT_ALLOWED");
+}
+
+#[tokio::test]
+async fn health_status_and_root() {
+    let app = app();
+    let (s, _, b) = send(&app, get("/health")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["status"], "healthy");
+    let ts = b["timestamp"].as_str().unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(ts).is_ok() && ts.ends_with('Z'),
+        "{ts}"
+    );
+
+    let (s, _, b) = send(&app, get("/status")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["service"]["status"], "running");
+    assert_eq!(b["service"]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(b["service"]["uptime_seconds"].is_u64());
+    assert!(
+        b["service"]["memory_usage_mb"].as_u64().unwrap() > 100,
+        "RSS holds the model: {b}"
+    );
+    assert_eq!(b["model"]["loaded"], true);
+    assert_eq!(b["model"]["name"], "SmolLM2-135M-Instruct.Q4_1");
+    assert_eq!(b["model"]["device"], "cpu");
+    assert_eq!(b["model"]["precision"], "float32");
+    assert_eq!(b["model"]["max_length"], 8192);
+    assert_eq!(b["model"]["vocab_size"], 49152);
+    assert!(b["system"]["gpu_available"].is_boolean());
+    assert!(b["system"]["cpu_cores"].as_u64().unwrap() >= 1);
+    assert!(b["system"]["system_memory_gb"].as_f64().unwrap() > 0.0);
+    for k in ["gpu_name", "gpu_memory_total_mb", "gpu_memory_used_mb"] {
+        assert!(b["system"].get(k).is_some(), "{k}");
+    }
+
+    let (s, _, b) = send(&app, get("/")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["name"], "tokenscope");
+    assert_eq!(b["status"], "ready");
+    let paths: Vec<&str> = b["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    for p in [
+        "/generate",
+        "/health",
+        "/status",
+        "/docs",
+        "/redoc",
+        "/openapi.json",
+    ] {
+        assert!(paths.contains(&p), "{p}");
+    }
+}
+
+#[tokio::test]
+async fn failed_load_keeps_serving_errors() {
+    let worker = worker::spawn(
+        Err("model source `nope` does not exist".into()),
+        Default::default(),
+        WorkerLimits {
+            max_prompt_tokens: None,
+        },
+        4,
+    );
+    let app = api::router(AppState::new(worker, ServeConfig::default()));
+    // Give the thread a moment to publish its state.
+    for _ in 0..100 {
+        if send(&app, get("/health")).await.2["status"] == "unhealthy" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (s, _, b) = send(&app, get("/health")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(b["status"], "unhealthy");
+    assert!(b["reason"].as_str().unwrap().contains("nope"));
+    let (s, h, b) = send(&app, post_json(r#"{"prompt": "hi"}"#)).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(b["error_code"], "MODEL_NOT_LOADED");
+    assert!(h.contains_key(header::RETRY_AFTER));
+    let (s, _, b) = send(&app, get("/status")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(b["model"]["loaded"], false);
+}
+
+#[tokio::test]
+async fn internal_failures_are_500_without_internals() {
+    // A model whose vocabulary (100) is smaller than its tokenizer's: embedding lookups of real
+    // token ids fail inside candle.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tokenscope::model::Config::tiny(100);
+    common::write_llama(dir.path(), &cfg, 11);
+    let broken = tokenscope::model::load(
+        &tokenscope::model::ModelSource::HfDir(dir.path().into()),
+        &Default::default(),
+    )
+    .unwrap();
+    let worker = worker::spawn_loaded(
+        broken,
+        WorkerLimits {
+            max_prompt_tokens: None,
+        },
+        4,
+    );
+    let app = api::router(AppState::new(worker, ServeConfig::default()));
+    let (s, _, b) = send(&app, post_json(r#"{"prompt": "The capital of France is"}"#)).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        b,
+        json!({"detail": "Token generation failed due to internal error", "error_code": "GENERATION_FAILED"})
+    );
+    // The worker survived and serves the next request (ids < 100 work).
+    let tk = &common::smollm().tokenizer;
+    let small_ids = (17u32..100)
+        .map(|id| tk.token_text(id).to_string())
+        .find(|t| !t.trim().is_empty() && tk.encode(t).unwrap().iter().all(|&i| i < 100))
+        .unwrap();
+    let (s, _, b) = send(&app, post_json(&json!({ "prompt": small_ids }).to_string())).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+}
+
+#[tokio::test]
+async fn timeout_answers_504_and_frees_the_worker() {
+    let app = app_with(
+        ServeConfig {
+            request_timeout: Duration::from_millis(150),
+            ..Default::default()
+        },
+        WorkerLimits {
+            max_prompt_tokens: None,
+        },
+        4,
+    );
+    let (s, b) = generate(
+        &app,
+        json!({"prompt": "Write a long story:", "max_tokens": 100, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{b}");
+    assert_eq!(b["error_code"], "TIMEOUT");
+    // The abandoned generation is cancelled between steps, so a short request fits again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (s, b) = generate(&app, json!({"prompt": "Hi"})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_get_answers_or_overloaded() {
+    let app = app_with(
+        ServeConfig::default(),
+        WorkerLimits {
+            max_prompt_tokens: None,
+        },
+        2,
+    );
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"prompt": format!("Request number {i} says"), "max_tokens": 3, "temperature": 0});
+            let resp = app.oneshot(post_json(&body.to_string())).await.unwrap();
+            let status = resp.status();
+            let retry = resp.headers().contains_key(header::RETRY_AFTER);
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, retry, serde_json::from_slice::<Value>(&bytes).unwrap())
+        }));
+    }
+    let (mut ok, mut overloaded) = (0, 0);
+    for t in tasks {
+        let (status, retry, body) = tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .unwrap()
+            .unwrap();
+        match status {
+            StatusCode::OK => {
+                assert_eq!(body["steps"].as_array().unwrap().len(), 3);
+                ok += 1;
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(body["error_code"], "OVERLOADED");
+                assert!(retry);
+                overloaded += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(
+        ok >= 1 && overloaded >= 1,
+        "ok={ok} overloaded={overloaded}"
+    );
+    assert_eq!(ok + overloaded, 64);
+    let (s, _) = generate(&app, json!({"prompt": "after the storm"})).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+fn with_keys(protect_docs: bool) -> Router {
+    app_with(
+        ServeConfig {
+            api_keys: vec!["key-one-secret".into(), "second-key".into()],
+            protect_docs,
+            ..Default::default()
+        },
+        WorkerLimits {
+            max_prompt_tokens: None,
+        },
+        8,
+    )
+}
+
+fn authed(req: Request<Body>, auth: &str) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    parts
+        .headers
+        .insert(header::AUTHORIZATION, auth.parse().unwrap());
+    Request::from_parts(parts, body)
+}
+
+#[tokio::test]
+async fn bearer_keys_protect_everything_but_health_and_docs() {
+    let app = with_keys(false);
+    let body = r#"{"prompt": "The capital of France is"}"#;
+    let (s, h, b) = send(&app, post_json(body)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(b["error_code"], "UNAUTHORIZED");
+    assert_eq!(h[header::WWW_AUTHENTICATE], "Bearer");
+    for bad in [
+        "Bearer wrong",
+        "Bearer key-one",
+        "Bearer KEY-ONE-SECRET",
+        "Bearer key-one-secretX",
+        "Basic key-one-secret",
+        "key-one-secret",
+        "Bearer ",
+    ] {
+        let (s, h, _) = send(&app, authed(post_json(body), bad)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{bad}");
+        assert_eq!(h[header::WWW_AUTHENTICATE], "Bearer");
+    }
+    for good in [
+        "Bearer key-one-secret",
+        "Bearer second-key",
+        "bearer second-key",
+    ] {
+        let (s, _, b) = send(&app, authed(post_json(body), good)).await;
+        assert_eq!(s, StatusCode::OK, "{good}: {b}");
+    }
+    for path in ["/status", "/", "/nope"] {
+        assert_eq!(
+            send(&app, get(path)).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        send(&app, authed(get("/status"), "Bearer second-key"))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(send(&app, get("/health")).await.0, StatusCode::OK);
+    for path in ["/docs/", "/redoc", "/openapi.json"] {
+        assert_eq!(
+            send(&app, get(path)).await.0,
+            StatusCode::OK,
+            "{path} public by default"
+        );
+    }
+    let app = with_keys(true);
+    for path in ["/docs/", "/redoc", "/openapi.json"] {
+        assert_eq!(
+            send(&app, get(path)).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{path} protected"
+        );
+        assert_eq!(
+            send(&app, authed(get(path), "Bearer second-key")).await.0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(send(&app, get("/health")).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn docs_pages_and_openapi_document() {
+    let app = app_with(
+        ServeConfig {
+            redoc_bundle: Some(std::sync::Arc::new(b"/* redoc */".to_vec())),
+            ..Default::default()
+        },
+        WorkerLimits {
+            max_prompt_tokens: None,
+        },
+        4,
+    );
+    let (s, _, b) = send(&app, get("/docs/")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(b.as_str().unwrap().contains("swagger-ui"), "{b}");
+    let (s, _, b) = send(&app, get("/docs/swagger-ui-bundle.js")).await;
+    assert_eq!(s, StatusCode::OK, "vendored Swagger UI assets are served");
+    assert!(b.as_str().unwrap().len() > 100_000);
+    let (s, _, b) = send(&app, get("/docs/swagger-initializer.js")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(b.as_str().unwrap().contains("/openapi.json"));
+    let (s, _, b) = send(&app, get("/redoc")).await;
+    assert_eq!(s, StatusCode::OK);
+    let page = b.as_str().unwrap();
+    assert!(
+        page.contains("/redoc/redoc.standalone.js") && page.contains("Redoc.init"),
+        "{page}"
+    );
+    assert!(!page.contains("cdn."), "local bundle preferred");
+    assert_eq!(
+        send(&app, get("/redoc/redoc.standalone.js")).await.0,
+        StatusCode::OK
+    );
+
+    let (s, _, doc) = send(&app, get("/openapi.json")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        doc,
+        serde_json::from_str::<Value>(&api::docs::openapi_json()).unwrap()
+    );
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    let req = &doc["components"]["schemas"]["GenerateRequest"]["properties"];
+    assert_eq!(req["temperature"]["maximum"], 2.0);
+    assert_eq!(req["temperature"]["default"], 1.0);
+    assert_eq!(req["max_tokens"]["maximum"], 100);
+    assert_eq!(req["top_k"]["maximum"], 50);
+    assert_eq!(req["top_k"]["default"], 5);
+    let responses = &doc["paths"]["/generate"]["post"]["responses"];
+    for code in [
+        "200", "400", "401", "413", "415", "422", "500", "503", "504",
+    ] {
+        assert!(responses.get(code).is_some(), "/generate documents {code}");
+    }
+
+    // Without the bundle, ReDoc falls back to its CDN.
+    let (_, _, b) = send(&self::app(), get("/redoc")).await;
+    assert!(b.as_str().unwrap().contains(api::docs::REDOC_CDN));
+}
+
+#[test]
+fn checked_in_openapi_matches_the_code() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi/openapi.json");
+    let checked_in = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        checked_in.trim_end(),
+        api::docs::openapi_json().trim_end(),
+        "openapi/openapi.json is stale: run `cargo run -- openapi > openapi/openapi.json`"
+    );
+}
