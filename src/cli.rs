@@ -24,6 +24,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the next-token table for one prompt (no server).
     Inspect(InspectArgs),
+    /// Fine-tune (or train from scratch) the model; writes a directory `serve --model DIR` loads.
+    Train(TrainArgs),
     /// Print the OpenAPI document of the HTTP API.
     Openapi,
 }
@@ -124,7 +126,7 @@ pub struct InspectArgs {
     pub max_tokens: u32,
     /// Sampling temperature (0 = greedy, up to 2).
     #[arg(long, short = 't', default_value_t = 1.0, value_parser = parse_temperature)]
-    pub temperature: f32,
+    pub temperature: f64,
     /// Seed for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -152,8 +154,8 @@ impl InspectArgs {
     }
 }
 
-fn parse_temperature(s: &str) -> Result<f32, String> {
-    let t: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+fn parse_temperature(s: &str) -> Result<f64, String> {
+    let t: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if !(0.0..=2.0).contains(&t) {
         return Err("temperature must be between 0.0 and 2.0".into());
     }
@@ -176,4 +178,110 @@ pub fn read_key_file(path: &PathBuf) -> std::io::Result<Vec<String>> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(str::to_string)
         .collect())
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Starting model: .gguf, HF directory or hub id (default: the default model). With
+    /// --from-scratch only its tokenizer is used.
+    #[arg(long, env = "TOKENSCOPE_MODEL")]
+    pub model: Option<String>,
+    /// A UTF-8 text file, a folder of .txt files, or JSONL with a `text` field.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output model directory (config.json, model.safetensors, tokenizer.json, logs, checkpoints).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Optimizer steps (0 = write the starting model as an HF directory: a GGUF → HF converter).
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<usize>,
+    /// Passes over the training windows (default 1 when --steps is not given).
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Tokens per training window.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Linear warm-up steps before cosine decay (to 10% of --lr).
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Clip gradients to this global L2 norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Evaluate on the held-out split every N steps (also before and after).
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: usize,
+    /// Fraction of windows held out for evaluation.
+    #[arg(long, default_value_t = 0.05)]
+    pub eval_fraction: f64,
+    /// Cap on held-out windows evaluated.
+    #[arg(long, default_value_t = 64)]
+    pub max_eval_windows: usize,
+    /// Checkpoint every N steps (and always on Ctrl-C); 0 = only on Ctrl-C.
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Continue from the newest checkpoint in --output.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// auto | cpu | cuda | cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32 | bf16 (bf16 on GPU only). Also the dtype of the written model.safetensors.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Train a new model (random weights) with --model's tokenizer.
+    #[arg(long)]
+    pub from_scratch: bool,
+    /// With --from-scratch: tiny | small | a config.json file.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Stop with a checkpoint after N steps of this run (as Ctrl-C would); resume later.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// Measure: run a few steps and print seconds per step and tokens/s, without writing a model.
+    #[arg(long)]
+    pub bench: bool,
+}
+
+impl TrainArgs {
+    pub fn options(&self) -> crate::train::TrainOptions {
+        crate::train::TrainOptions {
+            model: self.model.clone(),
+            data: self.data.clone(),
+            output: self.output.clone(),
+            steps: self.steps,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            seq_len: self.seq_len,
+            grad_accum: self.grad_accum,
+            lr: self.lr,
+            warmup: self.warmup,
+            weight_decay: self.weight_decay,
+            clip: self.clip,
+            eval_every: self.eval_every,
+            eval_fraction: self.eval_fraction,
+            max_eval_windows: self.max_eval_windows,
+            save_every: self.save_every,
+            resume: self.resume,
+            seed: self.seed,
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            from_scratch: self.from_scratch,
+            config: self.config.clone(),
+            stop_after: self.stop_after,
+            progress: true,
+            bench: self.bench,
+        }
+    }
 }

@@ -11,6 +11,7 @@ pub mod logging;
 pub mod model;
 pub mod serve;
 pub mod system;
+pub mod train;
 
 use anyhow::Context;
 

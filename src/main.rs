@@ -13,6 +13,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => tokenscope::serve::run(args),
         Command::Inspect(args) => tokenscope::run_inspect(&args),
+        Command::Train(args) => tokenscope::train::run(&args.options())
+            .map(|_| ())
+            .map_err(anyhow::Error::from),
         Command::Openapi => {
             println!("{}", tokenscope::api::docs::openapi_json());
             Ok(())

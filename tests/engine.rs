@@ -245,3 +245,30 @@ fn inference_and_differentiable_paths_agree() {
         .unwrap();
     assert!(diff <= 1e-4, "max |Δ logit| = {diff}");
 }
+
+#[test]
+fn chunked_prefill_matches_a_single_pass() {
+    // A prompt longer than one prefill chunk goes through the cache in pieces.
+    let m = common::smollm();
+    let text = "The history of science is long and full of surprises. ".repeat(60);
+    let ids = m.tokenizer.encode(&text).unwrap();
+    assert!(ids.len() > tokenscope::engine::generate::PREFILL_CHUNK);
+    let r = engine::generate(m, &text, &ids, &greedy(1), &|| false).unwrap();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut cache = m.model.new_cache();
+    let logits: Vec<f32> = m
+        .model
+        .forward(&x, &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let d = tokenscope::engine::Distribution::from_logits(&logits, 1.0);
+    let top = &r.tokens[0];
+    assert_eq!(top.token_id, d.argmax());
+    assert!((top.logprob - d.logprob(top.token_id) as f64).abs() < 1e-4);
+}

@@ -62,7 +62,7 @@ impl GenerateRequest {
     /// Parameters for the engine (call after validation).
     pub fn params(&self) -> GenerateParams {
         GenerateParams {
-            temperature: self.temperature as f32,
+            temperature: self.temperature,
             max_tokens: self.max_tokens.clamp(1, 100) as usize,
             top_k: self.top_k.clamp(1, 50) as usize,
             seed: self.seed,

@@ -15,8 +15,8 @@ use crate::model::LoadedModel;
 /// Validated generation parameters (the API checks ranges before they get here).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateParams {
-    /// 0 = greedy.
-    pub temperature: f32,
+    /// 0 = greedy. Kept in f64 so that `temperature_used` echoes the request exactly.
+    pub temperature: f64,
     pub max_tokens: usize,
     pub top_k: usize,
     pub seed: Option<u64>,
@@ -53,6 +53,17 @@ pub enum EngineError {
     Tokenizer(String),
     #[error("inference: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+/// Prompt tokens evaluated per forward pass during prefill.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Size of the final prefill chunk (1..=PREFILL_CHUNK), whose last position gives the logits.
+fn tail_len(n: usize) -> usize {
+    match n % PREFILL_CHUNK {
+        0 => PREFILL_CHUNK.min(n),
+        r => r,
+    }
 }
 
 /// Tokenizes a prompt.
@@ -93,13 +104,23 @@ pub fn generate(
     let mut rng = StdRng::seed_from_u64(seed.unwrap_or(0));
     // The reported distribution: processed = what the sampler draws from (T = 1 if greedy).
     let report_t = match (params.logprobs_mode, greedy) {
-        (LogprobsMode::Processed, false) => params.temperature,
+        (LogprobsMode::Processed, false) => params.temperature as f32,
         _ => 1.0,
     };
 
     let lm = &model.model;
     let mut cache = lm.new_cache();
-    let mut input = Tensor::new(prompt_ids, lm.device())?.unsqueeze(0)?;
+    // Long prompts are evaluated in chunks so that cancellation (timeout, disconnect) is seen
+    // within one chunk's time, and attention memory stays bounded by chunk × context.
+    let (head, last_chunk) = prompt_ids.split_at(prompt_ids.len() - tail_len(prompt_ids.len()));
+    for chunk in head.chunks(PREFILL_CHUNK) {
+        if cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        lm.forward(&Tensor::new(chunk, lm.device())?.unsqueeze(0)?, &mut cache)?;
+    }
+    let mut input = Tensor::new(last_chunk, lm.device())?.unsqueeze(0)?;
+    let temperature = params.temperature as f32;
     let mut generated: Vec<u32> = Vec::new();
     let mut steps: Vec<Step> = Vec::new();
     let mut finish = FinishReason::Length;
@@ -113,10 +134,10 @@ pub fn generate(
         let reported = Distribution::from_logits(&logits, report_t);
         let next = if greedy {
             reported.argmax()
-        } else if report_t == params.temperature {
+        } else if report_t == temperature {
             reported.sample(&mut rng)
         } else {
-            Distribution::from_logits(&logits, params.temperature).sample(&mut rng)
+            Distribution::from_logits(&logits, temperature).sample(&mut rng)
         };
         steps.push(make_step(model, &reported, next, params.top_k));
         generated.push(next);
@@ -152,7 +173,7 @@ pub fn generate(
             prompt_tokens: prompt_ids.len(),
             completion_tokens: steps.len(),
             generation_time_ms: start.elapsed().as_secs_f64() * 1000.0,
-            temperature_used: params.temperature as f64,
+            temperature_used: params.temperature,
             logprobs_mode: params.logprobs_mode,
             device: model.device_label.clone(),
             dtype: model.dtype_label.clone(),

@@ -116,10 +116,11 @@ impl GgufFile {
                 .md_u32(&k("attention.head_count_kv"))?
                 .map(|v| v as usize),
             head_dim: None,
-            rms_norm_eps: self
-                .md_f32(&k("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5) as f64,
-            rope_theta: self.md_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0) as f64,
+            rms_norm_eps: shortest_f64(
+                self.md_f32(&k("attention.layer_norm_rms_epsilon"))?
+                    .unwrap_or(1e-5),
+            ),
+            rope_theta: shortest_f64(self.md_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0)),
             max_position_embeddings: self.md_u32(&k("context_length"))?.unwrap_or(2048) as usize,
             tie_word_embeddings: !has_output,
             bos_token_id: self.md_u32("tokenizer.ggml.bos_token_id")?,
@@ -220,4 +221,9 @@ pub fn unpermute(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     w.reshape((n_head, head_dim / 2, 2, cols))?
         .transpose(1, 2)?
         .reshape((rows, cols))
+}
+
+/// The f64 that prints like the f32 (1e-5, not 9.999999747378752e-6) for a clean config.json.
+fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
 }

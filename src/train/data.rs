@@ -1,0 +1,148 @@
+//! Training data: a UTF-8 text file, a folder of `.txt` files, or JSONL with a `text` field;
+//! tokenized once, documents joined with an end-of-text token, split deterministically into
+//! train / held-out, and cut into `seq_len + 1` windows (inputs and shifted targets).
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::TrainError;
+use crate::model::TextTokenizer;
+
+/// Tokenized, split and windowed data.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub train: Vec<Vec<u32>>,
+    pub eval: Vec<Vec<u32>>,
+    pub documents: usize,
+    pub total_tokens: usize,
+    pub sha256: String,
+    pub files: Vec<PathBuf>,
+}
+
+fn bad(msg: impl Into<String>) -> TrainError {
+    TrainError::Data(msg.into())
+}
+
+/// Reads the documents under `path` (sorted, so the order never depends on the file system).
+pub fn read_documents(path: &Path) -> Result<(Vec<String>, Vec<PathBuf>, String), TrainError> {
+    if !path.exists() {
+        return Err(bad(format!("{} does not exist", path.display())));
+    }
+    let mut files = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "txt" || e == "jsonl"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    files.retain(|f| f.metadata().map(|m| m.len() > 0).unwrap_or(false));
+    if files.is_empty() {
+        return Err(bad(format!(
+            "{} holds no non-empty .txt or .jsonl files",
+            path.display()
+        )));
+    }
+    let mut hasher = Sha256::new();
+    let mut docs = Vec::new();
+    for file in &files {
+        let bytes = std::fs::read(file)?;
+        hasher.update(&bytes);
+        if bytes.contains(&0) {
+            return Err(bad(format!(
+                "{} looks binary (it contains NUL bytes)",
+                file.display()
+            )));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| bad(format!("{} is not UTF-8 text ({e})", file.display())))?;
+        if file.extension().is_some_and(|e| e == "jsonl") {
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                    bad(format!("{} line {}: not JSON ({e})", file.display(), i + 1))
+                })?;
+                let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+                    bad(format!(
+                        "{} line {}: no string field `text`",
+                        file.display(),
+                        i + 1
+                    ))
+                })?;
+                if !t.trim().is_empty() {
+                    docs.push(t.to_string());
+                }
+            }
+        } else if !text.trim().is_empty() {
+            docs.push(text);
+        }
+    }
+    if docs.is_empty() {
+        return Err(bad(format!("{} contains no text", path.display())));
+    }
+    Ok((docs, files, format!("{:x}", hasher.finalize())))
+}
+
+/// Tokenizes and windows the documents.
+pub fn build(
+    path: &Path,
+    tokenizer: &TextTokenizer,
+    separator: u32,
+    seq_len: usize,
+    eval_fraction: f64,
+) -> Result<Dataset, TrainError> {
+    let (docs, files, sha256) = read_documents(path)?;
+    let mut stream: Vec<u32> = Vec::new();
+    for d in &docs {
+        stream.extend(tokenizer.encode(d).map_err(|e| bad(e.to_string()))?);
+        stream.push(separator);
+    }
+    let window = seq_len + 1;
+    let n_windows = stream.len() / window;
+    let n_eval = if eval_fraction > 0.0 {
+        ((n_windows as f64 * eval_fraction).ceil() as usize).max(1)
+    } else {
+        0
+    };
+    if n_windows < n_eval + 1 {
+        return Err(bad(format!(
+            "too little data: {} tokens make {n_windows} windows of {window} tokens, but at least {} are needed \
+             (1 to train{}); add text or lower --seq-len",
+            stream.len(),
+            n_eval + 1,
+            if n_eval > 0 { format!(", {n_eval} held out") } else { String::new() },
+        )));
+    }
+    let windows: Vec<Vec<u32>> = stream.chunks_exact(window).map(|c| c.to_vec()).collect();
+    // Held-out windows are spread evenly through the corpus (every k-th window), so the
+    // evaluation sees every part of it; the choice depends only on the counts.
+    let mut train = Vec::new();
+    let mut eval = Vec::new();
+    let stride = if n_eval > 0 {
+        n_windows as f64 / n_eval as f64
+    } else {
+        0.0
+    };
+    let mut next_eval = stride / 2.0;
+    for (i, w) in windows.into_iter().enumerate() {
+        if n_eval > 0 && eval.len() < n_eval && i as f64 >= next_eval.floor() {
+            eval.push(w);
+            next_eval += stride;
+        } else {
+            train.push(w);
+        }
+    }
+    Ok(Dataset {
+        train,
+        eval,
+        documents: docs.len(),
+        total_tokens: stream.len(),
+        sha256,
+        files,
+    })
+}

@@ -1,0 +1,202 @@
+//! The real `tokenscope serve` binary on a free port: /health goes 503 → 200 while the model
+//! loads in the background, requests are served over real HTTP, a failed load keeps the process
+//! up, and SIGTERM drains an in-flight request before a clean exit.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Self {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tokenscope"))
+            .args(["serve", "--port", &port.to_string()])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("TOKENSCOPE_API_KEYS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    fn get(&self, path: &str) -> Option<(u16, Value)> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let mut resp = agent.get(&format!("{}{path}", self.base)).call().ok()?;
+        let status = resp.status().as_u16();
+        Some((status, resp.body_mut().read_json().unwrap_or(Value::Null)))
+    }
+
+    fn post(&self, body: &Value) -> (u16, Value) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        let mut resp = agent
+            .post(&format!("{}/generate", self.base))
+            .send_json(body)
+            .unwrap();
+        (resp.status().as_u16(), resp.body_mut().read_json().unwrap())
+    }
+
+    /// Polls /health until it is 200, returning every status seen.
+    fn wait_healthy(&self) -> Vec<u16> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Some((s, _)) = self.get("/health") {
+                if seen.last() != Some(&s) {
+                    seen.push(s);
+                }
+                if s == 200 {
+                    return seen;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!(
+            "never healthy; saw {seen:?}; log: {:?}",
+            self.log.lock().unwrap()
+        );
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serves_after_loading_and_drains_on_sigterm() {
+    common::default_gguf();
+    let mut server = Server::start(&["--api-key", "binary-test-key-123"]);
+    let seen = server.wait_healthy();
+    assert_eq!(seen.last(), Some(&200));
+    assert_eq!(
+        seen[0], 503,
+        "the listener is up before the model: {seen:?}"
+    );
+
+    // Real HTTP: auth is on, so /generate without the key is 401.
+    let (s, b) = server.post(&json!({"prompt": "The capital of France is"}));
+    assert_eq!(s, 401, "{b}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .post(&format!("{}/generate", server.base))
+        .header("Authorization", "Bearer binary-test-key-123")
+        .send_json(json!({"prompt": "The capital of France is", "top_k": 5}))
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: Value = resp.body_mut().read_json().unwrap();
+    assert_eq!(body["tokens"][0]["token"], " Paris");
+
+    // A long request in flight when SIGTERM arrives still completes.
+    let base = server.base.clone();
+    let inflight = std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut resp = agent
+            .post(&format!("{base}/generate"))
+            .header("Authorization", "Bearer binary-test-key-123")
+            .send_json(json!({"prompt": "Tell me a story:", "max_tokens": 40, "temperature": 0}))
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.body_mut().read_json::<Value>().unwrap(),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    server.signal("-TERM");
+    let (s, b) = inflight.join().unwrap();
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["steps"].as_array().unwrap().len(), 40);
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+
+    let log = server.log_text();
+    assert!(log.contains("POST /generate 200"), "{log}");
+    assert!(log.contains("POST /generate 401"), "{log}");
+    assert!(!log.contains("binary-test-key-123"), "keys never logged");
+    assert!(log.contains("shut down cleanly"), "{log}");
+}
+
+#[test]
+fn failed_load_keeps_the_process_up() {
+    let server = Server::start(&["--model", "/definitely/not/here.gguf"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        if let Some((503, b)) = server.get("/health") {
+            if b["status"] == "unhealthy" {
+                break b;
+            }
+        }
+        assert!(Instant::now() < deadline, "{}", server.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(body["reason"]
+        .as_str()
+        .unwrap()
+        .contains("/definitely/not/here.gguf"));
+    let (s, b) = server.post(&json!({"prompt": "hi"}));
+    assert_eq!(s, 503);
+    assert_eq!(b["error_code"], "MODEL_NOT_LOADED");
+    assert!(server.log_text().contains("model failed to load"));
+    let (s, _) = server.get("/").unwrap();
+    assert_eq!(s, 200);
+}
