@@ -44,6 +44,11 @@ fn system() -> &'static Mutex<System> {
 
 /// Resident memory of this process in MB.
 pub fn process_rss_mb() -> u64 {
+    process_rss_bytes() / (1024 * 1024)
+}
+
+/// Resident memory of this process in bytes.
+pub fn process_rss_bytes() -> u64 {
     let Ok(mut sys) = system().lock() else {
         return 0;
     };
@@ -53,7 +58,7 @@ pub fn process_rss_mb() -> u64 {
         true,
         ProcessRefreshKind::nothing().with_memory(),
     );
-    sys.process(pid).map_or(0, |p| p.memory() / (1024 * 1024))
+    sys.process(pid).map_or(0, |p| p.memory())
 }
 
 /// Total system memory in GB.

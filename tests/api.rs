@@ -35,8 +35,19 @@ async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::Head
     let status = resp.status();
     let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let body = serde_json::from_slice(&bytes)
+    let mut body: Value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    // Error bodies carry the request id (as the header does); it is removed here so that tests
+    // compare the contract part (`detail`, `error_code`) exactly.
+    if let Some(obj) = body.as_object_mut() {
+        if obj.contains_key("error_code") {
+            let id = obj
+                .remove("request_id")
+                .expect("error bodies carry request_id");
+            let header_id = headers.get("x-request-id").and_then(|v| v.to_str().ok());
+            assert_eq!(id.as_str(), header_id);
+        }
+    }
     (status, headers, body)
 }
 

@@ -200,3 +200,41 @@ fn failed_load_keeps_the_process_up() {
     let (s, _) = server.get("/").unwrap();
     assert_eq!(s, 200);
 }
+
+#[test]
+fn json_logs_parse_line_by_line() {
+    common::default_gguf();
+    let mut server = Server::start(&["--log-format", "json"]);
+    server.wait_healthy();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let resp = agent
+        .post(&format!("{}/generate", server.base))
+        .header("x-request-id", "json-log-test-1")
+        .send_json(json!({"prompt": ""}))
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(resp.headers()["x-request-id"], "json-log-test-1");
+    server.signal("-TERM");
+    server.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let lines = server.log.lock().unwrap().clone();
+    assert!(!lines.is_empty());
+    let records: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let access = records
+        .iter()
+        .find(|r| r["request_id"] == "json-log-test-1")
+        .expect("access line with the request id");
+    assert_eq!(access["method"], "POST");
+    assert_eq!(access["path"], "/generate");
+    assert_eq!(access["status"], 400);
+    assert!(access["latency_ms"].is_f64());
+    assert!(records
+        .iter()
+        .all(|r| r["level"].is_string() && r["timestamp"].is_string()));
+}

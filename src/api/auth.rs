@@ -34,6 +34,7 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
     let path = req.uri().path();
     let public = keys.is_empty()
         || path == "/health"
+        || path == "/live"
         || (is_docs_path(path) && !state.config.protect_docs)
         || (path == "/metrics" && state.config.public_metrics);
     if public {

@@ -23,11 +23,11 @@ Errors are `{\"detail\": ..., \"error_code\": ...}`. When API keys are configure
 but /health needs `Authorization: Bearer <key>` (use the Authorize button).",
         license(name = "Apache-2.0")
     ),
-    paths(routes::generate, routes::health, routes::status, routes::root),
+    paths(routes::generate, routes::health, routes::live, routes::status, routes::root),
     components(schemas(
         GenerateRequest, GenerateResponse, TokenProbability, Step, Metadata, FinishReason,
         LogprobsMode, HealthResponse, StatusResponse, ServiceStatus, ModelStatus, SystemStatus,
-        RootResponse, EndpointInfo, ErrorBody, FieldError
+        RootResponse, EndpointInfo, ErrorBody, FieldError, LiveResponse
     )),
     modifiers(&BearerScheme),
     tags(

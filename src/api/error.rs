@@ -15,6 +15,9 @@ pub struct ErrorBody {
     pub detail: Value,
     /// Machine-readable code, e.g. EMPTY_PROMPT, INVALID_TEMPERATURE, OVERLOADED.
     pub error_code: String,
+    /// The request's `x-request-id`, to find it in the logs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// One FastAPI-style validation error.
@@ -113,9 +116,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        super::metrics::record_error(self.code);
         let body = ErrorBody {
             detail: self.detail,
             error_code: self.code.to_string(),
+            request_id: super::request_id::current(),
         };
         let mut resp = (self.status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after {

@@ -5,6 +5,8 @@ pub mod auth;
 pub mod docs;
 pub mod error;
 pub mod extract;
+pub mod metrics;
+pub mod request_id;
 pub mod routes;
 pub mod types;
 
@@ -75,6 +77,8 @@ pub fn router(state: AppState) -> Router {
         .route("/generate", post(routes::generate))
         .route("/health", get(routes::health))
         .route("/status", get(routes::status))
+        .route("/live", get(routes::live))
+        .route("/metrics", get(metrics::handler))
         .route("/", get(routes::root))
         .route("/openapi.json", get(docs::openapi_handler))
         .route(
@@ -95,19 +99,40 @@ pub fn router(state: AppState) -> Router {
         .merge(swagger)
         .layer(middleware::from_fn_with_state(state, auth::require_key))
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn(request_id::assign))
 }
 
-/// One line per request, like uvicorn's access log. Headers (and so keys) are never logged.
+/// One line per request, like uvicorn's access log, and the request metrics. Headers (and so
+/// keys) are never logged.
 async fn log_request(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let resp = next.run(req).await;
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let secs = start.elapsed().as_secs_f64();
+    let status = resp.status().as_u16();
+    let id = request_id::current().unwrap_or_default();
     tracing::info!(
         target: "tokenscope::access",
-        "{method} {path} {} {ms:.1}ms",
-        resp.status().as_u16()
+        method = %method, path = %path, status, latency_ms = secs * 1000.0, request_id = %id,
+        "{method} {path} {status} {:.1}ms",
+        secs * 1000.0
     );
+    metrics::record_request(route_label(&path), method.as_str(), status, secs);
     resp
+}
+
+/// A bounded set of route labels (unknown paths must not grow the metrics without limit).
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/generate" => "/generate",
+        "/health" => "/health",
+        "/live" => "/live",
+        "/status" => "/status",
+        "/metrics" => "/metrics",
+        "/" => "/",
+        "/openapi.json" => "/openapi.json",
+        p if auth::is_docs_path(p) => "/docs",
+        _ => "unmatched",
+    }
 }

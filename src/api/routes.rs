@@ -42,6 +42,7 @@ pub async fn generate(
     if req.prompt.trim().is_empty() {
         return Err(ApiError::empty_prompt());
     }
+    let _in_flight = super::metrics::InFlight::start();
     let rx = state
         .worker
         .submit(req.prompt.clone(), req.params())
@@ -52,8 +53,29 @@ pub async fn generate(
     match tokio::time::timeout(timeout, rx).await {
         Err(_) => Err(ApiError::timeout(timeout.as_secs_f64())),
         Ok(Err(_)) => Err(ApiError::generation_failed()),
-        Ok(Ok(result)) => result.map(Json).map_err(|e| worker_error(&state, e)),
+        Ok(Ok(result)) => {
+            let resp = result.map_err(|e| worker_error(&state, e))?;
+            if let Some(m) = super::metrics::metrics() {
+                m.prompt_tokens.inc_by(resp.metadata.prompt_tokens as u64);
+                m.generated_tokens
+                    .inc_by(resp.metadata.completion_tokens as u64);
+            }
+            Ok(Json(resp))
+        }
     }
+}
+
+/// Liveness: 200 while the process runs, whatever the model's state (for orchestrators).
+#[utoipa::path(
+    get,
+    path = "/live",
+    tag = "service",
+    responses((status = 200, description = "The process is up", body = LiveResponse))
+)]
+pub async fn live() -> Json<LiveResponse> {
+    Json(LiveResponse {
+        status: "alive".into(),
+    })
 }
 
 fn worker_error(state: &AppState, e: WorkerError) -> ApiError {
@@ -249,6 +271,8 @@ pub async fn root(State(state): State<AppState>) -> Json<RootResponse> {
             ),
             ep("GET", "/health", "Readiness: 200 once the model is loaded"),
             ep("GET", "/status", "Service, model and system status"),
+            ep("GET", "/live", "Liveness: 200 while the process runs"),
+            ep("GET", "/metrics", "Prometheus metrics"),
             ep("GET", "/docs", "Swagger UI"),
             ep("GET", "/redoc", "ReDoc"),
             ep("GET", "/openapi.json", "OpenAPI document"),

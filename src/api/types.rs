@@ -152,3 +152,9 @@ pub struct RootResponse {
     pub docs: String,
     pub endpoints: Vec<EndpointInfo>,
 }
+
+/// Body of GET /live.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LiveResponse {
+    pub status: String,
+}

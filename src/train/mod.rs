@@ -450,22 +450,20 @@ pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
         output: o.output.clone(),
         ..Default::default()
     };
-    let eval_now = |step: usize,
-                    log: &mut Log,
-                    summary: &mut TrainSummary|
-     -> Result<(), TrainError> {
-        if let Some(d) = &dataset {
-            if !d.eval.is_empty() {
-                let l = evaluate(&lm, &d.eval, o.batch_size, &device)?;
-                log.record(
+    let eval_now =
+        |step: usize, log: &mut Log, summary: &mut TrainSummary| -> Result<(), TrainError> {
+            if let Some(d) = &dataset {
+                if !d.eval.is_empty() {
+                    let l = evaluate(&lm, &d.eval, o.batch_size, &device)?;
+                    log.record(
                     serde_json::json!({"step": step, "eval_loss": l, "eval_perplexity": l.exp()}),
                 )?;
-                eprintln!("eval @ step {step}: loss {l:.4}, perplexity {:.2}", l.exp());
-                summary.evals.push((step, l));
+                    eprintln!("eval @ step {step}: loss {l:.4}, perplexity {:.2}", l.exp());
+                    summary.evals.push((step, l));
+                }
             }
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     if !o.bench {
         eval_now(state.step, &mut log, &mut summary)?;
     }
