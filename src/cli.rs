@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// Cap on prompt tokens (always also ≤ context length − max_tokens).
     #[arg(long, env = "TOKENSCOPE_MAX_PROMPT_TOKENS")]
     pub max_prompt_tokens: Option<usize>,
+    /// Prompt tokens kept in the prefix KV cache (0 = off): repeated or extended prompts only
+    /// compute their new tokens.
+    #[arg(long, env = "TOKENSCOPE_PREFIX_CACHE_TOKENS", default_value_t = crate::engine::worker::DEFAULT_PREFIX_CACHE_TOKENS)]
+    pub prefix_cache_tokens: usize,
     /// Requests allowed to wait for the model; more are answered 503 OVERLOADED.
     #[arg(long, env = "TOKENSCOPE_MAX_QUEUE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_queue: u32,
@@ -139,6 +143,10 @@ pub struct InspectArgs {
     /// Print the JSON body POST /generate would return.
     #[arg(long)]
     pub json: bool,
+    /// Instead of generating, score this text as the continuation of the prompt: the
+    /// probability and rank of each of its tokens (teacher-forced, T = 1).
+    #[arg(long)]
+    pub continuation: Option<String>,
 }
 
 impl InspectArgs {

@@ -96,3 +96,30 @@ pub fn render(prompt: &str, resp: &GenerateResponse) -> String {
     );
     out
 }
+
+/// Renders a teacher-forced score of a continuation.
+pub fn render_scores(prompt: &str, continuation: &str, scored: &[crate::engine::generate::ScoredToken]) -> String {
+    let mut out = String::new();
+    let total: f64 = scored.iter().map(|s| s.logprob).sum();
+    let _ = writeln!(
+        out,
+        "p({:?} | {:?}) = {:.6e}  (logprob {:.4}, {} tokens)",
+        continuation,
+        prompt,
+        total.exp(),
+        total,
+        scored.len()
+    );
+    let _ = writeln!(out, "  {:<20}  {:>9}  {:>9}  {:>6}", "token", "prob", "logprob", "rank");
+    for s in scored {
+        let _ = writeln!(
+            out,
+            "  {:<20}  {:>8.4}%  {:>9.4}  {:>6}",
+            visible(&s.token),
+            s.probability * 100.0,
+            s.logprob,
+            s.rank
+        );
+    }
+    out
+}

@@ -27,6 +27,16 @@ pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
     let loaded = model::load(&source, &args.model.load_options())
         .with_context(|| format!("loading {}", source.display_name()))?;
     let ids = engine::tokenize(&loaded, &args.prompt)?;
+    if let Some(cont) = &args.continuation {
+        let cont_ids = engine::tokenize(&loaded, cont)?;
+        let scored = engine::generate::score_continuation(&loaded, &ids, &cont_ids)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&scored)?);
+        } else {
+            print!("{}", inspect::render_scores(&args.prompt, cont, &scored));
+        }
+        return Ok(());
+    }
     let resp = engine::generate(&loaded, &args.prompt, &ids, &args.params(), &|| false)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&resp)?);

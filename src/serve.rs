@@ -73,6 +73,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.model.load_options(),
         WorkerLimits {
             max_prompt_tokens: args.max_prompt_tokens,
+            prefix_cache_tokens: args.prefix_cache_tokens,
         },
         args.max_queue as usize,
     );

@@ -23,9 +23,7 @@ fn app_with(config: ServeConfig, limits: WorkerLimits, queue: usize) -> Router {
 fn app() -> Router {
     app_with(
         ServeConfig::default(),
-        WorkerLimits {
-            max_prompt_tokens: None,
-        },
+        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
         16,
     )
 }
@@ -173,9 +171,7 @@ async fn seeded_requests_repeat_and_raw_mode_ignores_temperature() {
 async fn empty_and_too_long_prompts() {
     let app = app_with(
         ServeConfig::default(),
-        WorkerLimits {
-            max_prompt_tokens: Some(8),
-        },
+        WorkerLimits { max_prompt_tokens: Some(8), ..Default::default() },
         4,
     );
     for prompt in ["", "   ", "\n\t "] {
@@ -386,9 +382,7 @@ async fn media_type_and_size_limits() {
             max_body_bytes: 256,
             ..Default::default()
         },
-        WorkerLimits {
-            max_prompt_tokens: None,
-        },
+        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
         4,
     );
     let no_type = Request::post("/generate")
@@ -496,9 +490,7 @@ async fn failed_load_keeps_serving_errors() {
     let worker = worker::spawn(
         Err("model source `nope` does not exist".into()),
         Default::default(),
-        WorkerLimits {
-            max_prompt_tokens: None,
-        },
+        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
         4,
     );
     let app = api::router(AppState::new(worker, ServeConfig::default()));
@@ -536,9 +528,7 @@ async fn internal_failures_are_500_without_internals() {
     .unwrap();
     let worker = worker::spawn_loaded(
         broken,
-        WorkerLimits {
-            max_prompt_tokens: None,
-        },
+        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
         4,
     );
     let app = api::router(AppState::new(worker, ServeConfig::default()));
@@ -565,9 +555,7 @@ async fn timeout_answers_504_and_frees_the_worker() {
             request_timeout: Duration::from_millis(150),
             ..Default::default()
         },
-        WorkerLimits {
-            max_prompt_tokens: None,
-        },
+        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
         4,
     );
     let (s, b) = generate(
@@ -587,9 +575,7 @@ async fn timeout_answers_504_and_frees_the_worker() {
 async fn concurrent_requests_get_answers_or_overloaded() {
     let app = app_with(
         ServeConfig::default(),
-        WorkerLimits {
-            max_prompt_tokens: None,
-        },
+        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
         2,
     );
     let mut tasks = Vec::new();
@@ -639,9 +625,7 @@ fn with_keys(protect_docs: bool) -> Router {
             protect_docs,
             ..Default::default()
         },
-        WorkerLimits {
-            max_prompt_tokens: None,
-        },
+        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
         8,
     )
 }
@@ -726,9 +710,7 @@ async fn docs_pages_and_openapi_document() {
             redoc_bundle: Some(std::sync::Arc::new(b"/* redoc */".to_vec())),
             ..Default::default()
         },
-        WorkerLimits {
-            max_prompt_tokens: None,
-        },
+        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
         4,
     );
     let (s, _, b) = send(&app, get("/docs/")).await;

@@ -272,3 +272,66 @@ fn chunked_prefill_matches_a_single_pass() {
     assert_eq!(top.token_id, d.argmax());
     assert!((top.logprob - d.logprob(top.token_id) as f64).abs() < 1e-4);
 }
+
+#[test]
+fn prefix_cache_reuses_work_without_changing_results() {
+    use tokenscope::engine::generate::generate_cached;
+    use tokenscope::engine::prefix_cache::PrefixCache;
+    let m = common::smollm();
+    let mut prefix = PrefixCache::new(4096);
+    let params = GenerateParams { temperature: 0.0, max_tokens: 4, top_k: 10, ..Default::default() };
+    let run_cached = |prompt: &str, prefix: &mut PrefixCache| {
+        let ids = engine::tokenize(m, prompt).unwrap();
+        generate_cached(m, prompt, &ids, &params, &|| false, Some(prefix)).unwrap()
+    };
+    // As a user types: each prompt extends the previous one.
+    let prompts = ["The capital of France", "The capital of France is", "The capital of France is a city"];
+    for p in prompts {
+        let cached = run_cached(p, &mut prefix);
+        let fresh = run(p, &params);
+        assert_eq!(cached.generated_text, fresh.generated_text, "{p}");
+        for (a, b) in cached.steps.iter().zip(&fresh.steps) {
+            assert_eq!(a.token_id, b.token_id);
+            for (x, y) in a.top.iter().zip(&b.top) {
+                assert_eq!(x.token_id, y.token_id);
+                assert!((x.logprob - y.logprob).abs() < 1e-4, "{p}: {} vs {}", x.logprob, y.logprob);
+            }
+        }
+    }
+    assert_eq!(prefix.hits, 2, "the 2nd and 3rd prompts reused the 1st/2nd");
+    // The identical prompt again is answered from the cached logits: bit-identical.
+    let again = run_cached(prompts[2], &mut prefix);
+    let first_again = run_cached(prompts[2], &mut prefix);
+    assert_eq!(again.steps, first_again.steps);
+    assert_eq!(prefix.hits, 4);
+    // A different prompt sharing no prefix is a miss.
+    run_cached("Once upon a time", &mut prefix);
+    assert!(prefix.misses >= 2);
+}
+
+#[test]
+fn packed_kernel_matches_the_dense_path() {
+    // The default GGUF model on CPU uses packed Q4_1/Q8_0 blocks for inputs of ≤ 8 tokens; the
+    // same model without them (dense f32 GEMM) must give the same distribution.
+    let packed = common::smollm(); // loaded (packed) before the variable below is set
+    std::env::set_var("TOKENSCOPE_DENSE_ONLY", "1");
+    let dense = tokenscope::model::load(
+        &tokenscope::model::ModelSource::Gguf(common::default_gguf()),
+        &Default::default(),
+    )
+    .unwrap();
+    std::env::remove_var("TOKENSCOPE_DENSE_ONLY");
+    for prompt in ["The capital of France is", "Hi", "1 2 3", "<|im_start|>user\nHi<|im_end|>"] {
+        let ids = packed.tokenizer.encode(prompt).unwrap();
+        assert!(ids.len() <= 8);
+        let lp = |m: &tokenscope::model::LoadedModel| {
+            let mut cache = m.model.new_cache();
+            let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let l: Vec<f32> = m.model.forward(&x, &mut cache).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            tokenscope::engine::distribution::log_softmax(&l)
+        };
+        let (a, b) = (lp(packed), lp(&dense));
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-4, "{prompt:?}: max |Δ logprob| = {diff}");
+    }
+}

@@ -7,6 +7,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::distribution::Distribution;
+use super::prefix_cache::{PrefixCache, Reuse};
 use super::output::{
     FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability,
 };
@@ -83,6 +84,18 @@ pub fn generate(
     params: &GenerateParams,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<GenerateResponse, EngineError> {
+    generate_cached(model, prompt, prompt_ids, params, cancelled, None)
+}
+
+/// [`generate`] with a prefix cache: the cached part of the prompt is not recomputed.
+pub fn generate_cached(
+    model: &LoadedModel,
+    prompt: &str,
+    prompt_ids: &[u32],
+    params: &GenerateParams,
+    cancelled: &dyn Fn() -> bool,
+    mut prefix: Option<&mut PrefixCache>,
+) -> Result<GenerateResponse, EngineError> {
     let start = Instant::now();
     if prompt_ids.is_empty() {
         return Err(EngineError::EmptyPrompt);
@@ -109,17 +122,31 @@ pub fn generate(
     };
 
     let lm = &model.model;
-    let mut cache = lm.new_cache();
+    let (mut cache, done, cached_logits) = match prefix.as_deref_mut().map(|p| p.lookup(prompt_ids)) {
+        Some(Reuse::Exact(c, logits)) => (c, prompt_ids.len(), Some(logits)),
+        Some(Reuse::Prefix(c, n)) => (c, n, None),
+        _ => (lm.new_cache(), 0, None),
+    };
     // Long prompts are evaluated in chunks so that cancellation (timeout, disconnect) is seen
     // within one chunk's time, and attention memory stays bounded by chunk × context.
-    let (head, last_chunk) = prompt_ids.split_at(prompt_ids.len() - tail_len(prompt_ids.len()));
-    for chunk in head.chunks(PREFILL_CHUNK) {
-        if cancelled() {
-            return Err(EngineError::Cancelled);
+    let mut pending_logits = cached_logits;
+    if pending_logits.is_none() {
+        let rest = &prompt_ids[done..];
+        let (head, last_chunk) = rest.split_at(rest.len() - tail_len(rest.len()));
+        for chunk in head.chunks(PREFILL_CHUNK) {
+            if cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            lm.forward(&Tensor::new(chunk, lm.device())?.unsqueeze(0)?, &mut cache)?;
         }
-        lm.forward(&Tensor::new(chunk, lm.device())?.unsqueeze(0)?, &mut cache)?;
+        let input = Tensor::new(last_chunk, lm.device())?.unsqueeze(0)?;
+        let logits: Vec<f32> = lm.forward(&input, &mut cache)?.squeeze(0)?.to_vec1()?;
+        if let Some(p) = prefix.as_deref_mut() {
+            p.insert(prompt_ids, &cache, &logits);
+        }
+        pending_logits = Some(logits);
     }
-    let mut input = Tensor::new(last_chunk, lm.device())?.unsqueeze(0)?;
+    let mut input: Option<Tensor> = None;
     let temperature = params.temperature as f32;
     let mut generated: Vec<u32> = Vec::new();
     let mut steps: Vec<Step> = Vec::new();
@@ -130,7 +157,11 @@ pub fn generate(
         if cancelled() {
             return Err(EngineError::Cancelled);
         }
-        let logits: Vec<f32> = lm.forward(&input, &mut cache)?.squeeze(0)?.to_vec1()?;
+        let logits: Vec<f32> = match (pending_logits.take(), &input) {
+            (Some(l), _) => l,
+            (None, Some(x)) => lm.forward(x, &mut cache)?.squeeze(0)?.to_vec1()?,
+            (None, None) => return Err(EngineError::Tokenizer("no input".into())),
+        };
         let reported = Distribution::from_logits(&logits, report_t);
         let next = if greedy {
             reported.argmax()
@@ -159,7 +190,7 @@ pub fn generate(
             finish = FinishReason::Stop;
             break;
         }
-        input = Tensor::new(&[next], lm.device())?.unsqueeze(0)?;
+        input = Some(Tensor::new(&[next], lm.device())?.unsqueeze(0)?);
     }
 
     let tokens = steps.first().map(|s| s.top.clone()).unwrap_or_default();
@@ -227,4 +258,57 @@ fn make_step(model: &LoadedModel, dist: &Distribution, chosen: u32, top_k: usize
         entropy: dist.entropy(),
         top,
     }
+}
+
+/// One token of a scored continuation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ScoredToken {
+    pub token: String,
+    pub token_id: u32,
+    pub logprob: f64,
+    pub probability: f64,
+    pub rank: usize,
+}
+
+/// Teacher-forced scoring: the model's log-probability and rank of each token of
+/// `continuation` after `prompt_ids` (T = 1, the model's own distribution).
+pub fn score_continuation(
+    model: &LoadedModel,
+    prompt_ids: &[u32],
+    continuation: &[u32],
+) -> Result<Vec<ScoredToken>, EngineError> {
+    if prompt_ids.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    let all: Vec<u32> = prompt_ids.iter().chain(continuation).copied().collect();
+    let limit = model.context_length();
+    if all.len() > limit {
+        return Err(EngineError::TooLong {
+            prompt: prompt_ids.len(),
+            max_tokens: continuation.len(),
+            limit,
+        });
+    }
+    let lm = &model.model;
+    let mut cache = lm.new_cache();
+    let input = Tensor::new(all.as_slice(), lm.device())?.unsqueeze(0)?;
+    // Logits at positions prompt_len-1 .. end-1 predict the continuation tokens.
+    let logits = lm.forward_all(&input, &mut cache)?.squeeze(0)?;
+    let start = prompt_ids.len() - 1;
+    continuation
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let row: Vec<f32> = logits.get(start + i)?.to_vec1()?;
+            let d = Distribution::from_logits(&row, 1.0);
+            let lp = d.logprob(id) as f64;
+            Ok(ScoredToken {
+                token: model.tokenizer.token_text(id).to_string(),
+                token_id: id,
+                logprob: lp,
+                probability: lp.exp(),
+                rank: d.rank(id),
+            })
+        })
+        .collect()
 }

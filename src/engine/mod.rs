@@ -3,6 +3,7 @@
 pub mod distribution;
 pub mod generate;
 pub mod output;
+pub mod prefix_cache;
 pub mod worker;
 
 pub use distribution::Distribution;

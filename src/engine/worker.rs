@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::generate::{self, EngineError, GenerateParams};
 use super::output::GenerateResponse;
+use super::prefix_cache::PrefixCache;
 use crate::model::{self, LoadOptions, LoadedModel, ModelSource};
 
 /// What the service reports about its model.
@@ -68,7 +69,21 @@ pub struct Job {
 pub struct WorkerLimits {
     /// Cap on prompt tokens (in addition to context length − max_tokens).
     pub max_prompt_tokens: Option<usize>,
+    /// Tokens kept in the prefix KV cache (0 = off).
+    pub prefix_cache_tokens: usize,
 }
+
+impl Default for WorkerLimits {
+    fn default() -> Self {
+        Self {
+            max_prompt_tokens: None,
+            prefix_cache_tokens: DEFAULT_PREFIX_CACHE_TOKENS,
+        }
+    }
+}
+
+/// ≈ 46 KB per token for the default model (30 layers × K and V × 3 heads × 64 × f32).
+pub const DEFAULT_PREFIX_CACHE_TOKENS: usize = 2048;
 
 /// The handlers' side: a bounded sender and the model state.
 #[derive(Clone)]
@@ -208,13 +223,14 @@ fn run(
 }
 
 fn serve(model: &LoadedModel, limits: WorkerLimits, mut rx: mpsc::Receiver<Job>) {
+    let mut prefix = PrefixCache::new(limits.prefix_cache_tokens);
     while let Some(job) = rx.blocking_recv() {
         if job.reply.is_closed() {
             // The client gave up (timeout or disconnect) while the job waited.
             continue;
         }
         let waited = job.enqueued.elapsed();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(model, limits, &job)))
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(model, limits, &job, &mut prefix)))
             .unwrap_or_else(|_| Err(WorkerError::Failed("panic in the model thread".into())));
         if let Err(WorkerError::Failed(e)) = &result {
             tracing::error!(
@@ -230,6 +246,7 @@ fn run_job(
     model: &LoadedModel,
     limits: WorkerLimits,
     job: &Job,
+    prefix: &mut PrefixCache,
 ) -> Result<GenerateResponse, WorkerError> {
     let ids =
         generate::tokenize(model, &job.prompt).map_err(|e| WorkerError::Failed(e.to_string()))?;
@@ -249,7 +266,7 @@ fn run_job(
         });
     }
     let cancelled = || job.reply.is_closed();
-    generate::generate(model, &job.prompt, &ids, &job.params, &cancelled).map_err(|e| match e {
+    generate::generate_cached(model, &job.prompt, &ids, &job.params, &cancelled, Some(prefix)).map_err(|e| match e {
         EngineError::EmptyPrompt => WorkerError::EmptyPrompt,
         EngineError::TooLong {
             prompt, max_tokens, ..

@@ -3,11 +3,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
 use super::llama::{Config, EosTokenId};
+use super::packed::{Kind, PackedMatrix};
 
 pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama"];
 
@@ -150,9 +153,39 @@ impl GgufFile {
         device: &Device,
         keep_quantized: bool,
     ) -> Result<(HashMap<String, Tensor>, HashMap<String, QMatMul>)> {
+        let (dense, quant, _) = self.read_all(cfg, dtype, device, keep_quantized, false)?;
+        Ok((dense, quant))
+    }
+
+    /// Like [`Self::tensors`], plus the Q4_1/Q8_0 projections (and a tied head) packed for the
+    /// exact short-input kernel of [`super::packed`].
+    pub fn tensors_with_packed(
+        &mut self,
+        cfg: &Config,
+        device: &Device,
+    ) -> Result<(HashMap<String, Tensor>, HashMap<String, Arc<PackedMatrix>>)> {
+        let (dense, _, packed) = self.read_all(cfg, DType::F32, device, false, true)?;
+        Ok((dense, packed))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn read_all(
+        &mut self,
+        cfg: &Config,
+        dtype: DType,
+        device: &Device,
+        keep_quantized: bool,
+        pack: bool,
+    ) -> Result<(
+        HashMap<String, Tensor>,
+        HashMap<String, QMatMul>,
+        HashMap<String, Arc<PackedMatrix>>,
+    )> {
         let names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        let tied = !self.content.tensor_infos.contains_key("output.weight");
         let mut dense = HashMap::new();
         let mut quant = HashMap::new();
+        let mut packed = HashMap::new();
         for name in names {
             let Some(hf) = hf_name(&name) else {
                 // rope_freqs and similar auxiliary tensors are recomputed, not loaded.
@@ -174,13 +207,53 @@ impl GgufFile {
             let is_projection = t.rank() == 2 && hf != "model.embed_tokens.weight";
             // q/k stay dense: their rows had to be un-permuted, and re-quantizing the
             // dequantized values would not reproduce the file's blocks bit for bit.
+            if pack && t.rank() == 2 {
+                let target = if hf == "model.embed_tokens.weight" {
+                    tied.then(|| "lm_head.weight".to_string())
+                } else {
+                    Some(hf.clone())
+                };
+                if let Some(target) = target {
+                    if let Some(p) = pack_qtensor(&q, heads)? {
+                        packed.insert(target, Arc::new(p));
+                    }
+                }
+            }
             if keep_quantized && is_projection && heads.is_none() {
                 quant.insert(hf.clone(), QMatMul::from_qtensor(q)?);
             }
             dense.insert(hf, t.to_dtype(dtype)?);
         }
-        Ok((dense, quant))
+        Ok((dense, quant, packed))
     }
+}
+
+/// Packs a Q4_1/Q8_0 matrix; other block types return `None` (they use the dense path).
+fn pack_qtensor(q: &QTensor, heads: Option<usize>) -> Result<Option<PackedMatrix>> {
+    let kind = match q.dtype() {
+        GgmlDType::Q4_1 => Kind::Q4_1,
+        GgmlDType::Q8_0 => Kind::Q8_0,
+        _ => return Ok(None),
+    };
+    let (rows, cols) = q.shape().dims2()?;
+    let order = heads.map(|n| unpermute_order(rows, n));
+    let data = q.data()?;
+    Ok(PackedMatrix::from_blocks(kind, rows, cols, &data, order.as_deref()))
+}
+
+/// Source row (GGUF order) of each HF row: the row form of [`unpermute`].
+pub fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head;
+    let half = hd / 2;
+    let mut order = vec![0; rows];
+    for h in 0..n_head {
+        for a in 0..2 {
+            for i in 0..half {
+                order[h * hd + a * half + i] = h * hd + i * 2 + a;
+            }
+        }
+    }
+    order
 }
 
 /// GGUF tensor name → HF name.

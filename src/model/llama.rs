@@ -143,11 +143,13 @@ const INIT_WEIGHT: candle_nn::Init = candle_nn::Init::Randn {
     stdev: 0.02,
 };
 
-/// A projection whose weight is dense (any float dtype) or kept in a GGUF quantized format.
+/// A projection whose weight is dense (any float dtype), kept in a GGUF quantized format, or
+/// dense plus packed blocks for the exact short-input kernel.
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense(candle_nn::Linear),
     Quantized(QMatMul),
+    Packed(candle_nn::Linear, std::sync::Arc<super::packed::PackedMatrix>),
 }
 
 impl Linear {
@@ -169,6 +171,26 @@ impl Module for Linear {
         match self {
             Self::Dense(l) => l.forward(xs),
             Self::Quantized(q) => q.forward(xs),
+            Self::Packed(dense, packed) => {
+                let dims = xs.dims().to_vec();
+                let cols = dims.last().copied().unwrap_or(0);
+                let n = xs.elem_count() / cols.max(1);
+                let usable = n <= super::packed::MAX_ROWS
+                    && xs.dtype() == DType::F32
+                    && xs.device().is_cpu()
+                    && cols == packed.cols()
+                    && !xs.track_op();
+                if !usable {
+                    return dense.forward(xs);
+                }
+                let x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
+                let y = packed.matmul(&x, n);
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = packed.rows();
+                }
+                Tensor::from_vec(y, out_dims, xs.device())
+            }
         }
     }
 }
@@ -193,6 +215,22 @@ impl Cache {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The cache of the first `len` positions (views, no copy).
+    pub fn truncated(&self, len: usize) -> candle_core::Result<Self> {
+        if len > self.len {
+            candle_core::bail!("cannot truncate a cache of {} to {len}", self.len);
+        }
+        let kvs = self
+            .kvs
+            .iter()
+            .map(|kv| match kv {
+                Some((k, v)) => Ok(Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?))),
+                None => Ok(None),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { kvs, len })
     }
 }
 
@@ -476,6 +514,30 @@ impl Llama {
         if let Some(q) = take("lm_head.weight") {
             self.lm_head = Linear::Quantized(q);
         }
+        self
+    }
+
+    /// Adds packed blocks to the dense projections that have them (GGUF on CPU, f32).
+    pub fn with_packed(
+        mut self,
+        mut take: impl FnMut(&str) -> Option<std::sync::Arc<super::packed::PackedMatrix>>,
+    ) -> Self {
+        let pack = |slot: &mut Linear, p: Option<std::sync::Arc<super::packed::PackedMatrix>>| {
+            if let (Linear::Dense(d), Some(p)) = (&*slot, p) {
+                *slot = Linear::Packed(d.clone(), p);
+            }
+        };
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            pack(&mut layer.self_attn.q_proj, take(&format!("{p}.self_attn.q_proj.weight")));
+            pack(&mut layer.self_attn.k_proj, take(&format!("{p}.self_attn.k_proj.weight")));
+            pack(&mut layer.self_attn.v_proj, take(&format!("{p}.self_attn.v_proj.weight")));
+            pack(&mut layer.self_attn.o_proj, take(&format!("{p}.self_attn.o_proj.weight")));
+            pack(&mut layer.mlp.gate_proj, take(&format!("{p}.mlp.gate_proj.weight")));
+            pack(&mut layer.mlp.up_proj, take(&format!("{p}.mlp.up_proj.weight")));
+            pack(&mut layer.mlp.down_proj, take(&format!("{p}.mlp.down_proj.weight")));
+        }
+        pack(&mut self.lm_head, take("lm_head.weight"));
         self
     }
 

@@ -5,9 +5,11 @@ pub mod error;
 pub mod gguf;
 pub mod hf_dir;
 pub mod llama;
+pub mod packed;
 pub mod source;
 pub mod tokenizer;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -204,7 +206,19 @@ fn load_gguf(
     let cfg = file.config()?;
     let tokenizer = TextTokenizer::from_gguf(file.metadata())?;
     let keep_quantized = choice == DtypeChoice::Gguf;
-    let (tensors, mut quantized) = file.tensors(&cfg, dtype, device, keep_quantized)?;
+    // On CPU in f32, short inputs use the packed blocks (exact w.r.t. the dequantized weights);
+    // TOKENSCOPE_DENSE_ONLY=1 turns this off (to measure the difference).
+    let use_packed = !keep_quantized
+        && dtype == DType::F32
+        && device.is_cpu()
+        && std::env::var("TOKENSCOPE_DENSE_ONLY").map_or(true, |v| v.is_empty() || v == "0");
+    let (tensors, mut quantized, mut packed) = if use_packed {
+        let (t, p) = file.tensors_with_packed(&cfg, device)?;
+        (t, HashMap::new(), p)
+    } else {
+        let (t, q) = file.tensors(&cfg, dtype, device, keep_quantized)?;
+        (t, q, HashMap::new())
+    };
     let mut quant_type = None;
     if keep_quantized {
         quant_type = file
@@ -220,6 +234,9 @@ fn load_gguf(
     })?;
     if keep_quantized {
         model = model.with_quantized(|name| quantized.remove(name));
+    }
+    if !packed.is_empty() {
+        model = model.with_packed(|name| packed.remove(name));
     }
     let mut eos_ids: Vec<u32> = cfg.eos_token_id.iter().flat_map(|e| e.ids()).collect();
     if let Some(eot) = file

@@ -474,7 +474,7 @@ pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        checkpoint::save(&o.output, state, &weights, &opt.state())
+        checkpoint::save(&o.output, state, &weights, &opt.state()?)
     };
     let mut batcher = dataset.as_ref().map(|d| Batcher {
         windows: &d.train,

@@ -26,18 +26,36 @@ impl Default for AdamWParams {
     }
 }
 
+/// First and second moments of one parameter: plain vectors on CPU (updated in place in one
+/// fused pass), tensors on other devices.
+enum Moments {
+    Host(Vec<f32>, Vec<f32>),
+    Device(Tensor, Tensor),
+}
+
 pub struct AdamW {
-    /// (name, parameter, first moment, second moment), in a fixed (sorted) order.
-    vars: Vec<(String, Var, Tensor, Tensor)>,
+    /// (name, parameter, moments), in a fixed (sorted) order.
+    vars: Vec<(String, Var, Moments)>,
     pub step: usize,
     params: AdamWParams,
+}
+
+fn fused_on_host(var: &Var) -> bool {
+    var.device().is_cpu() && var.dtype() == candle_core::DType::F32
 }
 
 impl AdamW {
     pub fn new(named: &[(String, Var)], params: AdamWParams) -> candle_core::Result<Self> {
         let vars = named
             .iter()
-            .map(|(n, v)| Ok((n.clone(), v.clone(), v.zeros_like()?, v.zeros_like()?)))
+            .map(|(n, v)| {
+                let moments = if fused_on_host(v) {
+                    Moments::Host(vec![0.0; v.elem_count()], vec![0.0; v.elem_count()])
+                } else {
+                    Moments::Device(v.zeros_like()?, v.zeros_like()?)
+                };
+                Ok((n.clone(), v.clone(), moments))
+            })
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             vars,
@@ -48,56 +66,96 @@ impl AdamW {
 
     /// One update with learning rate `lr`. Biases/norms (1-D) are not decayed, as usual.
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> candle_core::Result<()> {
+        use rayon::prelude::*;
         self.step += 1;
         let p = self.params;
         let t = self.step as i32;
         let bc1 = 1.0 - p.beta1.powi(t);
         let bc2 = 1.0 - p.beta2.powi(t);
-        for (name, var, m, v) in &mut self.vars {
+        for (name, var, moments) in &mut self.vars {
             let Some(g) = grads.get(name.as_str()) else {
                 continue;
             };
-            *m = ((&*m * p.beta1)? + (g * (1.0 - p.beta1))?)?;
-            *v = ((&*v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let m_hat = (&*m / bc1)?;
-            let v_hat = (&*v / bc2)?;
             let decay = if var.rank() >= 2 { p.weight_decay } else { 0.0 };
-            let theta = if decay > 0.0 {
-                (var.as_tensor() * (1.0 - lr * decay))?
-            } else {
-                var.as_tensor().clone()
-            };
-            let update = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
-            var.set(&(theta - (update * lr)?)?)?;
+            match moments {
+                Moments::Host(m, v) => {
+                    // One pass over (w, g, m, v) instead of a dozen whole-tensor temporaries.
+                    let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                    let mut w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+                    let (b1, b2) = (p.beta1 as f32, p.beta2 as f32);
+                    let (lr32, eps) = (lr as f32, p.eps as f32);
+                    let (c1, c2) = (bc1 as f32, bc2 as f32);
+                    let shrink = 1.0 - (lr * decay) as f32;
+                    w.par_chunks_mut(1 << 14)
+                        .zip(m.par_chunks_mut(1 << 14))
+                        .zip(v.par_chunks_mut(1 << 14))
+                        .zip(g.par_chunks(1 << 14))
+                        .for_each(|(((w, m), v), g)| {
+                            for i in 0..w.len() {
+                                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                                let update = (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
+                                w[i] = w[i] * shrink - lr32 * update;
+                            }
+                        });
+                    let shape = var.shape().clone();
+                    var.set(&Tensor::from_vec(w, shape, var.device())?)?;
+                }
+                Moments::Device(m, v) => {
+                    *m = ((&*m * p.beta1)? + (g * (1.0 - p.beta1))?)?;
+                    *v = ((&*v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+                    let m_hat = (&*m / bc1)?;
+                    let v_hat = (&*v / bc2)?;
+                    let theta = if decay > 0.0 {
+                        (var.as_tensor() * (1.0 - lr * decay))?
+                    } else {
+                        var.as_tensor().clone()
+                    };
+                    let update = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
+                    var.set(&(theta - (update * lr)?)?)?;
+                }
+            }
         }
         Ok(())
     }
 
     /// Moments by name, for checkpoints: `m.<name>` and `v.<name>`.
-    pub fn state(&self) -> HashMap<String, Tensor> {
+    pub fn state(&self) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for (name, _, m, v) in &self.vars {
-            out.insert(format!("m.{name}"), m.clone());
-            out.insert(format!("v.{name}"), v.clone());
+        for (name, var, moments) in &self.vars {
+            let (m, v) = match moments {
+                Moments::Host(m, v) => (
+                    Tensor::from_slice(m, var.shape(), var.device())?,
+                    Tensor::from_slice(v, var.shape(), var.device())?,
+                ),
+                Moments::Device(m, v) => (m.clone(), v.clone()),
+            };
+            out.insert(format!("m.{name}"), m);
+            out.insert(format!("v.{name}"), v);
         }
-        out
+        Ok(out)
     }
 
-    pub fn load_state(
-        &mut self,
-        state: &HashMap<String, Tensor>,
-        step: usize,
-    ) -> candle_core::Result<()> {
-        for (name, _, m, v) in &mut self.vars {
-            match (
-                state.get(&format!("m.{name}")),
-                state.get(&format!("v.{name}")),
-            ) {
-                (Some(sm), Some(sv)) => {
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: usize) -> candle_core::Result<()> {
+        for (name, _, moments) in &mut self.vars {
+            let (Some(sm), Some(sv)) = (state.get(&format!("m.{name}")), state.get(&format!("v.{name}")))
+            else {
+                candle_core::bail!("optimizer state has no moments for {name}");
+            };
+            match moments {
+                Moments::Host(m, v) => {
+                    let (nm, nv): (Vec<f32>, Vec<f32>) =
+                        (sm.flatten_all()?.to_vec1()?, sv.flatten_all()?.to_vec1()?);
+                    if nm.len() != m.len() || nv.len() != v.len() {
+                        candle_core::bail!("optimizer state for {name} has the wrong size");
+                    }
+                    *m = nm;
+                    *v = nv;
+                }
+                Moments::Device(m, v) => {
                     *m = sm.clone();
                     *v = sv.clone();
                 }
-                _ => candle_core::bail!("optimizer state has no moments for {name}"),
             }
         }
         self.step = step;
