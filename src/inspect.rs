@@ -98,7 +98,11 @@ pub fn render(prompt: &str, resp: &GenerateResponse) -> String {
 }
 
 /// Renders a teacher-forced score of a continuation.
-pub fn render_scores(prompt: &str, continuation: &str, scored: &[crate::engine::generate::ScoredToken]) -> String {
+pub fn render_scores(
+    prompt: &str,
+    continuation: &str,
+    scored: &[crate::engine::generate::ScoredToken],
+) -> String {
     let mut out = String::new();
     let total: f64 = scored.iter().map(|s| s.logprob).sum();
     let _ = writeln!(
@@ -110,7 +114,11 @@ pub fn render_scores(prompt: &str, continuation: &str, scored: &[crate::engine::
         total,
         scored.len()
     );
-    let _ = writeln!(out, "  {:<20}  {:>9}  {:>9}  {:>6}", "token", "prob", "logprob", "rank");
+    let _ = writeln!(
+        out,
+        "  {:<20}  {:>9}  {:>9}  {:>6}",
+        "token", "prob", "logprob", "rank"
+    );
     for s in scored {
         let _ = writeln!(
             out,

@@ -23,7 +23,10 @@ fn app_with(config: ServeConfig, limits: WorkerLimits, queue: usize) -> Router {
 fn app() -> Router {
     app_with(
         ServeConfig::default(),
-        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
+        WorkerLimits {
+            max_prompt_tokens: None,
+            ..Default::default()
+        },
         16,
     )
 }
@@ -171,7 +174,10 @@ async fn seeded_requests_repeat_and_raw_mode_ignores_temperature() {
 async fn empty_and_too_long_prompts() {
     let app = app_with(
         ServeConfig::default(),
-        WorkerLimits { max_prompt_tokens: Some(8), ..Default::default() },
+        WorkerLimits {
+            max_prompt_tokens: Some(8),
+            ..Default::default()
+        },
         4,
     );
     for prompt in ["", "   ", "\n\t "] {
@@ -382,7 +388,10 @@ async fn media_type_and_size_limits() {
             max_body_bytes: 256,
             ..Default::default()
         },
-        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
+        WorkerLimits {
+            max_prompt_tokens: None,
+            ..Default::default()
+        },
         4,
     );
     let no_type = Request::post("/generate")
@@ -490,7 +499,10 @@ async fn failed_load_keeps_serving_errors() {
     let worker = worker::spawn(
         Err("model source `nope` does not exist".into()),
         Default::default(),
-        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
+        WorkerLimits {
+            max_prompt_tokens: None,
+            ..Default::default()
+        },
         4,
     );
     let app = api::router(AppState::new(worker, ServeConfig::default()));
@@ -528,7 +540,10 @@ async fn internal_failures_are_500_without_internals() {
     .unwrap();
     let worker = worker::spawn_loaded(
         broken,
-        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
+        WorkerLimits {
+            max_prompt_tokens: None,
+            ..Default::default()
+        },
         4,
     );
     let app = api::router(AppState::new(worker, ServeConfig::default()));
@@ -549,25 +564,33 @@ async fn internal_failures_are_500_without_internals() {
 }
 
 #[tokio::test]
-async fn timeout_answers_504_and_frees_the_worker() {
-    let app = app_with(
+async fn timeout_answers_504_and_the_worker_stops_the_abandoned_job() {
+    let worker = worker::spawn_loaded(common::smollm().clone(), WorkerLimits::default(), 4);
+    let short = api::router(AppState::new(
+        worker.clone(),
         ServeConfig {
-            request_timeout: Duration::from_millis(150),
+            request_timeout: Duration::from_millis(200),
             ..Default::default()
         },
-        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
-        4,
-    );
+    ));
+    let patient = api::router(AppState::new(worker.clone(), ServeConfig::default()));
     let (s, b) = generate(
-        &app,
-        json!({"prompt": "Write a long story:", "max_tokens": 100, "temperature": 0}),
+        &short,
+        json!({"prompt": "Write a long story about the sea:", "max_tokens": 100, "temperature": 0}),
     )
     .await;
     assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{b}");
     assert_eq!(b["error_code"], "TIMEOUT");
-    // The abandoned generation is cancelled between steps, so a short request fits again.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let (s, b) = generate(&app, json!({"prompt": "Hi"})).await;
+    // The worker notices between steps that nobody waits and stops generating for nobody.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while worker.cancelled_jobs() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned job was never cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (s, b) = generate(&patient, json!({"prompt": "Hi", "temperature": 0})).await;
     assert_eq!(s, StatusCode::OK, "{b}");
 }
 
@@ -575,7 +598,10 @@ async fn timeout_answers_504_and_frees_the_worker() {
 async fn concurrent_requests_get_answers_or_overloaded() {
     let app = app_with(
         ServeConfig::default(),
-        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
+        WorkerLimits {
+            max_prompt_tokens: None,
+            ..Default::default()
+        },
         2,
     );
     let mut tasks = Vec::new();
@@ -625,7 +651,10 @@ fn with_keys(protect_docs: bool) -> Router {
             protect_docs,
             ..Default::default()
         },
-        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
+        WorkerLimits {
+            max_prompt_tokens: None,
+            ..Default::default()
+        },
         8,
     )
 }
@@ -710,7 +739,10 @@ async fn docs_pages_and_openapi_document() {
             redoc_bundle: Some(std::sync::Arc::new(b"/* redoc */".to_vec())),
             ..Default::default()
         },
-        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
+        WorkerLimits {
+            max_prompt_tokens: None,
+            ..Default::default()
+        },
         4,
     );
     let (s, _, b) = send(&app, get("/docs/")).await;

@@ -279,13 +279,22 @@ fn prefix_cache_reuses_work_without_changing_results() {
     use tokenscope::engine::prefix_cache::PrefixCache;
     let m = common::smollm();
     let mut prefix = PrefixCache::new(4096);
-    let params = GenerateParams { temperature: 0.0, max_tokens: 4, top_k: 10, ..Default::default() };
+    let params = GenerateParams {
+        temperature: 0.0,
+        max_tokens: 4,
+        top_k: 10,
+        ..Default::default()
+    };
     let run_cached = |prompt: &str, prefix: &mut PrefixCache| {
         let ids = engine::tokenize(m, prompt).unwrap();
         generate_cached(m, prompt, &ids, &params, &|| false, Some(prefix)).unwrap()
     };
     // As a user types: each prompt extends the previous one.
-    let prompts = ["The capital of France", "The capital of France is", "The capital of France is a city"];
+    let prompts = [
+        "The capital of France",
+        "The capital of France is",
+        "The capital of France is a city",
+    ];
     for p in prompts {
         let cached = run_cached(p, &mut prefix);
         let fresh = run(p, &params);
@@ -294,7 +303,12 @@ fn prefix_cache_reuses_work_without_changing_results() {
             assert_eq!(a.token_id, b.token_id);
             for (x, y) in a.top.iter().zip(&b.top) {
                 assert_eq!(x.token_id, y.token_id);
-                assert!((x.logprob - y.logprob).abs() < 1e-4, "{p}: {} vs {}", x.logprob, y.logprob);
+                assert!(
+                    (x.logprob - y.logprob).abs() < 1e-4,
+                    "{p}: {} vs {}",
+                    x.logprob,
+                    y.logprob
+                );
             }
         }
     }
@@ -321,17 +335,36 @@ fn packed_kernel_matches_the_dense_path() {
     )
     .unwrap();
     std::env::remove_var("TOKENSCOPE_DENSE_ONLY");
-    for prompt in ["The capital of France is", "Hi", "1 2 3", "<|im_start|>user\nHi<|im_end|>"] {
+    for prompt in [
+        "The capital of France is",
+        "Hi",
+        "1 2 3",
+        "<|im_start|>user\nHi<|im_end|>",
+    ] {
         let ids = packed.tokenizer.encode(prompt).unwrap();
         assert!(ids.len() <= 8);
         let lp = |m: &tokenscope::model::LoadedModel| {
             let mut cache = m.model.new_cache();
-            let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let l: Vec<f32> = m.model.forward(&x, &mut cache).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let l: Vec<f32> = m
+                .model
+                .forward(&x, &mut cache)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             tokenscope::engine::distribution::log_softmax(&l)
         };
         let (a, b) = (lp(packed), lp(&dense));
-        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(diff <= 1e-4, "{prompt:?}: max |Δ logprob| = {diff}");
     }
 }

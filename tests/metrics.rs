@@ -14,7 +14,10 @@ use tokenscope::engine::worker::{self, WorkerLimits};
 fn app(config: ServeConfig) -> Router {
     let worker = worker::spawn_loaded(
         common::smollm().clone(),
-        WorkerLimits { max_prompt_tokens: None, ..Default::default() },
+        WorkerLimits {
+            max_prompt_tokens: None,
+            ..Default::default()
+        },
         8,
     );
     api::router(AppState::new(worker, config))

@@ -28,6 +28,7 @@ pub struct Metrics {
     model_loaded: IntGauge,
     model_load_seconds: Gauge,
     memory_bytes: IntGauge,
+    cancelled: IntGauge,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -64,6 +65,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
     let model_loaded = IntGauge::new("model_loaded", "1 once the model is loaded")?;
     let model_load_seconds = Gauge::new("model_load_seconds", "Time the model took to load")?;
     let memory_bytes = IntGauge::new("process_resident_memory_bytes", "Resident memory")?;
+    let cancelled = IntGauge::new(
+        "cancelled_requests_total",
+        "Generations stopped because their client had gone (timeout, disconnect)",
+    )?;
+    registry.register(Box::new(cancelled.clone()))?;
     registry.register(Box::new(requests.clone()))?;
     registry.register(Box::new(latency.clone()))?;
     registry.register(Box::new(errors.clone()))?;
@@ -88,6 +94,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         model_loaded,
         model_load_seconds,
         memory_bytes,
+        cancelled,
     })
 }
 
@@ -146,6 +153,7 @@ pub async fn handler(State(state): State<AppState>) -> Response {
     };
     m.queue_depth.set(state.worker.queue_depth() as i64);
     m.queue_capacity.set(state.worker.queue_capacity() as i64);
+    m.cancelled.set(state.worker.cancelled_jobs() as i64);
     match state.worker.state() {
         ModelState::Ready(info) => {
             m.model_loaded.set(1);

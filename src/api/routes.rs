@@ -91,6 +91,7 @@ fn worker_error(state: &AppState, e: WorkerError) -> ApiError {
             ),
             _ => ApiError::not_loaded("Model is not loaded. Please wait for model loading to complete."),
         },
+        WorkerError::Cancelled => ApiError::timeout(state.config.request_timeout.as_secs_f64()),
         WorkerError::Stopped | WorkerError::Failed(_) => ApiError::generation_failed(),
     }
 }

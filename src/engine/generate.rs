@@ -7,10 +7,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::distribution::Distribution;
-use super::prefix_cache::{PrefixCache, Reuse};
 use super::output::{
     FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability,
 };
+use super::prefix_cache::{PrefixCache, Reuse};
 use crate::model::LoadedModel;
 
 /// Validated generation parameters (the API checks ranges before they get here).
@@ -57,7 +57,7 @@ pub enum EngineError {
 }
 
 /// Prompt tokens evaluated per forward pass during prefill.
-pub const PREFILL_CHUNK: usize = 512;
+pub const PREFILL_CHUNK: usize = 256;
 
 /// Size of the final prefill chunk (1..=PREFILL_CHUNK), whose last position gives the logits.
 fn tail_len(n: usize) -> usize {
@@ -122,7 +122,8 @@ pub fn generate_cached(
     };
 
     let lm = &model.model;
-    let (mut cache, done, cached_logits) = match prefix.as_deref_mut().map(|p| p.lookup(prompt_ids)) {
+    let (mut cache, done, cached_logits) = match prefix.as_deref_mut().map(|p| p.lookup(prompt_ids))
+    {
         Some(Reuse::Exact(c, logits)) => (c, prompt_ids.len(), Some(logits)),
         Some(Reuse::Prefix(c, n)) => (c, n, None),
         _ => (lm.new_cache(), 0, None),
@@ -141,7 +142,7 @@ pub fn generate_cached(
         }
         let input = Tensor::new(last_chunk, lm.device())?.unsqueeze(0)?;
         let logits: Vec<f32> = lm.forward(&input, &mut cache)?.squeeze(0)?.to_vec1()?;
-        if let Some(p) = prefix.as_deref_mut() {
+        if let Some(p) = &mut prefix {
             p.insert(prompt_ids, &cache, &logits);
         }
         pending_logits = Some(logits);

@@ -88,7 +88,12 @@ impl PrefixCache {
         self.entries
             .retain(|e| !(e.ids.len() <= ids.len() && ids.starts_with(&e.ids)));
         while self.cached_tokens() + ids.len() > self.max_tokens {
-            let Some((i, _)) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used) else {
+            let Some((i, _)) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+            else {
                 break;
             };
             self.entries.swap_remove(i);

@@ -52,8 +52,17 @@ pub enum WorkerError {
     NotLoaded,
     #[error("the worker stopped")]
     Stopped,
+    #[error("cancelled: nobody waits for the answer any more")]
+    Cancelled,
     #[error("generation failed: {0}")]
     Failed(String),
+}
+
+/// Counters the worker keeps (read by /metrics and tests).
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Jobs stopped or skipped because their client had gone (timeout, disconnect).
+    pub cancelled: std::sync::atomic::AtomicU64,
 }
 
 /// One request for the model thread.
@@ -91,6 +100,7 @@ pub struct WorkerHandle {
     tx: mpsc::Sender<Job>,
     state: watch::Receiver<ModelState>,
     capacity: usize,
+    stats: Arc<WorkerStats>,
 }
 
 impl WorkerHandle {
@@ -106,6 +116,11 @@ impl WorkerHandle {
     }
     pub fn queue_capacity(&self) -> usize {
         self.capacity
+    }
+    pub fn cancelled_jobs(&self) -> u64 {
+        self.stats
+            .cancelled
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Enqueues without waiting: a full queue is an immediate `Overloaded`.
@@ -142,9 +157,11 @@ pub fn spawn(
     let capacity = queue.max(1);
     let (tx, rx) = mpsc::channel(capacity);
     let (state_tx, state_rx) = watch::channel(ModelState::Loading);
+    let stats = Arc::new(WorkerStats::default());
+    let worker_stats = stats.clone();
     let spawned = std::thread::Builder::new()
         .name("tokenscope-model".into())
-        .spawn(move || run(source, options, limits, rx, state_tx));
+        .spawn(move || run(source, options, limits, rx, state_tx, &worker_stats));
     if let Err(e) = spawned {
         tracing::error!("cannot start the model thread: {e}");
     }
@@ -152,6 +169,7 @@ pub fn spawn(
         tx,
         state: state_rx,
         capacity,
+        stats,
     }
 }
 
@@ -160,17 +178,20 @@ pub fn spawn_loaded(model: LoadedModel, limits: WorkerLimits, queue: usize) -> W
     let capacity = queue.max(1);
     let (tx, rx) = mpsc::channel(capacity);
     let (state_tx, state_rx) = watch::channel(ModelState::Ready(Arc::new(info_of(&model, 0.0))));
+    let stats = Arc::new(WorkerStats::default());
+    let worker_stats = stats.clone();
     let _ = std::thread::Builder::new()
         .name("tokenscope-model".into())
         .spawn(move || {
             // Holding the sender keeps the state readable for as long as the worker runs.
             let _state = state_tx;
-            serve(&model, limits, rx);
+            serve(&model, limits, rx, &worker_stats);
         });
     WorkerHandle {
         tx,
         state: state_rx,
         capacity,
+        stats,
     }
 }
 
@@ -192,6 +213,7 @@ fn run(
     limits: WorkerLimits,
     rx: mpsc::Receiver<Job>,
     state: watch::Sender<ModelState>,
+    stats: &WorkerStats,
 ) {
     let started = Instant::now();
     let loaded = source.and_then(|s| {
@@ -208,7 +230,7 @@ fn run(
                 "model loaded in {secs:.2}s"
             );
             let _ = state.send(ModelState::Ready(Arc::new(info_of(&m, secs))));
-            serve(&m, limits, rx);
+            serve(&m, limits, rx, stats);
         }
         Err(reason) => {
             tracing::error!("model failed to load: {reason}");
@@ -222,16 +244,29 @@ fn run(
     }
 }
 
-fn serve(model: &LoadedModel, limits: WorkerLimits, mut rx: mpsc::Receiver<Job>) {
+fn serve(
+    model: &LoadedModel,
+    limits: WorkerLimits,
+    mut rx: mpsc::Receiver<Job>,
+    stats: &WorkerStats,
+) {
+    use std::sync::atomic::Ordering;
     let mut prefix = PrefixCache::new(limits.prefix_cache_tokens);
     while let Some(job) = rx.blocking_recv() {
         if job.reply.is_closed() {
             // The client gave up (timeout or disconnect) while the job waited.
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let waited = job.enqueued.elapsed();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(model, limits, &job, &mut prefix)))
-            .unwrap_or_else(|_| Err(WorkerError::Failed("panic in the model thread".into())));
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            run_job(model, limits, &job, &mut prefix)
+        }))
+        .unwrap_or_else(|_| Err(WorkerError::Failed("panic in the model thread".into())));
+        if let Err(WorkerError::Cancelled) = &result {
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("request abandoned by its client; generation stopped");
+        }
         if let Err(WorkerError::Failed(e)) = &result {
             tracing::error!(
                 queue_wait_ms = waited.as_millis() as u64,
@@ -266,8 +301,17 @@ fn run_job(
         });
     }
     let cancelled = || job.reply.is_closed();
-    generate::generate_cached(model, &job.prompt, &ids, &job.params, &cancelled, Some(prefix)).map_err(|e| match e {
+    generate::generate_cached(
+        model,
+        &job.prompt,
+        &ids,
+        &job.params,
+        &cancelled,
+        Some(prefix),
+    )
+    .map_err(|e| match e {
         EngineError::EmptyPrompt => WorkerError::EmptyPrompt,
+        EngineError::Cancelled => WorkerError::Cancelled,
         EngineError::TooLong {
             prompt, max_tokens, ..
         } => WorkerError::PromptTooLong {

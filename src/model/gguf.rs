@@ -12,6 +12,9 @@ use super::error::{ModelError, Result};
 use super::llama::{Config, EosTokenId};
 use super::packed::{Kind, PackedMatrix};
 
+/// Packed projection weights by HF name.
+pub type PackedWeights = HashMap<String, Arc<PackedMatrix>>;
+
 pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama"];
 
 /// An opened GGUF file: its metadata and a reader positioned anywhere.
@@ -163,7 +166,7 @@ impl GgufFile {
         &mut self,
         cfg: &Config,
         device: &Device,
-    ) -> Result<(HashMap<String, Tensor>, HashMap<String, Arc<PackedMatrix>>)> {
+    ) -> Result<(HashMap<String, Tensor>, PackedWeights)> {
         let (dense, _, packed) = self.read_all(cfg, DType::F32, device, false, true)?;
         Ok((dense, packed))
     }
@@ -238,7 +241,13 @@ fn pack_qtensor(q: &QTensor, heads: Option<usize>) -> Result<Option<PackedMatrix
     let (rows, cols) = q.shape().dims2()?;
     let order = heads.map(|n| unpermute_order(rows, n));
     let data = q.data()?;
-    Ok(PackedMatrix::from_blocks(kind, rows, cols, &data, order.as_deref()))
+    Ok(PackedMatrix::from_blocks(
+        kind,
+        rows,
+        cols,
+        &data,
+        order.as_deref(),
+    ))
 }
 
 /// Source row (GGUF order) of each HF row: the row form of [`unpermute`].

@@ -149,7 +149,10 @@ const INIT_WEIGHT: candle_nn::Init = candle_nn::Init::Randn {
 pub enum Linear {
     Dense(candle_nn::Linear),
     Quantized(QMatMul),
-    Packed(candle_nn::Linear, std::sync::Arc<super::packed::PackedMatrix>),
+    Packed(
+        candle_nn::Linear,
+        std::sync::Arc<super::packed::PackedMatrix>,
+    ),
 }
 
 impl Linear {
@@ -529,13 +532,34 @@ impl Llama {
         };
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
-            pack(&mut layer.self_attn.q_proj, take(&format!("{p}.self_attn.q_proj.weight")));
-            pack(&mut layer.self_attn.k_proj, take(&format!("{p}.self_attn.k_proj.weight")));
-            pack(&mut layer.self_attn.v_proj, take(&format!("{p}.self_attn.v_proj.weight")));
-            pack(&mut layer.self_attn.o_proj, take(&format!("{p}.self_attn.o_proj.weight")));
-            pack(&mut layer.mlp.gate_proj, take(&format!("{p}.mlp.gate_proj.weight")));
-            pack(&mut layer.mlp.up_proj, take(&format!("{p}.mlp.up_proj.weight")));
-            pack(&mut layer.mlp.down_proj, take(&format!("{p}.mlp.down_proj.weight")));
+            pack(
+                &mut layer.self_attn.q_proj,
+                take(&format!("{p}.self_attn.q_proj.weight")),
+            );
+            pack(
+                &mut layer.self_attn.k_proj,
+                take(&format!("{p}.self_attn.k_proj.weight")),
+            );
+            pack(
+                &mut layer.self_attn.v_proj,
+                take(&format!("{p}.self_attn.v_proj.weight")),
+            );
+            pack(
+                &mut layer.self_attn.o_proj,
+                take(&format!("{p}.self_attn.o_proj.weight")),
+            );
+            pack(
+                &mut layer.mlp.gate_proj,
+                take(&format!("{p}.mlp.gate_proj.weight")),
+            );
+            pack(
+                &mut layer.mlp.up_proj,
+                take(&format!("{p}.mlp.up_proj.weight")),
+            );
+            pack(
+                &mut layer.mlp.down_proj,
+                take(&format!("{p}.mlp.down_proj.weight")),
+            );
         }
         pack(&mut self.lm_head, take("lm_head.weight"));
         self

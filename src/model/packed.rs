@@ -226,14 +226,19 @@ mod tests {
         let data = q4_1_blocks(rows, cols, 3);
         let m = PackedMatrix::from_blocks(Kind::Q4_1, rows, cols, &data, None).unwrap();
         for n in [1usize, 3, 8] {
-            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+                .collect();
             let y = m.matmul(&x, n);
             for t in 0..n {
                 for r in 0..rows {
                     let w = m.dequantize_row(r);
                     let dense: f32 = (0..cols).map(|j| x[t * cols + j] * w[j]).sum();
                     let got = y[t * rows + r];
-                    assert!((got - dense).abs() <= 1e-4 * dense.abs().max(1.0), "{got} vs {dense}");
+                    assert!(
+                        (got - dense).abs() <= 1e-4 * dense.abs().max(1.0),
+                        "{got} vs {dense}"
+                    );
                 }
             }
         }

@@ -136,10 +136,16 @@ impl AdamW {
         Ok(out)
     }
 
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: usize) -> candle_core::Result<()> {
+    pub fn load_state(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+        step: usize,
+    ) -> candle_core::Result<()> {
         for (name, _, moments) in &mut self.vars {
-            let (Some(sm), Some(sv)) = (state.get(&format!("m.{name}")), state.get(&format!("v.{name}")))
-            else {
+            let (Some(sm), Some(sv)) = (
+                state.get(&format!("m.{name}")),
+                state.get(&format!("v.{name}")),
+            ) else {
                 candle_core::bail!("optimizer state has no moments for {name}");
             };
             match moments {
