@@ -123,29 +123,29 @@ pub struct InspectArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Alternatives shown per position (1–50).
-    #[arg(long, short = 'k', default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    #[arg(long, short = 'k', default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50), env = "TOKENSCOPE_TOP_K")]
     pub top_k: u32,
     /// Tokens to generate (1–100).
-    #[arg(long, short = 'n', default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, short = 'n', default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100), env = "TOKENSCOPE_MAX_TOKENS")]
     pub max_tokens: u32,
     /// Sampling temperature (0 = greedy, up to 2).
-    #[arg(long, short = 't', default_value_t = 1.0, value_parser = parse_temperature)]
+    #[arg(long, short = 't', default_value_t = 1.0, value_parser = parse_temperature, env = "TOKENSCOPE_TEMPERATURE")]
     pub temperature: f64,
     /// Seed for reproducible sampling.
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_SEED")]
     pub seed: Option<u64>,
     /// Stop after this string appears (repeatable, up to 4).
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_STOP")]
     pub stop: Vec<String>,
     /// processed | raw
-    #[arg(long, default_value = "processed", value_parser = parse_mode)]
+    #[arg(long, default_value = "processed", value_parser = parse_mode, env = "TOKENSCOPE_LOGPROBS_MODE")]
     pub logprobs_mode: LogprobsMode,
     /// Print the JSON body POST /generate would return.
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_JSON")]
     pub json: bool,
     /// Instead of generating, score this text as the continuation of the prompt: the
     /// probability and rank of each of its tokens (teacher-forced, T = 1).
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_CONTINUATION")]
     pub continuation: Option<String>,
 }
 
@@ -195,70 +195,70 @@ pub struct TrainArgs {
     #[arg(long, env = "TOKENSCOPE_MODEL")]
     pub model: Option<String>,
     /// A UTF-8 text file, a folder of .txt files, or JSONL with a `text` field.
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_DATA")]
     pub data: Option<PathBuf>,
     /// Output model directory (config.json, model.safetensors, tokenizer.json, logs, checkpoints).
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_OUTPUT")]
     pub output: PathBuf,
     /// Optimizer steps (0 = write the starting model as an HF directory: a GGUF → HF converter).
-    #[arg(long, conflicts_with = "epochs")]
+    #[arg(long, conflicts_with = "epochs", env = "TOKENSCOPE_STEPS")]
     pub steps: Option<usize>,
     /// Passes over the training windows (default 1 when --steps is not given).
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_EPOCHS")]
     pub epochs: Option<f64>,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, env = "TOKENSCOPE_BATCH_SIZE")]
     pub batch_size: usize,
     /// Tokens per training window.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "TOKENSCOPE_SEQ_LEN")]
     pub seq_len: usize,
     /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, env = "TOKENSCOPE_GRAD_ACCUM")]
     pub grad_accum: usize,
     /// Peak learning rate (AdamW).
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, env = "TOKENSCOPE_LR")]
     pub lr: f64,
     /// Linear warm-up steps before cosine decay (to 10% of --lr).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, env = "TOKENSCOPE_WARMUP")]
     pub warmup: usize,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, env = "TOKENSCOPE_WEIGHT_DECAY")]
     pub weight_decay: f64,
     /// Clip gradients to this global L2 norm (0 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, env = "TOKENSCOPE_CLIP")]
     pub clip: f64,
     /// Evaluate on the held-out split every N steps (also before and after).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, env = "TOKENSCOPE_EVAL_EVERY")]
     pub eval_every: usize,
     /// Fraction of windows held out for evaluation.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, env = "TOKENSCOPE_EVAL_FRACTION")]
     pub eval_fraction: f64,
     /// Cap on held-out windows evaluated.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "TOKENSCOPE_MAX_EVAL_WINDOWS")]
     pub max_eval_windows: usize,
     /// Checkpoint every N steps (and always on Ctrl-C); 0 = only on Ctrl-C.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "TOKENSCOPE_SAVE_EVERY")]
     pub save_every: usize,
     /// Continue from the newest checkpoint in --output.
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_RESUME")]
     pub resume: bool,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "TOKENSCOPE_SEED")]
     pub seed: u64,
     /// auto | cpu | cuda | cuda:N
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", env = "TOKENSCOPE_DEVICE")]
     pub device: String,
-    /// f32 | bf16 (bf16 on GPU only). Also the dtype of the written model.safetensors.
-    #[arg(long, default_value = "f32")]
+    /// f32 | bf16 (bf16 on GPU only; auto = f32). Also the dtype of the written model.safetensors.
+    #[arg(long, default_value = "f32", env = "TOKENSCOPE_DTYPE")]
     pub dtype: String,
     /// Train a new model (random weights) with --model's tokenizer.
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_FROM_SCRATCH")]
     pub from_scratch: bool,
     /// With --from-scratch: tiny | small | a config.json file.
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_CONFIG")]
     pub config: Option<String>,
     /// Stop with a checkpoint after N steps of this run (as Ctrl-C would); resume later.
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_STOP_AFTER")]
     pub stop_after: Option<usize>,
     /// Measure: run a few steps and print seconds per step and tokens/s, without writing a model.
-    #[arg(long)]
+    #[arg(long, env = "TOKENSCOPE_BENCH")]
     pub bench: bool,
 }
 

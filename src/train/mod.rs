@@ -231,7 +231,8 @@ fn resolve_device(o: &TrainOptions) -> Result<(Device, DType), TrainError> {
     let device: model::DeviceChoice = o.device.parse().map_err(TrainError::Config)?;
     let device = device.resolve()?;
     let dtype = match o.dtype.as_str() {
-        "f32" => DType::F32,
+        // `auto` (also what a shared TOKENSCOPE_DTYPE=auto means for serve) trains in f32.
+        "f32" | "auto" => DType::F32,
         "bf16" if device.is_cuda() => DType::BF16,
         "bf16" => {
             return Err(TrainError::Config(
