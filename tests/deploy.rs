@@ -14,7 +14,8 @@ const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const BASE: &str = "deploy/kubernetes/base";
 const GPU: &str = "deploy/kubernetes/overlays/gpu";
 
-/// Every TOKENSCOPE_* variable the service reads (src/cli.rs).
+/// The TOKENSCOPE_* variables `tokenscope serve` reads; `known_env` adds any other
+/// `env = "..."` of src/cli.rs.
 const KNOWN_ENV: &[&str] = &[
     "TOKENSCOPE_HOST",
     "TOKENSCOPE_PORT",
@@ -39,6 +40,17 @@ fn root() -> PathBuf {
 fn read(rel: &str) -> String {
     let path = root().join(rel);
     fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// KNOWN_ENV plus every `env = "NAME"` attribute in src/cli.rs.
+fn known_env() -> Vec<String> {
+    let mut known: Vec<String> = KNOWN_ENV.iter().map(ToString::to_string).collect();
+    for piece in read("src/cli.rs").split("env = \"").skip(1) {
+        if let Some((name, _)) = piece.split_once('"') {
+            known.push(name.to_string());
+        }
+    }
+    known
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -305,10 +317,11 @@ fn dockerfile_env_is_known_and_listens_on_all_interfaces() {
         .filter(|i| i.keyword == "ENV")
         .flat_map(|i| env_pairs(&i.args))
         .collect();
+    let known = known_env();
     for (name, _) in &env {
         if name.starts_with("TOKENSCOPE_") {
             assert!(
-                KNOWN_ENV.contains(&name.as_str()),
+                known.contains(name),
                 "Dockerfile sets {name}, which tokenscope does not read"
             );
         }
@@ -574,9 +587,10 @@ fn manifest_env_vars_are_ones_tokenscope_reads() {
         }
     }
     assert!(!env.is_empty(), "no env in the manifests");
+    let known = known_env();
     for (name, value) in &env {
         assert!(
-            KNOWN_ENV.contains(&name.as_str()) || name.starts_with("HF_"),
+            known.contains(name) || name.starts_with("HF_"),
             "manifests set {name}, which tokenscope does not read"
         );
         let Some(value) = value else { continue };
