@@ -78,4 +78,33 @@ fn forward(c: &mut Criterion) {
 }
 
 criterion_group!(benches, forward);
-criterion_main!(benches);
+criterion_main!(benches, kernels);
+
+/// The packed matvec alone, on the default model's shapes (one token).
+fn packed(c: &mut Criterion) {
+    use tokenscope::model::packed::{Kind, PackedMatrix};
+    let mut group = c.benchmark_group("packed_matvec");
+    for (name, kind, rows, cols) in [
+        ("q4_1_1536x576", Kind::Q4_1, 1536usize, 576usize),
+        ("q8_0_49152x576_lm_head", Kind::Q8_0, 49152, 576),
+    ] {
+        let bpb = if kind == Kind::Q4_1 { 20 } else { 34 };
+        let mut data = vec![0u8; rows * cols / 32 * bpb];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i * 31 % 251) as u8;
+        }
+        // Keep the f16 scales finite.
+        for blk in data.chunks_mut(bpb) {
+            blk[1] = 0x20;
+            if kind == Kind::Q4_1 {
+                blk[3] = 0x20;
+            }
+        }
+        let m = PackedMatrix::from_blocks(kind, rows, cols, &data, None).unwrap();
+        let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 * 0.1).collect();
+        group.bench_function(name, |b| b.iter(|| m.matmul(std::hint::black_box(&x), 1)));
+    }
+    group.finish();
+}
+
+criterion_group!(kernels, packed);

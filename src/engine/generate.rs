@@ -108,19 +108,6 @@ pub fn generate_cached(
             limit,
         });
     }
-    let greedy = params.temperature <= 0.0;
-    let seed = match (greedy, params.seed) {
-        (true, _) => None,
-        (false, Some(s)) => Some(s),
-        (false, None) => Some(rand::random::<u64>()),
-    };
-    let mut rng = StdRng::seed_from_u64(seed.unwrap_or(0));
-    // The reported distribution: processed = what the sampler draws from (T = 1 if greedy).
-    let report_t = match (params.logprobs_mode, greedy) {
-        (LogprobsMode::Processed, false) => params.temperature as f32,
-        _ => 1.0,
-    };
-
     let lm = &model.model;
     let (mut cache, done, cached_logits) = match prefix.as_deref_mut().map(|p| p.lookup(prompt_ids))
     {
@@ -147,6 +134,39 @@ pub fn generate_cached(
         }
         pending_logits = Some(logits);
     }
+    let logits = pending_logits.unwrap_or_default();
+    decode_from(
+        model, prompt, prompt_ids, params, cancelled, cache, logits, start,
+    )
+}
+
+/// Everything after the prompt: picks tokens from `logits` (the last prompt position's) on,
+/// extending `cache` (which holds the prompt), until EOS, a stop string or `max_tokens`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_from(
+    model: &LoadedModel,
+    prompt: &str,
+    prompt_ids: &[u32],
+    params: &GenerateParams,
+    cancelled: &dyn Fn() -> bool,
+    mut cache: crate::model::Cache,
+    logits: Vec<f32>,
+    start: Instant,
+) -> Result<GenerateResponse, EngineError> {
+    let lm = &model.model;
+    let greedy = params.temperature <= 0.0;
+    let seed = match (greedy, params.seed) {
+        (true, _) => None,
+        (false, Some(s)) => Some(s),
+        (false, None) => Some(rand::random::<u64>()),
+    };
+    let mut rng = StdRng::seed_from_u64(seed.unwrap_or(0));
+    // The reported distribution: processed = what the sampler draws from (T = 1 if greedy).
+    let report_t = match (params.logprobs_mode, greedy) {
+        (LogprobsMode::Processed, false) => params.temperature as f32,
+        _ => 1.0,
+    };
+    let mut pending_logits = Some(logits);
     let mut input: Option<Tensor> = None;
     let temperature = params.temperature as f32;
     let mut generated: Vec<u32> = Vec::new();

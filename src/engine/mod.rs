@@ -1,5 +1,6 @@
 //! Turning a prompt into distributions: the maths, the generation loop, the response types.
 
+pub mod batch;
 pub mod distribution;
 pub mod generate;
 pub mod output;

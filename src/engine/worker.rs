@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::batch;
 use super::generate::{self, EngineError, GenerateParams};
 use super::output::GenerateResponse;
 use super::prefix_cache::PrefixCache;
@@ -250,39 +251,78 @@ fn serve(
     mut rx: mpsc::Receiver<Job>,
     stats: &WorkerStats,
 ) {
-    use std::sync::atomic::Ordering;
     let mut prefix = PrefixCache::new(limits.prefix_cache_tokens);
-    while let Some(job) = rx.blocking_recv() {
-        if job.reply.is_closed() {
-            // The client gave up (timeout or disconnect) while the job waited.
-            stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            continue;
+    while let Some(first) = rx.blocking_recv() {
+        // Everything already waiting joins this round (dynamic batching).
+        let mut jobs = vec![first];
+        while jobs.len() < batch::MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
         }
-        let waited = job.enqueued.elapsed();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_job(model, limits, &job, &mut prefix)
-        }))
-        .unwrap_or_else(|_| Err(WorkerError::Failed("panic in the model thread".into())));
-        if let Err(WorkerError::Cancelled) = &result {
-            stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            tracing::info!("request abandoned by its client; generation stopped");
+        let jobs = drop_abandoned(jobs, stats);
+        if jobs.len() > 1 {
+            run_batch(model, limits, jobs, &mut prefix, stats);
+        } else {
+            for job in jobs {
+                run_single(model, limits, job, &mut prefix, stats);
+            }
         }
-        if let Err(WorkerError::Failed(e)) = &result {
-            tracing::error!(
-                queue_wait_ms = waited.as_millis() as u64,
-                "generation failed: {e}"
-            );
-        }
-        let _ = job.reply.send(result);
     }
 }
 
-fn run_job(
+/// Jobs whose client gave up while they waited are not run.
+fn drop_abandoned(jobs: Vec<Job>, stats: &WorkerStats) -> Vec<Job> {
+    jobs.into_iter()
+        .filter(|j| {
+            let gone = j.reply.is_closed();
+            if gone {
+                stats
+                    .cancelled
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            !gone
+        })
+        .collect()
+}
+
+fn finish(job: Job, result: Result<GenerateResponse, WorkerError>, stats: &WorkerStats) {
+    match &result {
+        Err(WorkerError::Cancelled) => {
+            stats
+                .cancelled
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("request abandoned by its client; generation stopped");
+        }
+        Err(WorkerError::Failed(e)) => {
+            let waited = job.enqueued.elapsed().as_millis() as u64;
+            tracing::error!(since_enqueued_ms = waited, "generation failed: {e}");
+        }
+        _ => {}
+    }
+    let _ = job.reply.send(result);
+}
+
+fn run_single(
+    model: &LoadedModel,
+    limits: WorkerLimits,
+    job: Job,
+    prefix: &mut PrefixCache,
+    stats: &WorkerStats,
+) {
+    let result =
+        std::panic::catch_unwind(AssertUnwindSafe(|| run_job(model, limits, &job, prefix)))
+            .unwrap_or_else(|_| Err(WorkerError::Failed("panic in the model thread".into())));
+    finish(job, result, stats);
+}
+
+/// Tokenizes and checks a job's prompt against the limits.
+fn checked_ids(
     model: &LoadedModel,
     limits: WorkerLimits,
     job: &Job,
-    prefix: &mut PrefixCache,
-) -> Result<GenerateResponse, WorkerError> {
+) -> Result<Vec<u32>, WorkerError> {
     let ids =
         generate::tokenize(model, &job.prompt).map_err(|e| WorkerError::Failed(e.to_string()))?;
     if ids.is_empty() {
@@ -300,6 +340,94 @@ fn run_job(
             max_tokens,
         });
     }
+    Ok(ids)
+}
+
+/// Several jobs: short prompts are prefilled in one forward pass, then each job continues on
+/// its own slice of the KV cache. Long prompts, and the jobs of a batch that fails as a whole,
+/// run alone, so one bad input cannot fail the others.
+fn run_batch(
+    model: &LoadedModel,
+    limits: WorkerLimits,
+    jobs: Vec<Job>,
+    prefix: &mut PrefixCache,
+    stats: &WorkerStats,
+) {
+    let start = Instant::now();
+    let mut batched: Vec<(Job, Vec<u32>)> = Vec::new();
+    let mut alone: Vec<Job> = Vec::new();
+    for job in jobs {
+        match checked_ids(model, limits, &job) {
+            Err(e) => finish(job, Err(e), stats),
+            Ok(ids) if ids.len() <= batch::MAX_BATCHED_PROMPT => batched.push((job, ids)),
+            Ok(_) => alone.push(job),
+        }
+    }
+    if batched.len() == 1 {
+        alone.extend(batched.drain(..).map(|(j, _)| j));
+    }
+    if !batched.is_empty() {
+        let prompts: Vec<&[u32]> = batched.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let prefilled =
+            std::panic::catch_unwind(AssertUnwindSafe(|| batch::prefill_batch(model, &prompts)));
+        match prefilled {
+            Ok(Ok(states)) => {
+                for ((job, ids), (cache, logits)) in batched.into_iter().zip(states) {
+                    prefix.insert(&ids, &cache, &logits);
+                    let cancelled = || job.reply.is_closed();
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        generate::decode_from(
+                            model,
+                            &job.prompt,
+                            &ids,
+                            &job.params,
+                            &cancelled,
+                            cache,
+                            logits,
+                            start,
+                        )
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(EngineError::Tokenizer("panic in the model thread".into()))
+                    })
+                    .map_err(|e| engine_error(e, &ids, &job));
+                    finish(job, result, stats);
+                }
+            }
+            _ => alone.extend(batched.into_iter().map(|(j, _)| j)),
+        }
+    }
+    for job in alone {
+        if job.reply.is_closed() {
+            stats
+                .cancelled
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
+        run_single(model, limits, job, prefix, stats);
+    }
+}
+
+fn engine_error(e: EngineError, ids: &[u32], job: &Job) -> WorkerError {
+    match e {
+        EngineError::EmptyPrompt => WorkerError::EmptyPrompt,
+        EngineError::Cancelled => WorkerError::Cancelled,
+        EngineError::TooLong { limit, .. } => WorkerError::PromptTooLong {
+            limit,
+            prompt_tokens: ids.len(),
+            max_tokens: job.params.max_tokens,
+        },
+        other => WorkerError::Failed(other.to_string()),
+    }
+}
+
+fn run_job(
+    model: &LoadedModel,
+    limits: WorkerLimits,
+    job: &Job,
+    prefix: &mut PrefixCache,
+) -> Result<GenerateResponse, WorkerError> {
+    let ids = checked_ids(model, limits, job)?;
     let cancelled = || job.reply.is_closed();
     generate::generate_cached(
         model,
@@ -309,18 +437,7 @@ fn run_job(
         &cancelled,
         Some(prefix),
     )
-    .map_err(|e| match e {
-        EngineError::EmptyPrompt => WorkerError::EmptyPrompt,
-        EngineError::Cancelled => WorkerError::Cancelled,
-        EngineError::TooLong {
-            prompt, max_tokens, ..
-        } => WorkerError::PromptTooLong {
-            limit,
-            prompt_tokens: prompt,
-            max_tokens,
-        },
-        other => WorkerError::Failed(other.to_string()),
-    })
+    .map_err(|e| engine_error(e, &ids, job))
 }
 
 /// How long a client should wait before retrying, for Retry-After.

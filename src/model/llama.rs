@@ -220,6 +220,26 @@ impl Cache {
         self.len == 0
     }
 
+    /// The cache of batch row `row`, first `len` positions (views, no copy): one sequence out
+    /// of a batched prefill.
+    pub fn row(&self, row: usize, len: usize) -> candle_core::Result<Self> {
+        if len > self.len {
+            candle_core::bail!("cannot take {len} positions of a cache of {}", self.len);
+        }
+        let kvs = self
+            .kvs
+            .iter()
+            .map(|kv| match kv {
+                Some((k, v)) => Ok(Some((
+                    k.narrow(0, row, 1)?.narrow(2, 0, len)?,
+                    v.narrow(0, row, 1)?.narrow(2, 0, len)?,
+                ))),
+                None => Ok(None),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { kvs, len })
+    }
+
     /// The cache of the first `len` positions (views, no copy).
     pub fn truncated(&self, len: usize) -> candle_core::Result<Self> {
         if len > self.len {
@@ -585,6 +605,36 @@ impl Llama {
         let hidden = self.hidden_states(ids, cache)?;
         let last = hidden.narrow(1, t - 1, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last, false)?)?;
+        logits.squeeze(1)?.to_dtype(DType::F32)
+    }
+
+    /// Batched prefill of right-padded sequences: `ids` (b, t) from an empty `cache`, and the
+    /// f32 logits (b, vocab) at each row's own last position `last[i]`. Under the causal mask a
+    /// real token never attends to the padding after it, so each row's logits are those of
+    /// its sequence alone.
+    pub fn forward_rows(
+        &self,
+        ids: &Tensor,
+        cache: &mut Cache,
+        last: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if last.len() != b || last.iter().any(|&p| p >= t) {
+            candle_core::bail!("one last position per row, inside the sequence");
+        }
+        let hidden = self.hidden_states(ids, cache)?;
+        let h = hidden.dim(2)?;
+        let index: Vec<u32> = last
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (i * t + p) as u32)
+            .collect();
+        let index = Tensor::new(index.as_slice(), &self.device)?;
+        let picked = hidden
+            .reshape((b * t, h))?
+            .index_select(&index, 0)?
+            .unsqueeze(1)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&picked, false)?)?;
         logits.squeeze(1)?.to_dtype(DType::F32)
     }
 
