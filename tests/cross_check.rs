@@ -43,29 +43,7 @@ fn reference_logprobs(prompt_ids: &[u32]) -> Vec<f32> {
 }
 
 fn ours_logprobs(prompt_ids: &[u32]) -> Vec<f32> {
-    let m = common::smollm();
-    let mut cache = m.model.new_cache();
-    let input = Tensor::new(prompt_ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<f32> = m
-        .model
-        .forward(&input, &mut cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    log_softmax(&logits)
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    common::next_logprobs(&common::smollm().model, prompt_ids)
 }
 
 #[test]
@@ -81,7 +59,7 @@ fn matches_candle_quantized_llama_dequantized() {
         let reference = reference_logprobs(ids);
         let ours = ours_logprobs(ids);
         assert_eq!(ours.len(), 49152);
-        let diff = max_abs_diff(&ours, &reference);
+        let diff = common::max_abs_diff(&ours, &reference);
         assert!(
             diff <= 1e-4,
             "{} tokens: max |Δ logprob| = {diff}",

@@ -343,28 +343,9 @@ fn packed_kernel_matches_the_dense_path() {
     ] {
         let ids = packed.tokenizer.encode(prompt).unwrap();
         assert!(ids.len() <= 8);
-        let lp = |m: &tokenscope::model::LoadedModel| {
-            let mut cache = m.model.new_cache();
-            let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let l: Vec<f32> = m
-                .model
-                .forward(&x, &mut cache)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            tokenscope::engine::distribution::log_softmax(&l)
-        };
+        let lp = |m: &tokenscope::model::LoadedModel| common::next_logprobs(&m.model, &ids);
         let (a, b) = (lp(packed), lp(&dense));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let diff = common::max_abs_diff(&a, &b);
         assert!(diff <= 1e-4, "{prompt:?}: max |Δ logprob| = {diff}");
     }
 }

@@ -208,28 +208,9 @@ fn steps_zero_converts_the_default_gguf_exactly() {
     ] {
         let ids = base.tokenizer.encode(prompt).unwrap();
         assert_eq!(converted.tokenizer.encode(prompt).unwrap(), ids);
-        let lp = |m: &model::LoadedModel| {
-            let mut cache = m.model.new_cache();
-            let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let l: Vec<f32> = m
-                .model
-                .forward(&x, &mut cache)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            tokenscope::engine::distribution::log_softmax(&l)
-        };
+        let lp = |m: &tokenscope::model::LoadedModel| common::next_logprobs(&m.model, &ids);
         let (a, b) = (lp(base), lp(&converted));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let diff = common::max_abs_diff(&a, &b);
         assert!(diff <= 1e-4, "{prompt:?}: {diff}");
     }
     assert_eq!(converted.eos_ids, base.eos_ids);

@@ -117,13 +117,5 @@ pub async fn redoc_bundle(bundle: Option<std::sync::Arc<Vec<u8>>>) -> Response {
 
 /// Finds `assets/redoc.standalone.js` under the working directory or the executable's ancestors.
 pub fn find_redoc_bundle() -> Option<std::path::PathBuf> {
-    let mut roots = vec![std::env::current_dir().ok()];
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().skip(1).map(|p| Some(p.to_path_buf())));
-    }
-    roots
-        .into_iter()
-        .flatten()
-        .map(|r| r.join("assets").join("redoc.standalone.js"))
-        .find(|p| p.is_file())
+    crate::model::find_installed_file(std::path::Path::new("assets/redoc.standalone.js"))
 }

@@ -152,9 +152,9 @@ fn device_label(device: &Device) -> String {
     }
 }
 
-/// Where the default model lives: `models/` under the working directory or under any
-/// ancestor of the executable (so `target/release/tokenscope` finds the repo's copy).
-pub fn default_model_path() -> Option<PathBuf> {
+/// Finds `relative` under the working directory or under any ancestor of the executable (so
+/// `target/release/tokenscope` finds the repository's `models/` and `assets/`).
+pub fn find_installed_file(relative: &std::path::Path) -> Option<PathBuf> {
     let mut roots = vec![std::env::current_dir().ok()];
     if let Ok(exe) = std::env::current_exe() {
         roots.extend(exe.ancestors().skip(1).map(|p| Some(p.to_path_buf())));
@@ -162,8 +162,13 @@ pub fn default_model_path() -> Option<PathBuf> {
     roots
         .into_iter()
         .flatten()
-        .map(|r| r.join("models").join(DEFAULT_MODEL_FILE))
+        .map(|r| r.join(relative))
         .find(|p| p.is_file())
+}
+
+/// Where the default model lives: `models/` (see [`find_installed_file`]).
+pub fn default_model_path() -> Option<PathBuf> {
+    find_installed_file(&std::path::Path::new("models").join(DEFAULT_MODEL_FILE))
 }
 
 /// Resolves `--model` (or the default) to a source, with a helpful message when absent.

@@ -46,3 +46,30 @@ pub fn write_llama(
     hf_dir::save(dir, &cfg, &tensors, &smollm().tokenizer, DType::F32).unwrap();
     model
 }
+
+/// Full-vocabulary log-probs of the next token after `ids` (one forward pass, T = 1).
+pub fn next_logprobs(model: &tokenscope::model::Llama, ids: &[u32]) -> Vec<f32> {
+    use candle_core::{Device, Tensor};
+    let mut cache = model.new_cache();
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<f32> = model
+        .forward(&x, &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    tokenscope::engine::distribution::log_softmax(&logits)
+}
+
+/// Largest element-wise difference of two equally long vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
