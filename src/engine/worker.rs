@@ -272,19 +272,20 @@ fn serve(
     }
 }
 
-/// Jobs whose client gave up while they waited are not run.
+/// True (and counted as cancelled) when the job's client gave up while it waited: such a job
+/// is not run.
+fn abandoned(job: &Job, stats: &WorkerStats) -> bool {
+    let gone = job.reply.is_closed();
+    if gone {
+        stats
+            .cancelled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    gone
+}
+
 fn drop_abandoned(jobs: Vec<Job>, stats: &WorkerStats) -> Vec<Job> {
-    jobs.into_iter()
-        .filter(|j| {
-            let gone = j.reply.is_closed();
-            if gone {
-                stats
-                    .cancelled
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            !gone
-        })
-        .collect()
+    jobs.into_iter().filter(|j| !abandoned(j, stats)).collect()
 }
 
 fn finish(job: Job, result: Result<GenerateResponse, WorkerError>, stats: &WorkerStats) {
@@ -398,13 +399,10 @@ fn run_batch(
         }
     }
     for job in alone {
-        if job.reply.is_closed() {
-            stats
-                .cancelled
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            continue;
+        // Checked just before each run: earlier jobs may have taken long enough for it to go.
+        if !abandoned(&job, stats) {
+            run_single(model, limits, job, prefix, stats);
         }
-        run_single(model, limits, job, prefix, stats);
     }
 }
 
