@@ -37,18 +37,9 @@ fn forward(c: &mut Criterion) {
     }
     group.finish();
 
-    let mut cache = m.model.new_cache();
-    let x = Tensor::new(prompt_of(&m, 5).as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<f32> = m
+    let logits = m
         .model
-        .forward(&x, &mut cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
+        .next_logits(&prompt_of(&m, 5), &mut m.model.new_cache())
         .unwrap();
     c.bench_function("distribution_49152/log_softmax+top5+entropy", |b| {
         b.iter(|| {

@@ -567,17 +567,10 @@ def summarize(results, pr: PhaseResult):
     return ok
 
 
-def phase_cold(server, prompts, args) -> PhaseResult:
+def phase_next_token(server, prompts, max_n, max_s) -> PhaseResult:
+    """Sequential next-token requests (the cold and the long-prompt phases): p50 latency."""
     pr = PhaseResult()
-    ok = summarize(run_sequential(server, prompts, args.cold_n, args.cold_s, max_tokens=1, top_k=5), pr)
-    pr.values["p50_ms"] = median([r.latency * 1000 for r in ok])
-    pr.values["prompt_tokens"] = median([r.prompt_tokens for r in ok if r.prompt_tokens is not None])
-    return pr
-
-
-def phase_long(server, prompts, args) -> PhaseResult:
-    pr = PhaseResult()
-    ok = summarize(run_sequential(server, prompts, args.long_n, args.long_s, max_tokens=1, top_k=5), pr)
+    ok = summarize(run_sequential(server, prompts, max_n, max_s, max_tokens=1, top_k=5), pr)
     pr.values["p50_ms"] = median([r.latency * 1000 for r in ok])
     pr.values["prompt_tokens"] = median([r.prompt_tokens for r in ok if r.prompt_tokens is not None])
     return pr
@@ -837,8 +830,8 @@ def main():
             s.pause()
 
         phases = [
-            ("cold", lambda s: phase_cold(s, cold_prompts, args)),
-            ("long", lambda s: phase_long(s, long_prompts, args)),
+            ("cold", lambda s: phase_next_token(s, cold_prompts, args.cold_n, args.cold_s)),
+            ("long", lambda s: phase_next_token(s, long_prompts, args.long_n, args.long_s)),
             ("greedy", lambda s: phase_greedy(s, greedy_prompts, args)),
             ("concurrent", lambda s: phase_concurrent(s, prompts.cycle_from(conc_start), args)),
             ("typing", lambda s: phase_typing(s, args)),

@@ -183,39 +183,19 @@ fn kv_cache_steps_equal_one_full_pass() {
         .tokenizer
         .encode("One, two, three, four, five, six")
         .unwrap();
-    let dev = Device::Cpu;
-    let full: Vec<f32> = {
-        let mut cache = m.model.new_cache();
-        let x = Tensor::new(ids.as_slice(), &dev)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        m.model
-            .forward(&x, &mut cache)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    let stepped: Vec<f32> = {
+    let full = m.model.next_logits(&ids, &mut m.model.new_cache()).unwrap();
+    let stepped = {
         let mut cache = m.model.new_cache();
         let (head, tail) = ids.split_at(ids.len() - 3);
-        let x = Tensor::new(head, &dev).unwrap().unsqueeze(0).unwrap();
-        m.model.forward(&x, &mut cache).unwrap();
-        let mut last = None;
+        m.model.next_logits(head, &mut cache).unwrap();
+        let mut last = Vec::new();
         for &t in tail {
-            let x = Tensor::new(&[t], &dev).unwrap().unsqueeze(0).unwrap();
-            last = Some(m.model.forward(&x, &mut cache).unwrap());
+            last = m.model.next_logits(&[t], &mut cache).unwrap();
         }
         assert_eq!(cache.len(), ids.len());
-        last.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        last
     };
-    let diff = full
-        .iter()
-        .zip(&stepped)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = common::max_abs_diff(&full, &stepped);
     assert!(diff < 1e-4, "max |Δ logit| = {diff}");
 }
 
@@ -254,19 +234,7 @@ fn chunked_prefill_matches_a_single_pass() {
     let ids = m.tokenizer.encode(&text).unwrap();
     assert!(ids.len() > tokenscope::engine::generate::PREFILL_CHUNK);
     let r = engine::generate(m, &text, &ids, &greedy(1), &|| false).unwrap();
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mut cache = m.model.new_cache();
-    let logits: Vec<f32> = m
-        .model
-        .forward(&x, &mut cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let logits = m.model.next_logits(&ids, &mut m.model.new_cache()).unwrap();
     let d = tokenscope::engine::Distribution::from_logits(&logits, 1.0);
     let top = &r.tokens[0];
     assert_eq!(top.token_id, d.argmax());

@@ -3,22 +3,12 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use tokenscope::engine::{self, GenerateParams};
 use tokenscope::model::{self, LoadOptions, ModelError, ModelSource};
 
 fn last_logits(m: &tokenscope::model::Llama, ids: &[u32]) -> Vec<f32> {
-    let mut cache = m.new_cache();
-    let x = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.forward(&x, &mut cache)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    m.next_logits(ids, &mut m.new_cache()).unwrap()
 }
 
 fn load_str(s: &str) -> Result<model::LoadedModel, ModelError> {

@@ -110,19 +110,7 @@ fn loss_falls_and_the_output_loads_back() {
         .tokenizer
         .encode("The quick brown fox jumps over the lazy")
         .unwrap();
-    let mut cache = m.model.new_cache();
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<f32> = m
-        .model
-        .forward(&x, &mut cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let logits = m.model.next_logits(&ids, &mut m.model.new_cache()).unwrap();
     let d = tokenscope::engine::Distribution::from_logits(&logits, 1.0);
     let dog = m.tokenizer.encode(" dog").unwrap()[0];
     // From uniform (p ≈ 2e-5) to a top candidate in 30 steps.

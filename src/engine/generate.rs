@@ -117,24 +117,24 @@ pub fn generate_cached(
     };
     // Long prompts are evaluated in chunks so that cancellation (timeout, disconnect) is seen
     // within one chunk's time, and attention memory stays bounded by chunk × context.
-    let mut pending_logits = cached_logits;
-    if pending_logits.is_none() {
-        let rest = &prompt_ids[done..];
-        let (head, last_chunk) = rest.split_at(rest.len() - tail_len(rest.len()));
-        for chunk in head.chunks(PREFILL_CHUNK) {
-            if cancelled() {
-                return Err(EngineError::Cancelled);
+    let logits = match cached_logits {
+        Some(logits) => logits,
+        None => {
+            let rest = &prompt_ids[done..];
+            let (head, last_chunk) = rest.split_at(rest.len() - tail_len(rest.len()));
+            for chunk in head.chunks(PREFILL_CHUNK) {
+                if cancelled() {
+                    return Err(EngineError::Cancelled);
+                }
+                lm.forward(&Tensor::new(chunk, lm.device())?.unsqueeze(0)?, &mut cache)?;
             }
-            lm.forward(&Tensor::new(chunk, lm.device())?.unsqueeze(0)?, &mut cache)?;
+            let logits = lm.next_logits(last_chunk, &mut cache)?;
+            if let Some(p) = &mut prefix {
+                p.insert(prompt_ids, &cache, &logits);
+            }
+            logits
         }
-        let input = Tensor::new(last_chunk, lm.device())?.unsqueeze(0)?;
-        let logits: Vec<f32> = lm.forward(&input, &mut cache)?.squeeze(0)?.to_vec1()?;
-        if let Some(p) = &mut prefix {
-            p.insert(prompt_ids, &cache, &logits);
-        }
-        pending_logits = Some(logits);
-    }
-    let logits = pending_logits.unwrap_or_default();
+    };
     decode_from(
         model, prompt, prompt_ids, params, cancelled, cache, logits, start,
     )
@@ -166,8 +166,10 @@ pub fn decode_from(
         (LogprobsMode::Processed, false) => params.temperature as f32,
         _ => 1.0,
     };
-    let mut pending_logits = Some(logits);
-    let mut input: Option<Tensor> = None;
+    let mut logits = logits;
+    // The token picked last step, still to be fed to the model (none before the first step,
+    // whose logits come from the prompt).
+    let mut last: Option<u32> = None;
     let temperature = params.temperature as f32;
     let mut generated: Vec<u32> = Vec::new();
     let mut steps: Vec<Step> = Vec::new();
@@ -178,11 +180,9 @@ pub fn decode_from(
         if cancelled() {
             return Err(EngineError::Cancelled);
         }
-        let logits: Vec<f32> = match (pending_logits.take(), &input) {
-            (Some(l), _) => l,
-            (None, Some(x)) => lm.forward(x, &mut cache)?.squeeze(0)?.to_vec1()?,
-            (None, None) => return Err(EngineError::Tokenizer("no input".into())),
-        };
+        if let Some(token) = last {
+            logits = lm.next_logits(&[token], &mut cache)?;
+        }
         let reported = Distribution::from_logits(&logits, report_t);
         let next = if greedy {
             reported.argmax()
@@ -211,7 +211,7 @@ pub fn decode_from(
             finish = FinishReason::Stop;
             break;
         }
-        input = Some(Tensor::new(&[next], lm.device())?.unsqueeze(0)?);
+        last = Some(next);
     }
 
     let tokens = steps.first().map(|s| s.top.clone()).unwrap_or_default();

@@ -639,6 +639,12 @@ impl Llama {
         logits.squeeze(1)?.to_dtype(DType::F32)
     }
 
+    /// [`Self::forward`] for one sequence of token ids: the f32 logits of its last position.
+    pub fn next_logits(&self, ids: &[u32], cache: &mut Cache) -> candle_core::Result<Vec<f32>> {
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        self.forward(&input, cache)?.squeeze(0)?.to_vec1()
+    }
+
     /// Inference like [`Self::forward`] but returns f32 logits (b, t, vocab) for every new
     /// position (used to score text and to compare with the training path).
     pub fn forward_all(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {

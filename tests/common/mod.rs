@@ -49,19 +49,7 @@ pub fn write_llama(
 
 /// Full-vocabulary log-probs of the next token after `ids` (one forward pass, T = 1).
 pub fn next_logprobs(model: &tokenscope::model::Llama, ids: &[u32]) -> Vec<f32> {
-    use candle_core::{Device, Tensor};
-    let mut cache = model.new_cache();
-    let x = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<f32> = model
-        .forward(&x, &mut cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let logits = model.next_logits(ids, &mut model.new_cache()).unwrap();
     tokenscope::engine::distribution::log_softmax(&logits)
 }
 
