@@ -123,14 +123,14 @@ impl Config {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if self.n_kv_heads() == 0 || self.num_attention_heads % self.n_kv_heads() != 0 {
+        if self.n_kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
             return Err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
                 self.n_kv_heads()
             ));
         }
-        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return Err(format!("head_dim ({}) must be even", self.head_dim()));
         }
         Ok(())

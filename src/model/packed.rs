@@ -59,7 +59,7 @@ impl PackedMatrix {
         data: &[u8],
         row_order: Option<&[usize]>,
     ) -> Option<Self> {
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             return None;
         }
         let nb = cols / BLOCK;
@@ -145,7 +145,9 @@ impl PackedMatrix {
 
     /// [`Self::matmul`] into a caller's buffer (`y.len() == n * rows`).
     pub fn matmul_into(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        assert!(n >= 1 && n <= MAX_ROWS && x.len() == n * self.cols && y.len() == n * self.rows);
+        assert!(
+            (1..=MAX_ROWS).contains(&n) && x.len() == n * self.cols && y.len() == n * self.rows
+        );
         let nb = self.cols / BLOCK;
         // Per input row and block, the sum of its 32 activations: the Q4_1 offset `m` of a block
         // contributes m · Σx, so it is applied once per block instead of once per weight.

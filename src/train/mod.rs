@@ -533,7 +533,7 @@ pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
 
         if !o.bench
             && o.eval_every > 0
-            && state.step % o.eval_every == 0
+            && state.step.is_multiple_of(o.eval_every)
             && state.step < total_steps
         {
             bar.suspend(|| eval_now(state.step, &mut log, &mut summary))?;
@@ -541,7 +541,7 @@ pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
         let interrupted = INTERRUPTED.load(Ordering::SeqCst)
             || o.stop_after
                 .is_some_and(|n| steps_this_run >= n && state.step < total_steps);
-        if (o.save_every > 0 && state.step % o.save_every == 0) || interrupted {
+        if (o.save_every > 0 && state.step.is_multiple_of(o.save_every)) || interrupted {
             let dir = save_checkpoint(&state, &opt)?;
             bar.suspend(|| eprintln!("checkpoint: {}", dir.display()));
         }
