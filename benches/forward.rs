@@ -35,6 +35,29 @@ fn forward(c: &mut Criterion) {
             })
         });
     }
+    // The same short prompt through candle's ops instead of the fused CPU path.
+    let candle_path = m.model.clone().without_fused_path();
+    let ids = prompt_of(&m, 5);
+    group.bench_function("prompt_5_tokens_candle_ops", |b| {
+        b.iter(|| {
+            candle_path
+                .next_logits(&ids, &mut candle_path.new_cache())
+                .unwrap()
+        })
+    });
+    // One decoding step after a 64-token context (the cache is cloned: Arc'd tensors).
+    let mut context = m.model.new_cache();
+    m.model
+        .next_logits(&prompt_of(&m, 64), &mut context)
+        .unwrap();
+    for (name, model) in [
+        ("decode_1_token_at_64", &m.model),
+        ("decode_1_token_at_64_candle_ops", &candle_path),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| model.next_logits(&[279], &mut context.clone()).unwrap())
+        });
+    }
     group.finish();
 
     let logits = m

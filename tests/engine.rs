@@ -393,3 +393,57 @@ fn batched_prefill_equals_unbatched() {
         .generated_text
         .starts_with(" Paris.\n\nThe answer is"));
 }
+
+#[test]
+fn fused_path_matches_candle_ops_through_prefill_and_decoding() {
+    // Short inputs on the default model take the fused CPU path; the same weights through
+    // candle's ops must give the same distributions, and each path must be able to continue
+    // the other's KV cache.
+    use tokenscope::engine::distribution::log_softmax;
+    let m = common::smollm();
+    assert!(
+        m.model.has_fused_path(),
+        "GGUF on CPU in f32 takes the fused path"
+    );
+    let fused = &m.model;
+    let ops = m.model.clone().without_fused_path();
+    let ids = m
+        .tokenizer
+        .encode("<|im_start|>user\nName the colours of the rainbow, please.<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    assert!(ids.len() > 16);
+    let check = |a: &[f32], b: &[f32], what: &str| {
+        let diff = common::max_abs_diff(&log_softmax(a), &log_softmax(b));
+        eprintln!("{what}: max |Δ logprob| = {diff:.2e}");
+        assert!(diff <= 1e-4, "{what}: max |Δ logprob| = {diff}");
+    };
+    // The prompt in pieces of at most 8 tokens (fused, each after the cached ones) vs in one
+    // candle pass.
+    let mut cache_f = fused.new_cache();
+    let mut logits_f = Vec::new();
+    for piece in ids.chunks(7) {
+        logits_f = fused.next_logits(piece, &mut cache_f).unwrap();
+    }
+    let mut cache_o = ops.new_cache();
+    let logits_o = ops.next_logits(&ids, &mut cache_o).unwrap();
+    assert_eq!((cache_f.len(), cache_o.len()), (ids.len(), ids.len()));
+    check(&logits_f, &logits_o, "prompt");
+    // Greedy decoding: fused on its own cache and on the candle-built one; candle ops on its
+    // own cache and on the fused-built one.
+    let (mut cache_fo, mut cache_of) = (cache_o.clone(), cache_f.clone());
+    let mut next = tokenscope::engine::Distribution::from_logits(&logits_f, 1.0).argmax();
+    for step in 0..12 {
+        let a = fused.next_logits(&[next], &mut cache_f).unwrap();
+        let b = ops.next_logits(&[next], &mut cache_o).unwrap();
+        let c = fused.next_logits(&[next], &mut cache_fo).unwrap();
+        let d = ops.next_logits(&[next], &mut cache_of).unwrap();
+        check(&a, &b, &format!("step {step}"));
+        check(&c, &b, &format!("step {step}, fused after candle"));
+        check(&d, &b, &format!("step {step}, candle after fused"));
+        next = tokenscope::engine::Distribution::from_logits(&a, 1.0).argmax();
+    }
+    // A token id outside the vocabulary is an error, not a panic.
+    assert!(fused
+        .next_logits(&[u32::MAX], &mut fused.new_cache())
+        .is_err());
+}

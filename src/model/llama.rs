@@ -201,8 +201,8 @@ impl Module for Linear {
 /// The KV cache of one sequence: per layer, keys and values of shape (b, n_kv, t, head_dim).
 #[derive(Debug, Clone, Default)]
 pub struct Cache {
-    kvs: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
+    pub(super) kvs: Vec<Option<(Tensor, Tensor)>>,
+    pub(super) len: usize,
 }
 
 impl Cache {
@@ -480,6 +480,8 @@ pub struct Llama {
     cfg: Config,
     dtype: DType,
     device: Device,
+    /// The fused CPU path for short inputs, when every projection is packed (GGUF, CPU, f32).
+    fused: Option<std::sync::Arc<super::fused::Fused>>,
 }
 
 impl Llama {
@@ -513,6 +515,7 @@ impl Llama {
             cfg: cfg.clone(),
             dtype,
             device,
+            fused: None,
         })
     }
 
@@ -583,6 +586,64 @@ impl Llama {
             );
         }
         pack(&mut self.lm_head, take("lm_head.weight"));
+        self.fused = self.build_fused().map(std::sync::Arc::new);
+        self
+    }
+
+    /// The fused short-input path needs every projection packed and f32 on the CPU.
+    fn build_fused(&self) -> Option<super::fused::Fused> {
+        use super::fused::{Fused, FusedLayer};
+        if self.dtype != DType::F32 || !self.device.is_cpu() {
+            return None;
+        }
+        let packed = |l: &Linear| match l {
+            Linear::Packed(_, p) => Some(p.clone()),
+            _ => None,
+        };
+        let norm = |n: &RmsNorm| n.weight.to_vec1::<f32>().ok();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Some(FusedLayer {
+                    attn_norm: norm(&l.input_layernorm)?,
+                    q: packed(&l.self_attn.q_proj)?,
+                    k: packed(&l.self_attn.k_proj)?,
+                    v: packed(&l.self_attn.v_proj)?,
+                    o: packed(&l.self_attn.o_proj)?,
+                    mlp_norm: norm(&l.post_attention_layernorm)?,
+                    gate: packed(&l.mlp.gate_proj)?,
+                    up: packed(&l.mlp.up_proj)?,
+                    down: packed(&l.mlp.down_proj)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let flat = |t: &Tensor| t.flatten_all().ok()?.to_vec1::<f32>().ok();
+        Some(Fused {
+            layers,
+            norm: norm(&self.norm)?,
+            head: packed(&self.lm_head)?,
+            embed: self.embed_tokens.embeddings().clone(),
+            cos: flat(&self.rope.cos)?,
+            sin: flat(&self.rope.sin)?,
+            hidden: self.cfg.hidden_size,
+            n_head: self.cfg.num_attention_heads,
+            n_kv_head: self.cfg.n_kv_heads(),
+            head_dim: self.cfg.head_dim(),
+            intermediate: self.cfg.intermediate_size,
+            eps: self.cfg.rms_norm_eps as f32,
+        })
+    }
+
+    /// Whether short inputs take the fused CPU path.
+    pub fn has_fused_path(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    /// The same model without the fused path (every input through candle's ops): to compare
+    /// the two, and an escape hatch.
+    pub fn without_fused_path(mut self) -> Self {
+        self.fused = None;
         self
     }
 
@@ -602,7 +663,12 @@ impl Llama {
     /// Inference: runs `ids` (b, t) after the positions already in `cache`, appends their keys
     /// and values to it, and returns f32 logits (b, vocab) of the last position only.
     pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
-        let (_b, t) = ids.dims2()?;
+        let (b, t) = ids.dims2()?;
+        if let Some(fused) = self.fused.as_ref().filter(|f| b == 1 && f.accepts(t)) {
+            let logits = fused.forward(&ids.squeeze(0)?.to_vec1::<u32>()?, cache)?;
+            let n = logits.len();
+            return Tensor::from_vec(logits, (1, n), &self.device);
+        }
         let hidden = self.hidden_states(ids, cache)?;
         let last = hidden.narrow(1, t - 1, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last, false)?)?;
@@ -641,6 +707,9 @@ impl Llama {
 
     /// [`Self::forward`] for one sequence of token ids: the f32 logits of its last position.
     pub fn next_logits(&self, ids: &[u32], cache: &mut Cache) -> candle_core::Result<Vec<f32>> {
+        if let Some(fused) = self.fused.as_ref().filter(|f| f.accepts(ids.len())) {
+            return fused.forward(ids, cache);
+        }
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         self.forward(&input, cache)?.squeeze(0)?.to_vec1()
     }

@@ -2,6 +2,7 @@
 //! the llama implementation itself.
 
 pub mod error;
+mod fused;
 pub mod gguf;
 pub mod hf_dir;
 pub mod llama;

@@ -1,0 +1,400 @@
+//! The fused CPU path for short inputs: one sequence, at most [`MAX_ROWS`] new tokens (a short
+//! prompt, a prompt's last few tokens after the prefix cache, or one decoding step).
+//!
+//! Such a pass is dominated not by arithmetic but by fixed costs: through candle it is ≈ 30
+//! tensor operations per layer, each allocating its output and dispatching to the thread pool.
+//! Here a layer is straight-line code over a few reusable buffers: RMS norm, q/k/v in one
+//! packed-kernel pass, rotary embedding, attention over the KV cache, o_proj, RMS norm,
+//! gate/up in one pass, SiLU, down_proj. The maths is the same as [`super::llama`]'s inference
+//! path — same formulas, same f32 activations, same weights — only summation orders differ
+//! (tests hold the two within 1e-4 over the vocabulary).
+
+use std::sync::Arc;
+
+use candle_core::{Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::llama::Cache;
+use super::packed::{matmul_many, PackedMatrix, MAX_ROWS};
+
+/// One decoder layer's weights for the fused path.
+#[derive(Debug, Clone)]
+pub(crate) struct FusedLayer {
+    pub attn_norm: Vec<f32>,
+    pub q: Arc<PackedMatrix>,
+    pub k: Arc<PackedMatrix>,
+    pub v: Arc<PackedMatrix>,
+    pub o: Arc<PackedMatrix>,
+    pub mlp_norm: Vec<f32>,
+    pub gate: Arc<PackedMatrix>,
+    pub up: Arc<PackedMatrix>,
+    pub down: Arc<PackedMatrix>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Fused {
+    pub layers: Vec<FusedLayer>,
+    pub norm: Vec<f32>,
+    pub head: Arc<PackedMatrix>,
+    /// (vocab, hidden) f32 on the CPU, shared with the candle path.
+    pub embed: Tensor,
+    /// (positions, head_dim / 2), the same tables as the candle path's rotary embedding.
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub hidden: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub eps: f32,
+}
+
+/// Reusable activations of one pass.
+struct Buffers {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Fused {
+    /// Whether `t` new tokens after `cache` can take this path.
+    pub fn accepts(&self, t: usize) -> bool {
+        (1..=MAX_ROWS).contains(&t)
+    }
+
+    /// Runs `ids` after the positions in `cache`, appends their keys and values to it, and
+    /// returns the logits of the last position.
+    pub fn forward(&self, ids: &[u32], cache: &mut Cache) -> candle_core::Result<Vec<f32>> {
+        // The whole pass runs on a thread-pool thread: its ~120 parallel matmuls then start
+        // from inside the pool (work stealing between threads that are still spinning)
+        // instead of each one waking sleeping workers and putting the caller to sleep.
+        rayon::scope(|_| self.forward_in_pool(ids, cache))
+    }
+
+    fn forward_in_pool(&self, ids: &[u32], cache: &mut Cache) -> candle_core::Result<Vec<f32>> {
+        let t = ids.len();
+        if !self.accepts(t) {
+            candle_core::bail!("the fused path takes 1 to {MAX_ROWS} tokens, not {t}");
+        }
+        let offset = cache.len;
+        let total = offset + t;
+        let half = self.head_dim / 2;
+        if total * half > self.cos.len() {
+            candle_core::bail!(
+                "sequence of {total} tokens exceeds the model's context of {}",
+                self.cos.len() / half
+            );
+        }
+        if cache.kvs.len() != self.layers.len() {
+            *cache = Cache::new(self.layers.len());
+        }
+        let (h, qd, kvd) = (
+            self.hidden,
+            self.n_head * self.head_dim,
+            self.n_kv_head * self.head_dim,
+        );
+        let mut b = Buffers {
+            x: vec![0f32; t * h],
+            xn: vec![0f32; t * h],
+            q: vec![0f32; t * qd],
+            k: vec![0f32; t * kvd],
+            v: vec![0f32; t * kvd],
+            att: vec![0f32; t * qd],
+            o: vec![0f32; t * h],
+            gate: vec![0f32; t * self.intermediate],
+            up: vec![0f32; t * self.intermediate],
+        };
+        {
+            let (storage, layout) = self.embed.storage_and_layout();
+            let table = cpu_f32(&storage, layout)?;
+            let vocab = table.len() / h;
+            for (i, &id) in ids.iter().enumerate() {
+                let id = id as usize;
+                if id >= vocab {
+                    candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+                }
+                b.x[i * h..(i + 1) * h].copy_from_slice(&table[id * h..(id + 1) * h]);
+            }
+        }
+        for (layer, slot) in self.layers.iter().zip(cache.kvs.iter_mut()) {
+            self.layer(layer, slot, &mut b, offset, t)?;
+        }
+        cache.len = total;
+
+        let mut last = vec![0f32; h];
+        rms_norm(&b.x[(t - 1) * h..], &self.norm, self.eps, &mut last);
+        let mut logits = vec![0f32; self.head.rows()];
+        matmul_many(&mut [(&self.head, &mut logits)], &last, 1);
+        Ok(logits)
+    }
+
+    fn layer(
+        &self,
+        layer: &FusedLayer,
+        slot: &mut Option<(Tensor, Tensor)>,
+        b: &mut Buffers,
+        offset: usize,
+        t: usize,
+    ) -> candle_core::Result<()> {
+        let (h, hd) = (self.hidden, self.head_dim);
+        for (x, xn) in b.x.chunks_exact(h).zip(b.xn.chunks_exact_mut(h)) {
+            rms_norm(x, &layer.attn_norm, self.eps, xn);
+        }
+        matmul_many(
+            &mut [
+                (&layer.q, &mut b.q),
+                (&layer.k, &mut b.k),
+                (&layer.v, &mut b.v),
+            ],
+            &b.xn,
+            t,
+        );
+        self.rope(&mut b.q, self.n_head, offset);
+        self.rope(&mut b.k, self.n_kv_head, offset);
+
+        let (kc, vc) = append_kv(slot.take(), &b.k, &b.v, self.n_kv_head, offset, t, hd)?;
+        attention(
+            &b.q,
+            &kc,
+            &vc,
+            Shape {
+                t,
+                offset,
+                n_head: self.n_head,
+                n_kv_head: self.n_kv_head,
+                head_dim: hd,
+            },
+            &mut b.att,
+        );
+        let shape = (1, self.n_kv_head, offset + t, hd);
+        *slot = Some((
+            Tensor::from_vec(kc, shape, &Device::Cpu)?,
+            Tensor::from_vec(vc, shape, &Device::Cpu)?,
+        ));
+
+        matmul_many(&mut [(&layer.o, &mut b.o)], &b.att, t);
+        for (x, o) in b.x.iter_mut().zip(&b.o) {
+            *x += o;
+        }
+        for (x, xn) in b.x.chunks_exact(h).zip(b.xn.chunks_exact_mut(h)) {
+            rms_norm(x, &layer.mlp_norm, self.eps, xn);
+        }
+        matmul_many(
+            &mut [(&layer.gate, &mut b.gate), (&layer.up, &mut b.up)],
+            &b.xn,
+            t,
+        );
+        for (g, u) in b.gate.iter_mut().zip(&b.up) {
+            // SiLU as candle computes it: v / (exp(-v) + 1).
+            *g = *g / ((-*g).exp() + 1.0) * u;
+        }
+        matmul_many(&mut [(&layer.down, &mut b.o)], &b.gate, t);
+        for (x, o) in b.x.iter_mut().zip(&b.o) {
+            *x += o;
+        }
+        Ok(())
+    }
+
+    /// Rotary embedding in place on (t, heads, head_dim) at positions offset.., pairing
+    /// dimension i with i + head_dim/2 (HF's `rotate_half`, candle's `rope`).
+    fn rope(&self, x: &mut [f32], heads: usize, offset: usize) {
+        let hd = self.head_dim;
+        let half = hd / 2;
+        for (i, token) in x.chunks_exact_mut(heads * hd).enumerate() {
+            let p = offset + i;
+            let cos = &self.cos[p * half..(p + 1) * half];
+            let sin = &self.sin[p * half..(p + 1) * half];
+            for head in token.chunks_exact_mut(hd) {
+                let (a, b) = head.split_at_mut(half);
+                for j in 0..half {
+                    let (x1, x2) = (a[j], b[j]);
+                    a[j] = x1 * cos[j] - x2 * sin[j];
+                    b[j] = x1 * sin[j] + x2 * cos[j];
+                }
+            }
+        }
+    }
+}
+
+/// RMS norm as candle's fused op computes it: x / sqrt(mean(x²) + eps) · w, in f32.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let sum2: f32 = x.iter().map(|v| v * v).sum();
+    let m = (sum2 / x.len() as f32 + eps).sqrt();
+    for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
+        *o = *x / m * *w;
+    }
+}
+
+/// The contiguous f32 data of a CPU tensor.
+fn cpu_f32<'a>(
+    storage: &'a Storage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("the fused path runs on the CPU only");
+    };
+    let data = cpu.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("expected a contiguous tensor"),
+    }
+}
+
+/// The layer's keys and values after appending the new positions: (n_kv, offset + t,
+/// head_dim) each, head-major like the candle path's cache tensors. `new_k`/`new_v` are
+/// (t, n_kv, head_dim).
+fn append_kv(
+    old: Option<(Tensor, Tensor)>,
+    new_k: &[f32],
+    new_v: &[f32],
+    n_kv: usize,
+    offset: usize,
+    t: usize,
+    hd: usize,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let total = offset + t;
+    let merge = |old: Option<&Tensor>, new: &[f32]| -> candle_core::Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(n_kv * total * hd);
+        let old = match old {
+            Some(o) if offset > 0 => {
+                if o.dims() != [1, n_kv, offset, hd] {
+                    candle_core::bail!("KV cache of shape {:?} for {offset} positions", o.dims());
+                }
+                Some(o.contiguous()?)
+            }
+            _ => None,
+        };
+        let guard = old.as_ref().map(|o| o.storage_and_layout());
+        let old_data = match &guard {
+            Some((s, l)) => cpu_f32(s, l)?,
+            None => &[][..],
+        };
+        for head in 0..n_kv {
+            if offset > 0 {
+                out.extend_from_slice(&old_data[head * offset * hd..(head + 1) * offset * hd]);
+            }
+            for i in 0..t {
+                let at = (i * n_kv + head) * hd;
+                out.extend_from_slice(&new[at..at + hd]);
+            }
+        }
+        Ok(out)
+    };
+    if offset > 0 && old.is_none() {
+        candle_core::bail!("KV cache missing for {offset} cached positions");
+    }
+    let k = merge(old.as_ref().map(|(k, _)| k), new_k)?;
+    let v = merge(old.as_ref().map(|(_, v)| v), new_v)?;
+    Ok((k, v))
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    t: usize,
+    offset: usize,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+}
+
+/// Causal attention of the t new queries (t, n_head, head_dim) over the cached keys and values
+/// (n_kv, offset + t, head_dim); writes (t, n_head, head_dim). Grouped heads share a KV head.
+fn attention(q: &[f32], k: &[f32], v: &[f32], s: Shape, out: &mut [f32]) {
+    let total = s.offset + s.t;
+    let work = |(item, out): (usize, &mut [f32])| {
+        let (i, head) = (item / s.n_head, item % s.n_head);
+        let kv_head = head / (s.n_head / s.n_kv_head);
+        let qv = &q[item * s.head_dim..(item + 1) * s.head_dim];
+        let span = kv_head * total * s.head_dim..(kv_head + 1) * total * s.head_dim;
+        // Query i sits at position offset + i and sees positions 0..=offset + i.
+        let seen = s.offset + i + 1;
+        head_attention(qv, &k[span.clone()], &v[span], seen, s.head_dim, out);
+    };
+    // Splitting across threads pays only once there is enough context to scan.
+    if s.t * total >= 64 {
+        out.par_chunks_mut(s.head_dim).enumerate().for_each(work);
+    } else {
+        out.chunks_mut(s.head_dim).enumerate().for_each(work);
+    }
+}
+
+fn head_attention(q: &[f32], k: &[f32], v: &[f32], seen: usize, hd: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { head_attention_avx2(q, k, v, seen, hd, out) };
+        return;
+    }
+    head_attention_generic(q, k, v, seen, hd, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn head_attention_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seen: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    // The portable code, vectorised by LLVM with AVX2 enabled.
+    head_attention_generic(q, k, v, seen, hd, out);
+}
+
+/// softmax(q·kᵀ / √d) · v for one query over `seen` positions, the softmax as candle's
+/// (max subtracted, exp, divided by the sum).
+#[inline(always)]
+fn head_attention_generic(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seen: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    let mut scores: Vec<f32> = k
+        .chunks_exact(hd)
+        .take(seen)
+        .map(|kr| dot(q, kr) * scale)
+        .collect();
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.fill(0.0);
+    for (p, vr) in scores.iter().zip(v.chunks_exact(hd)) {
+        let p = p / sum;
+        for (o, x) in out.iter_mut().zip(vr) {
+            *o += p * x;
+        }
+    }
+}
+
+/// Dot product with 16 independent partial sums (vectorisable; no long dependency chain).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for j in 0..16 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
