@@ -22,7 +22,7 @@ fn forward(c: &mut Criterion) {
     let m = load();
     let mut group = c.benchmark_group("forward_f32");
     group.sample_size(10);
-    for n in [5usize, 128] {
+    for n in [5usize, 32, 128] {
         let ids = prompt_of(&m, n);
         let x = Tensor::new(ids.as_slice(), &Device::Cpu)
             .unwrap()
@@ -35,16 +35,19 @@ fn forward(c: &mut Criterion) {
             })
         });
     }
-    // The same short prompt through candle's ops instead of the fused CPU path.
+    // The same prompts through candle's ops instead of the fused CPU path (which takes inputs
+    // of up to 48 tokens).
     let candle_path = m.model.clone().without_fused_path();
-    let ids = prompt_of(&m, 5);
-    group.bench_function("prompt_5_tokens_candle_ops", |b| {
-        b.iter(|| {
-            candle_path
-                .next_logits(&ids, &mut candle_path.new_cache())
-                .unwrap()
-        })
-    });
+    for n in [5usize, 32] {
+        let ids = prompt_of(&m, n);
+        group.bench_function(format!("prompt_{n}_tokens_candle_ops"), |b| {
+            b.iter(|| {
+                candle_path
+                    .next_logits(&ids, &mut candle_path.new_cache())
+                    .unwrap()
+            })
+        });
+    }
     // One decoding step after a 64-token context (the cache is cloned: Arc'd tensors).
     let mut context = m.model.new_cache();
     m.model

@@ -411,8 +411,7 @@ fn fused_path_matches_candle_ops_through_prefill_and_decoding() {
         .tokenizer
         .encode("<|im_start|>user\nName the colours of the rainbow, please.<|im_end|>\n<|im_start|>assistant\n")
         .unwrap();
-    assert!(ids.len() > 16);
-    let check = |a: &[f32], b: &[f32], what: &str| {
+        let check = |a: &[f32], b: &[f32], what: &str| {
         let diff = common::max_abs_diff(&log_softmax(a), &log_softmax(b));
         eprintln!("{what}: max |Δ logprob| = {diff:.2e}");
         assert!(diff <= 1e-4, "{what}: max |Δ logprob| = {diff}");
@@ -427,7 +426,11 @@ fn fused_path_matches_candle_ops_through_prefill_and_decoding() {
     let mut cache_o = ops.new_cache();
     let logits_o = ops.next_logits(&ids, &mut cache_o).unwrap();
     assert_eq!((cache_f.len(), cache_o.len()), (ids.len(), ids.len()));
-    check(&logits_f, &logits_o, "prompt");
+    check(&logits_f, &logits_o, "prompt in pieces of 7");
+    // The whole prompt in one call (the fused path splits it into pieces of 16 itself).
+    assert!(ids.len() > 16 && ids.len() <= 48);
+    let whole = fused.next_logits(&ids, &mut fused.new_cache()).unwrap();
+    check(&whole, &logits_o, "prompt in one call");
     // Greedy decoding: fused on its own cache and on the candle-built one; candle ops on its
     // own cache and on the fused-built one.
     let (mut cache_fo, mut cache_of) = (cache_o.clone(), cache_f.clone());

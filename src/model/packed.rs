@@ -32,7 +32,7 @@ pub enum Kind {
 
 const BLOCK: usize = 32;
 /// Up to this many activation rows go through the kernel; more use the dense GEMM.
-pub const MAX_ROWS: usize = 8;
+pub const MAX_ROWS: usize = 16;
 
 impl Kind {
     fn bytes_per_block(self) -> usize {
@@ -299,7 +299,15 @@ mod avx512 {
                 5 => rows_n::<5>(m, x, xsum, r0, out),
                 6 => rows_n::<6>(m, x, xsum, r0, out),
                 7 => rows_n::<7>(m, x, xsum, r0, out),
-                _ => rows_n::<8>(m, x, xsum, r0, out),
+                8 => rows_n::<8>(m, x, xsum, r0, out),
+                9 => rows_n::<9>(m, x, xsum, r0, out),
+                10 => rows_n::<10>(m, x, xsum, r0, out),
+                11 => rows_n::<11>(m, x, xsum, r0, out),
+                12 => rows_n::<12>(m, x, xsum, r0, out),
+                13 => rows_n::<13>(m, x, xsum, r0, out),
+                14 => rows_n::<14>(m, x, xsum, r0, out),
+                15 => rows_n::<15>(m, x, xsum, r0, out),
+                _ => rows_n::<16>(m, x, xsum, r0, out),
             }
         }
     }
@@ -368,11 +376,22 @@ mod avx512 {
                         }
                     };
                     let d = _mm512_set1_ps(*m.scale.get_unchecked(bi));
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        let xb = xp.add(t * cols + b * BLOCK);
-                        let s = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
-                        let s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), s);
-                        *a = _mm512_fmadd_ps(s, d, *a);
+                    if N <= 2 {
+                        // Few inputs: scale each block's partial sum (3 operations per input).
+                        for (t, a) in acc.iter_mut().enumerate() {
+                            let xb = xp.add(t * cols + b * BLOCK);
+                            let s = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+                            let s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), s);
+                            *a = _mm512_fmadd_ps(s, d, *a);
+                        }
+                    } else {
+                        // More inputs: scale the weights once (q·d), then 2 operations per input.
+                        let (lo, hi) = (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d));
+                        for (t, a) in acc.iter_mut().enumerate() {
+                            let xb = xp.add(t * cols + b * BLOCK);
+                            *a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), *a);
+                            *a = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), *a);
+                        }
                     }
                 }
             }
