@@ -318,16 +318,14 @@ fn packed_kernel_matches_the_dense_path() {
     }
 }
 
-#[test]
-fn batched_prefill_equals_unbatched() {
+/// Prefills `prompts` as one batch and each alone (as the engine would unbatched); returns the
+/// batch and the largest log-prob difference over the vocabulary.
+fn batch_vs_alone(
+    m: &tokenscope::model::LoadedModel,
+    prompts: &[&str],
+) -> (Vec<(tokenscope::model::Cache, Vec<f32>)>, f32) {
     use tokenscope::engine::batch::prefill_batch;
-    let m = common::smollm();
-    let prompts = [
-        "The capital of France is",
-        "Hi",
-        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
-        "A much longer prompt that needs more tokens than any of the others in this batch, so the others are padded.",
-    ];
+    use tokenscope::engine::distribution::log_softmax;
     let ids: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| m.tokenizer.encode(p).unwrap())
@@ -337,37 +335,39 @@ fn batched_prefill_equals_unbatched() {
     let mut worst = 0f32;
     for (p, (cache, logits)) in ids.iter().zip(&batched) {
         assert_eq!(cache.len(), p.len());
-        let alone = {
-            // The same dense path, one sequence at a time.
-            let mut c = m.model.new_cache();
-            let x = Tensor::new(p.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let l: Vec<f32> = m
-                .model
-                .forward_all(&x, &mut c)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .get(p.len() - 1)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            tokenscope::engine::distribution::log_softmax(&l)
-        };
-        let lb = tokenscope::engine::distribution::log_softmax(logits);
-        let diff = lb
-            .iter()
-            .zip(&alone)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let alone = m.model.next_logits(p, &mut m.model.new_cache()).unwrap();
+        let diff = common::max_abs_diff(&log_softmax(logits), &log_softmax(&alone));
         worst = worst.max(diff);
     }
-    eprintln!("batched vs unbatched: max |Δ logprob| = {worst:e}");
-    // Measured 5e-5: gemm's blocking (and so its summation order) depends on the matrix shapes,
-    // which batching changes; the same noise floor as the independent cross-check (≈ 4e-5).
-    assert!(worst <= 1e-4, "batch-invariance: {worst}");
+    (batched, worst)
+}
+
+const BATCH_PROMPTS: [&str; 4] = [
+    "The capital of France is",
+    "Hi",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "A much longer prompt that needs more tokens than any of the others in this batch, so the others are padded.",
+];
+
+#[test]
+fn batched_prefill_equals_unbatched() {
+    let m = common::smollm();
+    // The fused CPU path (the default model's prompts of up to 48 tokens) concatenates the
+    // prompts' tokens and computes every (row, input) dot product the same way whatever the
+    // batch: bit-identical to each prompt alone.
+    assert!(m.model.has_fused_path());
+    let (batched, worst) = batch_vs_alone(m, &BATCH_PROMPTS);
+    eprintln!("fused path, batched vs unbatched: max |Δ logprob| = {worst:e}");
+    assert_eq!(worst, 0.0, "batch-invariance on the fused path");
+
+    // candle's path (right-padded, dense GEMM): gemm's blocking, and so its summation order,
+    // depends on the matrix shapes that batching changes. Measured 5e-5, the same noise floor
+    // as the independent cross-check (≈ 4e-5).
+    let mut dense = m.clone();
+    dense.model = dense.model.without_fused_path();
+    let (_, worst_dense) = batch_vs_alone(&dense, &BATCH_PROMPTS);
+    eprintln!("candle path, batched vs unbatched: max |Δ logprob| = {worst_dense:e}");
+    assert!(worst_dense <= 1e-4, "batch-invariance: {worst_dense}");
 
     // Generation continues correctly from a batch row's cache.
     let params = GenerateParams {
@@ -376,10 +376,11 @@ fn batched_prefill_equals_unbatched() {
         ..Default::default()
     };
     let (cache, logits) = batched[0].clone();
+    let ids0 = m.tokenizer.encode(BATCH_PROMPTS[0]).unwrap();
     let from_batch = tokenscope::engine::generate::decode_from(
         m,
-        prompts[0],
-        &ids[0],
+        BATCH_PROMPTS[0],
+        &ids0,
         &params,
         &|| false,
         cache,
@@ -387,7 +388,7 @@ fn batched_prefill_equals_unbatched() {
         std::time::Instant::now(),
     )
     .unwrap();
-    let alone = run(prompts[0], &params);
+    let alone = run(BATCH_PROMPTS[0], &params);
     assert_eq!(from_batch.generated_text, alone.generated_text);
     assert!(from_batch
         .generated_text
@@ -411,7 +412,7 @@ fn fused_path_matches_candle_ops_through_prefill_and_decoding() {
         .tokenizer
         .encode("<|im_start|>user\nName the colours of the rainbow, please.<|im_end|>\n<|im_start|>assistant\n")
         .unwrap();
-        let check = |a: &[f32], b: &[f32], what: &str| {
+    let check = |a: &[f32], b: &[f32], what: &str| {
         let diff = common::max_abs_diff(&log_softmax(a), &log_softmax(b));
         eprintln!("{what}: max |Δ logprob| = {diff:.2e}");
         assert!(diff <= 1e-4, "{what}: max |Δ logprob| = {diff}");

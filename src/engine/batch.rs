@@ -1,6 +1,8 @@
 //! Dynamic batching: prompts waiting together are prefilled in one forward pass, so the weights
-//! are read once for all of them. Sequences are right-padded; under the causal mask a real
-//! token never attends to the padding after it, so each row gets its own sequence's logits.
+//! are read once for all of them. On the fused CPU path (short prompts, GGUF on CPU) their
+//! tokens are simply concatenated; otherwise sequences are right-padded for candle's dense
+//! GEMM: under the causal mask a real token never attends to the padding after it, so each row
+//! gets its own sequence's logits.
 
 use candle_core::Tensor;
 
@@ -23,6 +25,10 @@ pub fn prefill_batch(
     let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     if b == 0 || t == 0 || prompts.iter().any(|p| p.is_empty()) {
         return Err(EngineError::EmptyPrompt);
+    }
+    // Short prompts on the fused CPU path: no padding, packed weights.
+    if let Some(out) = lm.prefill_fused(prompts)? {
+        return Ok(out);
     }
     let mut ids = Vec::with_capacity(b * t);
     for p in prompts {

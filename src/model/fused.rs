@@ -68,6 +68,19 @@ struct Buffers {
 /// 101 ms dense, 64 tokens 153 vs 146 ms).
 pub(crate) const MAX_TOKENS: usize = 48;
 
+/// Consecutive rows of a piece that belong to one sequence.
+#[derive(Clone, Copy)]
+struct Segment {
+    /// Index of the sequence (and of its cache).
+    seq: usize,
+    /// First row in the piece.
+    start: usize,
+    /// Number of rows.
+    len: usize,
+    /// Positions already in the sequence's cache before these rows.
+    offset: usize,
+}
+
 impl Fused {
     /// Whether `t` new tokens after a cache can take this path.
     pub fn accepts(&self, t: usize) -> bool {
@@ -77,41 +90,98 @@ impl Fused {
     /// Runs `ids` after the positions in `cache`, appends their keys and values to it, and
     /// returns the logits of the last position.
     pub fn forward(&self, ids: &[u32], cache: &mut Cache) -> candle_core::Result<Vec<f32>> {
+        let mut out = self.forward_many(&[ids], &mut [cache])?;
+        out.pop()
+            .ok_or_else(|| candle_core::Error::Msg("no logits".into()))
+    }
+
+    /// Several sequences at once (dynamic batching): their new tokens, one after the other and
+    /// without padding, are the rows of pieces of up to [`MAX_ROWS`], so each weight block is
+    /// read and converted once per piece rather than once per sequence. Each row attends only
+    /// to its own sequence's cache. Returns each sequence's last-position logits.
+    pub fn forward_many(
+        &self,
+        seqs: &[&[u32]],
+        caches: &mut [&mut Cache],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        if seqs.len() != caches.len() {
+            candle_core::bail!("one cache per sequence");
+        }
+        for (ids, cache) in seqs.iter().zip(caches.iter_mut()) {
+            if !self.accepts(ids.len()) {
+                candle_core::bail!(
+                    "the fused path takes 1 to {MAX_TOKENS} tokens, not {}",
+                    ids.len()
+                );
+            }
+            let total = cache.len + ids.len();
+            let limit = self.cos.len() / (self.head_dim / 2);
+            if total > limit {
+                candle_core::bail!(
+                    "sequence of {total} tokens exceeds the model's context of {limit}"
+                );
+            }
+            if cache.kvs.len() != self.layers.len() {
+                **cache = Cache::new(self.layers.len());
+            }
+        }
         // The whole pass runs on a thread-pool thread: its ~120 parallel matmuls per piece then
         // start from inside the pool (work stealing between threads that are still spinning)
         // instead of each one waking sleeping workers and putting the caller to sleep.
         rayon::scope(|_| {
-            let t = ids.len();
-            if !self.accepts(t) {
-                candle_core::bail!("the fused path takes 1 to {MAX_TOKENS} tokens, not {t}");
+            // (sequence, token) for every new token, in order.
+            let rows: Vec<(usize, u32)> = seqs
+                .iter()
+                .enumerate()
+                .flat_map(|(s, ids)| ids.iter().map(move |&id| (s, id)))
+                .collect();
+            let h = self.hidden;
+            let mut last = vec![0f32; seqs.len() * h];
+            for piece in rows.chunks(MAX_ROWS) {
+                let mut segments: Vec<Segment> = Vec::new();
+                for (i, &(seq, _)) in piece.iter().enumerate() {
+                    match segments.last_mut() {
+                        Some(g) if g.seq == seq => g.len += 1,
+                        _ => segments.push(Segment {
+                            seq,
+                            start: i,
+                            len: 1,
+                            offset: caches[seq].len,
+                        }),
+                    }
+                }
+                let ids: Vec<u32> = piece.iter().map(|&(_, id)| id).collect();
+                let x = self.piece(&ids, &segments, caches)?;
+                for g in &segments {
+                    let row = g.start + g.len - 1;
+                    last[g.seq * h..(g.seq + 1) * h].copy_from_slice(&x[row * h..(row + 1) * h]);
+                }
             }
-            let mut last = Vec::new();
-            for piece in ids.chunks(MAX_ROWS) {
-                last = self.piece(piece, cache)?;
+            let mut normed = vec![0f32; seqs.len() * h];
+            for (x, n) in last.chunks_exact(h).zip(normed.chunks_exact_mut(h)) {
+                rms_norm(x, &self.norm, self.eps, n);
             }
-            let mut normed = vec![0f32; self.hidden];
-            rms_norm(&last, &self.norm, self.eps, &mut normed);
-            let mut logits = vec![0f32; self.head.rows()];
-            matmul_many(&mut [(&self.head, &mut logits)], &normed, 1);
+            let vocab = self.head.rows();
+            let mut logits = Vec::with_capacity(seqs.len());
+            for group in normed.chunks(MAX_ROWS * h) {
+                let n = group.len() / h;
+                let mut out = vec![0f32; n * vocab];
+                matmul_many(&mut [(&self.head, &mut out)], group, n);
+                logits.extend(out.chunks_exact(vocab).map(<[f32]>::to_vec));
+            }
             Ok(logits)
         })
     }
 
-    /// Runs at most [`MAX_ROWS`] tokens through the layers; returns the last one's hidden state.
-    fn piece(&self, ids: &[u32], cache: &mut Cache) -> candle_core::Result<Vec<f32>> {
+    /// Runs one piece (at most [`MAX_ROWS`] rows, made of `segments`) through the layers and
+    /// advances each segment's cache; returns the rows' final hidden states.
+    fn piece(
+        &self,
+        ids: &[u32],
+        segments: &[Segment],
+        caches: &mut [&mut Cache],
+    ) -> candle_core::Result<Vec<f32>> {
         let t = ids.len();
-        let offset = cache.len;
-        let total = offset + t;
-        let half = self.head_dim / 2;
-        if total * half > self.cos.len() {
-            candle_core::bail!(
-                "sequence of {total} tokens exceeds the model's context of {}",
-                self.cos.len() / half
-            );
-        }
-        if cache.kvs.len() != self.layers.len() {
-            *cache = Cache::new(self.layers.len());
-        }
         let (h, qd, kvd) = (
             self.hidden,
             self.n_head * self.head_dim,
@@ -140,22 +210,26 @@ impl Fused {
                 b.x[i * h..(i + 1) * h].copy_from_slice(&table[id * h..(id + 1) * h]);
             }
         }
-        for (layer, slot) in self.layers.iter().zip(cache.kvs.iter_mut()) {
-            self.layer(layer, slot, &mut b, offset, t)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            self.layer(layer, l, &mut b, segments, caches)?;
         }
-        cache.len = total;
-        Ok(b.x.split_off((t - 1) * h))
+        for g in segments {
+            caches[g.seq].len += g.len;
+        }
+        Ok(b.x)
     }
 
     fn layer(
         &self,
         layer: &FusedLayer,
-        slot: &mut Option<(Tensor, Tensor)>,
+        index: usize,
         b: &mut Buffers,
-        offset: usize,
-        t: usize,
+        segments: &[Segment],
+        caches: &mut [&mut Cache],
     ) -> candle_core::Result<()> {
+        let t = b.x.len() / self.hidden;
         let (h, hd) = (self.hidden, self.head_dim);
+        let (qd, kvd) = (self.n_head * hd, self.n_kv_head * hd);
         for (x, xn) in b.x.chunks_exact(h).zip(b.xn.chunks_exact_mut(h)) {
             rms_norm(x, &layer.attn_norm, self.eps, xn);
         }
@@ -168,28 +242,47 @@ impl Fused {
             &b.xn,
             t,
         );
-        self.rope(&mut b.q, self.n_head, offset);
-        self.rope(&mut b.k, self.n_kv_head, offset);
-
-        let (kc, vc) = append_kv(slot.take(), &b.k, &b.v, self.n_kv_head, offset, t, hd)?;
-        attention(
-            &b.q,
-            &kc,
-            &vc,
-            Shape {
-                t,
-                offset,
-                n_head: self.n_head,
-                n_kv_head: self.n_kv_head,
-                head_dim: hd,
-            },
-            &mut b.att,
-        );
-        let shape = (1, self.n_kv_head, offset + t, hd);
-        *slot = Some((
-            Tensor::from_vec(kc, shape, &Device::Cpu)?,
-            Tensor::from_vec(vc, shape, &Device::Cpu)?,
-        ));
+        for g in segments {
+            let rows = g.start..g.start + g.len;
+            self.rope(
+                &mut b.q[rows.start * qd..rows.end * qd],
+                self.n_head,
+                g.offset,
+            );
+            self.rope(
+                &mut b.k[rows.start * kvd..rows.end * kvd],
+                self.n_kv_head,
+                g.offset,
+            );
+            let slot = &mut caches[g.seq].kvs[index];
+            let (kc, vc) = append_kv(
+                slot.take(),
+                &b.k[rows.start * kvd..rows.end * kvd],
+                &b.v[rows.start * kvd..rows.end * kvd],
+                self.n_kv_head,
+                g.offset,
+                g.len,
+                hd,
+            )?;
+            attention(
+                &b.q[rows.start * qd..rows.end * qd],
+                &kc,
+                &vc,
+                Shape {
+                    t: g.len,
+                    offset: g.offset,
+                    n_head: self.n_head,
+                    n_kv_head: self.n_kv_head,
+                    head_dim: hd,
+                },
+                &mut b.att[rows.start * qd..rows.end * qd],
+            );
+            let shape = (1, self.n_kv_head, g.offset + g.len, hd);
+            *slot = Some((
+                Tensor::from_vec(kc, shape, &Device::Cpu)?,
+                Tensor::from_vec(vc, shape, &Device::Cpu)?,
+            ));
+        }
 
         matmul_many(&mut [(&layer.o, &mut b.o)], &b.att, t);
         for (x, o) in b.x.iter_mut().zip(&b.o) {

@@ -198,6 +198,9 @@ impl Module for Linear {
     }
 }
 
+/// A prefilled sequence: its KV cache and the logits of its last position.
+pub type Prefilled = (Cache, Vec<f32>);
+
 /// The KV cache of one sequence: per layer, keys and values of shape (b, n_kv, t, head_dim).
 #[derive(Debug, Clone, Default)]
 pub struct Cache {
@@ -703,6 +706,29 @@ impl Llama {
             .unsqueeze(1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&picked, false)?)?;
         logits.squeeze(1)?.to_dtype(DType::F32)
+    }
+
+    /// Batched prefill on the fused CPU path, when it can take every prompt (each at most 48
+    /// tokens): the prompts' tokens share packed-kernel passes without padding. Returns each
+    /// prompt's KV cache and last-position logits, or `None` where the caller should use
+    /// [`Self::forward_rows`].
+    pub fn prefill_fused(
+        &self,
+        prompts: &[&[u32]],
+    ) -> candle_core::Result<Option<Vec<Prefilled>>> {
+        let Some(fused) = self
+            .fused
+            .as_ref()
+            .filter(|f| prompts.iter().all(|p| f.accepts(p.len())))
+        else {
+            return Ok(None);
+        };
+        let mut caches: Vec<Cache> = prompts.iter().map(|_| self.new_cache()).collect();
+        let logits = {
+            let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
+            fused.forward_many(prompts, &mut refs)?
+        };
+        Ok(Some(caches.into_iter().zip(logits).collect()))
     }
 
     /// [`Self::forward`] for one sequence of token ids: the f32 logits of its last position.

@@ -257,10 +257,10 @@ fn rows_generic<const FMA: bool>(
     }
 }
 
-/// Hand-written AVX-512 kernel. Per 32-weight block it computes `d · Σ q·x (+ m · Σx)`: the
-/// same real number as the portable kernel's `Σ (q·d + m)·x`, in a different rounding order
-/// (relative differences ~1e-7), at about half the instructions. Integer quants become f32
-/// exactly (they are at most 8 bits), so no precision is lost to the 8-bit format itself.
+/// Hand-written AVX-512 kernel. Per 32-weight block it computes `Σ (q·d)·x`, and per row
+/// `Σ_b m_b · Σx_b` for the Q4_1 offsets: the same real number as the portable kernel's
+/// `Σ (q·d + m)·x`, in a different rounding order (relative differences ~1e-7). Integer quants
+/// become f32 exactly (they are at most 8 bits), so no precision is lost to the format itself.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Kind, PackedMatrix, BLOCK, MAX_ROWS};
@@ -321,10 +321,9 @@ mod avx512 {
         out: &mut [f32],
     ) {
         const { assert!(N >= 1 && N <= MAX_ROWS) };
-        let cols = m.cols;
-        let nb = cols / BLOCK;
+        let nb = m.cols / BLOCK;
         let rows = out.len() / N;
-        assert!(x.len() == N * cols && xsum.len() == N * nb);
+        assert!(x.len() == N * m.cols && xsum.len() == N * nb);
         assert!(
             m.scale.len() >= (r0 + rows) * nb
                 && m.qs.len() >= (r0 + rows) * nb * m.kind.qs_per_block()
@@ -332,22 +331,53 @@ mod avx512 {
         if m.kind == Kind::Q4_1 {
             assert!(m.min.len() >= (r0 + rows) * nb);
         }
+        // With few inputs, two weight rows at a time: two independent accumulator chains per
+        // input. Each (row, input) dot product is computed the same way either way.
+        let mut i = 0;
+        if N <= 8 {
+            while i + 2 <= rows {
+                // SAFETY: rows r0 + i and r0 + i + 1 are inside the asserted bounds.
+                unsafe { weight_rows::<N, 2>(m, x, xsum, r0 + i, &mut out[i * N..(i + 2) * N]) };
+                i += 2;
+            }
+        }
+        while i < rows {
+            // SAFETY: row r0 + i is inside the asserted bounds.
+            unsafe { weight_rows::<N, 1>(m, x, xsum, r0 + i, &mut out[i * N..(i + 1) * N]) };
+            i += 1;
+        }
+    }
+
+    /// Dot products of weight rows r..r + R with the N input rows; writes (R × N) values.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and FMA; rows r..r + R exist in `m`; x holds N rows of `m.cols`.
+    #[inline(always)]
+    unsafe fn weight_rows<const N: usize, const R: usize>(
+        m: &PackedMatrix,
+        x: &[f32],
+        xsum: &[f32],
+        r: usize,
+        out: &mut [f32],
+    ) {
+        let cols = m.cols;
+        let nb = cols / BLOCK;
         let xp = x.as_ptr();
-        for i in 0..rows {
-            let r = r0 + i;
-            let mut acc = [_mm512_setzero_ps(); N];
+        let qpb = m.kind.qs_per_block();
+        // SAFETY (whole body): the caller guarantees the CPU features and that every block
+        // index (r + j) * nb + b below is inside the matrix; x holds N rows of `cols` values;
+        // prefetches never fault, even past the end.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); N]; R];
             if m.kind == Kind::Q4_1 {
-                // The offsets of the row after next (read once per row, after its blocks).
+                // The offsets of the rows after these (read once per row, after its blocks).
                 _mm_prefetch::<_MM_HINT_T0>(m.min.as_ptr().wrapping_add((r + 2) * nb) as *const i8);
             }
             for b in 0..nb {
-                let bi = r * nb + b;
-                // SAFETY: bi < (r0 + rows) * nb, and the quant/scale arrays hold that many
-                // blocks (asserted above); x holds N rows of `cols` values.
-                unsafe {
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let bi = (r + j) * nb + b;
                     // Streaming ~100 MB of weights per token: ask for the data of the blocks
-                    // PREFETCH ahead now (prefetches never fault, even past the end).
-                    let qpb = m.kind.qs_per_block();
+                    // PREFETCH ahead now.
                     _mm_prefetch::<_MM_HINT_T0>(
                         m.qs.as_ptr().wrapping_add((bi + PREFETCH) * qpb) as *const i8
                     );
@@ -376,49 +406,39 @@ mod avx512 {
                         }
                     };
                     let d = _mm512_set1_ps(*m.scale.get_unchecked(bi));
-                    if N <= 2 {
-                        // Few inputs: scale each block's partial sum (3 operations per input).
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            let xb = xp.add(t * cols + b * BLOCK);
-                            let s = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
-                            let s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), s);
-                            *a = _mm512_fmadd_ps(s, d, *a);
-                        }
-                    } else {
-                        // More inputs: scale the weights once (q·d), then 2 operations per input.
-                        let (lo, hi) = (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d));
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            let xb = xp.add(t * cols + b * BLOCK);
-                            *a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), *a);
-                            *a = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), *a);
-                        }
+                    // The weights scaled once (q·d), then two fused multiply-adds per input
+                    // row: the same operations in the same order whatever the number of rows,
+                    // so a sequence gets bit-identical results alone or batched with others.
+                    let (lo, hi) = (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d));
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let xb = xp.add(t * cols + b * BLOCK);
+                        *a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), *a);
+                        *a = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), *a);
                     }
                 }
             }
-            if m.kind == Kind::Q4_1 {
-                // + Σ_b m_b · Σx_b, 16 blocks at a time (the tail masked).
-                let mins = &m.min[r * nb..(r + 1) * nb];
-                let mut b = 0;
-                while b < nb {
-                    let k: __mmask16 = if nb - b >= 16 {
-                        0xFFFF
-                    } else {
-                        (1u16 << (nb - b)) - 1
-                    };
-                    // SAFETY: the masked loads touch only indices b..nb of `mins` and of each
-                    // row's `nb` block sums.
-                    unsafe {
-                        let mv = _mm512_maskz_loadu_ps(k, mins.as_ptr().add(b));
+            for (j, acc) in acc.iter_mut().enumerate() {
+                if m.kind == Kind::Q4_1 {
+                    // + Σ_b m_b · Σx_b, 16 blocks at a time (the tail masked).
+                    let mins = m.min.as_ptr().add((r + j) * nb);
+                    let mut b = 0;
+                    while b < nb {
+                        let k: __mmask16 = if nb - b >= 16 {
+                            0xFFFF
+                        } else {
+                            (1u16 << (nb - b)) - 1
+                        };
+                        let mv = _mm512_maskz_loadu_ps(k, mins.add(b));
                         for (t, a) in acc.iter_mut().enumerate() {
                             let sv = _mm512_maskz_loadu_ps(k, xsum.as_ptr().add(t * nb + b));
                             *a = _mm512_fmadd_ps(mv, sv, *a);
                         }
+                        b += 16;
                     }
-                    b += 16;
                 }
-            }
-            for (t, a) in acc.iter().enumerate() {
-                out[i * N + t] = _mm512_reduce_add_ps(*a);
+                for (t, a) in acc.iter().enumerate() {
+                    out[j * N + t] = _mm512_reduce_add_ps(*a);
+                }
             }
         }
     }
