@@ -13,7 +13,7 @@ fn load() -> model::LoadedModel {
 
 fn prompt_of(m: &model::LoadedModel, tokens: usize) -> Vec<u32> {
     let text = "The quick brown fox jumps over the lazy dog while the farmer counts his sheep. "
-        .repeat(16);
+        .repeat(40);
     let ids = m.tokenizer.encode(&text).unwrap();
     ids[..tokens].to_vec()
 }
@@ -48,18 +48,35 @@ fn forward(c: &mut Criterion) {
             })
         });
     }
-    // One decoding step after a 64-token context (the cache is cloned: Arc'd tensors).
-    let mut context = m.model.new_cache();
-    m.model
-        .next_logits(&prompt_of(&m, 64), &mut context)
-        .unwrap();
-    for (name, model) in [
-        ("decode_1_token_at_64", &m.model),
-        ("decode_1_token_at_64_candle_ops", &candle_path),
-    ] {
-        group.bench_function(name, |b| {
-            b.iter(|| model.next_logits(&[279], &mut context.clone()).unwrap())
-        });
+    // 16 decoding steps after a 64- and a 512-token context (the context is cached once; each
+    // iteration continues a copy-on-write clone of it).
+    for context_len in [64usize, 512] {
+        let mut context = m.model.new_cache();
+        let mut ops_context = candle_path.new_cache();
+        let ids = prompt_of(&m, context_len);
+        m.model.next_logits(&ids, &mut context).unwrap();
+        candle_path.next_logits(&ids, &mut ops_context).unwrap();
+        for (name, model, context) in [
+            (
+                format!("decode_16_tokens_at_{context_len}"),
+                &m.model,
+                &context,
+            ),
+            (
+                format!("decode_16_tokens_at_{context_len}_candle_ops"),
+                &candle_path,
+                &ops_context,
+            ),
+        ] {
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    let mut cache = context.clone();
+                    for step in 0..16u32 {
+                        model.next_logits(&[279 + step], &mut cache).unwrap();
+                    }
+                })
+            });
+        }
     }
     group.finish();
 
@@ -97,13 +114,15 @@ fn forward(c: &mut Criterion) {
 criterion_group!(benches, forward);
 criterion_main!(benches, kernels);
 
-/// The packed matvec alone, on the default model's shapes (one token).
+/// The packed kernel alone, on the default model's shapes (one input row, or 16).
 fn packed(c: &mut Criterion) {
     use tokenscope::model::packed::{Kind, PackedMatrix};
     let mut group = c.benchmark_group("packed_matvec");
-    for (name, kind, rows, cols) in [
-        ("q4_1_1536x576", Kind::Q4_1, 1536usize, 576usize),
-        ("q8_0_49152x576_lm_head", Kind::Q8_0, 49152, 576),
+    for (name, kind, rows, cols, n) in [
+        ("q4_1_1536x576", Kind::Q4_1, 1536usize, 576usize, 1usize),
+        ("q4_1_1536x576_16_inputs", Kind::Q4_1, 1536, 576, 16),
+        ("q4_1_576x1536_16_inputs", Kind::Q4_1, 576, 1536, 16),
+        ("q8_0_49152x576_lm_head", Kind::Q8_0, 49152, 576, 1),
     ] {
         let bpb = if kind == Kind::Q4_1 { 20 } else { 34 };
         let mut data = vec![0u8; rows * cols / 32 * bpb];
@@ -118,8 +137,8 @@ fn packed(c: &mut Criterion) {
             }
         }
         let m = PackedMatrix::from_blocks(kind, rows, cols, &data, None).unwrap();
-        let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 * 0.1).collect();
-        group.bench_function(name, |b| b.iter(|| m.matmul(std::hint::black_box(&x), 1)));
+        let x: Vec<f32> = (0..n * cols).map(|i| (i % 7) as f32 * 0.1).collect();
+        group.bench_function(name, |b| b.iter(|| m.matmul(std::hint::black_box(&x), n)));
     }
     group.finish();
 }

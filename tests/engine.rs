@@ -451,3 +451,35 @@ fn fused_path_matches_candle_ops_through_prefill_and_decoding() {
         .next_logits(&[u32::MAX], &mut fused.new_cache())
         .is_err());
 }
+
+#[test]
+fn kv_cache_views_are_copy_on_write() {
+    // The fused path appends to its KV cache in place; clones and truncated views (what the
+    // prefix cache hands out) must never see each other's appends.
+    let m = common::smollm();
+    let lm = &m.model;
+    let ids = m
+        .tokenizer
+        .encode("The capital of France is Paris. The capital of Italy is")
+        .unwrap();
+    let mut full = lm.new_cache();
+    lm.next_logits(&ids, &mut full).unwrap();
+    let probe =
+        |cache: &tokenscope::model::Cache| lm.next_logits(&[7042], &mut cache.clone()).unwrap();
+    let before = probe(&full);
+    // A truncated view continued with other tokens, and a clone continued by several steps.
+    let mut view = full.truncated(4).unwrap();
+    lm.next_logits(&[100, 200, 300], &mut view).unwrap();
+    let mut copy = full.clone();
+    for t in [1u32, 2, 3, 4] {
+        lm.next_logits(&[t], &mut copy).unwrap();
+    }
+    assert_eq!(probe(&full), before, "the original cache changed");
+    // The view equals a fresh computation of its tokens.
+    let mut fresh = lm.new_cache();
+    let mut tokens = ids[..4].to_vec();
+    tokens.extend([100, 200, 300]);
+    lm.next_logits(&tokens, &mut fresh).unwrap();
+    let diff = common::max_abs_diff(&probe(&view), &probe(&fresh));
+    assert!(diff <= 1e-4, "view vs fresh: {diff}");
+}

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 
 use super::llama::Cache;
@@ -254,20 +254,20 @@ impl Fused {
                 self.n_kv_head,
                 g.offset,
             );
-            let slot = &mut caches[g.seq].kvs[index];
-            let (kc, vc) = append_kv(
-                slot.take(),
+            let cache = &mut *caches[g.seq];
+            let kv = cache.host_layer(index, self.n_kv_head, hd)?;
+            if kv.len != g.offset {
+                candle_core::bail!("KV cache of {} positions, expected {}", kv.len, g.offset);
+            }
+            kv.append(
                 &b.k[rows.start * kvd..rows.end * kvd],
                 &b.v[rows.start * kvd..rows.end * kvd],
-                self.n_kv_head,
-                g.offset,
-                g.len,
-                hd,
-            )?;
+                kvd,
+            );
             attention(
                 &b.q[rows.start * qd..rows.end * qd],
-                &kc,
-                &vc,
+                &kv.k[..kv.len * kvd],
+                &kv.v[..kv.len * kvd],
                 Shape {
                     t: g.len,
                     offset: g.offset,
@@ -277,11 +277,8 @@ impl Fused {
                 },
                 &mut b.att[rows.start * qd..rows.end * qd],
             );
-            let shape = (1, self.n_kv_head, g.offset + g.len, hd);
-            *slot = Some((
-                Tensor::from_vec(kc, shape, &Device::Cpu)?,
-                Tensor::from_vec(vc, shape, &Device::Cpu)?,
-            ));
+            // The tensor form of this layer is now behind.
+            cache.kvs[index] = None;
         }
 
         matmul_many(&mut [(&layer.o, &mut b.o)], &b.att, t);
@@ -352,54 +349,6 @@ fn cpu_f32<'a>(
     }
 }
 
-/// The layer's keys and values after appending the new positions: (n_kv, offset + t,
-/// head_dim) each, head-major like the candle path's cache tensors. `new_k`/`new_v` are
-/// (t, n_kv, head_dim).
-fn append_kv(
-    old: Option<(Tensor, Tensor)>,
-    new_k: &[f32],
-    new_v: &[f32],
-    n_kv: usize,
-    offset: usize,
-    t: usize,
-    hd: usize,
-) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-    let total = offset + t;
-    let merge = |old: Option<&Tensor>, new: &[f32]| -> candle_core::Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(n_kv * total * hd);
-        let old = match old {
-            Some(o) if offset > 0 => {
-                if o.dims() != [1, n_kv, offset, hd] {
-                    candle_core::bail!("KV cache of shape {:?} for {offset} positions", o.dims());
-                }
-                Some(o.contiguous()?)
-            }
-            _ => None,
-        };
-        let guard = old.as_ref().map(|o| o.storage_and_layout());
-        let old_data = match &guard {
-            Some((s, l)) => cpu_f32(s, l)?,
-            None => &[][..],
-        };
-        for head in 0..n_kv {
-            if offset > 0 {
-                out.extend_from_slice(&old_data[head * offset * hd..(head + 1) * offset * hd]);
-            }
-            for i in 0..t {
-                let at = (i * n_kv + head) * hd;
-                out.extend_from_slice(&new[at..at + hd]);
-            }
-        }
-        Ok(out)
-    };
-    if offset > 0 && old.is_none() {
-        candle_core::bail!("KV cache missing for {offset} cached positions");
-    }
-    let k = merge(old.as_ref().map(|(k, _)| k), new_k)?;
-    let v = merge(old.as_ref().map(|(_, v)| v), new_v)?;
-    Ok((k, v))
-}
-
 #[derive(Clone, Copy)]
 struct Shape {
     t: usize,
@@ -410,17 +359,21 @@ struct Shape {
 }
 
 /// Causal attention of the t new queries (t, n_head, head_dim) over the cached keys and values
-/// (n_kv, offset + t, head_dim); writes (t, n_head, head_dim). Grouped heads share a KV head.
+/// (offset + t, n_kv, head_dim); writes (t, n_head, head_dim). Grouped heads share a KV head.
 fn attention(q: &[f32], k: &[f32], v: &[f32], s: Shape, out: &mut [f32]) {
     let total = s.offset + s.t;
     let work = |(item, out): (usize, &mut [f32])| {
         let (i, head) = (item / s.n_head, item % s.n_head);
         let kv_head = head / (s.n_head / s.n_kv_head);
         let qv = &q[item * s.head_dim..(item + 1) * s.head_dim];
-        let span = kv_head * total * s.head_dim..(kv_head + 1) * total * s.head_dim;
         // Query i sits at position offset + i and sees positions 0..=offset + i.
         let seen = s.offset + i + 1;
-        head_attention(qv, &k[span.clone()], &v[span], seen, s.head_dim, out);
+        let at = Strided {
+            first: kv_head * s.head_dim,
+            stride: s.n_kv_head * s.head_dim,
+            len: s.head_dim,
+        };
+        head_attention(qv, k, v, at, seen, out);
     };
     // Splitting across threads pays only once there is enough context to scan.
     if s.t * total >= 64 {
@@ -430,14 +383,30 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], s: Shape, out: &mut [f32]) {
     }
 }
 
-fn head_attention(q: &[f32], k: &[f32], v: &[f32], seen: usize, hd: usize, out: &mut [f32]) {
+/// Where one KV head's vector of position p lies: `first + p · stride`, `len` values.
+#[derive(Clone, Copy)]
+struct Strided {
+    first: usize,
+    stride: usize,
+    len: usize,
+}
+
+impl Strided {
+    #[inline(always)]
+    fn at<'a>(&self, data: &'a [f32], p: usize) -> &'a [f32] {
+        let start = self.first + p * self.stride;
+        &data[start..start + self.len]
+    }
+}
+
+fn head_attention(q: &[f32], k: &[f32], v: &[f32], at: Strided, seen: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { head_attention_avx2(q, k, v, seen, hd, out) };
+        unsafe { head_attention_avx2(q, k, v, at, seen, out) };
         return;
     }
-    head_attention_generic(q, k, v, seen, hd, out);
+    head_attention_generic(q, k, v, at, seen, out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -446,42 +415,46 @@ unsafe fn head_attention_avx2(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    at: Strided,
     seen: usize,
-    hd: usize,
     out: &mut [f32],
 ) {
     // The portable code, vectorised by LLVM with AVX2 enabled.
-    head_attention_generic(q, k, v, seen, hd, out);
+    head_attention_generic(q, k, v, at, seen, out);
 }
 
 /// softmax(q·kᵀ / √d) · v for one query over `seen` positions, the softmax as candle's
 /// (max subtracted, exp, divided by the sum).
+// Plain loops rather than iterator adapters: their closures are not always inlined into the
+// AVX2 instance, and would then run without it.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 fn head_attention_generic(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    at: Strided,
     seen: usize,
-    hd: usize,
     out: &mut [f32],
 ) {
-    let scale = (1.0 / (hd as f64).sqrt()) as f32;
-    let mut scores: Vec<f32> = k
-        .chunks_exact(hd)
-        .take(seen)
-        .map(|kr| dot(q, kr) * scale)
-        .collect();
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let scale = (1.0 / (at.len as f64).sqrt()) as f32;
+    let mut scores = vec![0f32; seen];
+    let mut max = f32::NEG_INFINITY;
+    for p in 0..seen {
+        let s = dot(q, at.at(k, p)) * scale;
+        scores[p] = s;
+        max = max.max(s);
+    }
     let mut sum = 0f32;
     for s in scores.iter_mut() {
         *s = (*s - max).exp();
         sum += *s;
     }
     out.fill(0.0);
-    for (p, vr) in scores.iter().zip(v.chunks_exact(hd)) {
-        let p = p / sum;
-        for (o, x) in out.iter_mut().zip(vr) {
-            *o += p * x;
+    for p in 0..seen {
+        let w = scores[p] / sum;
+        for (o, x) in out.iter_mut().zip(at.at(v, p)) {
+            *o += w * x;
         }
     }
 }
@@ -491,16 +464,18 @@ fn head_attention_generic(
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let mut tail = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
     for (x, y) in ca.zip(cb) {
         for j in 0..16 {
             acc[j] += x[j] * y[j];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    let mut total = 0f32;
+    for x in acc {
+        total += x;
+    }
+    total + tail
 }

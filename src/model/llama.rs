@@ -201,17 +201,53 @@ impl Module for Linear {
 /// A prefilled sequence: its KV cache and the logits of its last position.
 pub type Prefilled = (Cache, Vec<f32>);
 
-/// The KV cache of one sequence: per layer, keys and values of shape (b, n_kv, t, head_dim).
+/// The KV cache of one sequence, per layer in one of two forms: candle tensors (b, n_kv, t,
+/// head_dim) for candle's ops, or host vectors the fused CPU path appends to in place. A layer
+/// may hold both only while they agree: whichever path appends clears the other form, and a
+/// path that finds only the other form converts it once.
 #[derive(Debug, Clone, Default)]
 pub struct Cache {
     pub(super) kvs: Vec<Option<(Tensor, Tensor)>>,
+    pub(super) host: Vec<Option<HostKv>>,
     pub(super) len: usize,
+}
+
+/// One layer's keys and values for the fused path, position-major: (positions, n_kv,
+/// head_dim). Shared copy-on-write, so caching a sequence (prefix cache, a truncated view)
+/// copies nothing until it is appended to.
+#[derive(Debug, Clone)]
+pub(super) struct HostKv {
+    pub k: std::sync::Arc<Vec<f32>>,
+    pub v: std::sync::Arc<Vec<f32>>,
+    /// Positions in use (the vectors may hold more: a truncated view of a longer sequence).
+    pub len: usize,
+}
+
+impl HostKv {
+    /// Appends `k`/`v` rows of `stride` = n_kv · head_dim values each: in place when this is
+    /// the vectors' only owner and nothing follows `len`, else into fresh copies.
+    pub(super) fn append(&mut self, k: &[f32], v: &[f32], stride: usize) {
+        let keep = self.len * stride;
+        for (store, new) in [(&mut self.k, k), (&mut self.v, v)] {
+            match std::sync::Arc::get_mut(store) {
+                Some(vec) if vec.len() == keep => vec.extend_from_slice(new),
+                _ => {
+                    let mut fresh = Vec::with_capacity((keep + new.len()).next_power_of_two());
+                    fresh.extend_from_slice(&store[..keep]);
+                    fresh.extend_from_slice(new);
+                    *store = std::sync::Arc::new(fresh);
+                }
+            }
+        }
+        self.len += k.len() / stride;
+    }
 }
 
 impl Cache {
     pub fn new(n_layers: usize) -> Self {
         Self {
             kvs: vec![None; n_layers],
+            host: vec![None; n_layers],
             len: 0,
         }
     }
@@ -230,6 +266,10 @@ impl Cache {
         if len > self.len {
             candle_core::bail!("cannot take {len} positions of a cache of {}", self.len);
         }
+        if row == 0 && self.host.iter().any(Option::is_some) {
+            // A single sequence's cache (only batched prefills have other rows).
+            return self.truncated(len);
+        }
         let kvs = self
             .kvs
             .iter()
@@ -241,7 +281,11 @@ impl Cache {
                 None => Ok(None),
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self { kvs, len })
+        Ok(Self {
+            host: vec![None; self.kvs.len()],
+            kvs,
+            len,
+        })
     }
 
     /// The cache of the first `len` positions (views, no copy).
@@ -257,7 +301,97 @@ impl Cache {
                 None => Ok(None),
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self { kvs, len })
+        let host = self
+            .host
+            .iter()
+            .map(|h| {
+                h.as_ref().map(|h| HostKv {
+                    k: h.k.clone(),
+                    v: h.v.clone(),
+                    len,
+                })
+            })
+            .collect();
+        Ok(Self { kvs, host, len })
+    }
+
+    /// Layer `layer` as host vectors holding this cache's `len` positions (converted from the
+    /// tensors if that is the form it is in), for the fused path.
+    pub(super) fn host_layer(
+        &mut self,
+        layer: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<&mut HostKv> {
+        self.fit(layer + 1);
+        let len = self.len;
+        let fresh = match (&self.host[layer], &self.kvs[layer]) {
+            (Some(h), _) if h.len == len => None,
+            (_, Some((k, v))) if len > 0 => {
+                let to_host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+                    if t.dims() != [1, n_kv, len, head_dim] {
+                        candle_core::bail!("KV cache of shape {:?} for {len} positions", t.dims());
+                    }
+                    t.squeeze(0)?
+                        .transpose(0, 1)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()
+                };
+                Some(HostKv {
+                    k: std::sync::Arc::new(to_host(k)?),
+                    v: std::sync::Arc::new(to_host(v)?),
+                    len,
+                })
+            }
+            _ if len == 0 => Some(HostKv {
+                k: Default::default(),
+                v: Default::default(),
+                len: 0,
+            }),
+            _ => candle_core::bail!("KV cache missing for {len} cached positions"),
+        };
+        if let Some(h) = fresh {
+            self.host[layer] = Some(h);
+        }
+        self.host[layer]
+            .as_mut()
+            .ok_or_else(|| candle_core::Error::Msg("KV cache missing".into()))
+    }
+
+    /// Before candle's ops append to layer `layer`: its tensors, converted from the host
+    /// vectors if that is the form it is in. The host form is dropped (it is about to be stale).
+    fn tensors_for_candle(
+        &mut self,
+        layer: usize,
+        n_kv: usize,
+        head_dim: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<()> {
+        self.fit(layer + 1);
+        if let Some(h) = self.host[layer].take() {
+            let stale = !matches!(&self.kvs[layer], Some((k, _)) if k.dim(2)? == self.len);
+            if stale && self.len > 0 {
+                let n = self.len * n_kv * head_dim;
+                let to_tensor = |data: &[f32]| -> candle_core::Result<Tensor> {
+                    Tensor::from_slice(&data[..n], (1, self.len, n_kv, head_dim), device)?
+                        .transpose(1, 2)?
+                        .contiguous()?
+                        .to_dtype(dtype)
+                };
+                self.kvs[layer] = Some((to_tensor(&h.k)?, to_tensor(&h.v)?));
+            }
+        }
+        Ok(())
+    }
+
+    fn fit(&mut self, n_layers: usize) {
+        if self.kvs.len() < n_layers {
+            self.kvs.resize(n_layers, None);
+        }
+        if self.host.len() < n_layers {
+            self.host.resize(n_layers, None);
+        }
     }
 }
 
@@ -712,10 +846,7 @@ impl Llama {
     /// tokens): the prompts' tokens share packed-kernel passes without padding. Returns each
     /// prompt's KV cache and last-position logits, or `None` where the caller should use
     /// [`Self::forward_rows`].
-    pub fn prefill_fused(
-        &self,
-        prompts: &[&[u32]],
-    ) -> candle_core::Result<Option<Vec<Prefilled>>> {
+    pub fn prefill_fused(&self, prompts: &[&[u32]]) -> candle_core::Result<Option<Vec<Prefilled>>> {
         let Some(fused) = self
             .fused
             .as_ref()
@@ -761,6 +892,10 @@ impl Llama {
         }
         if cache.kvs.len() != self.layers.len() {
             *cache = self.new_cache();
+        }
+        let (n_kv, hd) = (self.cfg.n_kv_heads(), self.cfg.head_dim());
+        for l in 0..self.layers.len() {
+            cache.tensors_for_candle(l, n_kv, hd, &self.device, self.dtype)?;
         }
         let mask = causal_mask(t, offset, self.dtype, &self.device)?;
         let mut x = self.embed_tokens.forward(ids)?;
