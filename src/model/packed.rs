@@ -160,9 +160,6 @@ pub fn matmul_many(parts: &mut [(&PackedMatrix, &mut [f32])], x: &[f32], n: usiz
     for (m, y) in parts.iter() {
         assert!(m.cols == cols && y.len() == n * m.rows);
     }
-    // Per input row and block, the sum of its 32 activations: the Q4_1 offset `m` of a block
-    // contributes m · Σx, so it is applied once per block instead of once per weight.
-    let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
     // Measured: 32-row tasks beat fewer, larger ones (better balance across the cores).
     let rows_per_task = 32;
     if n == 1 {
@@ -174,7 +171,7 @@ pub fn matmul_many(parts: &mut [(&PackedMatrix, &mut [f32])], x: &[f32], n: usiz
         }
         tasks
             .into_par_iter()
-            .for_each(|(m, r0, out)| rows_kernel(m, x, &xsum, 1, r0, out));
+            .for_each(|(m, r0, out)| rows_kernel(m, x, 1, r0, out));
         return;
     }
     // Computed as yᵀ (rows × n) so each task owns a contiguous slice, then transposed.
@@ -187,7 +184,7 @@ pub fn matmul_many(parts: &mut [(&PackedMatrix, &mut [f32])], x: &[f32], n: usiz
     }
     tasks
         .into_par_iter()
-        .for_each(|(m, r0, out)| rows_kernel(m, x, &xsum, n, r0, out));
+        .for_each(|(m, r0, out)| rows_kernel(m, x, n, r0, out));
     for ((m, y), yt) in parts.iter_mut().zip(&yts) {
         for r in 0..m.rows {
             for t in 0..n {
@@ -197,12 +194,12 @@ pub fn matmul_many(parts: &mut [(&PackedMatrix, &mut [f32])], x: &[f32], n: usiz
     }
 }
 
-fn rows_kernel(m: &PackedMatrix, x: &[f32], xsum: &[f32], n: usize, r0: usize, out: &mut [f32]) {
+fn rows_kernel(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if avx512::available() {
             // SAFETY: the CPU supports the features the kernel is compiled for (checked above).
-            unsafe { avx512::rows(m, x, xsum, n, r0, out) };
+            unsafe { avx512::rows(m, x, n, r0, out) };
             return;
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -211,7 +208,6 @@ fn rows_kernel(m: &PackedMatrix, x: &[f32], xsum: &[f32], n: usize, r0: usize, o
             return;
         }
     }
-    let _ = xsum;
     rows_generic::<false>(m, x, n, r0, out);
 }
 
@@ -257,10 +253,10 @@ fn rows_generic<const FMA: bool>(
     }
 }
 
-/// Hand-written AVX-512 kernel. Per 32-weight block it computes `Σ (q·d)·x`, and per row
-/// `Σ_b m_b · Σx_b` for the Q4_1 offsets: the same real number as the portable kernel's
-/// `Σ (q·d + m)·x`, in a different rounding order (relative differences ~1e-7). Integer quants
-/// become f32 exactly (they are at most 8 bits), so no precision is lost to the format itself.
+/// Hand-written AVX-512 kernel: each 32-weight block is converted once to f32 (`q·d + m` in one
+/// fused multiply-add for Q4_1, `q·d` for Q8_0) and multiplied with every input row; the same
+/// real numbers as the portable kernel, rounded at most half an ulp differently per weight.
+/// Integer quants become f32 exactly (they are at most 8 bits).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Kind, PackedMatrix, BLOCK, MAX_ROWS};
@@ -281,49 +277,36 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU must support AVX-512 F/BW/VL and FMA ([`available`]).
-    pub unsafe fn rows(
-        m: &PackedMatrix,
-        x: &[f32],
-        xsum: &[f32],
-        n: usize,
-        r0: usize,
-        out: &mut [f32],
-    ) {
+    pub unsafe fn rows(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
         // SAFETY (all arms): the caller guarantees the CPU features.
         unsafe {
             match n {
-                1 => rows_n::<1>(m, x, xsum, r0, out),
-                2 => rows_n::<2>(m, x, xsum, r0, out),
-                3 => rows_n::<3>(m, x, xsum, r0, out),
-                4 => rows_n::<4>(m, x, xsum, r0, out),
-                5 => rows_n::<5>(m, x, xsum, r0, out),
-                6 => rows_n::<6>(m, x, xsum, r0, out),
-                7 => rows_n::<7>(m, x, xsum, r0, out),
-                8 => rows_n::<8>(m, x, xsum, r0, out),
-                9 => rows_n::<9>(m, x, xsum, r0, out),
-                10 => rows_n::<10>(m, x, xsum, r0, out),
-                11 => rows_n::<11>(m, x, xsum, r0, out),
-                12 => rows_n::<12>(m, x, xsum, r0, out),
-                13 => rows_n::<13>(m, x, xsum, r0, out),
-                14 => rows_n::<14>(m, x, xsum, r0, out),
-                15 => rows_n::<15>(m, x, xsum, r0, out),
-                _ => rows_n::<16>(m, x, xsum, r0, out),
+                1 => rows_n::<1>(m, x, r0, out),
+                2 => rows_n::<2>(m, x, r0, out),
+                3 => rows_n::<3>(m, x, r0, out),
+                4 => rows_n::<4>(m, x, r0, out),
+                5 => rows_n::<5>(m, x, r0, out),
+                6 => rows_n::<6>(m, x, r0, out),
+                7 => rows_n::<7>(m, x, r0, out),
+                8 => rows_n::<8>(m, x, r0, out),
+                9 => rows_n::<9>(m, x, r0, out),
+                10 => rows_n::<10>(m, x, r0, out),
+                11 => rows_n::<11>(m, x, r0, out),
+                12 => rows_n::<12>(m, x, r0, out),
+                13 => rows_n::<13>(m, x, r0, out),
+                14 => rows_n::<14>(m, x, r0, out),
+                15 => rows_n::<15>(m, x, r0, out),
+                _ => rows_n::<16>(m, x, r0, out),
             }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn rows_n<const N: usize>(
-        m: &PackedMatrix,
-        x: &[f32],
-        xsum: &[f32],
-        r0: usize,
-        out: &mut [f32],
-    ) {
+    unsafe fn rows_n<const N: usize>(m: &PackedMatrix, x: &[f32], r0: usize, out: &mut [f32]) {
         const { assert!(N >= 1 && N <= MAX_ROWS) };
         let nb = m.cols / BLOCK;
         let rows = out.len() / N;
-        assert!(x.len() == N * m.cols && xsum.len() == N * nb);
+        assert!(x.len() == N * m.cols);
         assert!(
             m.scale.len() >= (r0 + rows) * nb
                 && m.qs.len() >= (r0 + rows) * nb * m.kind.qs_per_block()
@@ -337,13 +320,13 @@ mod avx512 {
         if N <= 8 {
             while i + 2 <= rows {
                 // SAFETY: rows r0 + i and r0 + i + 1 are inside the asserted bounds.
-                unsafe { weight_rows::<N, 2>(m, x, xsum, r0 + i, &mut out[i * N..(i + 2) * N]) };
+                unsafe { weight_rows::<N, 2>(m, x, r0 + i, &mut out[i * N..(i + 2) * N]) };
                 i += 2;
             }
         }
         while i < rows {
             // SAFETY: row r0 + i is inside the asserted bounds.
-            unsafe { weight_rows::<N, 1>(m, x, xsum, r0 + i, &mut out[i * N..(i + 1) * N]) };
+            unsafe { weight_rows::<N, 1>(m, x, r0 + i, &mut out[i * N..(i + 1) * N]) };
             i += 1;
         }
     }
@@ -356,7 +339,6 @@ mod avx512 {
     unsafe fn weight_rows<const N: usize, const R: usize>(
         m: &PackedMatrix,
         x: &[f32],
-        xsum: &[f32],
         r: usize,
         out: &mut [f32],
     ) {
@@ -369,10 +351,6 @@ mod avx512 {
         // prefetches never fault, even past the end.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); N]; R];
-            if m.kind == Kind::Q4_1 {
-                // The offsets of the rows after these (read once per row, after its blocks).
-                _mm_prefetch::<_MM_HINT_T0>(m.min.as_ptr().wrapping_add((r + 2) * nb) as *const i8);
-            }
             for b in 0..nb {
                 for (j, acc) in acc.iter_mut().enumerate() {
                     let bi = (r + j) * nb + b;
@@ -384,6 +362,11 @@ mod avx512 {
                     _mm_prefetch::<_MM_HINT_T0>(
                         m.scale.as_ptr().wrapping_add(bi + PREFETCH) as *const i8
                     );
+                    if m.kind == Kind::Q4_1 {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            m.min.as_ptr().wrapping_add(bi + PREFETCH) as *const i8
+                        );
+                    }
                     let (lo, hi) = match m.kind {
                         Kind::Q4_1 => {
                             let q = _mm_loadu_si128(m.qs.as_ptr().add(bi * 16) as *const __m128i);
@@ -406,10 +389,17 @@ mod avx512 {
                         }
                     };
                     let d = _mm512_set1_ps(*m.scale.get_unchecked(bi));
-                    // The weights scaled once (q·d), then two fused multiply-adds per input
-                    // row: the same operations in the same order whatever the number of rows,
-                    // so a sequence gets bit-identical results alone or batched with others.
-                    let (lo, hi) = (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d));
+                    // Each weight once: q·d (+ m for Q4_1, in one fused multiply-add: within
+                    // half an ulp of the exact value; candle's dequantization rounds twice).
+                    // Then two fused multiply-adds per input row: the same operations in the
+                    // same order whatever the number of rows, so a sequence gets bit-identical
+                    // results alone or batched with others.
+                    let (lo, hi) = if m.kind == Kind::Q4_1 {
+                        let mv = _mm512_set1_ps(*m.min.get_unchecked(bi));
+                        (_mm512_fmadd_ps(lo, d, mv), _mm512_fmadd_ps(hi, d, mv))
+                    } else {
+                        (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d))
+                    };
                     for (t, a) in acc.iter_mut().enumerate() {
                         let xb = xp.add(t * cols + b * BLOCK);
                         *a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), *a);
@@ -418,24 +408,6 @@ mod avx512 {
                 }
             }
             for (j, acc) in acc.iter_mut().enumerate() {
-                if m.kind == Kind::Q4_1 {
-                    // + Σ_b m_b · Σx_b, 16 blocks at a time (the tail masked).
-                    let mins = m.min.as_ptr().add((r + j) * nb);
-                    let mut b = 0;
-                    while b < nb {
-                        let k: __mmask16 = if nb - b >= 16 {
-                            0xFFFF
-                        } else {
-                            (1u16 << (nb - b)) - 1
-                        };
-                        let mv = _mm512_maskz_loadu_ps(k, mins.add(b));
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            let sv = _mm512_maskz_loadu_ps(k, xsum.as_ptr().add(t * nb + b));
-                            *a = _mm512_fmadd_ps(mv, sv, *a);
-                        }
-                        b += 16;
-                    }
-                }
                 for (t, a) in acc.iter().enumerate() {
                     out[j * N + t] = _mm512_reduce_add_ps(*a);
                 }
@@ -475,8 +447,8 @@ mod tests {
 
     /// Every kernel (the one this CPU dispatches to, the hand-written AVX-512 one where the CPU
     /// has it, the portable one) against dot products with the dequantized rows, for every
-    /// input-row count, both formats, a row count that is not a multiple of the task size, and
-    /// block counts below, at and above the 16-block vector of the offset term.
+    /// input-row count, both formats, row counts that are odd or not a multiple of the task
+    /// size, and several block counts.
     #[test]
     fn matches_dense_dot_products() {
         for kind in [Kind::Q4_1, Kind::Q8_0] {
@@ -488,7 +460,6 @@ mod tests {
                     let x: Vec<f32> = (0..n * cols)
                         .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
                         .collect();
-                    let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
                     let check = |y: &[f32], transposed: bool, what: &str| {
                         for t in 0..n {
                             for r in 0..rows {
@@ -515,10 +486,9 @@ mod tests {
                     if avx512::available() {
                         let mut yt = vec![0f32; rows * n];
                         // SAFETY: the CPU has the features (checked).
-                        unsafe { avx512::rows(&m, &x, &xsum, n, 0, &mut yt) };
+                        unsafe { avx512::rows(&m, &x, n, 0, &mut yt) };
                         check(&yt, true, "avx512");
                     }
-                    let _ = &xsum;
                 }
             }
         }
