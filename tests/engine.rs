@@ -319,11 +319,11 @@ fn packed_kernel_matches_the_dense_path() {
 }
 
 /// Prefills `prompts` as one batch and each alone (as the engine would unbatched); returns the
-/// batch and the largest log-prob difference over the vocabulary.
+/// batch and, per prompt, the largest log-prob difference over the vocabulary.
 fn batch_vs_alone(
     m: &tokenscope::model::LoadedModel,
     prompts: &[&str],
-) -> (Vec<(tokenscope::model::Cache, Vec<f32>)>, f32) {
+) -> (Vec<(tokenscope::model::Cache, Vec<f32>)>, Vec<f32>) {
     use tokenscope::engine::batch::prefill_batch;
     use tokenscope::engine::distribution::log_softmax;
     let ids: Vec<Vec<u32>> = prompts
@@ -332,14 +332,20 @@ fn batch_vs_alone(
         .collect();
     let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
     let batched = prefill_batch(m, &refs).unwrap();
-    let mut worst = 0f32;
+    let mut diffs = Vec::new();
     for (p, (cache, logits)) in ids.iter().zip(&batched) {
         assert_eq!(cache.len(), p.len());
         let alone = m.model.next_logits(p, &mut m.model.new_cache()).unwrap();
-        let diff = common::max_abs_diff(&log_softmax(logits), &log_softmax(&alone));
-        worst = worst.max(diff);
+        diffs.push(common::max_abs_diff(
+            &log_softmax(logits),
+            &log_softmax(&alone),
+        ));
     }
-    (batched, worst)
+    (batched, diffs)
+}
+
+fn worst(diffs: &[f32]) -> f32 {
+    diffs.iter().copied().fold(0.0, f32::max)
 }
 
 const BATCH_PROMPTS: [&str; 4] = [
@@ -356,16 +362,34 @@ fn batched_prefill_equals_unbatched() {
     // prompts' tokens and computes every (row, input) dot product the same way whatever the
     // batch: bit-identical to each prompt alone.
     assert!(m.model.has_fused_path());
-    let (batched, worst) = batch_vs_alone(m, &BATCH_PROMPTS);
-    eprintln!("fused path, batched vs unbatched: max |Δ logprob| = {worst:e}");
-    assert_eq!(worst, 0.0, "batch-invariance on the fused path");
+    let (batched, diffs) = batch_vs_alone(m, &BATCH_PROMPTS);
+    eprintln!(
+        "fused path, batched vs unbatched: max |Δ logprob| = {:e}",
+        worst(&diffs)
+    );
+    assert_eq!(worst(&diffs), 0.0, "batch-invariance on the fused path");
+    // A long prompt (> 48 tokens) joining the batch goes through candle's path on its own; the
+    // short ones stay bit-identical.
+    let long = "one two three four five six seven eight nine ten ".repeat(6);
+    let mut mixed = BATCH_PROMPTS.to_vec();
+    mixed.insert(1, &long);
+    let (_, diffs) = batch_vs_alone(m, &mixed);
+    eprintln!("mixed batch: max |Δ logprob| per prompt = {diffs:?}");
+    assert!(diffs[1] <= 1e-4, "the long prompt: {}", diffs[1]);
+    diffs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .for_each(|(i, d)| {
+            assert_eq!(*d, 0.0, "short prompt {i} in a mixed batch");
+        });
 
     // candle's path (right-padded, dense GEMM): gemm's blocking, and so its summation order,
     // depends on the matrix shapes that batching changes. Measured 5e-5, the same noise floor
     // as the independent cross-check (≈ 4e-5).
     let mut dense = m.clone();
     dense.model = dense.model.without_fused_path();
-    let (_, worst_dense) = batch_vs_alone(&dense, &BATCH_PROMPTS);
+    let worst_dense = worst(&batch_vs_alone(&dense, &BATCH_PROMPTS).1);
     eprintln!("candle path, batched vs unbatched: max |Δ logprob| = {worst_dense:e}");
     assert!(worst_dense <= 1e-4, "batch-invariance: {worst_dense}");
 

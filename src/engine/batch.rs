@@ -26,10 +26,41 @@ pub fn prefill_batch(
     if b == 0 || t == 0 || prompts.iter().any(|p| p.is_empty()) {
         return Err(EngineError::EmptyPrompt);
     }
-    // Short prompts on the fused CPU path: no padding, packed weights.
-    if let Some(out) = lm.prefill_fused(prompts)? {
-        return Ok(out);
+    // Short prompts on the fused CPU path (no padding, packed weights, bit-identical to
+    // unbatched); the others, if any, padded through candle's path.
+    let (short, long): (Vec<usize>, Vec<usize>) =
+        (0..b).partition(|&i| lm.fused_accepts(prompts[i].len()));
+    if !short.is_empty() {
+        let pick = |set: &[usize]| set.iter().map(|&i| prompts[i]).collect::<Vec<_>>();
+        if let Some(fused) = lm.prefill_fused(&pick(&short))? {
+            let padded = if long.is_empty() {
+                Vec::new()
+            } else {
+                prefill_padded(model, &pick(&long))?
+            };
+            let mut out: Vec<Option<(Cache, Vec<f32>)>> = (0..b).map(|_| None).collect();
+            for (i, state) in short.iter().zip(fused).chain(long.iter().zip(padded)) {
+                out[*i] = Some(state);
+            }
+            return out
+                .into_iter()
+                .map(|s| {
+                    s.ok_or_else(|| candle_core::Error::Msg("batch lost a prompt".into()).into())
+                })
+                .collect();
+        }
     }
+    prefill_padded(model, prompts)
+}
+
+/// Right-padded prefill through candle's ops (one dense GEMM per projection for the batch).
+fn prefill_padded(
+    model: &LoadedModel,
+    prompts: &[&[u32]],
+) -> Result<Vec<(Cache, Vec<f32>)>, EngineError> {
+    let lm = &model.model;
+    let b = prompts.len();
+    let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(b * t);
     for p in prompts {
         ids.extend_from_slice(p);

@@ -777,6 +777,11 @@ impl Llama {
         self.fused.is_some()
     }
 
+    /// Whether `t` new tokens of one sequence take the fused CPU path.
+    pub fn fused_accepts(&self, t: usize) -> bool {
+        self.fused.as_ref().is_some_and(|f| f.accepts(t))
+    }
+
     /// The same model without the fused path (every input through candle's ops): to compare
     /// the two, and an escape hatch.
     pub fn without_fused_path(mut self) -> Self {
