@@ -23,7 +23,7 @@ Only one server works at a time: the others are paused with SIGSTOP (with OMP_WA
 an idle llama.cpp keeps its OpenMP threads spinning, which would steal the 2 cores), and the
 phases are interleaved (phase 1 on each server, then phase 2 on each, ...), so slow drifts of the
 machine's load hit every server alike. Every phase is bounded by a request count and a time;
-the whole run takes about 3-6 minutes. All servers are killed at the end, on errors and on
+the whole run takes about 2-6 minutes. All servers are killed at the end, on errors and on
 Ctrl-C. Prompts start with a different first token for every request of phases 1-3 (checked
 with llama-server's /tokenize), so no server can reuse a cached prefix there; in phase 4 the
 first word cycles through a pool of a few hundred, so a prefix of at most one token can be shared

@@ -470,6 +470,17 @@ fn fused_path_matches_candle_ops_through_prefill_and_decoding() {
         check(&d, &b, &format!("step {step}, candle after fused"));
         next = tokenscope::engine::Distribution::from_logits(&a, 1.0).argmax();
     }
+    // At a long context (attention over ~400 cached positions, the vectorised kernel's long
+    // scans): fused steps after a candle prefill vs candle steps.
+    let long: Vec<u32> = ids.iter().copied().cycle().take(400).collect();
+    let mut cache_o = ops.new_cache();
+    ops.next_logits(&long, &mut cache_o).unwrap();
+    let mut cache_f = cache_o.clone();
+    for (step, token) in [28u32, 1345, 314].into_iter().enumerate() {
+        let a = fused.next_logits(&[token], &mut cache_f).unwrap();
+        let b = ops.next_logits(&[token], &mut cache_o).unwrap();
+        check(&a, &b, &format!("step {step} at 400 positions"));
+    }
     // A token id outside the vocabulary is an error, not a panic.
     assert!(fused
         .next_logits(&[u32::MAX], &mut fused.new_cache())

@@ -401,6 +401,16 @@ impl Strided {
 
 fn head_attention(q: &[f32], k: &[f32], v: &[f32], at: Strided, seen: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+        // SAFETY (both arms): the CPU supports AVX-512F and FMA (checked just above); the
+        // head dimension is 16 · H.
+        match at.len {
+            64 => return unsafe { head_attention_avx512::<4>(q, k, v, at, seen, out) },
+            128 => return unsafe { head_attention_avx512::<8>(q, k, v, at, seen, out) },
+            _ => {}
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         unsafe { head_attention_avx2(q, k, v, at, seen, out) };
@@ -425,6 +435,65 @@ unsafe fn head_attention_avx2(
 
 /// softmax(q·kᵀ / √d) · v for one query over `seen` positions, the softmax as candle's
 /// (max subtracted, exp, divided by the sum).
+/// [`head_attention_generic`] for a head dimension of 16·H with the query and the output held
+/// in H vector registers across the whole scan (the portable code reloads and stores the
+/// output for every position).
+///
+/// # Safety
+/// AVX-512F and FMA; `q` and `out` hold 16·H values, `at.len == 16 * H`, and `k`/`v` hold
+/// `seen` positions at `at`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn head_attention_avx512<const H: usize>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    at: Strided,
+    seen: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    assert!(q.len() == 16 * H && out.len() == 16 * H && at.len == 16 * H);
+    assert!(seen == 0 || (at.first + (seen - 1) * at.stride + at.len <= k.len().min(v.len())));
+    let scale = (1.0 / (at.len as f64).sqrt()) as f32;
+    // SAFETY (whole body): every load and store below is inside q, out, or a position
+    // p < seen of k and v (asserted above).
+    unsafe {
+        let mut qv = [_mm512_setzero_ps(); H];
+        for (h, r) in qv.iter_mut().enumerate() {
+            *r = _mm512_loadu_ps(q.as_ptr().add(16 * h));
+        }
+        let mut scores = vec![0f32; seen];
+        let mut max = f32::NEG_INFINITY;
+        for (p, score) in scores.iter_mut().enumerate() {
+            let kp = k.as_ptr().add(at.first + p * at.stride);
+            let mut acc = _mm512_setzero_ps();
+            for (h, r) in qv.iter().enumerate() {
+                acc = _mm512_fmadd_ps(*r, _mm512_loadu_ps(kp.add(16 * h)), acc);
+            }
+            let s = _mm512_reduce_add_ps(acc) * scale;
+            *score = s;
+            max = max.max(s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let mut o = [_mm512_setzero_ps(); H];
+        for (p, score) in scores.iter().enumerate() {
+            let w = _mm512_set1_ps(score / sum);
+            let vp = v.as_ptr().add(at.first + p * at.stride);
+            for (h, r) in o.iter_mut().enumerate() {
+                *r = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * h)), *r);
+            }
+        }
+        for (h, r) in o.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), *r);
+        }
+    }
+}
+
 // Plain loops rather than iterator adapters: their closures are not always inlined into the
 // AVX2 instance, and would then run without it.
 #[allow(clippy::needless_range_loop)]
