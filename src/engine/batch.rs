@@ -7,6 +7,7 @@
 use candle_core::Tensor;
 
 use super::generate::EngineError;
+use crate::model::llama::Prefilled;
 use crate::model::{Cache, LoadedModel};
 
 /// Most jobs prefilled together.
@@ -30,27 +31,24 @@ pub fn prefill_batch(
     // unbatched); the others, if any, padded through candle's path.
     let (short, long): (Vec<usize>, Vec<usize>) =
         (0..b).partition(|&i| lm.fused_accepts(prompts[i].len()));
-    if !short.is_empty() {
-        let pick = |set: &[usize]| set.iter().map(|&i| prompts[i]).collect::<Vec<_>>();
-        if let Some(fused) = lm.prefill_fused(&pick(&short))? {
-            let padded = if long.is_empty() {
-                Vec::new()
-            } else {
-                prefill_padded(model, &pick(&long))?
-            };
-            let mut out: Vec<Option<(Cache, Vec<f32>)>> = (0..b).map(|_| None).collect();
-            for (i, state) in short.iter().zip(fused).chain(long.iter().zip(padded)) {
-                out[*i] = Some(state);
-            }
-            return out
-                .into_iter()
-                .map(|s| {
-                    s.ok_or_else(|| candle_core::Error::Msg("batch lost a prompt".into()).into())
-                })
-                .collect();
-        }
+    if short.is_empty() {
+        return prefill_padded(model, prompts);
     }
-    prefill_padded(model, prompts)
+    let pick = |set: &[usize]| set.iter().map(|&i| prompts[i]).collect::<Vec<_>>();
+    let mut states: Vec<(usize, Prefilled)> = short
+        .iter()
+        .copied()
+        .zip(lm.prefill_fused(&pick(&short))?)
+        .collect();
+    if !long.is_empty() {
+        states.extend(
+            long.iter()
+                .copied()
+                .zip(prefill_padded(model, &pick(&long))?),
+        );
+    }
+    states.sort_by_key(|(i, _)| *i);
+    Ok(states.into_iter().map(|(_, state)| state).collect())
 }
 
 /// Right-padded prefill through candle's ops (one dense GEMM per projection for the batch).

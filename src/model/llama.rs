@@ -588,6 +588,19 @@ struct Block {
 }
 
 impl Block {
+    /// The layer's seven projections with their HF names (relative to `model.layers.N`).
+    fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        [
+            ("self_attn.q_proj", &mut self.self_attn.q_proj),
+            ("self_attn.k_proj", &mut self.self_attn.k_proj),
+            ("self_attn.v_proj", &mut self.self_attn.v_proj),
+            ("self_attn.o_proj", &mut self.self_attn.o_proj),
+            ("mlp.gate_proj", &mut self.mlp.gate_proj),
+            ("mlp.up_proj", &mut self.mlp.up_proj),
+            ("mlp.down_proj", &mut self.mlp.down_proj),
+        ]
+    }
+
     fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
         Ok(Self {
             input_layernorm: RmsNorm::load(
@@ -659,18 +672,8 @@ impl Llama {
     /// Replaces the dense projections with quantized ones (for `--dtype gguf`).
     pub fn with_quantized(mut self, mut take: impl FnMut(&str) -> Option<QMatMul>) -> Self {
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let slots: [(&str, &mut Linear); 7] = [
-                ("self_attn.q_proj", &mut layer.self_attn.q_proj),
-                ("self_attn.k_proj", &mut layer.self_attn.k_proj),
-                ("self_attn.v_proj", &mut layer.self_attn.v_proj),
-                ("self_attn.o_proj", &mut layer.self_attn.o_proj),
-                ("mlp.gate_proj", &mut layer.mlp.gate_proj),
-                ("mlp.up_proj", &mut layer.mlp.up_proj),
-                ("mlp.down_proj", &mut layer.mlp.down_proj),
-            ];
-            for (name, slot) in slots {
-                if let Some(q) = take(&format!("{p}.{name}.weight")) {
+            for (name, slot) in layer.projections_mut() {
+                if let Some(q) = take(&format!("model.layers.{i}.{name}.weight")) {
                     *slot = Linear::Quantized(q);
                 }
             }
@@ -692,35 +695,9 @@ impl Llama {
             }
         };
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            pack(
-                &mut layer.self_attn.q_proj,
-                take(&format!("{p}.self_attn.q_proj.weight")),
-            );
-            pack(
-                &mut layer.self_attn.k_proj,
-                take(&format!("{p}.self_attn.k_proj.weight")),
-            );
-            pack(
-                &mut layer.self_attn.v_proj,
-                take(&format!("{p}.self_attn.v_proj.weight")),
-            );
-            pack(
-                &mut layer.self_attn.o_proj,
-                take(&format!("{p}.self_attn.o_proj.weight")),
-            );
-            pack(
-                &mut layer.mlp.gate_proj,
-                take(&format!("{p}.mlp.gate_proj.weight")),
-            );
-            pack(
-                &mut layer.mlp.up_proj,
-                take(&format!("{p}.mlp.up_proj.weight")),
-            );
-            pack(
-                &mut layer.mlp.down_proj,
-                take(&format!("{p}.mlp.down_proj.weight")),
-            );
+            for (name, slot) in layer.projections_mut() {
+                pack(slot, take(&format!("model.layers.{i}.{name}.weight")));
+            }
         }
         pack(&mut self.lm_head, take("lm_head.weight"));
         self.fused = self.build_fused().map(std::sync::Arc::new);
@@ -847,24 +824,19 @@ impl Llama {
         logits.squeeze(1)?.to_dtype(DType::F32)
     }
 
-    /// Batched prefill on the fused CPU path, when it can take every prompt (each at most 48
-    /// tokens): the prompts' tokens share packed-kernel passes without padding. Returns each
-    /// prompt's KV cache and last-position logits, or `None` where the caller should use
-    /// [`Self::forward_rows`].
-    pub fn prefill_fused(&self, prompts: &[&[u32]]) -> candle_core::Result<Option<Vec<Prefilled>>> {
-        let Some(fused) = self
-            .fused
-            .as_ref()
-            .filter(|f| prompts.iter().all(|p| f.accepts(p.len())))
-        else {
-            return Ok(None);
+    /// Batched prefill on the fused CPU path (each prompt at most 48 tokens: see
+    /// [`Self::fused_accepts`]): the prompts' tokens share packed-kernel passes without padding.
+    /// Returns each prompt's KV cache and last-position logits.
+    pub fn prefill_fused(&self, prompts: &[&[u32]]) -> candle_core::Result<Vec<Prefilled>> {
+        let Some(fused) = self.fused.as_ref() else {
+            candle_core::bail!("this model has no fused CPU path");
         };
         let mut caches: Vec<Cache> = prompts.iter().map(|_| self.new_cache()).collect();
         let logits = {
             let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
             fused.forward_many(prompts, &mut refs)?
         };
-        Ok(Some(caches.into_iter().zip(logits).collect()))
+        Ok(caches.into_iter().zip(logits).collect())
     }
 
     /// [`Self::forward`] for one sequence of token ids: the f32 logits of its last position.

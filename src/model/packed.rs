@@ -139,13 +139,8 @@ impl PackedMatrix {
     /// y (n × rows) = x (n × cols) · Wᵀ, for n ≤ [`MAX_ROWS`]. Rows are split across threads.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0f32; n * self.rows];
-        self.matmul_into(x, n, &mut y);
+        matmul_many(&mut [(self, &mut y)], x, n);
         y
-    }
-
-    /// [`Self::matmul`] into a caller's buffer (`y.len() == n * rows`).
-    pub fn matmul_into(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        matmul_many(&mut [(self, y)], x, n);
     }
 }
 
