@@ -215,14 +215,7 @@ fn inference_and_differentiable_paths_agree() {
     let slow = m.model.forward_train(&x).unwrap();
     assert_eq!(fast.dims(), &[1, ids.len(), 49152]);
     assert_eq!(fast.dims(), slow.dims());
-    let diff: f32 = (fast - slow)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = common::max_abs_diff_tensors(&fast, &slow);
     assert!(diff <= 1e-4, "max |Δ logit| = {diff}");
 }
 

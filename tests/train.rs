@@ -163,14 +163,7 @@ fn resumed_run_equals_uninterrupted_run() {
         candle_core::safetensors::load(dir.path().join("resumed/model.safetensors"), &Device::Cpu)
             .unwrap();
     for (k, ta) in &a {
-        let diff: f32 = (ta - &b[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = common::max_abs_diff_tensors(ta, &b[k]);
         assert!(diff < 1e-5, "{k}: {diff}");
     }
 }

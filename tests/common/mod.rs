@@ -53,6 +53,18 @@ pub fn next_logprobs(model: &tokenscope::model::Llama, ids: &[u32]) -> Vec<f32> 
     tokenscope::engine::distribution::log_softmax(&logits)
 }
 
+/// Largest element-wise difference of two tensors of the same shape.
+pub fn max_abs_diff_tensors(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 /// Largest element-wise difference of two equally long vectors.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
