@@ -92,6 +92,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_name,
         redoc_bundle,
     };
+    let worker_died = worker_gave_up(worker.subscribe());
     let app = api::router(AppState::new(worker, config));
     let addr = SocketAddr::new(ip, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -99,12 +100,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!("tokenscope listening on http://{local} (docs at http://{local}/docs)");
+    let (died_tx, died_rx) = tokio::sync::oneshot::channel();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {},
+            reason = worker_died => {
+                tracing::error!("stopping: {reason}");
+                let _ = died_tx.send(reason);
+            }
+        }
+    };
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(stop)
         .await
         .context("server error")?;
+    if let Ok(reason) = died_rx.await {
+        // Non-zero, so that an orchestrator (systemd, Kubernetes) starts a fresh process.
+        anyhow::bail!("the model thread died: {reason}");
+    }
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Resolves when a model that was serving fails for good (its thread panicked too often to
+/// keep restarting it: see `engine::worker`). A model that never loaded does not count: the
+/// service then stays up to report why on /health.
+async fn worker_gave_up(mut state: tokio::sync::watch::Receiver<worker::ModelState>) -> String {
+    use worker::ModelState;
+    let mut served = false;
+    loop {
+        match &*state.borrow_and_update() {
+            ModelState::Ready(_) | ModelState::Restarting(_) => served = true,
+            ModelState::Failed(reason) if served => return reason.clone(),
+            _ => {}
+        }
+        if state.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

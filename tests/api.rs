@@ -805,3 +805,238 @@ fn checked_in_openapi_matches_the_code() {
         "openapi/openapi.json is stale: run `cargo run -- openapi > openapi/openapi.json`"
     );
 }
+
+/// Every number in a response is a finite JSON number (serde writes NaN and ±inf as `null`).
+fn assert_all_numbers_finite(v: &Value, path: &str) {
+    match v {
+        Value::Null => panic!("null at {path}"),
+        Value::Number(n) => assert!(n.as_f64().is_some_and(f64::is_finite), "{n} at {path}"),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, x)| assert_all_numbers_finite(x, &format!("{path}[{i}]"))),
+        Value::Object(o) => o
+            .iter()
+            .for_each(|(k, x)| assert_all_numbers_finite(x, &format!("{path}.{k}"))),
+        _ => {}
+    }
+}
+
+/// Any accepted temperature gives finite, correct numbers. In f32, 1e-300 became 0 and the
+/// scaled logits ±inf: `<|endoftext|>` at rank 1 with logprob null, status 200.
+#[tokio::test]
+async fn every_accepted_temperature_gives_finite_correct_numbers() {
+    let app = app();
+    let prompt = "The capital of France is";
+    let (_, greedy) = generate(
+        &app,
+        json!({"prompt": prompt, "temperature": 0, "top_k": 10}),
+    )
+    .await;
+    let (_, raw) = generate(
+        &app,
+        json!({"prompt": prompt, "temperature": 1, "top_k": 10, "logprobs_mode": "raw"}),
+    )
+    .await;
+    for t in [0.0, 1e-300, 1e-30, 1e-6, 1e-5, 0.01, 1.0, 2.0] {
+        let (s, b) = generate(
+            &app,
+            json!({"prompt": prompt, "temperature": t, "top_k": 10, "max_tokens": 3, "seed": 7}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "T={t}: {b}");
+        assert_all_numbers_finite(&b, &format!("T={t}"));
+        assert_eq!(b["metadata"]["temperature_used"], json!(t));
+        let top = &b["tokens"];
+        assert_eq!(top[0]["token"], " Paris", "T={t}");
+        let total: f64 = top
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["probability"].as_f64().unwrap())
+            .sum();
+        assert!(total <= 1.0 + 1e-9, "T={t}: top-10 mass {total}");
+        if t < 1e-5 {
+            // Greedy (and reported as such): the model's own distribution, as with T = 0.
+            assert_eq!(b["metadata"]["decoding"], "greedy", "T={t}");
+            assert_eq!(b["tokens"], greedy["tokens"], "T={t}");
+            assert!(b["metadata"].get("seed").is_none());
+        } else {
+            assert_eq!(b["metadata"]["decoding"], "sampling", "T={t}");
+            // processed logprob_i = (raw_i − raw_1)/T − log Σ_j exp((raw_j − raw_1)/T): for
+            // small T the top-10 carry the whole sum, so the values can be checked from them.
+            if t <= 0.01 {
+                let raw_lp: Vec<f64> = raw["tokens"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x["logprob"].as_f64().unwrap())
+                    .collect();
+                let scaled: Vec<f64> = raw_lp.iter().map(|l| (l - raw_lp[0]) / t).collect();
+                let lse = scaled.iter().map(|x| x.exp()).sum::<f64>().ln();
+                for (i, x) in top.as_array().unwrap().iter().enumerate() {
+                    let want = scaled[i] - lse;
+                    let got = x["logprob"].as_f64().unwrap();
+                    // raw log-probs are from f32 logits: ~1e-6 each, divided by T.
+                    assert!(
+                        (got - want).abs() <= 2e-6 / t * want.abs().max(1.0),
+                        "T={t} rank {}: {got} vs {want}",
+                        i + 1
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Tokenization and the length check happen before the queue: a prompt over the limit never
+/// reaches the model thread (which, before, tokenized every prompt itself).
+#[tokio::test]
+async fn long_prompts_are_refused_before_reaching_the_model_thread() {
+    let worker = worker::spawn_loaded(common::smollm().clone(), WorkerLimits::default(), 4);
+    let app = api::router(AppState::new(
+        worker.clone(),
+        ServeConfig {
+            max_body_bytes: 2 << 20,
+            ..Default::default()
+        },
+    ));
+    let huge = "All work and no play makes Jack a dull boy. ".repeat(20_000); // ~900 KB
+    let (s, b) = generate(&app, json!({ "prompt": huge })).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(b["error_code"], "PROMPT_TOO_LONG");
+    assert_eq!(
+        worker.jobs_received(),
+        0,
+        "the model thread saw the long prompt"
+    );
+    let (s, b) = generate(&app, json!({"prompt": "Hello", "temperature": 0})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(worker.jobs_received(), 1);
+}
+
+async fn wait_for(app: &Router, status: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, _, b) = send(app, get("/health")).await;
+        if b["status"] == status {
+            return b;
+        }
+        assert!(std::time::Instant::now() < deadline, "health stayed {b}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A panic outside any job's catch_unwind used to end the model thread for good while /health
+/// kept saying healthy. Now health goes unhealthy with the reason, and the supervisor restarts
+/// the serve loop on the loaded weights.
+#[tokio::test]
+async fn a_dead_model_thread_is_reported_and_restarted() {
+    let worker = worker::spawn_loaded(common::smollm().clone(), WorkerLimits::default(), 4);
+    let app = api::router(AppState::new(worker.clone(), ServeConfig::default()));
+    let mut states = worker.subscribe();
+    states.borrow_and_update();
+    worker.crash_for_test().unwrap();
+    // The watch channel shows the restart (health may already be back to healthy).
+    states.changed().await.unwrap();
+    let seen = states.borrow_and_update().clone();
+    let restarting_or_ready = matches!(
+        seen,
+        worker::ModelState::Restarting(ref r) if r.contains("panicked")
+    ) || matches!(seen, worker::ModelState::Ready(_));
+    assert!(restarting_or_ready, "{seen:?}");
+    wait_for(&app, "healthy").await;
+    assert_eq!(worker.restarts(), 1);
+    let (s, b) = generate(
+        &app,
+        json!({"prompt": "The capital of France is", "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["tokens"][0]["token"], " Paris");
+    let (_, _, metrics) = send(&app, get("/metrics")).await;
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains("tokenscope_worker_restarts_total "), "{text}");
+}
+
+/// A thread that keeps dying is given up on: health stays unhealthy (503) with the reason,
+/// and requests get MODEL_NOT_LOADED (`tokenscope serve` watches for this state and exits
+/// non-zero so that an orchestrator starts a fresh process).
+#[tokio::test]
+async fn a_model_thread_that_keeps_dying_is_given_up() {
+    let worker = worker::spawn_loaded(common::smollm().clone(), WorkerLimits::default(), 16);
+    let app = api::router(AppState::new(worker.clone(), ServeConfig::default()));
+    for _ in 0..=worker::MAX_RESTARTS {
+        while worker.crash_for_test().is_err() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let b = wait_for(&app, "unhealthy").await;
+    let reason = b["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("panicked") && reason.contains("giving up"),
+        "{reason}"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (s, _, b) = send(&app, get("/health")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+    let (s, b) = generate(&app, json!({"prompt": "Hi"})).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+    assert_eq!(b["error_code"], "MODEL_NOT_LOADED");
+}
+
+/// Non-finite logits from the model are GENERATION_FAILED, never a 200 with nulls.
+#[tokio::test]
+async fn non_finite_logits_are_a_generation_failure() {
+    use candle_core::{DType, Device, IndexOp, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tokenscope::model::Config::tiny(49152);
+    let mut tensors = tokenscope::model::llama::random_weights(&cfg, 12, &Device::Cpu).unwrap();
+    // One NaN in the (tied) embedding row of a token the prompt does not use: the hidden states
+    // stay finite, that token's logit is NaN.
+    let embed = &tensors["model.embed_tokens.weight"];
+    let mut rows: Vec<Tensor> = (0..3).map(|i| embed.i(i).unwrap()).collect();
+    rows[2] = Tensor::full(f32::NAN, cfg.hidden_size, &Device::Cpu).unwrap();
+    let head = Tensor::stack(&rows, 0).unwrap();
+    let rest = embed.i(3..).unwrap();
+    let broken = Tensor::cat(&[&head, &rest], 0).unwrap();
+    tensors.insert("model.embed_tokens.weight".into(), broken);
+    tokenscope::model::hf_dir::save(
+        dir.path(),
+        &cfg,
+        &tensors,
+        &common::smollm().tokenizer,
+        DType::F32,
+    )
+    .unwrap();
+    let model = tokenscope::model::load(
+        &tokenscope::model::ModelSource::HfDir(dir.path().into()),
+        &Default::default(),
+    )
+    .unwrap();
+    let worker = worker::spawn_loaded(model, WorkerLimits::default(), 4);
+    let app = api::router(AppState::new(worker, ServeConfig::default()));
+    let (s, b) = generate(&app, json!({"prompt": "The capital of France is"})).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{b}");
+    assert_eq!(b["error_code"], "GENERATION_FAILED");
+}
+
+/// `detail` is a string for every status but 422, where it is FastAPI's list: the document
+/// says exactly that (it said `object`, which no error body ever was).
+#[tokio::test]
+async fn openapi_declares_error_detail_as_string_or_list() {
+    let (_, _, doc) = send(&app(), get("/openapi.json")).await;
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        schemas["ErrorBody"]["properties"]["detail"]["$ref"],
+        "#/components/schemas/ErrorDetail"
+    );
+    let variants = schemas["ErrorDetail"]["oneOf"].as_array().unwrap();
+    assert_eq!(variants.len(), 2, "{variants:?}");
+    assert_eq!(variants[0]["type"], "string");
+    assert_eq!(variants[1]["type"], "array");
+    assert_eq!(
+        variants[1]["items"]["$ref"],
+        "#/components/schemas/FieldError"
+    );
+}

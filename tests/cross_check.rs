@@ -79,18 +79,51 @@ fn matches_candle_quantized_llama_dequantized() {
     }
 }
 
+/// Guards the guard: the same GGUF loaded with q/k left in llama.cpp's permuted row order
+/// (everything else identical, dense f32) is far from the reference, so the match above holds
+/// because of the un-permutation, not by accident.
 #[test]
 fn without_unpermute_the_model_would_be_wrong() {
-    // Guards the guard: the un-permutation is what makes the match above hold.
-    let ids = common::smollm()
-        .tokenizer
-        .encode("The capital of France is")
-        .unwrap();
-    let ours = ours_logprobs(&ids);
-    let paris = common::smollm().tokenizer.encode(" Paris").unwrap()[0] as usize;
+    use candle_core::DType;
+    use candle_nn::VarBuilder;
+    use tokenscope::model::gguf::GgufFile;
+
+    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+    let mut file = GgufFile::open(&common::default_gguf()).unwrap();
+    let cfg = file.config().unwrap();
+    let (mut tensors, _) = file.tensors(&cfg, DType::F32, &Device::Cpu, false).unwrap();
+    // Undo our un-permutation: back to the file's (heads, head_dim/2, 2) row order.
+    let permute = |w: &Tensor, n_head: usize| {
+        let (rows, cols) = w.dims2().unwrap();
+        w.reshape((n_head, 2, rows / n_head / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap()
+    };
+    for (name, t) in tensors.iter_mut() {
+        if name.ends_with("q_proj.weight") {
+            *t = permute(t, cfg.num_attention_heads);
+        } else if name.ends_with("k_proj.weight") {
+            *t = permute(t, cfg.n_kv_heads());
+        }
+    }
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let permuted = tokenscope::model::Llama::load(vb, &cfg).unwrap();
+
+    let tk = &common::smollm().tokenizer;
+    let ids = tk.encode("The capital of France is").unwrap();
+    let reference = reference_logprobs(&ids);
+    let wrong = common::next_logprobs(&permuted, &ids);
+    let right = ours_logprobs(&ids);
+    let d_wrong = common::max_abs_diff(&reference, &wrong);
+    let d_right = common::max_abs_diff(&reference, &right);
+    assert!(d_right < 1e-4, "un-permuted: {d_right}");
     assert!(
-        (ours[paris].exp() - 0.7725).abs() < 0.01,
-        "p(Paris) = {}",
-        ours[paris].exp()
+        d_wrong > 0.5,
+        "without the un-permutation the error is only {d_wrong}"
     );
+    let paris = tk.encode(" Paris").unwrap()[0] as usize;
+    assert!((right[paris].exp() - 0.7725).abs() < 0.01);
 }

@@ -228,7 +228,7 @@ fn chunked_prefill_matches_a_single_pass() {
     assert!(ids.len() > tokenscope::engine::generate::PREFILL_CHUNK);
     let r = engine::generate(m, &text, &ids, &greedy(1), &|| false).unwrap();
     let logits = m.model.next_logits(&ids, &mut m.model.new_cache()).unwrap();
-    let d = tokenscope::engine::Distribution::from_logits(&logits, 1.0);
+    let d = tokenscope::engine::Distribution::from_logits(&logits, 1.0).unwrap();
     let top = &r.tokens[0];
     assert_eq!(top.token_id, d.argmax());
     assert!((top.logprob - d.logprob(top.token_id) as f64).abs() < 1e-4);
@@ -452,7 +452,9 @@ fn fused_path_matches_candle_ops_through_prefill_and_decoding() {
     // Greedy decoding: fused on its own cache and on the candle-built one; candle ops on its
     // own cache and on the fused-built one.
     let (mut cache_fo, mut cache_of) = (cache_o.clone(), cache_f.clone());
-    let mut next = tokenscope::engine::Distribution::from_logits(&logits_f, 1.0).argmax();
+    let mut next = tokenscope::engine::Distribution::from_logits(&logits_f, 1.0)
+        .unwrap()
+        .argmax();
     for step in 0..12 {
         let a = fused.next_logits(&[next], &mut cache_f).unwrap();
         let b = ops.next_logits(&[next], &mut cache_o).unwrap();
@@ -461,7 +463,9 @@ fn fused_path_matches_candle_ops_through_prefill_and_decoding() {
         check(&a, &b, &format!("step {step}"));
         check(&c, &b, &format!("step {step}, fused after candle"));
         check(&d, &b, &format!("step {step}, candle after fused"));
-        next = tokenscope::engine::Distribution::from_logits(&a, 1.0).argmax();
+        next = tokenscope::engine::Distribution::from_logits(&a, 1.0)
+            .unwrap()
+            .argmax();
     }
     // At a long context (attention over ~400 cached positions, the vectorised kernel's long
     // scans): fused steps after a candle prefill vs candle steps.

@@ -111,7 +111,7 @@ fn loss_falls_and_the_output_loads_back() {
         .encode("The quick brown fox jumps over the lazy")
         .unwrap();
     let logits = m.model.next_logits(&ids, &mut m.model.new_cache()).unwrap();
-    let d = tokenscope::engine::Distribution::from_logits(&logits, 1.0);
+    let d = tokenscope::engine::Distribution::from_logits(&logits, 1.0).unwrap();
     let dog = m.tokenizer.encode(" dog").unwrap()[0];
     // From uniform (p ≈ 2e-5) to a top candidate in 30 steps.
     assert!(d.rank(dog) <= 3, "rank of ' dog': {}", d.rank(dog));

@@ -19,14 +19,22 @@ pub fn is_docs_path(path: &str) -> bool {
         || path == "/openapi.json"
 }
 
-/// True when `token` equals one of `keys`. Every key is compared in constant time (no early
-/// exit on the first match either), so timing reveals neither which key nor how much matched.
+/// True when `token` equals one of `keys`. What is compared are SHA-256 digests, 32 bytes
+/// whatever the lengths (`ct_eq` on the raw bytes returns at once on a length mismatch, which
+/// would time-leak a key's length), each in constant time, and every key is compared (no exit
+/// on the first match), so timing reveals neither which key nor how much of it matched.
 pub fn key_matches(keys: &[String], token: &str) -> bool {
+    let token = digest(token);
     let mut found = subtle::Choice::from(0u8);
     for k in keys {
-        found |= k.as_bytes().ct_eq(token.as_bytes());
+        found |= digest(k).ct_eq(&token);
     }
     found.into()
+}
+
+fn digest(s: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(s.as_bytes()).into()
 }
 
 pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -55,5 +63,31 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
             ApiError::unauthorized("Missing API key: send the header `Authorization: Bearer <key>`")
                 .into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_exactly_whatever_their_lengths() {
+        let keys = vec![
+            "short".to_string(),
+            "a-much-longer-key-0123456789".to_string(),
+        ];
+        assert!(key_matches(&keys, "short"));
+        assert!(key_matches(&keys, "a-much-longer-key-0123456789"));
+        for wrong in ["", "shor", "shortt", "Short", "a-much-longer-key-012345678"] {
+            assert!(!key_matches(&keys, wrong), "{wrong:?}");
+        }
+        assert!(!key_matches(&[], "short"));
+    }
+
+    /// The comparison never sees the raw lengths: both sides are 32-byte digests.
+    #[test]
+    fn compared_values_have_one_length() {
+        assert_eq!(digest("").len(), digest(&"k".repeat(4096)).len());
+        assert_ne!(digest("a"), digest("b"));
     }
 }

@@ -6,7 +6,7 @@ use axum::response::{Html, IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::error::{ErrorBody, FieldError};
+use super::error::{ErrorBody, ErrorDetail, FieldError};
 use super::routes;
 use super::types::*;
 use crate::engine::{
@@ -27,7 +27,7 @@ but /health needs `Authorization: Bearer <key>` (use the Authorize button).",
     components(schemas(
         GenerateRequest, GenerateResponse, TokenProbability, Step, Metadata, FinishReason,
         LogprobsMode, HealthResponse, StatusResponse, ServiceStatus, ModelStatus, SystemStatus,
-        RootResponse, EndpointInfo, ErrorBody, FieldError, LiveResponse
+        RootResponse, EndpointInfo, ErrorBody, ErrorDetail, FieldError, LiveResponse
     )),
     modifiers(&BearerScheme),
     tags(

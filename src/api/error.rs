@@ -10,9 +10,7 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[schema(example = json!({"detail": "Prompt cannot be empty", "error_code": "EMPTY_PROMPT"}))]
 pub struct ErrorBody {
-    /// A message, or (422) a list of `{"loc", "msg", "type"}` objects.
-    #[schema(value_type = Object)]
-    pub detail: Value,
+    pub detail: ErrorDetail,
     /// Machine-readable code, e.g. EMPTY_PROMPT, INVALID_TEMPERATURE, OVERLOADED.
     pub error_code: String,
     /// The request's `x-request-id`, to find it in the logs.
@@ -20,20 +18,42 @@ pub struct ErrorBody {
     pub request_id: Option<String>,
 }
 
+/// A message (every status but 422), or (422) a list of `{"loc", "msg", "type"}` objects, as
+/// FastAPI writes them.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum ErrorDetail {
+    Message(String),
+    Fields(Vec<FieldError>),
+}
+
 /// One FastAPI-style validation error.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct FieldError {
+    /// Where: `"body"`, then field names (strings) and list indices or JSON columns (integers).
+    #[schema(schema_with = loc_schema)]
     pub loc: Vec<Value>,
     pub msg: String,
     #[serde(rename = "type")]
     pub kind: String,
 }
 
+fn loc_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            OneOfBuilder::new()
+                .item(ObjectBuilder::new().schema_type(Type::String))
+                .item(ObjectBuilder::new().schema_type(Type::Integer)),
+        )
+        .build()
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
-    pub detail: Value,
+    pub detail: ErrorDetail,
     pub retry_after: Option<u64>,
     pub www_authenticate: bool,
 }
@@ -43,7 +63,7 @@ impl ApiError {
         Self {
             status,
             code,
-            detail: Value::String(detail.into()),
+            detail: ErrorDetail::Message(detail.into()),
             retry_after: None,
             www_authenticate: false,
         }
@@ -58,7 +78,7 @@ impl ApiError {
         Self {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             code: range_code.unwrap_or("VALIDATION_ERROR"),
-            detail: serde_json::to_value(errors).unwrap_or(Value::Null),
+            detail: ErrorDetail::Fields(errors),
             retry_after: None,
             www_authenticate: false,
         }

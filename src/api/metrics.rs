@@ -28,7 +28,8 @@ pub struct Metrics {
     model_loaded: IntGauge,
     model_load_seconds: Gauge,
     memory_bytes: IntGauge,
-    cancelled: IntGauge,
+    cancelled: IntCounter,
+    restarts: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -65,11 +66,16 @@ fn build() -> Result<Metrics, prometheus::Error> {
     let model_loaded = IntGauge::new("model_loaded", "1 once the model is loaded")?;
     let model_load_seconds = Gauge::new("model_load_seconds", "Time the model took to load")?;
     let memory_bytes = IntGauge::new("process_resident_memory_bytes", "Resident memory")?;
-    let cancelled = IntGauge::new(
+    let cancelled = IntCounter::new(
         "cancelled_requests_total",
         "Generations stopped because their client had gone (timeout, disconnect)",
     )?;
+    let restarts = IntCounter::new(
+        "worker_restarts_total",
+        "Times the model thread was restarted after a panic",
+    )?;
     registry.register(Box::new(cancelled.clone()))?;
+    registry.register(Box::new(restarts.clone()))?;
     registry.register(Box::new(requests.clone()))?;
     registry.register(Box::new(latency.clone()))?;
     registry.register(Box::new(errors.clone()))?;
@@ -95,6 +101,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         model_load_seconds,
         memory_bytes,
         cancelled,
+        restarts,
     })
 }
 
@@ -131,6 +138,10 @@ impl Drop for InFlight {
     }
 }
 
+fn catch_up(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
 pub fn record_request(route: &str, method: &str, status: u16, seconds: f64) {
     if let Some(m) = metrics() {
         let status = status.to_string();
@@ -153,7 +164,9 @@ pub async fn handler(State(state): State<AppState>) -> Response {
     };
     m.queue_depth.set(state.worker.queue_depth() as i64);
     m.queue_capacity.set(state.worker.queue_capacity() as i64);
-    m.cancelled.set(state.worker.cancelled_jobs() as i64);
+    // The worker keeps the totals; the counters catch up to them (they only ever grow).
+    catch_up(&m.cancelled, state.worker.cancelled_jobs());
+    catch_up(&m.restarts, state.worker.restarts());
     match state.worker.state() {
         ModelState::Ready(info) => {
             m.model_loaded.set(1);

@@ -1,5 +1,10 @@
 //! Request ids: `x-request-id` is taken from the request when it is sane (else generated),
 //! echoed on the response, attached to the access log line and to error bodies.
+//!
+//! Hand-written rather than tower-http's `SetRequestId` + `PropagateRequestId`: those keep any
+//! incoming id however long or odd (it would be echoed into logs and error bodies), and the id
+//! must also be scoped for `ApiError`'s body, which never sees the request. One small layer
+//! does all three.
 
 use axum::extract::Request;
 use axum::http::HeaderValue;

@@ -43,18 +43,19 @@ pub async fn generate(
         return Err(ApiError::empty_prompt());
     }
     let _in_flight = super::metrics::InFlight::start();
-    let rx = state
-        .worker
-        .submit(req.prompt.clone(), req.params())
-        .map_err(|e| worker_error(&state, e))?;
+    let params = req.params();
     let timeout = state.config.request_timeout;
-    // Dropping `rx` (timeout, or the client going away and axum dropping this future) is seen
-    // by the worker, which then stops generating for nobody.
-    match tokio::time::timeout(timeout, rx).await {
+    // Tokenizing (on the blocking pool), queueing and the model's work all count against the
+    // timeout. Dropping the reply receiver (timeout, or the client going away and axum
+    // dropping this future) is seen by the worker, which then stops generating for nobody.
+    let work = async {
+        let rx = state.worker.submit(req.prompt, params).await?;
+        rx.await.map_err(|_| WorkerError::Stopped)?
+    };
+    match tokio::time::timeout(timeout, work).await {
         Err(_) => Err(ApiError::timeout(timeout.as_secs_f64())),
-        Ok(Err(_)) => Err(ApiError::generation_failed()),
-        Ok(Ok(result)) => {
-            let resp = result.map_err(|e| worker_error(&state, e))?;
+        Ok(Err(e)) => Err(worker_error(&state, e)),
+        Ok(Ok(resp)) => {
             if let Some(m) = super::metrics::metrics() {
                 m.prompt_tokens.inc_by(resp.metadata.prompt_tokens as u64);
                 m.generated_tokens
@@ -89,6 +90,9 @@ fn worker_error(state: &AppState, e: WorkerError) -> ApiError {
             ModelState::Failed(_) => ApiError::not_loaded(
                 "Model failed to load; see GET /health for the reason and the service log for details.",
             ),
+            ModelState::Restarting(_) => ApiError::not_loaded(
+                "The model thread is restarting after an internal error. Please retry shortly.",
+            ),
             _ => ApiError::not_loaded("Model is not loaded. Please wait for model loading to complete."),
         },
         WorkerError::Cancelled => ApiError::timeout(state.config.request_timeout.as_secs_f64()),
@@ -122,7 +126,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
     let (code, status, reason) = match state.worker.state() {
         ModelState::Ready(_) => (StatusCode::OK, "healthy", None),
         ModelState::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading", None),
-        ModelState::Failed(r) => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy", Some(r)),
+        ModelState::Failed(r) | ModelState::Restarting(r) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "unhealthy", Some(r))
+        }
     };
     let body = HealthResponse {
         status: status.into(),
@@ -173,7 +179,7 @@ fn status_body(state: &AppState, model_state: &ModelState) -> (StatusCode, Statu
     let (loaded, info, error): (bool, Option<Arc<ModelInfo>>, Option<String>) = match model_state {
         ModelState::Ready(i) => (true, Some(i.clone()), None),
         ModelState::Loading => (false, None, None),
-        ModelState::Failed(r) => (false, None, Some(r.clone())),
+        ModelState::Failed(r) | ModelState::Restarting(r) => (false, None, Some(r.clone())),
     };
     let gpu = crate::system::gpu();
     let model = match &info {
@@ -250,6 +256,7 @@ pub async fn root(State(state): State<AppState>) -> Json<RootResponse> {
     let (status, model) = match state.worker.state() {
         ModelState::Ready(i) => ("ready", i.name.clone()),
         ModelState::Loading => ("loading", state.config.model_name.clone()),
+        ModelState::Restarting(_) => ("restarting", state.config.model_name.clone()),
         ModelState::Failed(_) => ("failed", state.config.model_name.clone()),
     };
     let ep = |m: &str, p: &str, d: &str| EndpointInfo {

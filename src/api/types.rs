@@ -147,7 +147,7 @@ pub struct RootResponse {
     pub version: String,
     pub description: String,
     pub model: String,
-    /// loading | ready | failed
+    /// loading | ready | restarting | failed
     pub status: String,
     pub docs: String,
     pub endpoints: Vec<EndpointInfo>,

@@ -3,12 +3,10 @@
 use std::time::Instant;
 
 use candle_core::Tensor;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
-use super::distribution::Distribution;
+use super::distribution::{self, Distribution, NonFiniteLogits, MIN_TEMPERATURE};
 use super::output::{
-    FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability,
+    Decoding, FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability,
 };
 use super::prefix_cache::{PrefixCache, Reuse};
 use crate::model::LoadedModel;
@@ -16,7 +14,8 @@ use crate::model::LoadedModel;
 /// Validated generation parameters (the API checks ranges before they get here).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateParams {
-    /// 0 = greedy. Kept in f64 so that `temperature_used` echoes the request exactly.
+    /// Below [`MIN_TEMPERATURE`] (0 included) = greedy. Kept in f64 so that
+    /// `temperature_used` echoes the request exactly.
     pub temperature: f64,
     pub max_tokens: usize,
     pub top_k: usize,
@@ -52,6 +51,8 @@ pub enum EngineError {
     Cancelled,
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error(transparent)]
+    NonFinite(#[from] NonFiniteLogits),
     #[error("inference: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -154,23 +155,23 @@ pub fn decode_from(
     start: Instant,
 ) -> Result<GenerateResponse, EngineError> {
     let lm = &model.model;
-    let greedy = params.temperature <= 0.0;
+    let greedy = params.temperature < MIN_TEMPERATURE;
     let seed = match (greedy, params.seed) {
         (true, _) => None,
         (false, Some(s)) => Some(s),
         (false, None) => Some(rand::random::<u64>()),
     };
-    let mut rng = StdRng::seed_from_u64(seed.unwrap_or(0));
+    let mut rng = distribution::seeded_rng(seed.unwrap_or(0));
     // The reported distribution: processed = what the sampler draws from (T = 1 if greedy).
     let report_t = match (params.logprobs_mode, greedy) {
-        (LogprobsMode::Processed, false) => params.temperature as f32,
+        (LogprobsMode::Processed, false) => params.temperature,
         _ => 1.0,
     };
     let mut logits = logits;
     // The token picked last step, still to be fed to the model (none before the first step,
     // whose logits come from the prompt).
     let mut last: Option<u32> = None;
-    let temperature = params.temperature as f32;
+    let temperature = params.temperature;
     let mut generated: Vec<u32> = Vec::new();
     let mut steps: Vec<Step> = Vec::new();
     let mut finish = FinishReason::Length;
@@ -183,13 +184,13 @@ pub fn decode_from(
         if let Some(token) = last {
             logits = lm.next_logits(&[token], &mut cache)?;
         }
-        let reported = Distribution::from_logits(&logits, report_t);
+        let reported = Distribution::from_logits(&logits, report_t)?;
         let next = if greedy {
             reported.argmax()
         } else if report_t == temperature {
             reported.sample(&mut rng)
         } else {
-            Distribution::from_logits(&logits, temperature).sample(&mut rng)
+            Distribution::from_logits(&logits, temperature)?.sample(&mut rng)
         };
         steps.push(make_step(model, &reported, next, params.top_k));
         generated.push(next);
@@ -226,6 +227,11 @@ pub fn decode_from(
             completion_tokens: steps.len(),
             generation_time_ms: start.elapsed().as_secs_f64() * 1000.0,
             temperature_used: params.temperature,
+            decoding: if greedy {
+                Decoding::Greedy
+            } else {
+                Decoding::Sampling
+            },
             logprobs_mode: params.logprobs_mode,
             device: model.device_label.clone(),
             dtype: model.dtype_label.clone(),
@@ -246,17 +252,17 @@ fn decode(model: &LoadedModel, ids: &[u32]) -> Result<String, EngineError> {
 pub fn token_probability(
     model: &LoadedModel,
     id: u32,
-    logprob: f32,
+    logprob: f64,
     rank: usize,
 ) -> TokenProbability {
-    let probability = (logprob as f64).exp();
+    let probability = logprob.exp();
     TokenProbability {
         token: model.tokenizer.token_text(id).to_string(),
         token_id: id,
         bytes: model.tokenizer.token_bytes(id).to_vec(),
         probability,
         percentage: probability * 100.0,
-        logprob: logprob as f64,
+        logprob,
         rank,
     }
 }
@@ -273,8 +279,8 @@ fn make_step(model: &LoadedModel, dist: &Distribution, chosen: u32, top_k: usize
         token: model.tokenizer.token_text(chosen).to_string(),
         token_id: chosen,
         bytes: model.tokenizer.token_bytes(chosen).to_vec(),
-        probability: (logprob as f64).exp(),
-        logprob: logprob as f64,
+        probability: logprob.exp(),
+        logprob,
         rank: dist.rank(chosen),
         entropy: dist.entropy(),
         top,
@@ -321,8 +327,8 @@ pub fn score_continuation(
         .enumerate()
         .map(|(i, &id)| {
             let row: Vec<f32> = logits.get(start + i)?.to_vec1()?;
-            let d = Distribution::from_logits(&row, 1.0);
-            let lp = d.logprob(id) as f64;
+            let d = Distribution::from_logits(&row, 1.0)?;
+            let lp = d.logprob(id);
             Ok(ScoredToken {
                 token: model.tokenizer.token_text(id).to_string(),
                 token_id: id,

@@ -9,4 +9,6 @@ pub mod worker;
 
 pub use distribution::Distribution;
 pub use generate::{generate, tokenize, EngineError, GenerateParams};
-pub use output::{FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability};
+pub use output::{
+    Decoding, FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability,
+};

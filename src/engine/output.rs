@@ -23,6 +23,17 @@ impl LogprobsMode {
     }
 }
 
+/// How tokens were picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Decoding {
+    /// The most likely token each step: temperature 0, or below 1e-5 (whose distribution
+    /// could only ever yield the argmax).
+    Greedy,
+    /// Drawn from softmax(logits / T).
+    Sampling,
+}
+
 /// One candidate token with its probability.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({"token": " Paris", "token_id": 7042, "bytes": [32, 80, 97, 114, 105, 115],
@@ -39,7 +50,7 @@ pub struct TokenProbability {
     /// 100 × probability.
     #[schema(minimum = 0.0, maximum = 100.0)]
     pub percentage: f64,
-    /// Natural-log probability (log-softmax in f32).
+    /// Natural-log probability (log-softmax of the f32 logits, computed in f64).
     pub logprob: f64,
     /// 1-based rank in the whole vocabulary (ties broken by token id).
     #[schema(minimum = 1)]
@@ -86,7 +97,10 @@ pub struct Metadata {
     pub completion_tokens: usize,
     /// Wall time of tokenization, the forward passes and the maths, in milliseconds.
     pub generation_time_ms: f64,
+    /// The request's temperature, echoed.
     pub temperature_used: f64,
+    /// `greedy` for temperatures below 1e-5 (0 included), else `sampling`.
+    pub decoding: Decoding,
     pub logprobs_mode: LogprobsMode,
     /// `cpu` or `cuda:N`.
     pub device: String,

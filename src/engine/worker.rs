@@ -1,23 +1,33 @@
 //! The model's own thread (the text-embeddings-inference pattern): it loads the model, then
-//! loops on a bounded channel of jobs, each carrying a oneshot for its reply. HTTP handlers
-//! never touch the model; they enqueue and await with a timeout. Health is published on a
-//! watch channel. The loop takes one job at a time today; because jobs queue up here, several
-//! could be drained and run as one batched forward pass without changing the API.
+//! loops on a bounded channel of already-tokenized jobs, each carrying a oneshot for its reply.
+//! HTTP handlers never touch the model: they tokenize on a small blocking pool, check the
+//! length limits, enqueue token ids and await the reply with a timeout. Jobs that wait
+//! together are run as one batch (see [`super::batch`]). Health is published on a watch
+//! channel.
+//!
+//! A supervisor keeps the thread alive: a panic that escapes a job (they each run under
+//! `catch_unwind`) flips the state to `Restarting` (health 503, with the reason), and the serve
+//! loop restarts on the already-loaded weights with a fresh prefix cache; queued jobs wait for
+//! it. More than [`MAX_RESTARTS`] within [`RESTART_WINDOW`] is a broken process: the state
+//! becomes `Failed` for good and `tokenscope serve` exits non-zero so that an orchestrator
+//! restarts it.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use super::batch;
 use super::generate::{self, EngineError, GenerateParams};
 use super::output::GenerateResponse;
 use super::prefix_cache::PrefixCache;
-use crate::model::{self, LoadOptions, LoadedModel, ModelSource};
+use crate::model::{self, LoadOptions, LoadedModel, ModelSource, TextTokenizer};
 
-/// What the service reports about its model.
-#[derive(Debug, Clone, PartialEq)]
+/// What the service reports about its model, and what the HTTP side needs to prepare jobs.
+#[derive(Debug, Clone)]
 pub struct ModelInfo {
     pub name: String,
     pub architecture: String,
@@ -26,13 +36,18 @@ pub struct ModelInfo {
     pub context_length: usize,
     pub vocab_size: usize,
     pub load_seconds: f64,
+    /// The model's tokenizer: prompts are tokenized before they are queued.
+    pub tokenizer: Arc<TextTokenizer>,
 }
 
 /// Published on a watch channel; /health and /status read it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum ModelState {
     Loading,
     Ready(Arc<ModelInfo>),
+    /// The model thread panicked and is being restarted (the reason says why).
+    Restarting(String),
+    /// The model failed to load, or its thread died too often to keep restarting it.
     Failed(String),
 }
 
@@ -63,15 +78,29 @@ pub enum WorkerError {
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     /// Jobs stopped or skipped because their client had gone (timeout, disconnect).
-    pub cancelled: std::sync::atomic::AtomicU64,
+    pub cancelled: AtomicU64,
+    /// Times the supervisor restarted the serve loop after a panic.
+    pub restarts: AtomicU64,
+    /// Jobs the model thread has received (prompts refused before queueing never count).
+    pub received: AtomicU64,
 }
 
-/// One request for the model thread.
+/// One request for the model thread: a prompt already tokenized and checked against the limits.
 pub struct Job {
+    /// The prompt text (for the response's metadata only; the model sees `ids`).
     pub prompt: String,
+    pub ids: Vec<u32>,
     pub params: GenerateParams,
     pub reply: oneshot::Sender<Result<GenerateResponse, WorkerError>>,
     pub enqueued: Instant,
+}
+
+/// What the model thread is asked to do.
+enum Command {
+    Generate(Job),
+    /// Panics in the serve loop itself, outside any job's `catch_unwind`: how the tests prove
+    /// that the supervisor notices and restarts (see [`WorkerHandle::crash_for_test`]).
+    Panic,
 }
 
 /// Limits the worker applies to every job.
@@ -95,16 +124,42 @@ impl Default for WorkerLimits {
 /// ≈ 46 KB per token for the default model (30 layers × K and V × 3 heads × 64 × f32).
 pub const DEFAULT_PREFIX_CACHE_TOKENS: usize = 2048;
 
-/// The handlers' side: a bounded sender and the model state.
+/// Restarts tolerated within [`RESTART_WINDOW`] before the worker gives up.
+pub const MAX_RESTARTS: usize = 5;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// The handlers' side: a bounded sender, the model state and the tokenization pool's permits.
 #[derive(Clone)]
 pub struct WorkerHandle {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Command>,
     state: watch::Receiver<ModelState>,
     capacity: usize,
     stats: Arc<WorkerStats>,
+    limits: WorkerLimits,
+    /// Tokenizations running at once on tokio's blocking pool (a 1 MB prompt takes a while;
+    /// this keeps a burst of them from taking every core).
+    tokenize_permits: Arc<Semaphore>,
 }
 
 impl WorkerHandle {
+    fn new(
+        tx: mpsc::Sender<Command>,
+        state: watch::Receiver<ModelState>,
+        capacity: usize,
+        stats: Arc<WorkerStats>,
+        limits: WorkerLimits,
+    ) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            tx,
+            state,
+            capacity,
+            stats,
+            limits,
+            tokenize_permits: Arc::new(Semaphore::new(cores.max(2))),
+        }
+    }
+
     pub fn state(&self) -> ModelState {
         self.state.borrow().clone()
     }
@@ -119,33 +174,112 @@ impl WorkerHandle {
         self.capacity
     }
     pub fn cancelled_jobs(&self) -> u64 {
-        self.stats
-            .cancelled
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.stats.cancelled.load(Ordering::Relaxed)
+    }
+    pub fn restarts(&self) -> u64 {
+        self.stats.restarts.load(Ordering::Relaxed)
+    }
+    pub fn jobs_received(&self) -> u64 {
+        self.stats.received.load(Ordering::Relaxed)
     }
 
-    /// Enqueues without waiting: a full queue is an immediate `Overloaded`.
-    pub fn submit(
+    fn ready_info(&self) -> Result<Arc<ModelInfo>, WorkerError> {
+        match &*self.state.borrow() {
+            ModelState::Ready(info) => Ok(info.clone()),
+            _ => Err(WorkerError::NotLoaded),
+        }
+    }
+
+    /// Tokenizes `prompt` off the async runtime and off the model thread, checks it against
+    /// the limits, and queues the token ids. A full queue is an immediate `Overloaded`.
+    pub async fn submit(
         &self,
         prompt: String,
         params: GenerateParams,
     ) -> Result<oneshot::Receiver<Result<GenerateResponse, WorkerError>>, WorkerError> {
-        if !matches!(*self.state.borrow(), ModelState::Ready(_)) {
-            return Err(WorkerError::NotLoaded);
-        }
+        let info = self.ready_info()?;
+        let permit = self
+            .tokenize_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| WorkerError::Stopped)?;
+        let tokenizer = info.tokenizer.clone();
+        let (prompt, ids) = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let ids = tokenizer.encode(&prompt);
+            (prompt, ids)
+        })
+        .await
+        .map_err(|e| WorkerError::Failed(format!("tokenization task: {e}")))?;
+        let ids = ids.map_err(|e| WorkerError::Failed(e.to_string()))?;
+        check_prompt(
+            ids.len(),
+            info.context_length,
+            self.limits.max_prompt_tokens,
+            params.max_tokens,
+        )?;
+        self.submit_ids(prompt, ids, params)
+    }
+
+    /// Queues an already-tokenized prompt (the caller has checked it with [`check_prompt`]).
+    pub fn submit_ids(
+        &self,
+        prompt: String,
+        ids: Vec<u32>,
+        params: GenerateParams,
+    ) -> Result<oneshot::Receiver<Result<GenerateResponse, WorkerError>>, WorkerError> {
+        self.ready_info()?;
         let (reply, rx) = oneshot::channel();
         let job = Job {
             prompt,
+            ids,
             params,
             reply,
             enqueued: Instant::now(),
         };
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => WorkerError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => WorkerError::Stopped,
-        })?;
+        self.send(Command::Generate(job))?;
         Ok(rx)
     }
+
+    /// Makes the model thread panic outside any job (only tests call this: it is how they
+    /// prove that a dead serve loop is noticed and restarted).
+    #[doc(hidden)]
+    pub fn crash_for_test(&self) -> Result<(), WorkerError> {
+        self.send(Command::Panic)
+    }
+
+    fn send(&self, command: Command) -> Result<(), WorkerError> {
+        self.tx.try_send(command).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => WorkerError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => WorkerError::Stopped,
+        })
+    }
+}
+
+/// The length rules, decided before a prompt is queued: non-empty, and at most
+/// min(context − max_tokens, `max_prompt_tokens`) tokens.
+pub fn check_prompt(
+    prompt_tokens: usize,
+    context_length: usize,
+    max_prompt_tokens: Option<usize>,
+    max_tokens: usize,
+) -> Result<(), WorkerError> {
+    if prompt_tokens == 0 {
+        return Err(WorkerError::EmptyPrompt);
+    }
+    let mut limit = context_length.saturating_sub(max_tokens);
+    if let Some(cap) = max_prompt_tokens {
+        limit = limit.min(cap);
+    }
+    if prompt_tokens > limit {
+        return Err(WorkerError::PromptTooLong {
+            limit,
+            prompt_tokens,
+            max_tokens,
+        });
+    }
+    Ok(())
 }
 
 /// Starts the model thread: it loads `source` and then serves jobs until every handle is gone.
@@ -155,45 +289,41 @@ pub fn spawn(
     limits: WorkerLimits,
     queue: usize,
 ) -> WorkerHandle {
-    let capacity = queue.max(1);
-    let (tx, rx) = mpsc::channel(capacity);
-    let (state_tx, state_rx) = watch::channel(ModelState::Loading);
-    let stats = Arc::new(WorkerStats::default());
-    let worker_stats = stats.clone();
-    let spawned = std::thread::Builder::new()
-        .name("tokenscope-model".into())
-        .spawn(move || run(source, options, limits, rx, state_tx, &worker_stats));
-    if let Err(e) = spawned {
-        tracing::error!("cannot start the model thread: {e}");
-    }
-    WorkerHandle {
-        tx,
-        state: state_rx,
-        capacity,
-        stats,
-    }
+    start(
+        limits,
+        queue,
+        ModelState::Loading,
+        move |state, rx, stats| run(source, options, limits, rx, state, stats),
+    )
 }
 
 /// A worker for an already-loaded model (tests, benches).
 pub fn spawn_loaded(model: LoadedModel, limits: WorkerLimits, queue: usize) -> WorkerHandle {
+    let info = Arc::new(info_of(&model, 0.0));
+    let ready = ModelState::Ready(info.clone());
+    start(limits, queue, ready, move |state, rx, stats| {
+        supervise(&model, &info, limits, rx, &state, stats)
+    })
+}
+
+fn start(
+    limits: WorkerLimits,
+    queue: usize,
+    initial: ModelState,
+    body: impl FnOnce(watch::Sender<ModelState>, mpsc::Receiver<Command>, &WorkerStats) + Send + 'static,
+) -> WorkerHandle {
     let capacity = queue.max(1);
     let (tx, rx) = mpsc::channel(capacity);
-    let (state_tx, state_rx) = watch::channel(ModelState::Ready(Arc::new(info_of(&model, 0.0))));
+    let (state_tx, state_rx) = watch::channel(initial);
     let stats = Arc::new(WorkerStats::default());
     let worker_stats = stats.clone();
-    let _ = std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("tokenscope-model".into())
-        .spawn(move || {
-            // Holding the sender keeps the state readable for as long as the worker runs.
-            let _state = state_tx;
-            serve(&model, limits, rx, &worker_stats);
-        });
-    WorkerHandle {
-        tx,
-        state: state_rx,
-        capacity,
-        stats,
+        .spawn(move || body(state_tx, rx, &worker_stats));
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the model thread: {e}");
     }
+    WorkerHandle::new(tx, state_rx, capacity, stats, limits)
 }
 
 fn info_of(m: &LoadedModel, load_seconds: f64) -> ModelInfo {
@@ -205,6 +335,7 @@ fn info_of(m: &LoadedModel, load_seconds: f64) -> ModelInfo {
         context_length: m.context_length(),
         vocab_size: m.model.config().vocab_size,
         load_seconds,
+        tokenizer: m.tokenizer.clone(),
     }
 }
 
@@ -212,7 +343,7 @@ fn run(
     source: Result<ModelSource, String>,
     options: LoadOptions,
     limits: WorkerLimits,
-    rx: mpsc::Receiver<Job>,
+    rx: mpsc::Receiver<Command>,
     state: watch::Sender<ModelState>,
     stats: &WorkerStats,
 ) {
@@ -230,43 +361,113 @@ fn run(
                 model = %m.name, device = %m.device_label, dtype = %m.dtype_label,
                 "model loaded in {secs:.2}s"
             );
-            let _ = state.send(ModelState::Ready(Arc::new(info_of(&m, secs))));
-            serve(&m, limits, rx, stats);
+            let info = Arc::new(info_of(&m, secs));
+            let _ = state.send(ModelState::Ready(info.clone()));
+            supervise(&m, &info, limits, rx, &state, stats);
         }
         Err(reason) => {
             tracing::error!("model failed to load: {reason}");
             let _ = state.send(ModelState::Failed(reason));
-            // Keep draining so that queued senders get an answer rather than hanging.
-            let mut rx = rx;
-            while let Some(job) = rx.blocking_recv() {
-                let _ = job.reply.send(Err(WorkerError::NotLoaded));
-            }
+            refuse_all(rx);
         }
     }
+}
+
+/// Answers every queued and future job with `NotLoaded` (rather than leaving senders hanging).
+fn refuse_all(mut rx: mpsc::Receiver<Command>) {
+    while let Some(command) = rx.blocking_recv() {
+        if let Command::Generate(job) = command {
+            let _ = job.reply.send(Err(WorkerError::NotLoaded));
+        }
+    }
+}
+
+/// Runs the serve loop, restarting it on the same weights when it panics (see the module
+/// comment); returns when every handle is gone or after too many restarts.
+fn supervise(
+    model: &LoadedModel,
+    info: &Arc<ModelInfo>,
+    limits: WorkerLimits,
+    mut rx: mpsc::Receiver<Command>,
+    state: &watch::Sender<ModelState>,
+    stats: &WorkerStats,
+) {
+    let mut recent: VecDeque<Instant> = VecDeque::new();
+    loop {
+        // The receiver survives a panic: jobs still queued are served after the restart. The
+        // prefix cache does not (it may be half-updated); serve() makes a fresh one.
+        let outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| serve(model, limits, &mut rx, stats)));
+        let Err(panic) = outcome else {
+            return;
+        };
+        let reason = format!("the model thread panicked: {}", panic_message(&panic));
+        stats.restarts.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        recent.push_back(now);
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            recent.pop_front();
+        }
+        if recent.len() > MAX_RESTARTS {
+            let reason = format!(
+                "{reason} ({} times within {} s; giving up)",
+                recent.len(),
+                RESTART_WINDOW.as_secs()
+            );
+            tracing::error!("{reason}");
+            let _ = state.send(ModelState::Failed(reason));
+            refuse_all(rx);
+            return;
+        }
+        tracing::error!("{reason}; restarting it on the loaded weights");
+        let _ = state.send(ModelState::Restarting(reason));
+        let _ = state.send(ModelState::Ready(info.clone()));
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 fn serve(
     model: &LoadedModel,
     limits: WorkerLimits,
-    mut rx: mpsc::Receiver<Job>,
+    rx: &mut mpsc::Receiver<Command>,
     stats: &WorkerStats,
 ) {
     let mut prefix = PrefixCache::new(limits.prefix_cache_tokens);
     while let Some(first) = rx.blocking_recv() {
         // Everything already waiting joins this round (dynamic batching).
-        let mut jobs = vec![first];
-        while jobs.len() < batch::MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+        let mut jobs = Vec::new();
+        let mut command = Some(first);
+        while let Some(c) = command {
+            match c {
+                Command::Generate(job) => {
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    jobs.push(job)
+                }
+                // Jobs drained with it are dropped: their handlers answer GENERATION_FAILED.
+                Command::Panic => panic!("deliberate panic (WorkerHandle::crash_for_test)"),
             }
+            command = if jobs.len() < batch::MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         let jobs = drop_abandoned(jobs, stats);
         if jobs.len() > 1 {
-            run_batch(model, limits, jobs, &mut prefix, stats);
+            run_batch(model, jobs, &mut prefix, stats);
         } else {
             for job in jobs {
-                run_single(model, limits, job, &mut prefix, stats);
+                run_single(model, job, &mut prefix, stats);
             }
         }
     }
@@ -277,9 +478,7 @@ fn serve(
 fn abandoned(job: &Job, stats: &WorkerStats) -> bool {
     let gone = job.reply.is_closed();
     if gone {
-        stats
-            .cancelled
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats.cancelled.fetch_add(1, Ordering::Relaxed);
     }
     gone
 }
@@ -291,9 +490,7 @@ fn drop_abandoned(jobs: Vec<Job>, stats: &WorkerStats) -> Vec<Job> {
 fn finish(job: Job, result: Result<GenerateResponse, WorkerError>, stats: &WorkerStats) {
     match &result {
         Err(WorkerError::Cancelled) => {
-            stats
-                .cancelled
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats.cancelled.fetch_add(1, Ordering::Relaxed);
             tracing::info!("request abandoned by its client; generation stopped");
         }
         Err(WorkerError::Failed(e)) => {
@@ -305,138 +502,90 @@ fn finish(job: Job, result: Result<GenerateResponse, WorkerError>, stats: &Worke
     let _ = job.reply.send(result);
 }
 
-fn run_single(
-    model: &LoadedModel,
-    limits: WorkerLimits,
-    job: Job,
-    prefix: &mut PrefixCache,
-    stats: &WorkerStats,
-) {
-    let result =
-        std::panic::catch_unwind(AssertUnwindSafe(|| run_job(model, limits, &job, prefix)))
-            .unwrap_or_else(|_| Err(WorkerError::Failed("panic in the model thread".into())));
-    finish(job, result, stats);
+/// Runs `f` for `job`; a panic inside is that job's failure (logged), not the thread's.
+fn guarded(
+    job: &Job,
+    f: impl FnOnce() -> Result<GenerateResponse, EngineError>,
+) -> Result<GenerateResponse, WorkerError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result.map_err(|e| engine_error(e, job)),
+        Err(panic) => Err(WorkerError::Failed(format!(
+            "panic in the model thread: {}",
+            panic_message(&panic)
+        ))),
+    }
 }
 
-/// Tokenizes and checks a job's prompt against the limits.
-fn checked_ids(
-    model: &LoadedModel,
-    limits: WorkerLimits,
-    job: &Job,
-) -> Result<Vec<u32>, WorkerError> {
-    let ids =
-        generate::tokenize(model, &job.prompt).map_err(|e| WorkerError::Failed(e.to_string()))?;
-    if ids.is_empty() {
-        return Err(WorkerError::EmptyPrompt);
-    }
-    let max_tokens = job.params.max_tokens;
-    let mut limit = model.context_length().saturating_sub(max_tokens);
-    if let Some(cap) = limits.max_prompt_tokens {
-        limit = limit.min(cap);
-    }
-    if ids.len() > limit {
-        return Err(WorkerError::PromptTooLong {
-            limit,
-            prompt_tokens: ids.len(),
-            max_tokens,
-        });
-    }
-    Ok(ids)
+fn run_single(model: &LoadedModel, job: Job, prefix: &mut PrefixCache, stats: &WorkerStats) {
+    let result = guarded(&job, || {
+        let cancelled = || job.reply.is_closed();
+        generate::generate_cached(
+            model,
+            &job.prompt,
+            &job.ids,
+            &job.params,
+            &cancelled,
+            Some(prefix),
+        )
+    });
+    finish(job, result, stats);
 }
 
 /// Several jobs: short prompts are prefilled in one forward pass, then each job continues on
 /// its own slice of the KV cache. Long prompts, and the jobs of a batch that fails as a whole,
 /// run alone, so one bad input cannot fail the others.
-fn run_batch(
-    model: &LoadedModel,
-    limits: WorkerLimits,
-    jobs: Vec<Job>,
-    prefix: &mut PrefixCache,
-    stats: &WorkerStats,
-) {
+fn run_batch(model: &LoadedModel, jobs: Vec<Job>, prefix: &mut PrefixCache, stats: &WorkerStats) {
     let start = Instant::now();
-    let mut batched: Vec<(Job, Vec<u32>)> = Vec::new();
-    let mut alone: Vec<Job> = Vec::new();
-    for job in jobs {
-        match checked_ids(model, limits, &job) {
-            Err(e) => finish(job, Err(e), stats),
-            Ok(ids) if ids.len() <= batch::MAX_BATCHED_PROMPT => batched.push((job, ids)),
-            Ok(_) => alone.push(job),
-        }
-    }
+    let (mut batched, mut alone): (Vec<Job>, Vec<Job>) = jobs
+        .into_iter()
+        .partition(|job| job.ids.len() <= batch::MAX_BATCHED_PROMPT);
     if batched.len() == 1 {
-        alone.extend(batched.drain(..).map(|(j, _)| j));
+        alone.append(&mut batched);
     }
     if !batched.is_empty() {
-        let prompts: Vec<&[u32]> = batched.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let prompts: Vec<&[u32]> = batched.iter().map(|job| job.ids.as_slice()).collect();
         let prefilled =
             std::panic::catch_unwind(AssertUnwindSafe(|| batch::prefill_batch(model, &prompts)));
         match prefilled {
             Ok(Ok(states)) => {
-                for ((job, ids), (cache, logits)) in batched.into_iter().zip(states) {
-                    prefix.insert(&ids, &cache, &logits);
-                    let cancelled = || job.reply.is_closed();
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                for (job, (cache, logits)) in batched.into_iter().zip(states) {
+                    let result = guarded(&job, || {
+                        prefix.insert(&job.ids, &cache, &logits);
+                        let cancelled = || job.reply.is_closed();
                         generate::decode_from(
                             model,
                             &job.prompt,
-                            &ids,
+                            &job.ids,
                             &job.params,
                             &cancelled,
                             cache,
                             logits,
                             start,
                         )
-                    }))
-                    .unwrap_or_else(|_| {
-                        Err(EngineError::Tokenizer("panic in the model thread".into()))
-                    })
-                    .map_err(|e| engine_error(e, &ids, &job));
+                    });
                     finish(job, result, stats);
                 }
             }
-            _ => alone.extend(batched.into_iter().map(|(j, _)| j)),
+            _ => alone.extend(batched),
         }
     }
     for job in alone {
         // Checked just before each run: earlier jobs may have taken long enough for it to go.
         if !abandoned(&job, stats) {
-            run_single(model, limits, job, prefix, stats);
+            run_single(model, job, prefix, stats);
         }
     }
 }
 
-fn engine_error(e: EngineError, ids: &[u32], job: &Job) -> WorkerError {
+fn engine_error(e: EngineError, job: &Job) -> WorkerError {
     match e {
         EngineError::EmptyPrompt => WorkerError::EmptyPrompt,
         EngineError::Cancelled => WorkerError::Cancelled,
         EngineError::TooLong { limit, .. } => WorkerError::PromptTooLong {
             limit,
-            prompt_tokens: ids.len(),
+            prompt_tokens: job.ids.len(),
             max_tokens: job.params.max_tokens,
         },
         other => WorkerError::Failed(other.to_string()),
     }
 }
-
-fn run_job(
-    model: &LoadedModel,
-    limits: WorkerLimits,
-    job: &Job,
-    prefix: &mut PrefixCache,
-) -> Result<GenerateResponse, WorkerError> {
-    let ids = checked_ids(model, limits, job)?;
-    let cancelled = || job.reply.is_closed();
-    generate::generate_cached(
-        model,
-        &job.prompt,
-        &ids,
-        &job.params,
-        &cancelled,
-        Some(prefix),
-    )
-    .map_err(|e| engine_error(e, &ids, job))
-}
-
-/// How long a client should wait before retrying, for Retry-After.
-pub const RETRY_AFTER: Duration = Duration::from_secs(1);

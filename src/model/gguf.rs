@@ -12,6 +12,9 @@ use super::error::{ModelError, Result};
 use super::llama::{Config, EosTokenId};
 use super::packed::{Kind, PackedMatrix};
 
+/// llama.cpp's rope frequency factors (Llama 3.1+): read into [`Config::rope_freq_factors`].
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// Packed projection weights by HF name.
 pub type PackedWeights = HashMap<String, Arc<PackedMatrix>>;
 
@@ -133,9 +136,80 @@ impl GgufFile {
             eos_token_id: self
                 .md_u32("tokenizer.ggml.eos_token_id")?
                 .map(EosTokenId::One),
+            rope_scaling: self.rope_scaling(&arch)?,
+            rope_freq_factors: None,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: None,
+            partial_rotary_factor: None,
+            sliding_window: None,
+            quantization_config: None,
         };
-        cfg.validate().map_err(|e| self.corrupt(e))?;
+        let mut cfg = cfg;
+        if let Some(dims) = self.md_u32(&k("rope.dimension_count"))? {
+            if dims as usize != cfg.head_dim() {
+                return Err(ModelError::Config(format!(
+                    "{arch}.rope.dimension_count = {dims} (rope on part of each head) is not supported; \
+                     head_dim is {}",
+                    cfg.head_dim()
+                )));
+            }
+        }
+        if self.content.tensor_infos.contains_key(ROPE_FREQS) {
+            cfg.rope_freq_factors = Some(self.read_vector(ROPE_FREQS)?);
+        }
+        self.check_tensor_names()?;
+        cfg.validate().map_err(ModelError::Config)?;
         Ok(cfg)
+    }
+
+    /// `{arch}.rope.scaling.*` as a config.json `rope_scaling`: none and linear are supported
+    /// (yarn and the rest are refused by [`Config::validate`]).
+    fn rope_scaling(&self, arch: &str) -> Result<Option<serde_json::Value>> {
+        let kind = match self.metadata().get(&format!("{arch}.rope.scaling.type")) {
+            None => return Ok(None),
+            Some(v) => v
+                .to_string()
+                .map_err(|e| self.corrupt(format!("rope.scaling.type: {e}")))?
+                .clone(),
+        };
+        let factor = self.md_f32(&format!("{arch}.rope.scaling.factor"))?;
+        Ok(match (kind.as_str(), factor) {
+            ("none", _) => None,
+            ("linear", Some(1.0)) => None,
+            (kind, f) => Some(serde_json::json!({"rope_type": kind, "factor": f})),
+        })
+    }
+
+    /// Every tensor must be one this loader maps; an unknown one (a bias, an extra norm) would
+    /// otherwise be skipped silently and the model would compute something else.
+    fn check_tensor_names(&self) -> Result<()> {
+        let mut unknown: Vec<&str> = self
+            .content
+            .tensor_infos
+            .keys()
+            .map(String::as_str)
+            .filter(|n| *n != ROPE_FREQS && hf_name(n).is_none())
+            .collect();
+        unknown.sort();
+        match unknown.first() {
+            None => Ok(()),
+            Some(first) => Err(ModelError::Config(format!(
+                "GGUF tensor `{first}` is not part of the llama architecture as implemented here \
+                 ({} unknown tensor(s)); refusing to load rather than ignore it",
+                unknown.len()
+            ))),
+        }
+    }
+
+    /// A 1-D F32 tensor's values.
+    fn read_vector(&self, name: &str) -> Result<Vec<f32>> {
+        let mut file = std::fs::File::open(&self.path)?;
+        let q = self
+            .content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| self.corrupt(format!("tensor `{name}`: {e}")))?;
+        Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
     }
 
     fn read(&mut self, name: &str, device: &Device) -> Result<QTensor> {
@@ -191,7 +265,7 @@ impl GgufFile {
         let mut packed = HashMap::new();
         for name in names {
             let Some(hf) = hf_name(&name) else {
-                // rope_freqs and similar auxiliary tensors are recomputed, not loaded.
+                // rope_freqs is in the config (checked by config(): no other name gets here).
                 continue;
             };
             let q = self.read(&name, device)?;
@@ -208,8 +282,8 @@ impl GgufFile {
                 None => t,
             };
             let is_projection = t.rank() == 2 && hf != "model.embed_tokens.weight";
-            // q/k stay dense: their rows had to be un-permuted, and re-quantizing the
-            // dequantized values would not reproduce the file's blocks bit for bit.
+            // Packed blocks are the file's own; q/k keep them too, with the rows taken in
+            // un-permuted order (a row's blocks move whole, nothing is re-quantized).
             if pack && t.rank() == 2 {
                 let target = if hf == "model.embed_tokens.weight" {
                     tied.then(|| "lm_head.weight".to_string())
@@ -279,7 +353,8 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (part, suffix) = rest.rsplit_once('.')?;
+    // Only weights: a llama has no biases, and a `.bias` must not map onto anything.
+    let part = rest.strip_suffix(".weight")?;
     let hf = match part {
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -292,7 +367,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "ffn_norm" => "post_attention_layernorm",
         _ => return None,
     };
-    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+    Some(format!("model.layers.{layer}.{hf}.weight"))
 }
 
 /// Undoes llama.cpp's converter permutation of q/k rows (done there for interleaved rope):

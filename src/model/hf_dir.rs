@@ -98,6 +98,30 @@ pub fn inspect(dir: &Path) -> Result<HfDir> {
     })
 }
 
+/// Refuses checkpoints with tensors the llama implementation would not use (a bias, an extra
+/// norm): loading would silently compute another model. Rotary `inv_freq` buffers, which old
+/// checkpoints carry, are recomputed from the config and may be present.
+pub fn check_tensor_names(names: &[String], config: &Config) -> Result<()> {
+    let known: std::collections::HashSet<String> = super::llama::parameter_shapes(config)
+        .into_iter()
+        .map(|(n, _)| n)
+        .chain(["lm_head.weight".to_string()])
+        .collect();
+    let mut unknown: Vec<&String> = names
+        .iter()
+        .filter(|n| !known.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    unknown.sort();
+    match unknown.first() {
+        None => Ok(()),
+        Some(first) => Err(ModelError::Config(format!(
+            "tensor `{first}` is not part of the llama architecture as implemented here \
+             ({} unknown tensor(s)); refusing to load rather than ignore it",
+            unknown.len()
+        ))),
+    }
+}
+
 /// The distinct shard file names listed in a `model.safetensors.index.json`.
 pub fn shard_files(index: &Path) -> Result<Vec<String>> {
     let raw = std::fs::read_to_string(index)?;
@@ -131,6 +155,13 @@ pub fn save(
     tokenizer: &super::TextTokenizer,
     dtype: candle_core::DType,
 ) -> Result<()> {
+    if config.rope_freq_factors.is_some() {
+        return Err(ModelError::Config(
+            "this GGUF's rope frequency factors (rope_freqs.weight) have no config.json equivalent; \
+             it cannot be written as a Hugging Face directory"
+                .into(),
+        ));
+    }
     std::fs::create_dir_all(dir)?;
     let mut json = serde_json::to_value(config).map_err(|e| ModelError::Config(e.to_string()))?;
     if let Some(obj) = json.as_object_mut() {

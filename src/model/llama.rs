@@ -37,6 +37,109 @@ pub struct Config {
     pub bos_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<EosTokenId>,
+    /// `null`/absent, or `{"rope_type": "linear" | "llama3", ...}`; other types refuse to load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Per-frequency divisors from a GGUF's `rope_freqs.weight` (llama.cpp's form of Llama 3's
+    /// rope scaling): frequency i is divided by `rope_freq_factors[i]`. No config.json field.
+    #[serde(skip)]
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// HF fields this implementation does not have: they are read only so that a config that
+    /// sets them to anything but the llama defaults is refused by [`Config::validate`].
+    #[serde(default, skip_serializing)]
+    pub attention_bias: bool,
+    #[serde(default, skip_serializing)]
+    pub mlp_bias: bool,
+    #[serde(default, skip_serializing)]
+    pub hidden_act: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(default, skip_serializing)]
+    pub sliding_window: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pub quantization_config: Option<serde_json::Value>,
+}
+
+/// Rope scaling, as `rope_scaling` describes it in a config.json.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Positions divided by `factor` (every frequency divided by it).
+    Linear { factor: f64 },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, a smooth ramp between
+    /// (HF `_compute_llama3_parameters`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl RopeScaling {
+    /// Parses `rope_scaling`; `None` for absent, null or type `default`.
+    pub fn parse(v: Option<&serde_json::Value>) -> std::result::Result<Option<Self>, String> {
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let kind = v
+            .get("rope_type")
+            .or_else(|| v.get("type"))
+            .and_then(|t| t.as_str())
+            .ok_or("rope_scaling has no rope_type")?;
+        let num = |key: &str| {
+            v.get(key)
+                .and_then(|x| x.as_f64())
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or(format!("rope_scaling ({kind}) needs a positive `{key}`"))
+        };
+        match kind {
+            "default" => Ok(None),
+            "linear" => Ok(Some(Self::Linear {
+                factor: num("factor")?,
+            })),
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    return Err(
+                        "rope_scaling (llama3) needs high_freq_factor > low_freq_factor".into(),
+                    );
+                }
+                Ok(Some(Self::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                }))
+            }
+            other => Err(format!(
+                "rope_scaling type `{other}` is not supported (supported: default, linear, llama3)"
+            )),
+        }
+    }
+
+    /// Applies the scaling to one inverse frequency.
+    fn apply(self, inv_freq: f64) -> f64 {
+        match self {
+            Self::Linear { factor } => inv_freq / factor,
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let wavelen = std::f64::consts::TAU / inv_freq;
+                if wavelen < old / high_freq_factor {
+                    inv_freq
+                } else if wavelen > old / low_freq_factor {
+                    inv_freq / factor
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+        }
+    }
 }
 
 /// `eos_token_id` is a single id or a list in HF configs.
@@ -83,6 +186,14 @@ impl Config {
             tie_word_embeddings: true,
             bos_token_id: None,
             eos_token_id: None,
+            rope_scaling: None,
+            rope_freq_factors: None,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: None,
+            partial_rotary_factor: None,
+            sliding_window: None,
+            quantization_config: None,
         }
     }
 
@@ -108,8 +219,68 @@ impl Config {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    /// Rejects shapes that would otherwise fail deep inside a matmul.
+    /// The rotary inverse frequencies θ_i = base^(−2i/d), with the configured scaling and any
+    /// GGUF frequency factors applied (computed in f64, rounded once to f32).
+    pub fn rope_inv_freq(&self) -> std::result::Result<Vec<f32>, String> {
+        let hd = self.head_dim();
+        let scaling = RopeScaling::parse(self.rope_scaling.as_ref())?;
+        let factors = self.rope_freq_factors.as_deref();
+        if let Some(f) = factors {
+            if f.len() != hd / 2 || f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+                return Err(format!(
+                    "rope_freqs has {} factors, expected {} positive ones",
+                    f.len(),
+                    hd / 2
+                ));
+            }
+        }
+        Ok((0..hd / 2)
+            .map(|i| {
+                let mut f = 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64);
+                if let Some(s) = scaling {
+                    f = s.apply(f);
+                }
+                if let Some(factors) = factors {
+                    f /= factors[i] as f64;
+                }
+                f as f32
+            })
+            .collect())
+    }
+
+    /// Refuses every config feature this llama does not implement, naming it: a model either
+    /// loads exactly or does not load.
+    fn check_supported(&self) -> std::result::Result<(), String> {
+        let unsupported = |what: &str| {
+            Err(format!(
+                "{what} is not supported by the llama implementation"
+            ))
+        };
+        if self.attention_bias {
+            return unsupported("attention_bias = true (biases on q/k/v/o)");
+        }
+        if self.mlp_bias {
+            return unsupported("mlp_bias = true (biases on the MLP projections)");
+        }
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return unsupported(&format!("hidden_act `{act}` (only silu)"));
+        }
+        if self.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+            return unsupported("partial_rotary_factor != 1");
+        }
+        if self.sliding_window.as_ref().is_some_and(|v| !v.is_null()) {
+            return unsupported("sliding_window attention");
+        }
+        if self.quantization_config.is_some() {
+            return unsupported("quantization_config (pre-quantized safetensors: GPTQ, AWQ, ...)");
+        }
+        RopeScaling::parse(self.rope_scaling.as_ref())?;
+        Ok(())
+    }
+
+    /// Rejects shapes that would otherwise fail deep inside a matmul, and unsupported features.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        self.check_supported()?;
         let nonzero = [
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
@@ -403,11 +574,7 @@ struct RotaryEmbedding {
 
 impl RotaryEmbedding {
     fn new(cfg: &Config, dtype: DType, dev: &Device) -> candle_core::Result<Self> {
-        let head_dim = cfg.head_dim();
-        let inv_freq: Vec<f32> = (0..head_dim)
-            .step_by(2)
-            .map(|i| 1f32 / (cfg.rope_theta as f32).powf(i as f32 / head_dim as f32))
-            .collect();
+        let inv_freq = cfg.rope_inv_freq().map_err(candle_core::Error::Msg)?;
         let n = inv_freq.len();
         let inv_freq = Tensor::from_vec(inv_freq, (1, n), dev)?;
         let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?
@@ -626,6 +793,9 @@ pub struct Llama {
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
+    /// The final norm and head in f32 when the weights are f16/bf16: logits near 20 in f16 are
+    /// rounded in steps of 1/64, which moves log-probs by up to ~0.01 (inference only).
+    head_f32: Option<(RmsNorm, Linear)>,
     rope: RotaryEmbedding,
     cfg: Config,
     dtype: DType,
@@ -656,11 +826,23 @@ impl Llama {
             Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?
         };
         let rope = RotaryEmbedding::new(cfg, dtype, &device)?;
+        let head_f32 = match (&lm_head, dtype) {
+            (_, DType::F32) => None,
+            (Linear::Dense(l), _) => Some((
+                RmsNorm {
+                    weight: norm.weight.to_dtype(DType::F32)?,
+                    eps: norm.eps,
+                },
+                Linear::dense(l.weight().to_dtype(DType::F32)?),
+            )),
+            _ => None,
+        };
         Ok(Self {
             embed_tokens,
             layers,
             norm,
             lm_head,
+            head_f32,
             rope,
             cfg: cfg.clone(),
             dtype,
@@ -790,8 +972,21 @@ impl Llama {
         }
         let hidden = self.hidden_states(ids, cache)?;
         let last = hidden.narrow(1, t - 1, 1)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last, false)?)?;
-        logits.squeeze(1)?.to_dtype(DType::F32)
+        self.logits(&last)?.squeeze(1)
+    }
+
+    /// Final norm and head over hidden states (b, t, hidden) → f32 logits (b, t, vocab), in f32
+    /// whatever the weights' dtype.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.head_f32 {
+            Some((norm, head)) => {
+                head.forward(&norm.forward(&hidden.to_dtype(DType::F32)?, false)?)
+            }
+            None => self
+                .lm_head
+                .forward(&self.norm.forward(hidden, false)?)?
+                .to_dtype(DType::F32),
+        }
     }
 
     /// Batched prefill of right-padded sequences: `ids` (b, t) from an empty `cache`, and the
@@ -820,8 +1015,7 @@ impl Llama {
             .reshape((b * t, h))?
             .index_select(&index, 0)?
             .unsqueeze(1)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&picked, false)?)?;
-        logits.squeeze(1)?.to_dtype(DType::F32)
+        self.logits(&picked)?.squeeze(1)
     }
 
     /// Batched prefill on the fused CPU path (each prompt at most 48 tokens: see
@@ -852,9 +1046,7 @@ impl Llama {
     /// position (used to score text and to compare with the training path).
     pub fn forward_all(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
         let hidden = self.hidden_states(ids, cache)?;
-        self.lm_head
-            .forward(&self.norm.forward(&hidden, false)?)?
-            .to_dtype(DType::F32)
+        self.logits(&hidden)
     }
 
     fn hidden_states(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
@@ -975,7 +1167,7 @@ pub fn random_weights(
     device: &Device,
 ) -> candle_core::Result<std::collections::HashMap<String, Tensor>> {
     use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
     parameter_shapes(cfg)
         .into_iter()
         .map(|(name, shape)| {

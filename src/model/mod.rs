@@ -119,7 +119,8 @@ pub struct LoadOptions {
 #[derive(Debug, Clone)]
 pub struct LoadedModel {
     pub model: Llama,
-    pub tokenizer: TextTokenizer,
+    /// Shared with the HTTP side, which tokenizes before queueing.
+    pub tokenizer: std::sync::Arc<TextTokenizer>,
     pub name: String,
     pub architecture: String,
     pub eos_ids: Vec<u32>,
@@ -256,7 +257,7 @@ fn load_gguf(
     eos_ids.dedup();
     Ok(LoadedModel {
         model,
-        tokenizer,
+        tokenizer: std::sync::Arc::new(tokenizer),
         name: source.display_name(),
         architecture,
         eos_ids,
@@ -285,11 +286,14 @@ fn load_hf_dir(
     let tokenizer = TextTokenizer::from_file(&parts.tokenizer, parts.config.vocab_size)?;
     // SAFETY: the files are memory-mapped read-only; like every safetensors loader we rely on
     // them not being modified while the model is loaded.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&parts.weights, dtype, device) }
+    let weights = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&parts.weights) }
         .map_err(|e| ModelError::Corrupt {
             path: dir.to_path_buf(),
             reason: format!("safetensors: {e}"),
         })?;
+    let names: Vec<String> = weights.tensors().into_iter().map(|(n, _)| n).collect();
+    hf_dir::check_tensor_names(&names, &parts.config)?;
+    let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
     let model = Llama::load(vb, &parts.config).map_err(|e| ModelError::Corrupt {
         path: dir.to_path_buf(),
         reason: e.to_string(),
@@ -305,7 +309,7 @@ fn load_hf_dir(
     eos_ids.dedup();
     Ok(LoadedModel {
         model,
-        tokenizer,
+        tokenizer: std::sync::Arc::new(tokenizer),
         name,
         architecture: "llama".into(),
         eos_ids,

@@ -261,7 +261,7 @@ impl<'a> Batcher<'a> {
         let epoch = index / n;
         if self.epoch.as_ref().map(|e| e.0) != Some(epoch) {
             let mut perm: Vec<usize> = (0..n).collect();
-            let mut rng = rand::rngs::StdRng::seed_from_u64(
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(
                 self.seed.wrapping_add(epoch as u64 * 0x9E37_79B9),
             );
             perm.shuffle(&mut rng);
