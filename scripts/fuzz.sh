@@ -34,8 +34,12 @@ LOG="$(mktemp -t tokenscope-fuzz.XXXXXX.log)"
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
 
+healthy() {
+  python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+    "http://127.0.0.1:$PORT/health" >/dev/null 2>&1
+}
 for _ in $(seq 1 600); do
-  if curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then break; fi
+  if healthy; then break; fi
   if ! kill -0 "$SERVER" 2>/dev/null; then
     echo "fuzz: the server exited during start-up:" >&2
     cat "$LOG" >&2
@@ -43,11 +47,12 @@ for _ in $(seq 1 600); do
   fi
   sleep 0.2
 done
-curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null
+healthy || { echo "fuzz: the server never became healthy:" >&2; tail -20 "$LOG" >&2; exit 1; }
 
 echo "fuzz: schemathesis $SCHEMATHESIS_VERSION against http://127.0.0.1:$PORT (seed $SEED, " \
      "≤ $MAX_EXAMPLES examples per operation, ≤ ${MAX_TIME}s)"
 status=0
+REPORT="$(mktemp -t tokenscope-fuzz-report.XXXXXX.txt)"
 "$VENV/bin/st" run "http://127.0.0.1:$PORT/openapi.json" \
   --header "Authorization: Bearer $KEY" \
   --checks all \
@@ -56,7 +61,7 @@ status=0
   --max-time "$MAX_TIME" \
   --workers 2 \
   --request-timeout 60 \
-  --no-color || status=$?
+  --no-color 2>&1 | tee "$REPORT" || status=$?
 
 # The server must have survived everything it was sent, and never logged a panic.
 if ! kill -0 "$SERVER" 2>/dev/null; then
@@ -73,4 +78,6 @@ if [ "$status" -ne 0 ]; then
   echo "fuzz: FAILED: schemathesis reported findings (exit $status)" >&2
   exit "$status"
 fi
-echo "fuzz: passed: no findings"
+cases="$(grep -Eo '[0-9]+ generated' "$REPORT" | tail -1 | grep -Eo '[0-9]+' || echo 0)"
+echo "fuzz: no findings"
+echo "fuzz: $cases passed, 0 failed"

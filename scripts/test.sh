@@ -4,3 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo test --all-targets "$@"
+# The whole suite (no arguments) also fuzzes the real server from its OpenAPI document;
+# TOKENSCOPE_SKIP_FUZZ=1 leaves that out of a quick local run.
+if [ "$#" -eq 0 ] && [ -z "${TOKENSCOPE_SKIP_FUZZ:-}" ]; then
+  ./scripts/fuzz.sh
+fi

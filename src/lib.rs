@@ -17,7 +17,7 @@ use anyhow::Context;
 
 /// `tokenscope inspect`.
 pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
-    if args.prompt.trim().is_empty() {
+    if api::types::is_blank(&args.prompt) {
         anyhow::bail!("the prompt is empty");
     }
     if args.stop.len() > 4 {

@@ -180,7 +180,7 @@ async fn empty_and_too_long_prompts() {
         },
         4,
     );
-    for prompt in ["", "   ", "\n\t "] {
+    for prompt in ["", "   ", "\n\t ", "\u{1c}\u{feff} "] {
         let (s, b) = generate(&app, json!({ "prompt": prompt })).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
         assert_eq!(
@@ -376,6 +376,25 @@ async fn validation_errors_are_fastapi_style() {
     .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["tokens"].as_array().unwrap().len(), 3);
+    // An integral float seed is that integer (JSON Schema's `integer`; schemathesis found it).
+    let (s, a) = generate(
+        &app,
+        json!({"prompt": "hi", "seed": 1191.0, "temperature": 0.7}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{a}");
+    let (_, b) = generate(
+        &app,
+        json!({"prompt": "hi", "seed": 1191, "temperature": 0.7}),
+    )
+    .await;
+    assert_eq!(a["metadata"]["seed"], 1191);
+    assert_eq!(a["tokens"], b["tokens"]);
+    for bad in ["1191.5", "18446744073709551616", "1e30", "-1.0"] {
+        let (s, _, b) = send(&app, post_json(&format!("{{{p}, \"seed\": {bad}}}"))).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "seed {bad}: {b}");
+        assert_eq!(b["detail"][0]["loc"], json!(["body", "seed"]));
+    }
     // After all that, the service still answers.
     let (s, _) = generate(&app, json!({"prompt": "still alive?"})).await;
     assert_eq!(s, StatusCode::OK);

@@ -145,10 +145,25 @@ pub fn parse_body<T: BodySchema>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(parsed)
 }
 
+/// An integral float within the u64 range as that integer (exact: such an f64 is an integer).
+fn integral_u64(n: &serde_json::Number) -> Option<u64> {
+    n.as_f64()
+        .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 18_446_744_073_709_551_616.0)
+        .map(|f| f as u64)
+}
+
 /// Integral floats (5.0) become integers, saturating at the i64 range so that the range check
-/// (not a parse error) reports values like 1e20.
+/// (not a parse error) reports values like 1e20; for unsigned fields, within the u64 range.
 fn normalize_integers<T: BodySchema>(obj: &mut Map<String, Value>) {
     for (name, ty, _) in T::FIELDS {
+        if matches!(ty, FieldType::OptionalUnsigned) {
+            if let Some(Value::Number(n)) = obj.get(*name) {
+                if let Some(v) = (!n.is_u64()).then(|| integral_u64(n)).flatten() {
+                    obj.insert((*name).to_string(), Value::from(v));
+                }
+            }
+            continue;
+        }
         if !matches!(ty, FieldType::Integer) {
             continue;
         }
@@ -193,6 +208,8 @@ fn check_types<T: BodySchema>(obj: &Map<String, Value>) -> Vec<FieldError> {
             FieldType::OptionalUnsigned => match v {
                 Value::Null => None,
                 Value::Number(n) if n.is_u64() => None,
+                // 1191.0 is the integer 1191 (JSON Schema's reading); 1191.5 is not.
+                Value::Number(n) if integral_u64(n).is_some() => None,
                 Value::Number(n) if n.is_i64() => Some(err(
                     &loc,
                     "ensure this value is greater than or equal to 0",

@@ -39,7 +39,7 @@ pub async fn generate(
     State(state): State<AppState>,
     ValidJson(req): ValidJson<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
-    if req.prompt.trim().is_empty() {
+    if is_blank(&req.prompt) {
         return Err(ApiError::empty_prompt());
     }
     let _in_flight = super::metrics::InFlight::start();

@@ -8,6 +8,15 @@ use validator::Validate;
 use crate::engine::{GenerateParams, LogprobsMode};
 
 pub const MAX_STOP_STRINGS: usize = 4;
+
+/// True when `s` has no character that is not whitespace (EMPTY_PROMPT). Whitespace is the
+/// union of what the regex engines that read the schema's `\S` pattern call whitespace:
+/// Unicode White_Space (Rust), plus U+001C–U+001F (Python's `str.isspace`) and U+FEFF
+/// (ECMAScript's `\s`), so a prompt is valid for every client exactly when it is for us.
+pub fn is_blank(s: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c) || c == '\u{feff}')
+}
 pub const MAX_STOP_CHARS: usize = 256;
 
 /// Body of POST /generate.
@@ -15,8 +24,8 @@ pub const MAX_STOP_CHARS: usize = 256;
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"prompt": "The capital of France is", "temperature": 1.0, "max_tokens": 1, "top_k": 5}))]
 pub struct GenerateRequest {
-    /// Input text prompt (non-empty after trimming).
-    #[schema(min_length = 1, example = "The capital of France is")]
+    /// Input text prompt: at least one character that is not whitespace.
+    #[schema(min_length = 1, pattern = r"\S", example = "The capital of France is")]
     pub prompt: String,
     /// Sampling temperature; 0 = greedy decoding.
     #[serde(default = "default_temperature")]
@@ -33,19 +42,52 @@ pub struct GenerateRequest {
     #[validate(range(min = 1, max = 50))]
     #[schema(default = 5, minimum = 1, maximum = 50, example = 5)]
     pub top_k: i64,
-    /// Seed that makes sampling reproducible (ignored when greedy).
+    /// Seed that makes sampling reproducible (ignored when greedy): 0 to 2^64 − 1.
     #[serde(default)]
-    #[schema(minimum = 0, nullable)]
+    #[schema(schema_with = seed_schema)]
     pub seed: Option<u64>,
     /// Generation stops after any of these strings appears (not included in generated_text).
     #[serde(default)]
     #[validate(length(max = 4))]
-    #[schema(max_items = 4, default = json!([]))]
+    #[schema(schema_with = stop_schema)]
     pub stop: Vec<String>,
     /// `processed` reports softmax(logits / T); `raw` reports softmax(logits).
     #[serde(default)]
     #[schema(default = "processed")]
     pub logprobs_mode: LogprobsMode,
+}
+
+/// An unsigned 64-bit integer or null. Written by hand: utoipa would say `format: int64`, whose
+/// range stops at 2^63 − 1, and write the maximum as a float (2^64 after rounding).
+fn seed_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Integer, Type::Null]))
+        .description(Some(
+            "Seed that makes sampling reproducible (ignored when greedy): 0 to 2^64 − 1.",
+        ))
+        .minimum(Some(utoipa::Number::UInt(0)))
+        .maximum(Some(utoipa::Number::UInt(u64::MAX as usize)))
+        .build()
+}
+
+/// Up to 4 non-empty strings of at most 256 characters (the item bounds are not expressible
+/// with utoipa's field attributes).
+fn stop_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(MAX_STOP_CHARS)),
+        )
+        .max_items(Some(MAX_STOP_STRINGS))
+        .default(Some(serde_json::json!([])))
+        .description(Some(
+            "Generation stops after any of these strings appears (not included in generated_text).",
+        ))
+        .build()
 }
 
 fn default_temperature() -> f64 {
