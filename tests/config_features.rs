@@ -403,12 +403,12 @@ fn final_norm_and_head_run_in_f32_for_half_precision_weights() {
             )
         })
         .collect();
-    let half = model::Llama::load(
+    let half = model::Decoder::load(
         VarBuilder::from_tensors(tensors.clone(), DType::F16, &Device::Cpu),
         &cfg,
     )
     .unwrap();
-    let full = model::Llama::load(
+    let full = model::Decoder::load(
         VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
         &cfg,
     )

@@ -110,7 +110,7 @@ fn without_unpermute_the_model_would_be_wrong() {
         }
     }
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    let permuted = tokenscope::model::Llama::load(vb, &cfg).unwrap();
+    let permuted = tokenscope::model::Decoder::load(vb, &cfg).unwrap();
 
     let tk = &common::smollm().tokenizer;
     let ids = tk.encode("The capital of France is").unwrap();

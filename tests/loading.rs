@@ -7,7 +7,7 @@ use candle_core::Device;
 use tokenscope::engine::{self, GenerateParams};
 use tokenscope::model::{self, LoadOptions, ModelError, ModelSource};
 
-fn last_logits(m: &tokenscope::model::Llama, ids: &[u32]) -> Vec<f32> {
+fn last_logits(m: &tokenscope::model::Decoder, ids: &[u32]) -> Vec<f32> {
     m.next_logits(ids, &mut m.new_cache()).unwrap()
 }
 

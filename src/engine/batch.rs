@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 
 use super::generate::EngineError;
-use crate::model::llama::Prefilled;
+use crate::model::Prefilled;
 use crate::model::{Cache, LoadedModel};
 
 /// Most jobs prefilled together.

@@ -5,7 +5,7 @@
 //! tensor operations per layer, each allocating its output and dispatching to the thread pool.
 //! Here a layer is straight-line code over a few reusable buffers: RMS norm, q/k/v in one
 //! packed-kernel pass, rotary embedding, attention over the KV cache, o_proj, RMS norm,
-//! gate/up in one pass, SiLU, down_proj. The maths is the same as [`super::llama`]'s inference
+//! gate/up in one pass, SiLU, down_proj. The maths is the same as [`super::decoder`]'s inference
 //! path — same formulas, same f32 activations, same weights — only summation orders differ
 //! (tests hold the two within 1e-4 over the vocabulary).
 
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 
-use super::llama::Cache;
+use super::kv_cache::Cache;
 use super::packed::{matmul_many, PackedMatrix, MAX_ROWS};
 
 /// One decoder layer's weights for the fused path.

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
+use super::config::{Arch, Config, EosTokenId, Family};
 use super::error::{ModelError, Result};
-use super::llama::{Config, EosTokenId};
 use super::packed::{Kind, PackedMatrix};
 
 /// llama.cpp's rope frequency factors (Llama 3.1+): read into [`Config::rope_freq_factors`].
@@ -18,7 +18,22 @@ const ROPE_FREQS: &str = "rope_freqs.weight";
 /// Packed projection weights by HF name.
 pub type PackedWeights = HashMap<String, Arc<PackedMatrix>>;
 
-pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama"];
+pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+
+/// The decoder family of a GGUF `general.architecture`.
+fn family_of(arch: &str) -> Option<Family> {
+    match arch {
+        "llama" => Some(Family::llama()),
+        "qwen2" => Some(Family::qwen2()),
+        _ => None,
+    }
+}
+
+/// Whether llama.cpp's converter permuted this family's q/k rows (for its interleaved rope):
+/// only llama's (`LlamaModel.permute`); qwen2 and gemma3 are written as they are.
+fn qk_permuted(family: &Family) -> bool {
+    family.arch == Arch::Llama
+}
 
 /// An opened GGUF file: its metadata and a reader positioned anywhere.
 pub struct GgufFile {
@@ -53,7 +68,7 @@ impl GgufFile {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .ok_or_else(|| self.corrupt("general.architecture is missing".into()))?;
-        if !SUPPORTED_GGUF_ARCHITECTURES.contains(&arch.as_str()) {
+        if family_of(&arch).is_none() {
             return Err(ModelError::UnsupportedArchitecture {
                 found: arch,
                 supported: SUPPORTED_GGUF_ARCHITECTURES.join(", "),
@@ -144,6 +159,7 @@ impl GgufFile {
             partial_rotary_factor: None,
             sliding_window: None,
             quantization_config: None,
+            family: family_of(&arch).unwrap_or_default(),
         };
         let mut cfg = cfg;
         if let Some(dims) = self.md_u32(&k("rope.dimension_count"))? {
@@ -158,7 +174,7 @@ impl GgufFile {
         if self.content.tensor_infos.contains_key(ROPE_FREQS) {
             cfg.rope_freq_factors = Some(self.read_vector(ROPE_FREQS)?);
         }
-        self.check_tensor_names()?;
+        self.check_tensor_names(&cfg.family)?;
         cfg.validate().map_err(ModelError::Config)?;
         Ok(cfg)
     }
@@ -183,20 +199,21 @@ impl GgufFile {
 
     /// Every tensor must be one this loader maps; an unknown one (a bias, an extra norm) would
     /// otherwise be skipped silently and the model would compute something else.
-    fn check_tensor_names(&self) -> Result<()> {
+    fn check_tensor_names(&self, family: &Family) -> Result<()> {
         let mut unknown: Vec<&str> = self
             .content
             .tensor_infos
             .keys()
             .map(String::as_str)
-            .filter(|n| *n != ROPE_FREQS && hf_name(n).is_none())
+            .filter(|n| *n != ROPE_FREQS && hf_name(n, family).is_none())
             .collect();
         unknown.sort();
         match unknown.first() {
             None => Ok(()),
             Some(first) => Err(ModelError::Config(format!(
-                "GGUF tensor `{first}` is not part of the llama architecture as implemented here \
+                "GGUF tensor `{first}` is not part of the {} architecture as implemented here \
                  ({} unknown tensor(s)); refusing to load rather than ignore it",
+                family.arch.name(),
                 unknown.len()
             ))),
         }
@@ -264,14 +281,15 @@ impl GgufFile {
         let mut quant = HashMap::new();
         let mut packed = HashMap::new();
         for name in names {
-            let Some(hf) = hf_name(&name) else {
+            let Some(hf) = hf_name(&name, &cfg.family) else {
                 // rope_freqs is in the config (checked by config(): no other name gets here).
                 continue;
             };
             let q = self.read(&name, device)?;
-            let heads = if name.ends_with("attn_q.weight") {
+            let permuted = qk_permuted(&cfg.family);
+            let heads = if permuted && name.ends_with("attn_q.weight") {
                 Some(cfg.num_attention_heads)
-            } else if name.ends_with("attn_k.weight") {
+            } else if permuted && name.ends_with("attn_k.weight") {
                 Some(cfg.n_kv_heads())
             } else {
                 None
@@ -339,8 +357,8 @@ pub fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
     order
 }
 
-/// GGUF tensor name → HF name.
-pub fn hf_name(gguf: &str) -> Option<String> {
+/// GGUF tensor name → HF name, for the tensors `family` has (anything else is `None`).
+pub fn hf_name(gguf: &str, family: &Family) -> Option<String> {
     let simple = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -353,8 +371,14 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    // Only weights: a llama has no biases, and a `.bias` must not map onto anything.
-    let part = rest.strip_suffix(".weight")?;
+    // Biases only where the family has them: anything else must not map onto anything.
+    let (part, suffix) = match rest.strip_suffix(".weight") {
+        Some(part) => (part, "weight"),
+        None => match rest.strip_suffix(".bias") {
+            Some(part @ ("attn_q" | "attn_k" | "attn_v")) if family.qkv_bias => (part, "bias"),
+            _ => return None,
+        },
+    };
     let hf = match part {
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -367,7 +391,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "ffn_norm" => "post_attention_layernorm",
         _ => return None,
     };
-    Some(format!("model.layers.{layer}.{hf}.weight"))
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
 /// Undoes llama.cpp's converter permutation of q/k rows (done there for interleaved rope):

@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use super::config::Config;
 use super::error::{ModelError, Result};
-use super::llama::Config;
 
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama"];
 
@@ -102,7 +102,7 @@ pub fn inspect(dir: &Path) -> Result<HfDir> {
 /// norm): loading would silently compute another model. Rotary `inv_freq` buffers, which old
 /// checkpoints carry, are recomputed from the config and may be present.
 pub fn check_tensor_names(names: &[String], config: &Config) -> Result<()> {
-    let known: std::collections::HashSet<String> = super::llama::parameter_shapes(config)
+    let known: std::collections::HashSet<String> = super::decoder::parameter_shapes(config)
         .into_iter()
         .map(|(n, _)| n)
         .chain(["lm_head.weight".to_string()])

@@ -1,10 +1,15 @@
-//! Everything candle: where a model comes from, how its weights and tokenizer are read, and
-//! the llama implementation itself.
+//! Everything candle: where a model comes from, how its weights and tokenizer are read, the
+//! decoder every family runs on, its layers, kernels and KV cache, and one file per family
+//! for what is specific to it.
 
+pub mod config;
+pub mod decoder;
 pub mod error;
 mod fused;
 pub mod gguf;
 pub mod hf_dir;
+pub mod kv_cache;
+mod layers;
 pub mod llama;
 pub mod packed;
 pub mod source;
@@ -17,8 +22,10 @@ use std::str::FromStr;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+pub use config::{Arch, Config, EosTokenId, Family};
+pub use decoder::Decoder;
 pub use error::{ModelError, Result};
-pub use llama::{Cache, Config, Llama};
+pub use kv_cache::{Cache, Prefilled};
 pub use source::ModelSource;
 pub use tokenizer::TextTokenizer;
 
@@ -118,7 +125,7 @@ pub struct LoadOptions {
 /// A model ready to run: weights, tokenizer and what to report about them.
 #[derive(Debug, Clone)]
 pub struct LoadedModel {
-    pub model: Llama,
+    pub model: Decoder,
     /// Shared with the HTTP side, which tokenizes before queueing.
     pub tokenizer: std::sync::Arc<TextTokenizer>,
     pub name: String,
@@ -235,7 +242,7 @@ fn load_gguf(
             .map(|t| format!("{:?}", t.ggml_dtype).to_lowercase());
     }
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    let mut model = Llama::load(vb, &cfg).map_err(|e| ModelError::Corrupt {
+    let mut model = Decoder::load(vb, &cfg).map_err(|e| ModelError::Corrupt {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
@@ -294,7 +301,7 @@ fn load_hf_dir(
     let names: Vec<String> = weights.tensors().into_iter().map(|(n, _)| n).collect();
     hf_dir::check_tensor_names(&names, &parts.config)?;
     let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
-    let model = Llama::load(vb, &parts.config).map_err(|e| ModelError::Corrupt {
+    let model = Decoder::load(vb, &parts.config).map_err(|e| ModelError::Corrupt {
         path: dir.to_path_buf(),
         reason: e.to_string(),
     })?;

@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::model::{
-    self, gguf::GgufFile, hf_dir, Config, Llama, ModelError, ModelSource, TextTokenizer,
+    self, gguf::GgufFile, hf_dir, Config, Decoder, ModelError, ModelSource, TextTokenizer,
 };
 use checkpoint::TrainState;
 use optim::{AdamW, AdamWParams};
@@ -294,14 +294,14 @@ fn xy(rows: &[&[u32]], device: &Device) -> candle_core::Result<(Tensor, Tensor)>
 }
 
 /// Mean next-token cross-entropy over every position.
-pub fn loss(model: &Llama, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+pub fn loss(model: &Decoder, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
     let logits = model.forward_train(x)?.to_dtype(DType::F32)?;
     let (b, t, v) = logits.dims3()?;
     candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &y.reshape(b * t)?)
 }
 
 fn evaluate(
-    model: &Llama,
+    model: &Decoder,
     eval: &[Vec<u32>],
     batch: usize,
     device: &Device,
@@ -618,7 +618,7 @@ fn progress_bar(enabled: bool, total: usize, start: usize) -> indicatif::Progres
 /// Checks that gradients reach every parameter (the stock candle llama silently trains only
 /// the embeddings). Returns the names of parameters whose gradient is missing or all zero.
 pub fn parameters_without_gradient(
-    model: &Llama,
+    model: &Decoder,
     named: &[(String, Var)],
     x: &Tensor,
     y: &Tensor,
@@ -645,7 +645,7 @@ pub fn trainable(
     tensors: HashMap<String, Tensor>,
     dtype: DType,
     device: &Device,
-) -> candle_core::Result<(Llama, Vec<(String, Var)>)> {
+) -> candle_core::Result<(Decoder, Vec<(String, Var)>)> {
     let mut names: Vec<String> = tensors.keys().cloned().collect();
     names.sort();
     let named: Vec<(String, Var)> = names
@@ -656,6 +656,6 @@ pub fn trainable(
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    let lm = Llama::load(VarBuilder::from_tensors(map, dtype, device), cfg)?;
+    let lm = Decoder::load(VarBuilder::from_tensors(map, dtype, device), cfg)?;
     Ok((lm, named))
 }

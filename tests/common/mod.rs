@@ -23,9 +23,9 @@ pub fn smollm() -> &'static LoadedModel {
 
 /// Writes a tiny random-weight llama (SmolLM2's tokenizer, 2 layers, hidden 64) as a
 /// Hugging Face directory and returns the in-memory model it was saved from.
-pub fn write_tiny_llama(dir: &std::path::Path, seed: u64) -> tokenscope::model::Llama {
+pub fn write_tiny_llama(dir: &std::path::Path, seed: u64) -> tokenscope::model::Decoder {
     let mut cfg = tokenscope::model::Config::tiny(49152);
-    cfg.eos_token_id = Some(tokenscope::model::llama::EosTokenId::One(2));
+    cfg.eos_token_id = Some(tokenscope::model::EosTokenId::One(2));
     write_llama(dir, &cfg, seed)
 }
 
@@ -34,21 +34,21 @@ pub fn write_llama(
     dir: &std::path::Path,
     cfg: &tokenscope::model::Config,
     seed: u64,
-) -> tokenscope::model::Llama {
+) -> tokenscope::model::Decoder {
     use candle_core::{DType, Device};
     use candle_nn::VarBuilder;
-    use tokenscope::model::{hf_dir, Llama};
+    use tokenscope::model::{hf_dir, Decoder};
 
     let cfg = cfg.clone();
     let tensors = tokenscope::model::llama::random_weights(&cfg, seed, &Device::Cpu).unwrap();
     let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
-    let model = Llama::load(vb, &cfg).unwrap();
+    let model = Decoder::load(vb, &cfg).unwrap();
     hf_dir::save(dir, &cfg, &tensors, &smollm().tokenizer, DType::F32).unwrap();
     model
 }
 
 /// Full-vocabulary log-probs of the next token after `ids` (one forward pass, T = 1).
-pub fn next_logprobs(model: &tokenscope::model::Llama, ids: &[u32]) -> Vec<f32> {
+pub fn next_logprobs(model: &tokenscope::model::Decoder, ids: &[u32]) -> Vec<f32> {
     let logits = model.next_logits(ids, &mut model.new_cache()).unwrap();
     tokenscope::engine::distribution::log_softmax(&logits)
 }

@@ -1,0 +1,347 @@
+//! The decoder's configuration: shapes, rope (with its scaling), special ids, and the family
+//! switches. Its serde form is a Hugging Face llama `config.json`; the other families' loaders
+//! translate their own config.json or GGUF metadata into it.
+
+use serde::{Deserialize, Serialize};
+
+/// Shapes and settings of a decoder (serialized as a llama `config.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<EosTokenId>,
+    /// `null`/absent, or `{"rope_type": "linear" | "llama3", ...}`; other types refuse to load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Per-frequency divisors from a GGUF's `rope_freqs.weight` (llama.cpp's form of Llama 3's
+    /// rope scaling): frequency i is divided by `rope_freq_factors[i]`. No config.json field.
+    #[serde(skip)]
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// HF fields this implementation does not have: they are read only so that a config that
+    /// sets them to anything but the llama defaults is refused by [`Config::validate`].
+    #[serde(default, skip_serializing)]
+    pub attention_bias: bool,
+    #[serde(default, skip_serializing)]
+    pub mlp_bias: bool,
+    #[serde(default, skip_serializing)]
+    pub hidden_act: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(default, skip_serializing)]
+    pub sliding_window: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pub quantization_config: Option<serde_json::Value>,
+    /// Which decoder family, and what in its layers differs from llama's (set by the loader
+    /// from `model_type` or the GGUF architecture, never read from config.json itself).
+    #[serde(skip)]
+    pub family: Family,
+}
+
+/// The decoder families, and the switches their layers differ by (llama.cpp keys the same
+/// switches on its `arch`). The default is llama: every switch off.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Family {
+    pub arch: Arch,
+    /// Biases on the q/k/v projections (Qwen2).
+    pub qkv_bias: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Arch {
+    #[default]
+    Llama,
+    Qwen2,
+}
+
+impl Arch {
+    /// The name used by GGUF's `general.architecture` and HF's `model_type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+}
+
+impl Family {
+    pub fn llama() -> Self {
+        Self::default()
+    }
+    pub fn qwen2() -> Self {
+        Self {
+            arch: Arch::Qwen2,
+            qkv_bias: true,
+        }
+    }
+    /// Plain llama layers: what the fused CPU path implements.
+    pub fn is_plain_llama(&self) -> bool {
+        *self == Self::llama()
+    }
+}
+
+/// Rope scaling, as `rope_scaling` describes it in a config.json.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Positions divided by `factor` (every frequency divided by it).
+    Linear { factor: f64 },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, a smooth ramp between
+    /// (HF `_compute_llama3_parameters`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl RopeScaling {
+    /// Parses `rope_scaling`; `None` for absent, null or type `default`.
+    pub fn parse(v: Option<&serde_json::Value>) -> std::result::Result<Option<Self>, String> {
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let kind = v
+            .get("rope_type")
+            .or_else(|| v.get("type"))
+            .and_then(|t| t.as_str())
+            .ok_or("rope_scaling has no rope_type")?;
+        let num = |key: &str| {
+            v.get(key)
+                .and_then(|x| x.as_f64())
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or(format!("rope_scaling ({kind}) needs a positive `{key}`"))
+        };
+        match kind {
+            "default" => Ok(None),
+            "linear" => Ok(Some(Self::Linear {
+                factor: num("factor")?,
+            })),
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    return Err(
+                        "rope_scaling (llama3) needs high_freq_factor > low_freq_factor".into(),
+                    );
+                }
+                Ok(Some(Self::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                }))
+            }
+            other => Err(format!(
+                "rope_scaling type `{other}` is not supported (supported: default, linear, llama3)"
+            )),
+        }
+    }
+
+    /// Applies the scaling to one inverse frequency.
+    fn apply(self, inv_freq: f64) -> f64 {
+        match self {
+            Self::Linear { factor } => inv_freq / factor,
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let wavelen = std::f64::consts::TAU / inv_freq;
+                if wavelen < old / high_freq_factor {
+                    inv_freq
+                } else if wavelen > old / low_freq_factor {
+                    inv_freq / factor
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+        }
+    }
+}
+
+/// `eos_token_id` is a single id or a list in HF configs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EosTokenId {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl EosTokenId {
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+impl Config {
+    /// A small llama for tests and from-scratch training (`--config tiny`).
+    pub fn tiny(vocab_size: usize) -> Self {
+        Self {
+            hidden_size: 64,
+            intermediate_size: 128,
+            vocab_size,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 512,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_id: None,
+            rope_scaling: None,
+            rope_freq_factors: None,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: None,
+            partial_rotary_factor: None,
+            sliding_window: None,
+            quantization_config: None,
+            family: Family::llama(),
+        }
+    }
+
+    /// A SmolLM-shaped model of ~30M parameters (`--config small`).
+    pub fn small(vocab_size: usize) -> Self {
+        Self {
+            hidden_size: 384,
+            intermediate_size: 1024,
+            num_hidden_layers: 6,
+            num_attention_heads: 6,
+            num_key_value_heads: Some(2),
+            max_position_embeddings: 2048,
+            rope_theta: 100_000.0,
+            ..Self::tiny(vocab_size)
+        }
+    }
+
+    pub fn n_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The rotary inverse frequencies θ_i = base^(−2i/d), with the configured scaling and any
+    /// GGUF frequency factors applied (computed in f64, rounded once to f32).
+    pub fn rope_inv_freq(&self) -> std::result::Result<Vec<f32>, String> {
+        let hd = self.head_dim();
+        let scaling = RopeScaling::parse(self.rope_scaling.as_ref())?;
+        let factors = self.rope_freq_factors.as_deref();
+        if let Some(f) = factors {
+            if f.len() != hd / 2 || f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+                return Err(format!(
+                    "rope_freqs has {} factors, expected {} positive ones",
+                    f.len(),
+                    hd / 2
+                ));
+            }
+        }
+        Ok((0..hd / 2)
+            .map(|i| {
+                let mut f = 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64);
+                if let Some(s) = scaling {
+                    f = s.apply(f);
+                }
+                if let Some(factors) = factors {
+                    f /= factors[i] as f64;
+                }
+                f as f32
+            })
+            .collect())
+    }
+
+    /// Refuses every config feature this llama does not implement, naming it: a model either
+    /// loads exactly or does not load.
+    fn check_supported(&self) -> std::result::Result<(), String> {
+        let unsupported = |what: &str| {
+            Err(format!(
+                "{what} is not supported by the llama implementation"
+            ))
+        };
+        if self.attention_bias {
+            return unsupported("attention_bias = true (biases on q/k/v/o)");
+        }
+        if self.mlp_bias {
+            return unsupported("mlp_bias = true (biases on the MLP projections)");
+        }
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return unsupported(&format!("hidden_act `{act}` (only silu)"));
+        }
+        if self.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+            return unsupported("partial_rotary_factor != 1");
+        }
+        if self.sliding_window.as_ref().is_some_and(|v| !v.is_null()) {
+            return unsupported("sliding_window attention");
+        }
+        if self.quantization_config.is_some() {
+            return unsupported("quantization_config (pre-quantized safetensors: GPTQ, AWQ, ...)");
+        }
+        RopeScaling::parse(self.rope_scaling.as_ref())?;
+        Ok(())
+    }
+
+    /// Rejects shapes that would otherwise fail deep inside a matmul, and unsupported features.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.check_supported()?;
+        let nonzero = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in nonzero {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        if self.n_kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
+            return Err(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.n_kv_heads()
+            ));
+        }
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
+            return Err(format!("head_dim ({}) must be even", self.head_dim()));
+        }
+        Ok(())
+    }
+}

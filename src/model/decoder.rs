@@ -1,0 +1,528 @@
+//! The decoder-only transformer every supported family runs on (llama's layers, with the
+//! family switches of [`Family`]), written for both inference and training.
+//!
+//! candle-transformers' stock models cannot train: their fused rms_norm, softmax and rope have
+//! no backward pass (gradients silently reach only the embeddings) and they return logits for
+//! the last position only. This file keeps one set of weights and two forward paths:
+//! - [`Decoder::forward`]: fused kernels, a KV cache, logits only for the positions asked for
+//!   (and, for plain llama layers with packed GGUF weights, the fused CPU path of
+//!   [`super::fused`]);
+//! - [`Decoder::forward_train`]: every op differentiable, logits for every position.
+//!
+//! A test proves that both paths give the same logits.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::config::Config;
+use super::kv_cache::{Cache, Prefilled};
+use super::layers::{causal_mask, repeat_kv, Linear, RmsNorm, RotaryEmbedding, INIT_WEIGHT};
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
+        let bias = cfg.family.qkv_bias;
+        Ok(Self {
+            q_proj: Linear::load_biased(vb.pp("q_proj"), h, nh * hd, bias)?,
+            k_proj: Linear::load_biased(vb.pp("k_proj"), h, nkv * hd, bias)?,
+            v_proj: Linear::load_biased(vb.pp("v_proj"), h, nkv * hd, bias)?,
+            o_proj: Linear::load(vb.pp("o_proj"), nh * hd, h)?,
+            n_head: nh,
+            n_kv_head: nkv,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        mask: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        offset: usize,
+        differentiable: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let shape = |n| (b, t, n, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape(shape(self.n_head))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape(shape(self.n_kv_head))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape(shape(self.n_kv_head))?
+            .transpose(1, 2)?;
+        let q = rope.apply(&q, offset, differentiable)?;
+        let k = rope.apply(&k, offset, differentiable)?;
+        let v = if differentiable { v } else { v.contiguous()? };
+
+        let (k, v) = match kv {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+
+        let n_rep = self.n_head / self.n_kv_head;
+        let k = repeat_kv(k, n_rep)?;
+        let v = repeat_kv(v, n_rep)?;
+        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = if differentiable {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
+        let y = att.matmul(&v.contiguous()?)?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_head * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(vb.pp("gate_proj"), h, i)?,
+            up_proj: Linear::load(vb.pp("up_proj"), h, i)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, h)?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    /// The layer's seven projections with their HF names (relative to `model.layers.N`).
+    fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        [
+            ("self_attn.q_proj", &mut self.self_attn.q_proj),
+            ("self_attn.k_proj", &mut self.self_attn.k_proj),
+            ("self_attn.v_proj", &mut self.self_attn.v_proj),
+            ("self_attn.o_proj", &mut self.self_attn.o_proj),
+            ("mlp.gate_proj", &mut self.mlp.gate_proj),
+            ("mlp.up_proj", &mut self.mlp.up_proj),
+            ("mlp.down_proj", &mut self.mlp.down_proj),
+        ]
+    }
+
+    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::load(
+                vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+}
+
+/// A decoder-only transformer with its LM head.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    embed_tokens: candle_nn::Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    /// The final norm and head in f32 when the weights are f16/bf16: logits near 20 in f16 are
+    /// rounded in steps of 1/64, which moves log-probs by up to ~0.01 (inference only).
+    head_f32: Option<(RmsNorm, Linear)>,
+    rope: RotaryEmbedding,
+    cfg: Config,
+    dtype: DType,
+    device: Device,
+    /// The fused CPU path for short inputs, when every projection is packed (GGUF, CPU, f32).
+    fused: Option<std::sync::Arc<super::fused::Fused>>,
+}
+
+impl Decoder {
+    /// Loads from HF names (`model.layers.N.self_attn.q_proj.weight`, ...).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let dtype = vb.dtype();
+        let device = vb.device().clone();
+        let embed_weight = vb.pp("model.embed_tokens").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            INIT_WEIGHT,
+        )?;
+        let embed_tokens = candle_nn::Embedding::new(embed_weight.clone(), cfg.hidden_size);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(vb.pp("model.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        // A checkpoint without lm_head shares the embedding matrix (tied embeddings).
+        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+            Linear::dense(embed_weight)
+        } else {
+            Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?
+        };
+        let inv_freq = cfg.rope_inv_freq().map_err(candle_core::Error::Msg)?;
+        let rope = RotaryEmbedding::new(&inv_freq, cfg.max_position_embeddings, dtype, &device)?;
+        let head_f32 = match (&lm_head, dtype) {
+            (_, DType::F32) => None,
+            (Linear::Dense(l), _) => Some((
+                RmsNorm {
+                    weight: norm.weight.to_dtype(DType::F32)?,
+                    eps: norm.eps,
+                },
+                Linear::dense(l.weight().to_dtype(DType::F32)?),
+            )),
+            _ => None,
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            head_f32,
+            rope,
+            cfg: cfg.clone(),
+            dtype,
+            device,
+            fused: None,
+        })
+    }
+
+    /// Replaces the dense projections with quantized ones (for `--dtype gguf`).
+    pub fn with_quantized(mut self, mut take: impl FnMut(&str) -> Option<QMatMul>) -> Self {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, slot) in layer.projections_mut() {
+                if let Some(q) = take(&format!("model.layers.{i}.{name}.weight")) {
+                    *slot = Linear::Quantized(q);
+                }
+            }
+        }
+        if let Some(q) = take("lm_head.weight") {
+            self.lm_head = Linear::Quantized(q);
+        }
+        self
+    }
+
+    /// Adds packed blocks to the dense projections that have them (GGUF on CPU, f32).
+    pub fn with_packed(
+        mut self,
+        mut take: impl FnMut(&str) -> Option<std::sync::Arc<super::packed::PackedMatrix>>,
+    ) -> Self {
+        let pack = |slot: &mut Linear, p: Option<std::sync::Arc<super::packed::PackedMatrix>>| {
+            if let (Linear::Dense(d), Some(p)) = (&*slot, p) {
+                *slot = Linear::Packed(d.clone(), p);
+            }
+        };
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, slot) in layer.projections_mut() {
+                pack(slot, take(&format!("model.layers.{i}.{name}.weight")));
+            }
+        }
+        pack(&mut self.lm_head, take("lm_head.weight"));
+        self.fused = self.build_fused().map(std::sync::Arc::new);
+        self
+    }
+
+    /// The fused short-input path needs plain llama layers, every projection packed and f32
+    /// on the CPU.
+    fn build_fused(&self) -> Option<super::fused::Fused> {
+        use super::fused::{Fused, FusedLayer};
+        if self.dtype != DType::F32 || !self.device.is_cpu() || !self.cfg.family.is_plain_llama() {
+            return None;
+        }
+        let packed = |l: &Linear| match l {
+            Linear::Packed(_, p) => Some(p.clone()),
+            _ => None,
+        };
+        let norm = |n: &RmsNorm| n.weight.to_vec1::<f32>().ok();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Some(FusedLayer {
+                    attn_norm: norm(&l.input_layernorm)?,
+                    q: packed(&l.self_attn.q_proj)?,
+                    k: packed(&l.self_attn.k_proj)?,
+                    v: packed(&l.self_attn.v_proj)?,
+                    o: packed(&l.self_attn.o_proj)?,
+                    mlp_norm: norm(&l.post_attention_layernorm)?,
+                    gate: packed(&l.mlp.gate_proj)?,
+                    up: packed(&l.mlp.up_proj)?,
+                    down: packed(&l.mlp.down_proj)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let flat = |t: &Tensor| t.flatten_all().ok()?.to_vec1::<f32>().ok();
+        Some(Fused {
+            layers,
+            norm: norm(&self.norm)?,
+            head: packed(&self.lm_head)?,
+            embed: self.embed_tokens.embeddings().clone(),
+            cos: flat(&self.rope.cos)?,
+            sin: flat(&self.rope.sin)?,
+            hidden: self.cfg.hidden_size,
+            n_head: self.cfg.num_attention_heads,
+            n_kv_head: self.cfg.n_kv_heads(),
+            head_dim: self.cfg.head_dim(),
+            intermediate: self.cfg.intermediate_size,
+            eps: self.cfg.rms_norm_eps as f32,
+        })
+    }
+
+    /// Whether short inputs take the fused CPU path.
+    pub fn has_fused_path(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    /// Whether `t` new tokens of one sequence take the fused CPU path.
+    pub fn fused_accepts(&self, t: usize) -> bool {
+        self.fused.as_ref().is_some_and(|f| f.accepts(t))
+    }
+
+    /// The same model without the fused path (every input through candle's ops): to compare
+    /// the two, and an escape hatch.
+    pub fn without_fused_path(mut self) -> Self {
+        self.fused = None;
+        self
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(self.cfg.num_hidden_layers)
+    }
+
+    /// Inference: runs `ids` (b, t) after the positions already in `cache`, appends their keys
+    /// and values to it, and returns f32 logits (b, vocab) of the last position only.
+    pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if let Some(fused) = self.fused.as_ref().filter(|f| b == 1 && f.accepts(t)) {
+            let logits = fused.forward(&ids.squeeze(0)?.to_vec1::<u32>()?, cache)?;
+            let n = logits.len();
+            return Tensor::from_vec(logits, (1, n), &self.device);
+        }
+        let hidden = self.hidden_states(ids, cache)?;
+        let last = hidden.narrow(1, t - 1, 1)?;
+        self.logits(&last)?.squeeze(1)
+    }
+
+    /// Final norm and head over hidden states (b, t, hidden) → f32 logits (b, t, vocab), in f32
+    /// whatever the weights' dtype.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.head_f32 {
+            Some((norm, head)) => {
+                head.forward(&norm.forward(&hidden.to_dtype(DType::F32)?, false)?)
+            }
+            None => self
+                .lm_head
+                .forward(&self.norm.forward(hidden, false)?)?
+                .to_dtype(DType::F32),
+        }
+    }
+
+    /// Batched prefill of right-padded sequences: `ids` (b, t) from an empty `cache`, and the
+    /// f32 logits (b, vocab) at each row's own last position `last[i]`. Under the causal mask a
+    /// real token never attends to the padding after it, so each row's logits are those of
+    /// its sequence alone.
+    pub fn forward_rows(
+        &self,
+        ids: &Tensor,
+        cache: &mut Cache,
+        last: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if last.len() != b || last.iter().any(|&p| p >= t) {
+            candle_core::bail!("one last position per row, inside the sequence");
+        }
+        let hidden = self.hidden_states(ids, cache)?;
+        let h = hidden.dim(2)?;
+        let index: Vec<u32> = last
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (i * t + p) as u32)
+            .collect();
+        let index = Tensor::new(index.as_slice(), &self.device)?;
+        let picked = hidden
+            .reshape((b * t, h))?
+            .index_select(&index, 0)?
+            .unsqueeze(1)?;
+        self.logits(&picked)?.squeeze(1)
+    }
+
+    /// Batched prefill on the fused CPU path (each prompt at most 48 tokens: see
+    /// [`Self::fused_accepts`]): the prompts' tokens share packed-kernel passes without padding.
+    /// Returns each prompt's KV cache and last-position logits.
+    pub fn prefill_fused(&self, prompts: &[&[u32]]) -> candle_core::Result<Vec<Prefilled>> {
+        let Some(fused) = self.fused.as_ref() else {
+            candle_core::bail!("this model has no fused CPU path");
+        };
+        let mut caches: Vec<Cache> = prompts.iter().map(|_| self.new_cache()).collect();
+        let logits = {
+            let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
+            fused.forward_many(prompts, &mut refs)?
+        };
+        Ok(caches.into_iter().zip(logits).collect())
+    }
+
+    /// [`Self::forward`] for one sequence of token ids: the f32 logits of its last position.
+    pub fn next_logits(&self, ids: &[u32], cache: &mut Cache) -> candle_core::Result<Vec<f32>> {
+        if let Some(fused) = self.fused.as_ref().filter(|f| f.accepts(ids.len())) {
+            return fused.forward(ids, cache);
+        }
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        self.forward(&input, cache)?.squeeze(0)?.to_vec1()
+    }
+
+    /// Inference like [`Self::forward`] but returns f32 logits (b, t, vocab) for every new
+    /// position (used to score text and to compare with the training path).
+    pub fn forward_all(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden_states(ids, cache)?;
+        self.logits(&hidden)
+    }
+
+    fn hidden_states(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        let offset = cache.len;
+        if offset + t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the model's context of {}",
+                offset + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        if cache.kvs.len() != self.layers.len() {
+            *cache = self.new_cache();
+        }
+        let (n_kv, hd) = (self.cfg.n_kv_heads(), self.cfg.head_dim());
+        for l in 0..self.layers.len() {
+            cache.tensors_for_candle(l, n_kv, hd, &self.device, self.dtype)?;
+        }
+        let mask = causal_mask(t, offset, self.dtype, &self.device)?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for (layer, kv) in self.layers.iter().zip(cache.kvs.iter_mut()) {
+            let h = layer.input_layernorm.forward(&x, false)?;
+            let h =
+                layer
+                    .self_attn
+                    .forward(&h, &self.rope, mask.as_ref(), Some(kv), offset, false)?;
+            x = (x + h)?;
+            let h = layer.post_attention_layernorm.forward(&x, false)?;
+            x = (&x + layer.mlp.forward(&h)?)?;
+        }
+        cache.len = offset + t;
+        Ok(x)
+    }
+
+    /// Training: every op has a backward pass; returns logits (b, t, vocab) in the model dtype.
+    pub fn forward_train(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!("sequence longer than the model's context");
+        }
+        let mask = causal_mask(t, 0, self.dtype, &self.device)?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for layer in &self.layers {
+            let h = layer.input_layernorm.forward(&x, true)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &self.rope, mask.as_ref(), None, 0, true)?;
+            x = (x + h)?;
+            let h = layer.post_attention_layernorm.forward(&x, true)?;
+            x = (&x + layer.mlp.forward(&h)?)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x, true)?)
+    }
+}
+
+/// Names and shapes of every parameter, in HF naming (tied models have no `lm_head`).
+pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let hd = cfg.head_dim();
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
+    let mut out = vec![
+        ("model.embed_tokens.weight".to_string(), vec![v, h]),
+        ("model.norm.weight".to_string(), vec![h]),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![nh * hd, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![nkv * hd, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![nkv * hd, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, nh * hd]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+        ]);
+        if cfg.family.qkv_bias {
+            out.extend([
+                (format!("{p}.self_attn.q_proj.bias"), vec![nh * hd]),
+                (format!("{p}.self_attn.k_proj.bias"), vec![nkv * hd]),
+                (format!("{p}.self_attn.v_proj.bias"), vec![nkv * hd]),
+            ]);
+        }
+    }
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out
+}
