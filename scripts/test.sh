@@ -2,7 +2,7 @@
 # The whole test suite: fetch what the tests need (idempotent), then every test target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+./scripts/setup.sh --test-assets
 cargo test --all-targets "$@"
 # The whole suite (no arguments) also fuzzes the real server from its OpenAPI document;
 # TOKENSCOPE_SKIP_FUZZ=1 leaves that out of a quick local run.

@@ -67,3 +67,51 @@ fn token_bytes_are_raw_bytes() {
     assert!(tk.is_special(2));
     assert_eq!(tk.token_text(2), "<|im_end|>");
 }
+
+/// llama.cpp's own tokenizer test vectors (tests/test-tokenizer-0: `add_special = false`, no
+/// special-token parsing), fetched by `scripts/setup.sh --test-assets` from the llama-cpp-python
+/// sdist: every string of every vocabulary we claim must encode to exactly llama.cpp's ids.
+#[test]
+fn llama_cpp_vocabulary_vectors() {
+    use candle_core::quantized::gguf_file;
+    let dir = common::default_gguf().parent().unwrap().join("vocab");
+    for vocab in ["gpt-2", "llama-bpe", "qwen2"] {
+        let path = dir.join(format!("ggml-vocab-{vocab}.gguf"));
+        let mut file = std::fs::File::open(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run ./scripts/setup.sh --test-assets)",
+                path.display()
+            )
+        });
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let tk = tokenscope::model::TextTokenizer::from_gguf(&content.metadata)
+            .unwrap_or_else(|e| panic!("{vocab}: {e}"));
+        let inp =
+            std::fs::read_to_string(dir.join(format!("ggml-vocab-{vocab}.gguf.inp"))).unwrap();
+        let out =
+            std::fs::read_to_string(dir.join(format!("ggml-vocab-{vocab}.gguf.out"))).unwrap();
+        let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+        let expected: Vec<Vec<u32>> = out
+            .lines()
+            .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
+            .collect();
+        // The .inp ends with a separator line: its last piece is empty and has no .out line.
+        let texts = &texts[..expected.len()];
+        assert!(texts.len() > 40, "{vocab}: only {} vectors", texts.len());
+        let mut failures = Vec::new();
+        for (text, want) in texts.iter().zip(&expected) {
+            let got = tk.encode_without_special(text).unwrap();
+            if &got != want {
+                failures.push(format!("{text:?}: got {got:?}, llama.cpp {want:?}"));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{vocab}: {} of {} differ:\n{}",
+            failures.len(),
+            texts.len(),
+            failures.join("\n")
+        );
+        eprintln!("{vocab}: {} vectors identical to llama.cpp", texts.len());
+    }
+}

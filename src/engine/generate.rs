@@ -222,6 +222,7 @@ pub fn decode_from(
         finish_reason: finish,
         metadata: Metadata {
             model_name: model.name.clone(),
+            architecture: model.architecture.clone(),
             prompt_length: prompt.chars().count(),
             prompt_tokens: prompt_ids.len(),
             completion_tokens: steps.len(),

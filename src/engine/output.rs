@@ -90,6 +90,8 @@ pub enum FinishReason {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Metadata {
     pub model_name: String,
+    /// The model's architecture: `llama`, `qwen2`, ...
+    pub architecture: String,
     /// Prompt length in characters.
     pub prompt_length: usize,
     /// Prompt length in tokens.

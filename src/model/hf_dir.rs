@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use super::config::Config;
 use super::error::{ModelError, Result};
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "qwen2"];
 
 /// The parts of a model directory, checked to exist.
 pub struct HfDir {
@@ -39,14 +39,17 @@ pub fn inspect(dir: &Path) -> Result<HfDir> {
             supported: SUPPORTED_MODEL_TYPES.join(", "),
         });
     }
-    let config: Config = serde_json::from_value(json).map_err(|e| ModelError::Corrupt {
+    let config = match model_type {
+        "qwen2" => super::qwen2::config_from_hf(json),
+        _ => serde_json::from_value::<Config>(json).map_err(|e| e.to_string()),
+    }
+    .map_err(|reason| ModelError::Corrupt {
         path: config_path.clone(),
-        reason: e.to_string(),
+        reason,
     })?;
-    config.validate().map_err(|e| ModelError::Corrupt {
-        path: config_path.clone(),
-        reason: e,
-    })?;
+    config
+        .validate()
+        .map_err(|e| ModelError::Config(format!("{}: {e}", config_path.display())))?;
 
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
@@ -115,8 +118,9 @@ pub fn check_tensor_names(names: &[String], config: &Config) -> Result<()> {
     match unknown.first() {
         None => Ok(()),
         Some(first) => Err(ModelError::Config(format!(
-            "tensor `{first}` is not part of the llama architecture as implemented here \
+            "tensor `{first}` is not part of the {} architecture as implemented here \
              ({} unknown tensor(s)); refusing to load rather than ignore it",
+            config.family.arch.name(),
             unknown.len()
         ))),
     }
@@ -155,6 +159,12 @@ pub fn save(
     tokenizer: &super::TextTokenizer,
     dtype: candle_core::DType,
 ) -> Result<()> {
+    if !config.family.is_plain_llama() {
+        return Err(ModelError::Config(format!(
+            "writing a {} model as a Hugging Face directory is not supported (only llama)",
+            config.family.arch.name()
+        )));
+    }
     if config.rope_freq_factors.is_some() {
         return Err(ModelError::Config(
             "this GGUF's rope frequency factors (rope_freqs.weight) have no config.json equivalent; \

@@ -12,6 +12,7 @@ pub mod kv_cache;
 mod layers;
 pub mod llama;
 pub mod packed;
+pub mod qwen2;
 pub mod source;
 pub mod tokenizer;
 
@@ -318,7 +319,7 @@ fn load_hf_dir(
         model,
         tokenizer: std::sync::Arc::new(tokenizer),
         name,
-        architecture: "llama".into(),
+        architecture: parts.config.family.arch.name().into(),
         eos_ids,
         device_label: device_label(device),
         dtype_label: dtype_name(dtype).to_string(),

@@ -10,14 +10,37 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::error::{ModelError, Result};
 
 /// GGUF `tokenizer.ggml.pre` values we know how to rebuild exactly.
-pub const SUPPORTED_GGUF_PRE: &[&str] = &["smollm", "gpt2", "default"];
+pub const SUPPORTED_GGUF_PRE: &[&str] =
+    &["smollm", "gpt2", "gpt-2", "default", "qwen2", "llama-bpe"];
+
+/// llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), which spell the original
+/// tokenizer.json's case-insensitive contractions `(?i:'s|...)` as explicit classes.
+const QWEN2_PRE_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_PRE_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A regex split (each match its own piece, as llama.cpp's unicode_regex_split), then the
+/// byte-level mapping without GPT-2's own regex.
+fn regex_then_bytes(regex: &str) -> Result<PreTokenizerWrapper> {
+    let split = Split::new(
+        SplitPattern::Regex(regex.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(tok_err)?;
+    Ok(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, false).into(),
+    ])
+    .into())
+}
 
 /// A tokenizer with the per-id tables the engine reports.
 #[derive(Clone)]
@@ -65,7 +88,9 @@ impl TextTokenizer {
                 ByteLevel::new(false, true, true).into(),
             ])
             .into(),
-            "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
+            "gpt2" | "gpt-2" | "default" => ByteLevel::new(false, true, true).into(),
+            "qwen2" => regex_then_bytes(QWEN2_PRE_REGEX)?,
+            "llama-bpe" => regex_then_bytes(LLAMA3_PRE_REGEX)?,
             other => {
                 return Err(tok_err(format!(
                     "GGUF pre-tokenizer `{other}` is not supported (supported: {}); \
@@ -110,6 +135,9 @@ impl TextTokenizer {
             .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            // Llama 3's vocabulary takes a pre-tokenized word that is itself a token whole,
+            // without merging (llama.cpp: `ignore_merges` for the llama-bpe pre type).
+            .ignore_merges(pre == "llama-bpe")
             .build()
             .map_err(tok_err)?;
         let mut tk = Tokenizer::new(bpe);
@@ -205,6 +233,13 @@ impl TextTokenizer {
     /// Token ids of `text`, with the tokenizer's own special-token rules (BOS if configured).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, true).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes without the model's added special tokens (no BOS): a continuation or a target
+    /// scored after a prompt, or llama.cpp's `add_special = false`.
+    pub fn encode_without_special(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 

@@ -194,6 +194,13 @@ fn starting_point(
         }
         _ => unreachable!("every source kind is covered above"),
     };
+    if !o.from_scratch && !cfg.family.is_plain_llama() {
+        return Err(TrainError::Config(format!(
+            "training {} models is not supported yet (only llama; `--from-scratch` trains a llama \
+             with this model's tokenizer); serve and inspect work",
+            cfg.family.arch.name()
+        )));
+    }
     if o.from_scratch {
         let vocab = tokenizer.vocab_size();
         let mut fresh = match o.config.as_deref().unwrap_or("tiny") {
