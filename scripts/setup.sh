@@ -79,7 +79,7 @@ PY
 }
 
 # The tokenizer vocabularies whose llama.cpp test vectors the tests check.
-VOCABS="gpt-2 llama-bpe qwen2"
+VOCABS="gpt-2 llama-bpe qwen2 llama-spm phi-3"
 LCP_VERSION=0.3.36
 LCP_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 fetch_vocabs() {

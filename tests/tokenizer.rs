@@ -75,7 +75,7 @@ fn token_bytes_are_raw_bytes() {
 fn llama_cpp_vocabulary_vectors() {
     use candle_core::quantized::gguf_file;
     let dir = common::default_gguf().parent().unwrap().join("vocab");
-    for vocab in ["gpt-2", "llama-bpe", "qwen2"] {
+    for vocab in ["gpt-2", "llama-bpe", "qwen2", "llama-spm", "phi-3"] {
         let path = dir.join(format!("ggml-vocab-{vocab}.gguf"));
         let mut file = std::fs::File::open(&path).unwrap_or_else(|e| {
             panic!(

@@ -62,6 +62,36 @@ pub struct Family {
     pub arch: Arch,
     /// Biases on the q/k/v projections (Qwen2).
     pub qkv_bias: bool,
+    /// RMS norm of each head's query and key before the rotary embedding (Gemma 3).
+    pub qk_norm: bool,
+    /// Norms on the attention and MLP outputs too, and the MLP's input norm named
+    /// `pre_feedforward_layernorm` (Gemma 2/3).
+    pub sandwich_norms: bool,
+    pub activation: Activation,
+    /// Embeddings multiplied by √hidden_size, rounded to the weights' dtype (Gemma).
+    pub embed_scale: bool,
+    /// Local layers attend to the last `window` positions (the query's own included), and
+    /// use `local_rope_theta`; layer i is global when (i + 1) % `global_every` == 0.
+    pub sliding: Option<Sliding>,
+    /// Attention scores scaled by 1/√`attn_scalar` instead of 1/√head_dim (Gemma's
+    /// `query_pre_attn_scalar`).
+    pub attn_scalar: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sliding {
+    pub window: usize,
+    pub global_every: usize,
+    pub local_rope_theta: f64,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    #[default]
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,6 +99,7 @@ pub enum Arch {
     #[default]
     Llama,
     Qwen2,
+    Gemma3,
 }
 
 impl Arch {
@@ -77,6 +108,7 @@ impl Arch {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::Gemma3 => "gemma3",
         }
     }
 }
@@ -89,7 +121,25 @@ impl Family {
         Self {
             arch: Arch::Qwen2,
             qkv_bias: true,
+            ..Self::default()
         }
+    }
+    pub fn gemma3(sliding: Sliding, attn_scalar: f64) -> Self {
+        Self {
+            arch: Arch::Gemma3,
+            qk_norm: true,
+            sandwich_norms: true,
+            activation: Activation::GeluTanh,
+            embed_scale: true,
+            sliding: Some(sliding),
+            attn_scalar: Some(attn_scalar),
+            ..Self::default()
+        }
+    }
+    /// Whether layer `i` attends to a sliding window (else to every earlier position).
+    pub fn is_local(&self, layer: usize) -> bool {
+        self.sliding
+            .is_some_and(|s| !(layer + 1).is_multiple_of(s.global_every))
     }
     /// Plain llama layers: what the fused CPU path implements.
     pub fn is_plain_llama(&self) -> bool {
@@ -284,6 +334,17 @@ impl Config {
                 f as f32
             })
             .collect())
+    }
+
+    /// The same shapes with another rope base and no scaling: the rope of a family's local
+    /// (sliding-window) layers, which scaling never applies to (Gemma 3).
+    pub fn with_rope_theta(&self, theta: f64) -> Self {
+        Self {
+            rope_theta: theta,
+            rope_scaling: None,
+            rope_freq_factors: None,
+            ..self.clone()
+        }
     }
 
     /// Refuses every config feature this llama does not implement, naming it: a model either

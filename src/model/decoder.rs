@@ -15,7 +15,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::config::Config;
+use super::config::{Activation, Config};
 use super::kv_cache::{Cache, Prefilled};
 use super::layers::{causal_mask, repeat_kv, Linear, RmsNorm, RotaryEmbedding, INIT_WEIGHT};
 
@@ -25,9 +25,14 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Per-head RMS norms of queries and keys (Gemma 3).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
+    /// Multiplies the scores: 1/√head_dim, or 1/√query_pre_attn_scalar.
+    scale: f64,
 }
 
 impl Attention {
@@ -41,9 +46,20 @@ impl Attention {
             k_proj: Linear::load_biased(vb.pp("k_proj"), h, nkv * hd, bias)?,
             v_proj: Linear::load_biased(vb.pp("v_proj"), h, nkv * hd, bias)?,
             o_proj: Linear::load(vb.pp("o_proj"), nh * hd, h)?,
+            q_norm: cfg
+                .family
+                .qk_norm
+                .then(|| RmsNorm::load(vb.pp("q_norm"), hd, cfg.rms_norm_eps))
+                .transpose()?,
+            k_norm: cfg
+                .family
+                .qk_norm
+                .then(|| RmsNorm::load(vb.pp("k_norm"), hd, cfg.rms_norm_eps))
+                .transpose()?,
             n_head: nh,
             n_kv_head: nkv,
             head_dim: hd,
+            scale: 1.0 / cfg.family.attn_scalar.unwrap_or(hd as f64).sqrt(),
         })
     }
 
@@ -58,16 +74,17 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let shape = |n| (b, t, n, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape(shape(self.n_head))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape(shape(self.n_kv_head))?
-            .transpose(1, 2)?;
+        // (b, t, heads, head_dim), each head RMS-normed where the family does it.
+        let heads = |proj: &Linear, n, norm: &Option<RmsNorm>| -> candle_core::Result<Tensor> {
+            let y = proj.forward(x)?.reshape(shape(n))?;
+            let y = match norm {
+                Some(norm) => norm.forward(&y, differentiable)?,
+                None => y,
+            };
+            y.transpose(1, 2)
+        };
+        let q = heads(&self.q_proj, self.n_head, &self.q_norm)?;
+        let k = heads(&self.k_proj, self.n_kv_head, &self.k_norm)?;
         let v = self
             .v_proj
             .forward(x)?
@@ -92,7 +109,7 @@ impl Attention {
         let n_rep = self.n_head / self.n_kv_head;
         let k = repeat_kv(k, n_rep)?;
         let v = repeat_kv(v, n_rep)?;
-        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let att = (q.matmul(&k.t()?)? * self.scale)?;
         let att = match mask {
             Some(m) => att.broadcast_add(m)?,
             None => att,
@@ -115,6 +132,7 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    activation: Activation,
 }
 
 impl Mlp {
@@ -124,20 +142,34 @@ impl Mlp {
             gate_proj: Linear::load(vb.pp("gate_proj"), h, i)?,
             up_proj: Linear::load(vb.pp("up_proj"), h, i)?,
             down_proj: Linear::load(vb.pp("down_proj"), i, h)?,
+            activation: cfg.family.activation,
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let gate = self.gate_proj.forward(x)?;
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
+            Activation::GeluTanh => gate.gelu()?,
+        };
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }
 
 #[derive(Debug, Clone)]
 struct Block {
-    input_layernorm: RmsNorm,
+    /// Before attention (`input_layernorm`).
+    attn_norm: RmsNorm,
     self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
+    /// On the attention output, before the residual add (Gemma's `post_attention_layernorm`).
+    attn_out_norm: Option<RmsNorm>,
+    /// Before the MLP (llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
+    ffn_norm: RmsNorm,
     mlp: Mlp,
+    /// On the MLP output, before the residual add (Gemma's `post_feedforward_layernorm`).
+    ffn_out_norm: Option<RmsNorm>,
+    /// Attends to a sliding window, with the local rotary embedding.
+    local: bool,
 }
 
 impl Block {
@@ -154,21 +186,50 @@ impl Block {
         ]
     }
 
-    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, layer: usize) -> candle_core::Result<Self> {
+        let norm = |name: &str| RmsNorm::load(vb.pp(name), cfg.hidden_size, cfg.rms_norm_eps);
+        let sandwich = cfg.family.sandwich_norms;
         Ok(Self {
-            input_layernorm: RmsNorm::load(
-                vb.pp("input_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
+            attn_norm: norm("input_layernorm")?,
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::load(
-                vb.pp("post_attention_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
+            attn_out_norm: sandwich
+                .then(|| norm("post_attention_layernorm"))
+                .transpose()?,
+            ffn_norm: norm(if sandwich {
+                "pre_feedforward_layernorm"
+            } else {
+                "post_attention_layernorm"
+            })?,
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            ffn_out_norm: sandwich
+                .then(|| norm("post_feedforward_layernorm"))
+                .transpose()?,
+            local: cfg.family.is_local(layer),
         })
+    }
+
+    /// x + attn(norm(x)), then + mlp(norm(·)), with the family's extra output norms.
+    fn forward(
+        &self,
+        x: Tensor,
+        rope: &RotaryEmbedding,
+        mask: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        offset: usize,
+        differentiable: bool,
+    ) -> candle_core::Result<Tensor> {
+        let out_norm = |norm: &Option<RmsNorm>, h: Tensor| match norm {
+            Some(n) => n.forward(&h, differentiable),
+            None => Ok(h),
+        };
+        let h = self.attn_norm.forward(&x, differentiable)?;
+        let h = self
+            .self_attn
+            .forward(&h, rope, mask, kv, offset, differentiable)?;
+        let x = (x + out_norm(&self.attn_out_norm, h)?)?;
+        let h = self.ffn_norm.forward(&x, differentiable)?;
+        let h = out_norm(&self.ffn_out_norm, self.mlp.forward(&h)?)?;
+        x + h
     }
 }
 
@@ -183,6 +244,8 @@ pub struct Decoder {
     /// rounded in steps of 1/64, which moves log-probs by up to ~0.01 (inference only).
     head_f32: Option<(RmsNorm, Linear)>,
     rope: RotaryEmbedding,
+    /// The local layers' rotary embedding, when the family has a sliding window.
+    rope_local: Option<RotaryEmbedding>,
     cfg: Config,
     dtype: DType,
     device: Device,
@@ -202,7 +265,7 @@ impl Decoder {
         )?;
         let embed_tokens = candle_nn::Embedding::new(embed_weight.clone(), cfg.hidden_size);
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg))
+            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg, i))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = RmsNorm::load(vb.pp("model.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         // A checkpoint without lm_head shares the embedding matrix (tied embeddings).
@@ -213,6 +276,19 @@ impl Decoder {
         };
         let inv_freq = cfg.rope_inv_freq().map_err(candle_core::Error::Msg)?;
         let rope = RotaryEmbedding::new(&inv_freq, cfg.max_position_embeddings, dtype, &device)?;
+        let rope_local = match cfg.family.sliding {
+            Some(s) => {
+                let local = cfg.with_rope_theta(s.local_rope_theta).rope_inv_freq();
+                let local = local.map_err(candle_core::Error::Msg)?;
+                Some(RotaryEmbedding::new(
+                    &local,
+                    cfg.max_position_embeddings,
+                    dtype,
+                    &device,
+                )?)
+            }
+            None => None,
+        };
         let head_f32 = match (&lm_head, dtype) {
             (_, DType::F32) => None,
             (Linear::Dense(l), _) => Some((
@@ -231,6 +307,7 @@ impl Decoder {
             lm_head,
             head_f32,
             rope,
+            rope_local,
             cfg: cfg.clone(),
             dtype,
             device,
@@ -290,12 +367,12 @@ impl Decoder {
             .iter()
             .map(|l| {
                 Some(FusedLayer {
-                    attn_norm: norm(&l.input_layernorm)?,
+                    attn_norm: norm(&l.attn_norm)?,
                     q: packed(&l.self_attn.q_proj)?,
                     k: packed(&l.self_attn.k_proj)?,
                     v: packed(&l.self_attn.v_proj)?,
                     o: packed(&l.self_attn.o_proj)?,
-                    mlp_norm: norm(&l.post_attention_layernorm)?,
+                    mlp_norm: norm(&l.ffn_norm)?,
                     gate: packed(&l.mlp.gate_proj)?,
                     up: packed(&l.mlp.up_proj)?,
                     down: packed(&l.mlp.down_proj)?,
@@ -454,20 +531,47 @@ impl Decoder {
         for l in 0..self.layers.len() {
             cache.tensors_for_candle(l, n_kv, hd, &self.device, self.dtype)?;
         }
-        let mask = causal_mask(t, offset, self.dtype, &self.device)?;
-        let mut x = self.embed_tokens.forward(ids)?;
+        let mut x = self.embed(ids)?;
+        let masks = self.masks(t, offset)?;
         for (layer, kv) in self.layers.iter().zip(cache.kvs.iter_mut()) {
-            let h = layer.input_layernorm.forward(&x, false)?;
-            let h =
-                layer
-                    .self_attn
-                    .forward(&h, &self.rope, mask.as_ref(), Some(kv), offset, false)?;
-            x = (x + h)?;
-            let h = layer.post_attention_layernorm.forward(&x, false)?;
-            x = (&x + layer.mlp.forward(&h)?)?;
+            let (rope, mask) = self.layer_inputs(layer, &masks);
+            x = layer.forward(x, rope, mask, Some(kv), offset, false)?;
         }
         cache.len = offset + t;
         Ok(x)
+    }
+
+    /// Token embeddings, times √hidden_size where the family scales them (the factor rounded
+    /// to the weights' dtype, as HF computes it).
+    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.embed_tokens.forward(ids)?;
+        if !self.cfg.family.embed_scale {
+            return Ok(x);
+        }
+        let scale = Tensor::new(&[(self.cfg.hidden_size as f32).sqrt()], &self.device)?
+            .to_dtype(self.dtype)?;
+        x.broadcast_mul(&scale)
+    }
+
+    /// The global causal mask and, with a sliding window, the local one: (t, offset + t).
+    fn masks(&self, t: usize, offset: usize) -> candle_core::Result<Masks> {
+        let global = causal_mask(t, offset, None, self.dtype, &self.device)?;
+        let local = match self.cfg.family.sliding {
+            Some(s) => causal_mask(t, offset, Some(s.window), self.dtype, &self.device)?,
+            None => None,
+        };
+        Ok(Masks { global, local })
+    }
+
+    fn layer_inputs<'a>(
+        &'a self,
+        layer: &Block,
+        masks: &'a Masks,
+    ) -> (&'a RotaryEmbedding, Option<&'a Tensor>) {
+        match (layer.local, &self.rope_local) {
+            (true, Some(rope)) => (rope, masks.local.as_ref()),
+            _ => (&self.rope, masks.global.as_ref()),
+        }
     }
 
     /// Training: every op has a backward pass; returns logits (b, t, vocab) in the model dtype.
@@ -476,19 +580,20 @@ impl Decoder {
         if t > self.cfg.max_position_embeddings {
             candle_core::bail!("sequence longer than the model's context");
         }
-        let mask = causal_mask(t, 0, self.dtype, &self.device)?;
-        let mut x = self.embed_tokens.forward(ids)?;
+        let mut x = self.embed(ids)?;
+        let masks = self.masks(t, 0)?;
         for layer in &self.layers {
-            let h = layer.input_layernorm.forward(&x, true)?;
-            let h = layer
-                .self_attn
-                .forward(&h, &self.rope, mask.as_ref(), None, 0, true)?;
-            x = (x + h)?;
-            let h = layer.post_attention_layernorm.forward(&x, true)?;
-            x = (&x + layer.mlp.forward(&h)?)?;
+            let (rope, mask) = self.layer_inputs(layer, &masks);
+            x = layer.forward(x, rope, mask, None, 0, true)?;
         }
         self.lm_head.forward(&self.norm.forward(&x, true)?)
     }
+}
+
+/// Additive masks for one pass (`None` where no position needs masking).
+struct Masks {
+    global: Option<Tensor>,
+    local: Option<Tensor>,
 }
 
 /// Names and shapes of every parameter, in HF naming (tied models have no `lm_head`).
@@ -513,6 +618,18 @@ pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
             (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
             (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
         ]);
+        if cfg.family.sandwich_norms {
+            out.extend([
+                (format!("{p}.pre_feedforward_layernorm.weight"), vec![h]),
+                (format!("{p}.post_feedforward_layernorm.weight"), vec![h]),
+            ]);
+        }
+        if cfg.family.qk_norm {
+            out.extend([
+                (format!("{p}.self_attn.q_norm.weight"), vec![hd]),
+                (format!("{p}.self_attn.k_norm.weight"), vec![hd]),
+            ]);
+        }
         if cfg.family.qkv_bias {
             out.extend([
                 (format!("{p}.self_attn.q_proj.bias"), vec![nh * hd]),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{Arch, Config, EosTokenId, Family};
+use super::config::{Arch, Config, EosTokenId, Family, Sliding};
 use super::error::{ModelError, Result};
 use super::packed::{Kind, PackedMatrix};
 
@@ -18,13 +18,22 @@ const ROPE_FREQS: &str = "rope_freqs.weight";
 /// Packed projection weights by HF name.
 pub type PackedWeights = HashMap<String, Arc<PackedMatrix>>;
 
-pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
 
-/// The decoder family of a GGUF `general.architecture`.
+/// The decoder family of a GGUF `general.architecture` (its switches filled in from the
+/// metadata by [`GgufFile::config`]).
 fn family_of(arch: &str) -> Option<Family> {
     match arch {
         "llama" => Some(Family::llama()),
         "qwen2" => Some(Family::qwen2()),
+        "gemma3" => Some(Family::gemma3(
+            Sliding {
+                window: 0,
+                global_every: 0,
+                local_rope_theta: 0.0,
+            },
+            0.0,
+        )),
         _ => None,
     }
 }
@@ -139,7 +148,7 @@ impl GgufFile {
             num_key_value_heads: self
                 .md_u32(&k("attention.head_count_kv"))?
                 .map(|v| v as usize),
-            head_dim: None,
+            head_dim: self.md_u32(&k("attention.key_length"))?.map(|v| v as usize),
             rms_norm_eps: shortest_f64(
                 self.md_f32(&k("attention.layer_norm_rms_epsilon"))?
                     .unwrap_or(1e-5),
@@ -162,6 +171,24 @@ impl GgufFile {
             family: family_of(&arch).unwrap_or_default(),
         };
         let mut cfg = cfg;
+        if let Some(v) = self.md_u32(&k("attention.value_length"))? {
+            if v as usize != cfg.head_dim() {
+                return Err(ModelError::Config(format!(
+                    "{arch}.attention.value_length = {v} differs from key_length {}: not supported",
+                    cfg.head_dim()
+                )));
+            }
+        }
+        for unsupported in ["attn_logit_softcapping", "final_logit_softcapping"] {
+            if self.metadata().contains_key(&k(unsupported)) {
+                return Err(ModelError::Config(format!(
+                    "{arch}.{unsupported} (logit soft-capping) is not supported yet"
+                )));
+            }
+        }
+        if cfg.family.arch == Arch::Gemma3 {
+            cfg.family = self.gemma3_family(&cfg)?;
+        }
         if let Some(dims) = self.md_u32(&k("rope.dimension_count"))? {
             if dims as usize != cfg.head_dim() {
                 return Err(ModelError::Config(format!(
@@ -177,6 +204,35 @@ impl GgufFile {
         self.check_tensor_names(&cfg.family)?;
         cfg.validate().map_err(ModelError::Config)?;
         Ok(cfg)
+    }
+
+    /// Gemma 3's switches. (Its norm weights need nothing: llama.cpp's converter stores
+    /// Gemma's `1 + w` in the file, so they multiply as they are.) llama.cpp's defaults where the file is silent: every 6th layer
+    /// global, local rope base 10 000 (`rope.freq_base_swa`), scores scaled by 1/√head_dim
+    /// except on the 62-layer 27B model, whose `query_pre_attn_scalar` is hidden / heads.
+    fn gemma3_family(&self, cfg: &Config) -> Result<Family> {
+        let window = self
+            .md_u32("gemma3.attention.sliding_window")?
+            .ok_or_else(|| self.corrupt("gemma3.attention.sliding_window is missing".into()))?;
+        let every = self
+            .md_u32("gemma3.attention.sliding_window_pattern")?
+            .unwrap_or(6);
+        let local_theta = self
+            .md_f32("gemma3.rope.freq_base_swa")?
+            .unwrap_or(10_000.0);
+        let scalar = if cfg.num_hidden_layers == 62 {
+            (cfg.hidden_size / cfg.num_attention_heads) as f64
+        } else {
+            cfg.head_dim() as f64
+        };
+        Ok(Family::gemma3(
+            Sliding {
+                window: window as usize,
+                global_every: every as usize,
+                local_rope_theta: shortest_f64(local_theta),
+            },
+            scalar,
+        ))
     }
 
     /// `{arch}.rope.scaling.*` as a config.json `rope_scaling`: none and linear are supported
@@ -379,7 +435,13 @@ pub fn hf_name(gguf: &str, family: &Family) -> Option<String> {
             _ => return None,
         },
     };
+    let sandwich = family.sandwich_norms;
     let hf = match part {
+        "attn_q_norm" if family.qk_norm => "self_attn.q_norm",
+        "attn_k_norm" if family.qk_norm => "self_attn.k_norm",
+        "post_attention_norm" if sandwich => "post_attention_layernorm",
+        "ffn_norm" if sandwich => "pre_feedforward_layernorm",
+        "post_ffw_norm" if sandwich => "post_feedforward_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",

@@ -155,21 +155,28 @@ pub(crate) fn repeat_kv(xs: Tensor, n_rep: usize) -> candle_core::Result<Tensor>
     Tensor::cat(&vec![&xs; n_rep], 2)?.reshape((b, n_kv * n_rep, t, hd))
 }
 
-/// Additive causal mask (t, offset + t): 0 where a query may look, -inf where it may not.
+/// Additive causal mask (t, offset + t): 0 where query i (at position offset + i) may look at
+/// key j, −inf where it may not: later keys, and with a `window`, keys `window` or more
+/// positions back (the query sees itself and the `window` − 1 before it, as HF and llama.cpp
+/// define Gemma's and Mistral's sliding window). `None` when nothing is masked.
 pub(crate) fn causal_mask(
     t: usize,
     offset: usize,
+    window: Option<usize>,
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<Option<Tensor>> {
-    if t == 1 {
+    let total = offset + t;
+    let windowed = window.is_some_and(|w| total > w);
+    if t == 1 && !windowed {
         return Ok(None);
     }
-    let total = offset + t;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| {
+            let q = i + offset;
             (0..total).map(move |j| {
-                if j > i + offset {
+                let too_old = window.is_some_and(|w| q - j.min(q) >= w);
+                if j > q || too_old {
                     f32::NEG_INFINITY
                 } else {
                     0.0

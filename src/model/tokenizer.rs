@@ -5,15 +5,22 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
 
 use super::error::{ModelError, Result};
 
@@ -64,98 +71,37 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 impl TextTokenizer {
-    /// Builds a byte-level BPE from `tokenizer.ggml.*` metadata.
+    /// Builds the tokenizer a GGUF describes in its `tokenizer.ggml.*` metadata: a byte-level
+    /// BPE (`model = gpt2`, with the pre-tokenizer its `pre` names) or a SentencePiece-style
+    /// vocabulary of scored pieces (`model = llama`). Both encode exactly as llama.cpp does
+    /// (tests: llama.cpp's own test vectors).
     ///
     /// candle's own `TokenizerFromGguf` adds a prefix space for SmolLM2, so it is not used.
     pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
-        let get = |k: &str| {
-            md.get(k)
-                .ok_or_else(|| tok_err(format!("GGUF metadata has no `{k}`")))
-        };
-        let model = get("tokenizer.ggml.model")?.to_string().map_err(tok_err)?;
-        if model != "gpt2" {
-            return Err(tok_err(format!(
-                "GGUF tokenizer model `{model}` is not supported (supported: gpt2 byte-level BPE)"
-            )));
-        }
-        let pre = match md.get("tokenizer.ggml.pre") {
-            Some(v) => v.to_string().map_err(tok_err)?.clone(),
-            None => "default".to_string(),
-        };
-        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-            "smollm" => Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])
-            .into(),
-            "gpt2" | "gpt-2" | "default" => ByteLevel::new(false, true, true).into(),
-            "qwen2" => regex_then_bytes(QWEN2_PRE_REGEX)?,
-            "llama-bpe" => regex_then_bytes(LLAMA3_PRE_REGEX)?,
+        let meta = GgufVocab::read(md)?;
+        let mut tk = match meta.model.as_str() {
+            "gpt2" => byte_level_bpe(md, &meta)?,
+            "llama" => sentencepiece(md, &meta)?,
             other => {
                 return Err(tok_err(format!(
-                    "GGUF pre-tokenizer `{other}` is not supported (supported: {}); \
-                     use the model's Hugging Face directory with its tokenizer.json instead",
-                    SUPPORTED_GGUF_PRE.join(", ")
+                    "GGUF tokenizer model `{other}` is not supported (supported: gpt2 byte-level \
+                     BPE, llama SentencePiece)"
                 )))
             }
         };
-        let tokens: Vec<String> = get("tokenizer.ggml.tokens")?
-            .to_vec()
-            .map_err(tok_err)?
-            .iter()
-            .map(|v| v.to_string().cloned().map_err(tok_err))
-            .collect::<Result<_>>()?;
-        let merges: Vec<(String, String)> = match md.get("tokenizer.ggml.merges") {
-            None => Vec::new(),
-            Some(v) => v
-                .to_vec()
-                .map_err(tok_err)?
+        // Control tokens (type 3) are special; user-defined ones (type 4) match as wholes in
+        // the raw text, before any normalization (llama.cpp's tokenizer_st_partition splits
+        // them out first even with parse_special off: Gemma's runs of spaces and newlines).
+        let typed = |want: i32| {
+            meta.tokens
                 .iter()
-                .map(|m| {
-                    let m = m.to_string().map_err(tok_err)?;
-                    m.split_once(' ')
-                        .map(|(a, b)| (a.to_string(), b.to_string()))
-                        .ok_or_else(|| tok_err(format!("malformed merge `{m}`")))
-                })
-                .collect::<Result<_>>()?,
+                .zip(&meta.types)
+                .filter(move |(_, t)| **t == want)
+                .map(|(s, _)| s.clone())
         };
-        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
-            None => vec![1; tokens.len()],
-            Some(v) => v
-                .to_vec()
-                .map_err(tok_err)?
-                .iter()
-                .map(|t| t.to_i32().map_err(tok_err))
-                .collect::<Result<_>>()?,
-        };
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            // Llama 3's vocabulary takes a pre-tokenized word that is itself a token whole,
-            // without merging (llama.cpp: `ignore_merges` for the llama-bpe pre type).
-            .ignore_merges(pre == "llama-bpe")
-            .build()
-            .map_err(tok_err)?;
-        let mut tk = Tokenizer::new(bpe);
-        tk.with_pre_tokenizer(Some(pre_tokenizer));
-        tk.with_decoder(Some(ByteLevelDecoder::default()));
-
-        // Control tokens (type 3) are special; user-defined ones (type 4) match as wholes.
-        let special: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, t)| **t == 3)
-            .map(|(s, _)| AddedToken::from(s.clone(), true))
-            .collect();
-        let user: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, t)| **t == 4)
-            .map(|(s, _)| AddedToken::from(s.clone(), false))
+        let special: Vec<AddedToken> = typed(3).map(|s| AddedToken::from(s, true)).collect();
+        let user: Vec<AddedToken> = typed(4)
+            .map(|s| AddedToken::from(s, false).normalized(false))
             .collect();
         tk.add_special_tokens(special).map_err(tok_err)?;
         tk.add_tokens(user).map_err(tok_err)?;
@@ -169,7 +115,8 @@ impl TextTokenizer {
                 .get("tokenizer.ggml.bos_token_id")
                 .and_then(|v| v.to_u32().ok())
                 .ok_or_else(|| tok_err("add_bos_token is set but bos_token_id is missing"))?;
-            let bos = tokens
+            let bos = meta
+                .tokens
                 .get(bos_id as usize)
                 .ok_or_else(|| tok_err("bos_token_id is outside the vocabulary"))?
                 .clone();
@@ -182,7 +129,7 @@ impl TextTokenizer {
                 .map_err(tok_err)?;
             tk.with_post_processor(Some(post));
         }
-        Self::new(tk, tokens.len())
+        Self::new(tk, meta.tokens.len())
     }
 
     /// Reads a `tokenizer.json`.
@@ -280,6 +227,183 @@ impl TextTokenizer {
 }
 
 /// Raw bytes of a vocabulary piece.
+/// The vocabulary part of a GGUF's tokenizer metadata.
+struct GgufVocab {
+    model: String,
+    tokens: Vec<String>,
+    /// llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
+    /// 6 byte.
+    types: Vec<i32>,
+}
+
+impl GgufVocab {
+    fn read(md: &HashMap<String, Value>) -> Result<Self> {
+        let get = |k: &str| {
+            md.get(k)
+                .ok_or_else(|| tok_err(format!("GGUF metadata has no `{k}`")))
+        };
+        let model = get("tokenizer.ggml.model")?
+            .to_string()
+            .map_err(tok_err)?
+            .clone();
+        let tokens: Vec<String> = get("tokenizer.ggml.tokens")?
+            .to_vec()
+            .map_err(tok_err)?
+            .iter()
+            .map(|v| v.to_string().cloned().map_err(tok_err))
+            .collect::<Result<_>>()?;
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            None => vec![1; tokens.len()],
+            Some(v) => v
+                .to_vec()
+                .map_err(tok_err)?
+                .iter()
+                .map(|t| t.to_i32().map_err(tok_err))
+                .collect::<Result<_>>()?,
+        };
+        if types.len() != tokens.len() {
+            return Err(tok_err(
+                "tokenizer.ggml.token_type and tokens differ in length",
+            ));
+        }
+        Ok(Self {
+            model,
+            tokens,
+            types,
+        })
+    }
+
+    fn vocab(&self) -> tokenizers::models::bpe::Vocab {
+        let mut vocab = tokenizers::models::bpe::Vocab::with_capacity(self.tokens.len());
+        for (i, t) in self.tokens.iter().enumerate() {
+            // A duplicated piece resolves to its first id, as llama.cpp's text_to_token does.
+            vocab.entry(t.clone()).or_insert(i as u32);
+        }
+        vocab
+    }
+}
+
+/// `model = gpt2`: byte-level BPE with the listed merges and the `pre` pre-tokenizer.
+fn byte_level_bpe(md: &HashMap<String, Value>, meta: &GgufVocab) -> Result<Tokenizer> {
+    let pre = match md.get("tokenizer.ggml.pre") {
+        Some(v) => v.to_string().map_err(tok_err)?.clone(),
+        None => "default".to_string(),
+    };
+    let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+        "smollm" => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into(),
+        "gpt2" | "gpt-2" | "default" => ByteLevel::new(false, true, true).into(),
+        "qwen2" => regex_then_bytes(QWEN2_PRE_REGEX)?,
+        "llama-bpe" => regex_then_bytes(LLAMA3_PRE_REGEX)?,
+        other => {
+            return Err(tok_err(format!(
+                "GGUF pre-tokenizer `{other}` is not supported (supported: {}); \
+                 use the model's Hugging Face directory with its tokenizer.json instead",
+                SUPPORTED_GGUF_PRE.join(", ")
+            )))
+        }
+    };
+    let merges: Vec<(String, String)> = match md.get("tokenizer.ggml.merges") {
+        None => Vec::new(),
+        Some(v) => v
+            .to_vec()
+            .map_err(tok_err)?
+            .iter()
+            .map(|m| {
+                let m = m.to_string().map_err(tok_err)?;
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| tok_err(format!("malformed merge `{m}`")))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let bpe = BPE::builder()
+        .vocab_and_merges(meta.vocab(), merges)
+        // Llama 3's vocabulary takes a pre-tokenized word that is itself a token whole,
+        // without merging (llama.cpp: `ignore_merges` for the llama-bpe pre type).
+        .ignore_merges(pre == "llama-bpe")
+        .build()
+        .map_err(tok_err)?;
+    let mut tk = Tokenizer::new(bpe);
+    tk.with_pre_tokenizer(Some(pre_tokenizer));
+    tk.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(tk)
+}
+
+/// `model = llama`: SentencePiece-style pieces with scores, encoded as llama.cpp's
+/// `llm_tokenizer_spm` does: spaces become `▁` (and one is prepended with `add_space_prefix`,
+/// llama.cpp's default), the text starts as single characters, and the adjacent pair whose
+/// concatenation is the highest-scoring piece is merged until none is; a character that is
+/// no piece becomes its UTF-8 bytes' `<0xNN>` pieces. That is a BPE whose merges are every
+/// split (a, b) of every piece ab with a and b pieces too, ranked by ab's score — built here.
+fn sentencepiece(md: &HashMap<String, Value>, meta: &GgufVocab) -> Result<Tokenizer> {
+    let scores: Vec<f32> = md
+        .get("tokenizer.ggml.scores")
+        .ok_or_else(|| tok_err("GGUF metadata has no `tokenizer.ggml.scores`"))?
+        .to_vec()
+        .map_err(tok_err)?
+        .iter()
+        .map(|v| v.to_f32().map_err(tok_err))
+        .collect::<Result<_>>()?;
+    if scores.len() != meta.tokens.len() {
+        return Err(tok_err("tokenizer.ggml.scores and tokens differ in length"));
+    }
+    let vocab = meta.vocab();
+    // Best score first; equal scores by id (llama.cpp breaks such ties by position, which
+    // only matters for two different pieces of exactly equal score competing at once).
+    let mut order: Vec<usize> = (0..meta.tokens.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let mut merges = Vec::new();
+    for id in order {
+        let piece = &meta.tokens[id];
+        if vocab.get(piece) != Some(&(id as u32)) || meta.types[id] == 6 {
+            continue; // a duplicate, or a <0xNN> byte piece (never the result of a merge)
+        }
+        for (k, _) in piece.char_indices().skip(1) {
+            let (a, b) = piece.split_at(k);
+            if vocab.contains_key(a) && vocab.contains_key(b) {
+                merges.push((a.to_string(), b.to_string()));
+            }
+        }
+    }
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true);
+    if let Some(unk) = md
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(|v| v.to_u32().ok())
+        .and_then(|id| meta.tokens.get(id as usize))
+    {
+        builder = builder.unk_token(unk.clone());
+    }
+    let bpe = builder.build().map_err(tok_err)?;
+    let mut tk = Tokenizer::new(bpe);
+    let add_space_prefix = md
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
+    if add_space_prefix {
+        normalizers.push(Prepend::new("\u{2581}".into()).into());
+    }
+    normalizers.push(Replace::new(" ", "\u{2581}").map_err(tok_err)?.into());
+    tk.with_normalizer(Some(NormalizerSequence::new(normalizers)))
+        .map_err(tok_err)?;
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("\u{2581}", " ").map_err(tok_err)?.into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+    ];
+    if add_space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    tk.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(tk)
+}
+
 fn piece_bytes(piece: &str, byte_level: bool, char_bytes: &HashMap<char, u8>) -> Vec<u8> {
     if byte_level {
         if let Some(bytes) = piece
