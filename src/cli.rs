@@ -147,6 +147,10 @@ pub struct InspectArgs {
     /// probability and rank of each of its tokens (teacher-forced, T = 1).
     #[arg(long, env = "TOKENSCOPE_CONTINUATION")]
     pub continuation: Option<String>,
+    /// Only tokenize: print the prompt's token ids and pieces as JSON (special tokens parsed,
+    /// BOS per the model's rule), without running the model.
+    #[arg(long, env = "TOKENSCOPE_TOKENIZE")]
+    pub tokenize: bool,
 }
 
 impl InspectArgs {

@@ -27,6 +27,14 @@ pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
     let loaded = model::load(&source, &args.model.load_options())
         .with_context(|| format!("loading {}", source.display_name()))?;
     let ids = engine::tokenize(&loaded, &args.prompt)?;
+    if args.tokenize {
+        let pieces: Vec<&str> = ids
+            .iter()
+            .map(|&i| loaded.tokenizer.token_text(i))
+            .collect();
+        println!("{}", serde_json::json!({ "ids": ids, "tokens": pieces }));
+        return Ok(());
+    }
     if let Some(cont) = &args.continuation {
         let cont_ids = engine::tokenize(&loaded, cont)?;
         let scored = engine::generate::score_continuation(&loaded, &ids, &cont_ids)?;

@@ -320,12 +320,16 @@ impl Decoder {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for (name, slot) in layer.projections_mut() {
                 if let Some(q) = take(&format!("model.layers.{i}.{name}.weight")) {
-                    *slot = Linear::Quantized(q);
+                    let bias = match &*slot {
+                        Linear::Dense(l) => l.bias().cloned(),
+                        _ => None,
+                    };
+                    *slot = Linear::Quantized(q, bias);
                 }
             }
         }
         if let Some(q) = take("lm_head.weight") {
-            self.lm_head = Linear::Quantized(q);
+            self.lm_head = Linear::Quantized(q, None);
         }
         self
     }

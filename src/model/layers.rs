@@ -16,7 +16,8 @@ pub(crate) const INIT_WEIGHT: candle_nn::Init = candle_nn::Init::Randn {
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense(candle_nn::Linear),
-    Quantized(QMatMul),
+    /// GGUF blocks through candle's quantized matmul, and the bias if the layer has one.
+    Quantized(QMatMul, Option<Tensor>),
     Packed(
         candle_nn::Linear,
         std::sync::Arc<super::packed::PackedMatrix>,
@@ -52,7 +53,13 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(l) => l.forward(xs),
-            Self::Quantized(q) => q.forward(xs),
+            Self::Quantized(q, bias) => {
+                let y = q.forward(xs)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
             Self::Packed(dense, packed) => {
                 let dims = xs.dims().to_vec();
                 let cols = dims.last().copied().unwrap_or(0);
