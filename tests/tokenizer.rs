@@ -68,9 +68,51 @@ fn token_bytes_are_raw_bytes() {
     assert_eq!(tk.token_text(2), "<|im_end|>");
 }
 
-/// llama.cpp's own tokenizer test vectors (tests/test-tokenizer-0: `add_special = false`, no
-/// special-token parsing), fetched by `scripts/setup.sh --test-assets` from the llama-cpp-python
-/// sdist: every string of every vocabulary we claim must encode to exactly llama.cpp's ids.
+/// Checks every string of a llama.cpp `.inp`/`.out` pair (test-tokenizer-0's format: strings
+/// separated by `\n__ggml_vocab_test__\n`, one line of ids per string) against `tk`, encoding
+/// as llama.cpp's test does: no BOS, special tokens' text read as text. Returns the count.
+fn check_vectors(
+    tk: &tokenscope::model::TextTokenizer,
+    inp: &std::path::Path,
+    label: &str,
+) -> usize {
+    let out = inp.with_extension("out");
+    let inp = std::fs::read_to_string(inp).unwrap();
+    let out = std::fs::read_to_string(out).unwrap();
+    let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    let expected: Vec<Vec<u32>> = out
+        .lines()
+        .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
+        .collect();
+    // The .inp ends with a separator line: its last piece is empty and has no .out line.
+    let texts = &texts[..expected.len()];
+    let mut failures = Vec::new();
+    for (text, want) in texts.iter().zip(&expected) {
+        let got = tk.encode_literal(text).unwrap();
+        if &got != want {
+            failures.push(format!("{text:?}: got {got:?}, llama.cpp {want:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{label}: {} of {} differ:\n{}",
+        failures.len(),
+        texts.len(),
+        failures
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eprintln!("{label}: {} vectors identical to llama.cpp", texts.len());
+    texts.len()
+}
+
+/// llama.cpp's own tokenizer test vectors, fetched by `scripts/setup.sh --test-assets` from the
+/// llama-cpp-python sdist: every string of every vocabulary we claim encodes to exactly
+/// llama.cpp's ids. gpt-2, llama-bpe and qwen2 are byte-level BPE; llama-spm and phi-3 are
+/// SentencePiece-style (scored pieces).
 #[test]
 fn llama_cpp_vocabulary_vectors() {
     use candle_core::quantized::gguf_file;
@@ -86,32 +128,51 @@ fn llama_cpp_vocabulary_vectors() {
         let content = gguf_file::Content::read(&mut file).unwrap();
         let tk = tokenscope::model::TextTokenizer::from_gguf(&content.metadata)
             .unwrap_or_else(|e| panic!("{vocab}: {e}"));
-        let inp =
-            std::fs::read_to_string(dir.join(format!("ggml-vocab-{vocab}.gguf.inp"))).unwrap();
-        let out =
-            std::fs::read_to_string(dir.join(format!("ggml-vocab-{vocab}.gguf.out"))).unwrap();
-        let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
-        let expected: Vec<Vec<u32>> = out
-            .lines()
-            .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
-            .collect();
-        // The .inp ends with a separator line: its last piece is empty and has no .out line.
-        let texts = &texts[..expected.len()];
-        assert!(texts.len() > 40, "{vocab}: only {} vectors", texts.len());
-        let mut failures = Vec::new();
-        for (text, want) in texts.iter().zip(&expected) {
-            let got = tk.encode_without_special(text).unwrap();
-            if &got != want {
-                failures.push(format!("{text:?}: got {got:?}, llama.cpp {want:?}"));
-            }
-        }
-        assert!(
-            failures.is_empty(),
-            "{vocab}: {} of {} differ:\n{}",
-            failures.len(),
-            texts.len(),
-            failures.join("\n")
-        );
-        eprintln!("{vocab}: {} vectors identical to llama.cpp", texts.len());
+        let inp = dir.join(format!("ggml-vocab-{vocab}.gguf.inp"));
+        assert!(check_vectors(&tk, &inp, vocab) > 40);
     }
+}
+
+/// Gemma 3's vocabulary (262 144 scored pieces, user-defined whitespace runs, no space prefix)
+/// from the real model file, against vectors made with llama.cpp itself
+/// (`tests/fixtures/gemma3-vocab/`: the standard 46 strings and 2 060 more — whitespace runs,
+/// newlines, HTML, control-token text, literal `▁`, CJK, emoji, random mixes — written by
+/// tokdump.cpp there, llama.cpp as vendored in llama-cpp-python 0.3.36, add_special = 0,
+/// parse_special = 0).
+#[test]
+fn gemma3_vectors_made_with_llama_cpp() {
+    let path = common::default_gguf()
+        .parent()
+        .unwrap()
+        .join("gemma-3-270m-q4_k_m.gguf");
+    let mut file = std::fs::File::open(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run ./scripts/setup.sh --test-assets)",
+            path.display()
+        )
+    });
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let tk = tokenscope::model::TextTokenizer::from_gguf(&content.metadata).unwrap();
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma3-vocab");
+    assert_eq!(
+        check_vectors(&tk, &fixtures.join("gemma-3-270m.inp"), "gemma3"),
+        46
+    );
+    assert!(
+        check_vectors(
+            &tk,
+            &fixtures.join("gemma-3-270m-extended.inp"),
+            "gemma3 extended"
+        ) > 2000
+    );
+    // With special-token parsing and BOS (what a prompt gets): llama.cpp's ids.
+    assert_eq!(
+        tk.encode("<start_of_turn>user\nhi").unwrap(),
+        [2, 105, 2364, 107, 2202]
+    );
+    assert_eq!(
+        tk.encode_literal("<start_of_turn>user\nhi").unwrap(),
+        [236820, 3041, 236779, 1340, 236779, 887, 236813, 2364, 107, 2202]
+    );
 }

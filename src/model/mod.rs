@@ -253,16 +253,7 @@ fn load_gguf(
     if !packed.is_empty() {
         model = model.with_packed(|name| packed.remove(name));
     }
-    let mut eos_ids: Vec<u32> = cfg.eos_token_id.iter().flat_map(|e| e.ids()).collect();
-    if let Some(eot) = file
-        .metadata()
-        .get("tokenizer.ggml.eot_token_id")
-        .and_then(|v| v.to_u32().ok())
-    {
-        eos_ids.push(eot);
-    }
-    eos_ids.sort();
-    eos_ids.dedup();
+    let eos_ids = gguf_eos_ids(&cfg, file.metadata(), &tokenizer);
     Ok(LoadedModel {
         model,
         tokenizer: std::sync::Arc::new(tokenizer),
@@ -275,6 +266,24 @@ fn load_gguf(
             None => dtype_name(dtype).to_string(),
         },
     })
+}
+
+/// Every token that ends generation for a GGUF model: `eos_token_id`, `eot_token_id`, and
+/// llama.cpp's end-of-generation tokens by name ([`TextTokenizer::end_of_generation`]).
+pub fn gguf_eos_ids(
+    cfg: &Config,
+    md: &HashMap<String, candle_core::quantized::gguf_file::Value>,
+    tokenizer: &TextTokenizer,
+) -> Vec<u32> {
+    let mut ids: Vec<u32> = cfg.eos_token_id.iter().flat_map(|e| e.ids()).collect();
+    ids.extend_from_slice(tokenizer.end_of_generation());
+    ids.extend(
+        md.get("tokenizer.ggml.eot_token_id")
+            .and_then(|v| v.to_u32().ok()),
+    );
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 fn load_hf_dir(

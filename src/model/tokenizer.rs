@@ -56,6 +56,10 @@ pub struct TextTokenizer {
     token_bytes: Vec<Vec<u8>>,
     token_text: Vec<String>,
     special: Vec<bool>,
+    /// A copy that reads special tokens' text as plain text (see [`Self::encode_literal`]),
+    /// made on first use: it duplicates the vocabulary.
+    literal: std::sync::Arc<std::sync::OnceLock<Tokenizer>>,
+    end_of_generation: Vec<u32>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -92,16 +96,20 @@ impl TextTokenizer {
         // Control tokens (type 3) are special; user-defined ones (type 4) match as wholes in
         // the raw text, before any normalization (llama.cpp's tokenizer_st_partition splits
         // them out first even with parse_special off: Gemma's runs of spaces and newlines).
-        let typed = |want: i32| {
-            meta.tokens
-                .iter()
-                .zip(&meta.types)
-                .filter(move |(_, t)| **t == want)
-                .map(|(s, _)| s.clone())
-        };
-        let special: Vec<AddedToken> = typed(3).map(|s| AddedToken::from(s, true)).collect();
-        let user: Vec<AddedToken> = typed(4)
-            .map(|s| AddedToken::from(s, false).normalized(false))
+        let eog = meta.end_of_generation();
+        let special: Vec<AddedToken> = meta
+            .tokens
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| meta.types[i] == 3 || eog.contains(&(i as u32)))
+            .map(|(_, s)| AddedToken::from(s.clone(), true))
+            .collect();
+        let user: Vec<AddedToken> = meta
+            .tokens
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| meta.types[i] == 4 && !eog.contains(&(i as u32)))
+            .map(|(_, s)| AddedToken::from(s.clone(), false).normalized(false))
             .collect();
         tk.add_special_tokens(special).map_err(tok_err)?;
         tk.add_tokens(user).map_err(tok_err)?;
@@ -129,7 +137,15 @@ impl TextTokenizer {
                 .map_err(tok_err)?;
             tk.with_post_processor(Some(post));
         }
-        Self::new(tk, meta.tokens.len())
+        let mut tk = Self::new(tk, meta.tokens.len())?;
+        tk.end_of_generation = eog;
+        Ok(tk)
+    }
+
+    /// Tokens that end generation besides the configured EOS (llama.cpp's EOG list: chat
+    /// turn ends, `<|endoftext|>`, `</s>`, ...), for GGUF vocabularies.
+    pub fn end_of_generation(&self) -> &[u32] {
+        &self.end_of_generation
     }
 
     /// Reads a `tokenizer.json`.
@@ -174,12 +190,28 @@ impl TextTokenizer {
             token_bytes,
             token_text,
             special,
+            literal: Default::default(),
+            end_of_generation: Vec::new(),
         })
     }
 
     /// Token ids of `text`, with the tokenizer's own special-token rules (BOS if configured).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, true).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes with neither added special tokens (no BOS) nor special-token parsing: the text
+    /// of a control token like `<start_of_turn>` is tokenized as plain text (user-defined
+    /// pieces still match whole). llama.cpp's `llama_tokenize(add_special = false,
+    /// parse_special = false)`, which its tokenizer test vectors use.
+    pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>> {
+        let literal = self.literal.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        let enc = literal.encode(text, false).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -271,6 +303,49 @@ impl GgufVocab {
             tokens,
             types,
         })
+    }
+
+    /// llama.cpp's end-of-generation tokens by name (llama-vocab.cpp): they end generation
+    /// and are control tokens whatever type the file gives them (so their text is not matched
+    /// when special tokens are not parsed), except a `</s>` in vocabularies where it is a
+    /// normal word (those with `<|tool_response>` or `<|plamo:eos|>`).
+    fn end_of_generation(&self) -> Vec<u32> {
+        const NAMES: &[&str] = &[
+            "<|eot_id|>",
+            "<|im_end|>",
+            "<|end|>",
+            "<|return|>",
+            "<|call|>",
+            "<|flush|>",
+            "<|calls|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "</s>",
+            "<|eom_id|>",
+            "<EOT>",
+            "_<EOT>",
+            "[EOT]",
+            "[EOS]",
+            "<|end_of_text|>",
+            "<end_of_utterance>",
+            "<eos>",
+            "<turn|>",
+            "<|tool_response>",
+            "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>",
+            "[e~[",
+        ];
+        let normal_s = self
+            .tokens
+            .iter()
+            .any(|t| t == "<|tool_response>" || t == "<|plamo:eos|>");
+        let vocab = self.vocab();
+        let mut ids: Vec<u32> = NAMES
+            .iter()
+            .filter(|n| !(normal_s && **n == "</s>"))
+            .filter_map(|n| vocab.get(*n).copied())
+            .collect();
+        ids.sort();
+        ids
     }
 
     fn vocab(&self) -> tokenizers::models::bpe::Vocab {

@@ -170,8 +170,15 @@ fn starting_point(
     let (mut cfg, tokenizer, mut tensors) = match (&source, dir) {
         (ModelSource::Gguf(path), _) => {
             let mut file = GgufFile::open(path)?;
-            let cfg = file.config()?;
+            let mut cfg = file.config()?;
             let tk = TextTokenizer::from_gguf(file.metadata())?;
+            // The converted directory stops where the GGUF model stops.
+            let eos = model::gguf_eos_ids(&cfg, file.metadata(), &tk);
+            cfg.eos_token_id = match eos.as_slice() {
+                [] => None,
+                [one] => Some(model::EosTokenId::One(*one)),
+                many => Some(model::EosTokenId::Many(many.to_vec())),
+            };
             let tensors = if o.from_scratch {
                 HashMap::new()
             } else {
