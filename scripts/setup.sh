@@ -78,8 +78,10 @@ PY
   echo "setup: model ready: $out"
 }
 
-# The tokenizer vocabularies whose llama.cpp test vectors the tests check.
+# The tokenizer vocabularies whose llama.cpp test vectors the tests check (gpt-neox has no
+# vectors in the sdist: tests/fixtures/gpt-neox-vocab has them, made with llama.cpp).
 VOCABS="gpt-2 llama-bpe qwen2 llama-spm phi-3"
+VOCAB_ONLY="gpt-neox"
 LCP_VERSION=0.3.36
 LCP_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 fetch_vocabs() {
@@ -87,6 +89,7 @@ fetch_vocabs() {
   for v in $VOCABS; do
     for ext in "" .inp .out; do [ -s "$dir/ggml-vocab-$v.gguf$ext" ] || missing=1; done
   done
+  for v in $VOCAB_ONLY; do [ -s "$dir/ggml-vocab-$v.gguf" ] || missing=1; done
   if [ "$missing" = 0 ]; then
     echo "setup: tokenizer test vectors present: $dir"
     return
@@ -94,9 +97,9 @@ fetch_vocabs() {
   echo "setup: fetching llama.cpp's tokenizer test vectors (llama-cpp-python==$LCP_VERSION sdist) ..."
   mkdir -p "$dir"
   # The sdist's URL from PyPI's simple index (pip download would build its metadata first).
-  python3 - "$dir" "$LCP_VERSION" "$LCP_SHA256" "$VOCABS" <<'PY'
+  python3 - "$dir" "$LCP_VERSION" "$LCP_SHA256" "$VOCABS" "$VOCAB_ONLY" <<'PY'
 import hashlib, io, re, sys, tarfile, urllib.request
-folder, version, want, vocabs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split()
+folder, version, want, vocabs, only = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(), sys.argv[5].split()
 index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/", timeout=60).read().decode()
 name = f"llama_cpp_python-{version}.tar.gz"
 url = next(u for u in re.findall(r'href="([^"#]+)', index) if u.endswith("/" + name))
@@ -105,6 +108,7 @@ got = hashlib.sha256(data).hexdigest()
 if got != want:
     sys.exit(f"setup: checksum mismatch for {name} ({got})")
 wanted = {f"ggml-vocab-{v}.gguf{ext}" for v in vocabs for ext in ("", ".inp", ".out")}
+wanted |= {f"ggml-vocab-{v}.gguf" for v in only}
 with tarfile.open(fileobj=io.BytesIO(data)) as tar:
     for member in tar.getmembers():
         base = member.name.rsplit("/", 1)[-1]

@@ -76,7 +76,16 @@ fn check_vectors(
     inp: &std::path::Path,
     label: &str,
 ) -> usize {
-    let out = inp.with_extension("out");
+    check_vectors_against(tk, inp, &inp.with_extension("out"), label)
+}
+
+/// [`check_vectors`] with the expected ids from another file.
+fn check_vectors_against(
+    tk: &tokenscope::model::TextTokenizer,
+    inp: &std::path::Path,
+    out: &std::path::Path,
+    label: &str,
+) -> usize {
     let inp = std::fs::read_to_string(inp).unwrap();
     let out = std::fs::read_to_string(out).unwrap();
     let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
@@ -130,6 +139,19 @@ fn llama_cpp_vocabulary_vectors() {
             .unwrap_or_else(|e| panic!("{vocab}: {e}"));
         let inp = dir.join(format!("ggml-vocab-{vocab}.gguf.inp"));
         assert!(check_vectors(&tk, &inp, vocab) > 40);
+        // A prompt gets BOS exactly where llama.cpp adds it (the llama-bpe file has no
+        // add_bos_token key: llama.cpp's default for Llama 3 vocabularies is to add it).
+        let bos = match vocab {
+            "llama-bpe" => Some(128000),
+            "llama-spm" | "phi-3" => Some(1),
+            _ => None,
+        };
+        let hello = tk.encode("Hello").unwrap();
+        assert_eq!(
+            hello.first().copied().filter(|_| hello.len() == 2),
+            bos,
+            "{vocab}: {hello:?}"
+        );
     }
 }
 
@@ -175,4 +197,38 @@ fn gemma3_vectors_made_with_llama_cpp() {
         tk.encode_literal("<start_of_turn>user\nhi").unwrap(),
         [236820, 3041, 236779, 1340, 236779, 887, 236813, 2364, 107, 2202]
     );
+}
+
+/// A byte-level GGUF without `tokenizer.ggml.pre` (GPT-NeoX's, converted before llama.cpp
+/// recorded it): llama.cpp splits with its default chain of four regexes, not GPT-2's alone.
+/// Its ids for the standard 46 strings and the 2 060 extended ones were made with llama.cpp
+/// (tokdump, as for Gemma 3) into `tests/fixtures/gpt-neox-vocab/`.
+#[test]
+fn vocabularies_without_a_pre_type_split_as_llama_cpp_does() {
+    let dir = common::default_gguf().parent().unwrap().join("vocab");
+    let path = dir.join("ggml-vocab-gpt-neox.gguf");
+    let mut file = std::fs::File::open(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run ./scripts/setup.sh --test-assets)",
+            path.display()
+        )
+    });
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    assert!(!content.metadata.contains_key("tokenizer.ggml.pre"));
+    let tk = tokenscope::model::TextTokenizer::from_gguf(&content.metadata).unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let standard = check_vectors_against(
+        &tk,
+        &dir.join("ggml-vocab-llama-spm.gguf.inp"),
+        &fixtures.join("gpt-neox-vocab/standard.out"),
+        "gpt-neox",
+    );
+    assert_eq!(standard, 46);
+    let extended = check_vectors_against(
+        &tk,
+        &fixtures.join("gemma3-vocab/gemma-3-270m-extended.inp"),
+        &fixtures.join("gpt-neox-vocab/extended.out"),
+        "gpt-neox extended",
+    );
+    assert!(extended > 2000);
 }

@@ -33,20 +33,30 @@ pub const SUPPORTED_GGUF_PRE: &[&str] =
 const QWEN2_PRE_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_PRE_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// A regex split (each match its own piece, as llama.cpp's unicode_regex_split), then the
-/// byte-level mapping without GPT-2's own regex.
-fn regex_then_bytes(regex: &str) -> Result<PreTokenizerWrapper> {
-    let split = Split::new(
-        SplitPattern::Regex(regex.into()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(tok_err)?;
-    Ok(Sequence::new(vec![
-        split.into(),
-        ByteLevel::new(false, true, false).into(),
-    ])
-    .into())
+/// llama.cpp's regexes for a byte-level vocabulary without a `pre` type, applied in turn.
+const DEFAULT_PRE_REGEXES: &[&str] = &[
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+];
+
+/// Regex splits applied in turn, each re-splitting the pieces of the one before with every
+/// match its own piece (llama.cpp's unicode_regex_split), then the byte-level mapping without
+/// GPT-2's own regex.
+fn regex_then_bytes(regexes: &[&str]) -> Result<PreTokenizerWrapper> {
+    let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
+    for regex in regexes {
+        let split = Split::new(
+            SplitPattern::Regex((*regex).into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(tok_err)?;
+        steps.push(split.into());
+    }
+    steps.push(ByteLevel::new(false, true, false).into());
+    Ok(Sequence::new(steps).into())
 }
 
 /// A tokenizer with the per-id tables the engine reports.
@@ -114,10 +124,15 @@ impl TextTokenizer {
         tk.add_special_tokens(special).map_err(tok_err)?;
         tk.add_tokens(user).map_err(tok_err)?;
 
+        // Without the key, llama.cpp's default: BOS for SentencePiece and Llama 3 vocabularies.
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok());
+        let bos_by_default = meta.model == "llama" || pre.is_some_and(|p| p == "llama-bpe");
         let add_bos = md
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+            .unwrap_or(bos_by_default);
         if add_bos {
             let bos_id = md
                 .get("tokenizer.ggml.bos_token_id")
@@ -370,9 +385,19 @@ fn byte_level_bpe(md: &HashMap<String, Value>, meta: &GgufVocab) -> Result<Token
             ByteLevel::new(false, true, true).into(),
         ])
         .into(),
-        "gpt2" | "gpt-2" | "default" => ByteLevel::new(false, true, true).into(),
-        "qwen2" => regex_then_bytes(QWEN2_PRE_REGEX)?,
-        "llama-bpe" => regex_then_bytes(LLAMA3_PRE_REGEX)?,
+        "gpt2" | "gpt-2" => ByteLevel::new(false, true, true).into(),
+        "qwen2" => regex_then_bytes(&[QWEN2_PRE_REGEX])?,
+        "llama-bpe" => regex_then_bytes(&[LLAMA3_PRE_REGEX])?,
+        // A byte-level GGUF without `pre` (converted before llama.cpp recorded it): llama.cpp
+        // splits with its default chain, not GPT-2's regex alone.
+        "default" => {
+            tracing::warn!(
+                "this GGUF's byte-level vocabulary has no tokenizer.ggml.pre: splitting with \
+                 llama.cpp's default regexes, as llama.cpp does (which may differ from the \
+                 model's own tokenizer; a re-converted GGUF or its Hugging Face directory is exact)"
+            );
+            regex_then_bytes(DEFAULT_PRE_REGEXES)?
+        }
         other => {
             return Err(tok_err(format!(
                 "GGUF pre-tokenizer `{other}` is not supported (supported: {}); \
