@@ -180,7 +180,14 @@ async fn empty_and_too_long_prompts() {
         },
         4,
     );
-    for prompt in ["", "   ", "\n\t ", "\u{1c}\u{feff} "] {
+    for prompt in [
+        "",
+        "   ",
+        "\n\t ",
+        "\u{1c}\u{feff} ",
+        "\u{4}",
+        "\u{85}\u{9f}\u{0}",
+    ] {
         let (s, b) = generate(&app, json!({ "prompt": prompt })).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
         assert_eq!(

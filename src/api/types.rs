@@ -9,13 +9,15 @@ use crate::engine::{GenerateParams, LogprobsMode};
 
 pub const MAX_STOP_STRINGS: usize = 4;
 
-/// True when `s` has no character that is not whitespace (EMPTY_PROMPT). Whitespace is the
-/// union of what the regex engines that read the schema's `\S` pattern call whitespace:
-/// Unicode White_Space (Rust), plus U+001C–U+001F (Python's `str.isspace`) and U+FEFF
-/// (ECMAScript's `\s`), so a prompt is valid for every client exactly when it is for us.
+/// True when `s` has no character that carries text (EMPTY_PROMPT): every character is
+/// whitespace or a control character (C0/C1: byte-level vocabularies may have no token for
+/// them — llama.cpp drops them too — so such a prompt can tokenize to nothing), or U+FEFF.
+/// The schema's pattern `PROMPT_PATTERN` says the same in every regex engine that reads it:
+/// the engines' whitespace sets differ only in characters this also excludes (Python's
+/// U+001C–001F and U+0085 are controls; ECMAScript's U+FEFF is listed).
 pub fn is_blank(s: &str) -> bool {
     s.chars()
-        .all(|c| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c) || c == '\u{feff}')
+        .all(|c| c.is_whitespace() || c.is_control() || c == '\u{feff}')
 }
 pub const MAX_STOP_CHARS: usize = 256;
 
@@ -24,8 +26,13 @@ pub const MAX_STOP_CHARS: usize = 256;
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"prompt": "The capital of France is", "temperature": 1.0, "max_tokens": 1, "top_k": 5}))]
 pub struct GenerateRequest {
-    /// Input text prompt: at least one character that is not whitespace.
-    #[schema(min_length = 1, pattern = r"\S", example = "The capital of France is")]
+    /// Input text prompt: at least one character that is neither whitespace nor a control
+    /// character.
+    #[schema(
+        min_length = 1,
+        pattern = r"[^\s\x00-\x1f\x7f-\x9f\ufeff]",
+        example = "The capital of France is"
+    )]
     pub prompt: String,
     /// Sampling temperature; 0 = greedy decoding.
     #[serde(default = "default_temperature")]

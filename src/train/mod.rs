@@ -167,10 +167,22 @@ fn starting_point(
         ModelSource::HfDir(d) => Some(d.clone()),
         ModelSource::Gguf(_) => None,
     };
+    // Checked before any weight is read (a refusal should not first load gigabytes).
+    let refuse_untrainable = |cfg: &Config| {
+        if o.from_scratch || cfg.family.is_plain_llama() {
+            return Ok(());
+        }
+        Err(TrainError::Config(format!(
+            "training {} models is not supported yet (only llama; `--from-scratch` trains a llama \
+             with this model's tokenizer); serve and inspect work",
+            cfg.family.arch.name()
+        )))
+    };
     let (mut cfg, tokenizer, mut tensors) = match (&source, dir) {
         (ModelSource::Gguf(path), _) => {
             let mut file = GgufFile::open(path)?;
             let mut cfg = file.config()?;
+            refuse_untrainable(&cfg)?;
             let tk = TextTokenizer::from_gguf(file.metadata())?;
             // The converted directory stops where the GGUF model stops.
             let eos = model::gguf_eos_ids(&cfg, file.metadata(), &tk);
@@ -188,6 +200,7 @@ fn starting_point(
         }
         (_, Some(dir)) => {
             let parts = hf_dir::inspect(&dir)?;
+            refuse_untrainable(&parts.config)?;
             let tk = TextTokenizer::from_file(&parts.tokenizer, parts.config.vocab_size)?;
             let mut tensors = HashMap::new();
             if !o.from_scratch {
@@ -201,13 +214,6 @@ fn starting_point(
         }
         _ => unreachable!("every source kind is covered above"),
     };
-    if !o.from_scratch && !cfg.family.is_plain_llama() {
-        return Err(TrainError::Config(format!(
-            "training {} models is not supported yet (only llama; `--from-scratch` trains a llama \
-             with this model's tokenizer); serve and inspect work",
-            cfg.family.arch.name()
-        )));
-    }
     if o.from_scratch {
         let vocab = tokenizer.vocab_size();
         let mut fresh = match o.config.as_deref().unwrap_or("tiny") {
