@@ -150,17 +150,6 @@ fn gguf_name(hf: &str) -> String {
     format!("blk.{layer}.{part}.weight")
 }
 
-/// llama.cpp's q/k row order: (heads, 2, head_dim/2) → (heads, head_dim/2, 2).
-fn permute(w: &Tensor, n_head: usize) -> Tensor {
-    let (rows, cols) = w.dims2().unwrap();
-    w.reshape((n_head, 2, rows / n_head / 2, cols))
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .reshape((rows, cols))
-        .unwrap()
-}
-
 /// Writes `tensors` (HF names) as an F32 GGUF the way llama.cpp's converter lays out a llama,
 /// with the default model's tokenizer metadata, plus `extra` tensors under their own names.
 fn write_gguf(
@@ -209,9 +198,9 @@ fn write_gguf(
         .iter()
         .map(|(name, t)| {
             let t = if name.ends_with("q_proj.weight") {
-                permute(t, cfg.num_attention_heads)
+                common::permute_qk(t, cfg.num_attention_heads)
             } else if name.ends_with("k_proj.weight") {
-                permute(t, cfg.n_kv_heads())
+                common::permute_qk(t, cfg.n_kv_heads())
             } else {
                 t.clone()
             };

@@ -93,15 +93,7 @@ fn without_unpermute_the_model_would_be_wrong() {
     let cfg = file.config().unwrap();
     let (mut tensors, _) = file.tensors(&cfg, DType::F32, &Device::Cpu, false).unwrap();
     // Undo our un-permutation: back to the file's (heads, head_dim/2, 2) row order.
-    let permute = |w: &Tensor, n_head: usize| {
-        let (rows, cols) = w.dims2().unwrap();
-        w.reshape((n_head, 2, rows / n_head / 2, cols))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((rows, cols))
-            .unwrap()
-    };
+    let permute = common::permute_qk;
     for (name, t) in tensors.iter_mut() {
         if name.ends_with("q_proj.weight") {
             *t = permute(t, cfg.num_attention_heads);

@@ -28,16 +28,7 @@ use tokenscope::engine::distribution::log_softmax;
 use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
 
 fn gemma_path() -> std::path::PathBuf {
-    let path = common::default_gguf()
-        .parent()
-        .unwrap()
-        .join("gemma-3-270m-q4_k_m.gguf");
-    assert!(
-        path.is_file(),
-        "{} missing: run ./scripts/setup.sh --test-assets",
-        path.display()
-    );
-    path
+    common::test_asset("gemma-3-270m-q4_k_m.gguf")
 }
 
 fn gemma() -> &'static LoadedModel {

@@ -12,16 +12,7 @@ use tokenscope::engine::distribution::log_softmax;
 use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
 
 fn qwen_path() -> std::path::PathBuf {
-    let path = common::default_gguf()
-        .parent()
-        .unwrap()
-        .join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
-    assert!(
-        path.is_file(),
-        "{} missing: run ./scripts/setup.sh --test-assets",
-        path.display()
-    );
-    path
+    common::test_asset("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 }
 
 fn qwen() -> &'static LoadedModel {

@@ -35,8 +35,20 @@ pub struct Config {
     /// rope scaling): frequency i is divided by `rope_freq_factors[i]`. No config.json field.
     #[serde(skip)]
     pub rope_freq_factors: Option<Vec<f32>>,
-    /// HF fields this implementation does not have: they are read only so that a config that
-    /// sets them to anything but the llama defaults is refused by [`Config::validate`].
+    /// HF fields this implementation does not have, read only to refuse a config that sets them.
+    #[serde(flatten)]
+    pub unimplemented: Unimplemented,
+    /// Which decoder family, and what in its layers differs from llama's (set by the loader
+    /// from `model_type` or the GGUF architecture, never read from config.json itself).
+    #[serde(skip)]
+    pub family: Family,
+}
+
+/// HF config.json fields this implementation does not have: they are read only so that a
+/// config that sets them to anything but the llama defaults is refused by [`Config::validate`]
+/// (never written back).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Unimplemented {
     #[serde(default, skip_serializing)]
     pub attention_bias: bool,
     #[serde(default, skip_serializing)]
@@ -49,10 +61,6 @@ pub struct Config {
     pub sliding_window: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
     pub quantization_config: Option<serde_json::Value>,
-    /// Which decoder family, and what in its layers differs from llama's (set by the loader
-    /// from `model_type` or the GGUF architecture, never read from config.json itself).
-    #[serde(skip)]
-    pub family: Family,
 }
 
 /// The decoder families, and the switches their layers differ by (llama.cpp keys the same
@@ -275,12 +283,7 @@ impl Config {
             eos_token_id: None,
             rope_scaling: None,
             rope_freq_factors: None,
-            attention_bias: false,
-            mlp_bias: false,
-            hidden_act: None,
-            partial_rotary_factor: None,
-            sliding_window: None,
-            quantization_config: None,
+            unimplemented: Unimplemented::default(),
             family: Family::llama(),
         }
     }
@@ -350,27 +353,28 @@ impl Config {
     /// Refuses every config feature this llama does not implement, naming it: a model either
     /// loads exactly or does not load.
     fn check_supported(&self) -> std::result::Result<(), String> {
+        let u = &self.unimplemented;
         let unsupported = |what: &str| {
             Err(format!(
                 "{what} is not supported by the llama implementation"
             ))
         };
-        if self.attention_bias {
+        if u.attention_bias {
             return unsupported("attention_bias = true (biases on q/k/v/o)");
         }
-        if self.mlp_bias {
+        if u.mlp_bias {
             return unsupported("mlp_bias = true (biases on the MLP projections)");
         }
-        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+        if let Some(act) = u.hidden_act.as_deref().filter(|a| *a != "silu") {
             return unsupported(&format!("hidden_act `{act}` (only silu)"));
         }
-        if self.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+        if u.partial_rotary_factor.is_some_and(|f| f != 1.0) {
             return unsupported("partial_rotary_factor != 1");
         }
-        if self.sliding_window.as_ref().is_some_and(|v| !v.is_null()) {
+        if u.sliding_window.as_ref().is_some_and(|v| !v.is_null()) {
             return unsupported("sliding_window attention");
         }
-        if self.quantization_config.is_some() {
+        if u.quantization_config.is_some() {
             return unsupported("quantization_config (pre-quantized safetensors: GPTQ, AWQ, ...)");
         }
         RopeScaling::parse(self.rope_scaling.as_ref())?;

@@ -162,12 +162,7 @@ impl GgufFile {
                 .map(EosTokenId::One),
             rope_scaling: self.rope_scaling(&arch)?,
             rope_freq_factors: None,
-            attention_bias: false,
-            mlp_bias: false,
-            hidden_act: None,
-            partial_rotary_factor: None,
-            sliding_window: None,
-            quantization_config: None,
+            unimplemented: Default::default(),
             family: family_of(&arch).unwrap_or_default(),
         };
         let mut cfg = cfg;

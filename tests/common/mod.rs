@@ -73,3 +73,26 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// llama.cpp's converter's q/k row order for llama: (heads, 2, head_dim/2) → (heads,
+/// head_dim/2, 2) — the inverse of the loader's un-permutation.
+pub fn permute_qk(w: &candle_core::Tensor, n_head: usize) -> candle_core::Tensor {
+    let (rows, cols) = w.dims2().unwrap();
+    w.reshape((n_head, 2, rows / n_head / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+/// A model file that `scripts/setup.sh --test-assets` fetched into `models/`.
+pub fn test_asset(name: &str) -> PathBuf {
+    let path = default_gguf().parent().unwrap().join(name);
+    assert!(
+        path.is_file(),
+        "{} missing: run ./scripts/setup.sh --test-assets",
+        path.display()
+    );
+    path
+}
