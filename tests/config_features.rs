@@ -12,7 +12,6 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::json;
-use tokenscope::engine::distribution::log_softmax;
 use tokenscope::model::{self, Config, LoadOptions, ModelSource};
 
 /// Llama 3.1's scaling, shrunk to the tiny model: with head_dim 16 and base 10 000 the eight
@@ -52,18 +51,7 @@ fn reference_logprobs(dir: &Path, ids: &[u32]) -> Vec<f32> {
         .unwrap();
     let model = reference::Llama::load(vb, &cfg).unwrap();
     let mut cache = reference::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
-    let input = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<f32> = model
-        .forward(&input, 0, &mut cache)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    log_softmax(&logits)
+    common::logprobs_of(model.forward(&common::batch(ids), 0, &mut cache).unwrap())
 }
 
 fn load(path: &Path) -> Result<model::LoadedModel, model::ModelError> {

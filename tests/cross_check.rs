@@ -6,8 +6,7 @@
 mod common;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use tokenscope::engine::distribution::log_softmax;
+use candle_core::Device;
 
 const LONG_PROMPT: &str = "The history of the printing press begins in the fifteenth century, \
 when Johannes Gutenberg combined movable metal type, oil-based ink and a wooden press adapted \
@@ -28,18 +27,7 @@ fn reference_logprobs(prompt_ids: &[u32]) -> Vec<f32> {
         &Device::Cpu,
     )
     .unwrap();
-    let input = Tensor::new(prompt_ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<f32> = model
-        .forward(&input, 0)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    log_softmax(&logits)
+    common::logprobs_of(model.forward(&common::batch(prompt_ids), 0).unwrap())
 }
 
 fn ours_logprobs(prompt_ids: &[u32]) -> Vec<f32> {

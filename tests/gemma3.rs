@@ -22,9 +22,8 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use tokenscope::engine::distribution::log_softmax;
 use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
 
 fn gemma_path() -> std::path::PathBuf {
@@ -123,19 +122,7 @@ fn reference() -> &'static std::sync::Mutex<Reference> {
 fn reference_logprobs(ids: &[u32]) -> Vec<f32> {
     let mut r = reference().lock().unwrap();
     r.model.clear_kv_cache();
-    let input = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<f32> = r
-        .model
-        .forward(&input, 0)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    log_softmax(&logits)
+    common::logprobs_of(r.model.forward(&common::batch(ids), 0).unwrap())
 }
 
 const STORY: &str = "The lighthouse keeper climbed the spiral stairs every evening at dusk, \

@@ -7,8 +7,7 @@ mod common;
 use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use tokenscope::engine::distribution::log_softmax;
+use candle_core::Device;
 use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
 
 fn qwen_path() -> std::path::PathBuf {
@@ -34,18 +33,7 @@ fn reference_logprobs(ids: &[u32]) -> Vec<f32> {
         &Device::Cpu,
     )
     .unwrap();
-    let input = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<f32> = reference
-        .forward(&input, 0)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    log_softmax(&logits)
+    common::logprobs_of(reference.forward(&common::batch(ids), 0).unwrap())
 }
 
 const CODE_PROMPT: &str = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    \
@@ -161,18 +149,10 @@ fn hf_directory_matches_candle_qwen2() {
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) }
         .unwrap();
     let mut r = reference::ModelForCausalLM::new(&rcfg, vb).unwrap();
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits: Vec<f32> = r
-        .forward(&input, 0)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let diff = common::max_abs_diff(&got, &log_softmax(&logits));
+    let diff = common::max_abs_diff(
+        &got,
+        &common::logprobs_of(r.forward(&common::batch(ids.as_slice()), 0).unwrap()),
+    );
     eprintln!(
         "qwen2 HF directory, {} tokens: max |Δ logprob| vs candle qwen2 = {diff:e}",
         ids.len()

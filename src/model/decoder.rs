@@ -77,11 +77,7 @@ impl Attention {
         // (b, t, heads, head_dim), each head RMS-normed where the family does it.
         let heads = |proj: &Linear, n, norm: &Option<RmsNorm>| -> candle_core::Result<Tensor> {
             let y = proj.forward(x)?.reshape(shape(n))?;
-            let y = match norm {
-                Some(norm) => norm.forward(&y, differentiable)?,
-                None => y,
-            };
-            y.transpose(1, 2)
+            RmsNorm::apply_if(norm, y, differentiable)?.transpose(1, 2)
         };
         let q = heads(&self.q_proj, self.n_head, &self.q_norm)?;
         let k = heads(&self.k_proj, self.n_kv_head, &self.k_norm)?;
@@ -218,10 +214,7 @@ impl Block {
         offset: usize,
         differentiable: bool,
     ) -> candle_core::Result<Tensor> {
-        let out_norm = |norm: &Option<RmsNorm>, h: Tensor| match norm {
-            Some(n) => n.forward(&h, differentiable),
-            None => Ok(h),
-        };
+        let out_norm = |norm, h| RmsNorm::apply_if(norm, h, differentiable);
         let h = self.attn_norm.forward(&x, differentiable)?;
         let h = self
             .self_attn

@@ -27,3 +27,21 @@ pub enum ModelError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// A checkpoint with tensors the family's decoder would not use (a bias, an extra norm) is
+/// refused, naming the first (in name order): loading would silently compute another model.
+pub fn refuse_unknown_tensors(
+    mut unknown: Vec<&str>,
+    family: &super::config::Family,
+) -> Result<()> {
+    unknown.sort_unstable();
+    match unknown.first() {
+        None => Ok(()),
+        Some(first) => Err(ModelError::Config(format!(
+            "tensor `{first}` is not part of the {} architecture as implemented here \
+             ({} unknown tensor(s)); refusing to load rather than ignore it",
+            family.arch.name(),
+            unknown.len()
+        ))),
+    }
+}

@@ -20,24 +20,6 @@ pub type PackedWeights = HashMap<String, Arc<PackedMatrix>>;
 
 pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
 
-/// The decoder family of a GGUF `general.architecture` (its switches filled in from the
-/// metadata by [`GgufFile::config`]).
-fn family_of(arch: &str) -> Option<Family> {
-    match arch {
-        "llama" => Some(Family::llama()),
-        "qwen2" => Some(Family::qwen2()),
-        "gemma3" => Some(Family::gemma3(
-            Sliding {
-                window: 0,
-                global_every: 0,
-                local_rope_theta: 0.0,
-            },
-            0.0,
-        )),
-        _ => None,
-    }
-}
-
 /// Whether llama.cpp's converter permuted this family's q/k rows (for its interleaved rope):
 /// only llama's (`LlamaModel.permute`); qwen2 and gemma3 are written as they are.
 fn qk_permuted(family: &Family) -> bool {
@@ -77,7 +59,7 @@ impl GgufFile {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .ok_or_else(|| self.corrupt("general.architecture is missing".into()))?;
-        if family_of(&arch).is_none() {
+        if !SUPPORTED_GGUF_ARCHITECTURES.contains(&arch.as_str()) {
             return Err(ModelError::UnsupportedArchitecture {
                 found: arch,
                 supported: SUPPORTED_GGUF_ARCHITECTURES.join(", "),
@@ -163,7 +145,7 @@ impl GgufFile {
             rope_scaling: self.rope_scaling(&arch)?,
             rope_freq_factors: None,
             unimplemented: Default::default(),
-            family: family_of(&arch).unwrap_or_default(),
+            family: Family::llama(),
         };
         let mut cfg = cfg;
         if let Some(v) = self.md_u32(&k("attention.value_length"))? {
@@ -181,9 +163,11 @@ impl GgufFile {
                 )));
             }
         }
-        if cfg.family.arch == Arch::Gemma3 {
-            cfg.family = self.gemma3_family(&cfg)?;
-        }
+        cfg.family = match arch.as_str() {
+            "qwen2" => Family::qwen2(),
+            "gemma3" => self.gemma3_family(&cfg)?,
+            _ => Family::llama(),
+        };
         if let Some(dims) = self.md_u32(&k("rope.dimension_count"))? {
             if dims as usize != cfg.head_dim() {
                 return Err(ModelError::Config(format!(
@@ -251,23 +235,14 @@ impl GgufFile {
     /// Every tensor must be one this loader maps; an unknown one (a bias, an extra norm) would
     /// otherwise be skipped silently and the model would compute something else.
     fn check_tensor_names(&self, family: &Family) -> Result<()> {
-        let mut unknown: Vec<&str> = self
+        let unknown: Vec<&str> = self
             .content
             .tensor_infos
             .keys()
             .map(String::as_str)
             .filter(|n| *n != ROPE_FREQS && hf_name(n, family).is_none())
             .collect();
-        unknown.sort();
-        match unknown.first() {
-            None => Ok(()),
-            Some(first) => Err(ModelError::Config(format!(
-                "GGUF tensor `{first}` is not part of the {} architecture as implemented here \
-                 ({} unknown tensor(s)); refusing to load rather than ignore it",
-                family.arch.name(),
-                unknown.len()
-            ))),
-        }
+        super::error::refuse_unknown_tensors(unknown, family)
     }
 
     /// A 1-D F32 tensor's values.

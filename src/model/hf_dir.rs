@@ -110,20 +110,12 @@ pub fn check_tensor_names(names: &[String], config: &Config) -> Result<()> {
         .map(|(n, _)| n)
         .chain(["lm_head.weight".to_string()])
         .collect();
-    let mut unknown: Vec<&String> = names
+    let unknown: Vec<&str> = names
         .iter()
+        .map(String::as_str)
         .filter(|n| !known.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
         .collect();
-    unknown.sort();
-    match unknown.first() {
-        None => Ok(()),
-        Some(first) => Err(ModelError::Config(format!(
-            "tensor `{first}` is not part of the {} architecture as implemented here \
-             ({} unknown tensor(s)); refusing to load rather than ignore it",
-            config.family.arch.name(),
-            unknown.len()
-        ))),
-    }
+    super::error::refuse_unknown_tensors(unknown, &config.family)
 }
 
 /// The distinct shard file names listed in a `model.safetensors.index.json`.

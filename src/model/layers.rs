@@ -145,6 +145,18 @@ impl RmsNorm {
             eps,
         })
     }
+    /// `norm(x)` where the family has the norm, else `x` itself.
+    pub fn apply_if(
+        norm: &Option<Self>,
+        x: Tensor,
+        differentiable: bool,
+    ) -> candle_core::Result<Tensor> {
+        match norm {
+            Some(n) => n.forward(&x, differentiable),
+            None => Ok(x),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
         if differentiable {
             candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32)
@@ -182,7 +194,7 @@ pub(crate) fn causal_mask(
         .flat_map(|i| {
             let q = i + offset;
             (0..total).map(move |j| {
-                let too_old = window.is_some_and(|w| q - j.min(q) >= w);
+                let too_old = window.is_some_and(|w| q >= j + w);
                 if j > q || too_old {
                     f32::NEG_INFINITY
                 } else {

@@ -353,14 +353,15 @@ impl GgufVocab {
             .tokens
             .iter()
             .any(|t| t == "<|tool_response>" || t == "<|plamo:eos|>");
-        let vocab = self.vocab();
-        let mut ids: Vec<u32> = NAMES
+        let is_eog = |t: &str| NAMES.contains(&t) && !(normal_s && t == "</s>");
+        // The first id of each name, as text_to_token resolves a duplicated piece.
+        let mut seen = std::collections::HashSet::new();
+        self.tokens
             .iter()
-            .filter(|n| !(normal_s && **n == "</s>"))
-            .filter_map(|n| vocab.get(*n).copied())
-            .collect();
-        ids.sort();
-        ids
+            .enumerate()
+            .filter(|(_, t)| is_eog(t) && seen.insert(t.as_str()))
+            .map(|(i, _)| i as u32)
+            .collect()
     }
 
     fn vocab(&self) -> tokenizers::models::bpe::Vocab {

@@ -96,3 +96,17 @@ pub fn test_asset(name: &str) -> PathBuf {
     );
     path
 }
+
+/// A (1, t) batch of token ids, as the reference implementations take them.
+pub fn batch(ids: &[u32]) -> candle_core::Tensor {
+    candle_core::Tensor::new(ids, &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
+/// Log-probs of a reference's last-position logits (any shape holding one vocabulary row).
+pub fn logprobs_of(logits: candle_core::Tensor) -> Vec<f32> {
+    let logits: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+    tokenscope::engine::distribution::log_softmax(&logits)
+}
