@@ -27,9 +27,10 @@ fi
 
 # The test profile's binary (the test suite builds it too, so this is quick after it).
 cargo build --quiet --bin tokenscope
+BIN="${CARGO_TARGET_DIR:-target}/debug/tokenscope"
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 LOG="$(mktemp -t tokenscope-fuzz.XXXXXX.log)"
-./target/debug/tokenscope serve --host 127.0.0.1 --port "$PORT" --api-key "$KEY" \
+"$BIN" serve --host 127.0.0.1 --port "$PORT" --api-key "$KEY" \
   --request-timeout 30 --log-format json >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT

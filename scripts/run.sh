@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 echo "run: building tokenscope (release) ..."
 cargo build --release --quiet
-exec ./target/release/tokenscope serve "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/tokenscope" serve "$@"
