@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::scoring::Target;
 use crate::engine::{GenerateParams, LogprobsMode};
 use crate::model::{DeviceChoice, DtypeChoice, LoadOptions};
 
@@ -147,6 +148,14 @@ pub struct InspectArgs {
     /// probability and rank of each of its tokens (teacher-forced, T = 1).
     #[arg(long, env = "TOKENSCOPE_CONTINUATION")]
     pub continuation: Option<String>,
+    /// Also score every prompt token: its log-probability, rank and the top-k the model
+    /// expected there, and the prompt's perplexity.
+    #[arg(long, env = "TOKENSCOPE_PROMPT_LOGPROBS")]
+    pub prompt_logprobs: bool,
+    /// Score this continuation after the prompt (repeatable, up to 16): its total
+    /// log-probability and the rank of its first token.
+    #[arg(long = "target")]
+    pub targets: Vec<String>,
     /// Only tokenize: print the prompt's token ids and pieces as JSON (special tokens parsed,
     /// BOS per the model's rule), without running the model.
     #[arg(long, env = "TOKENSCOPE_TOKENIZE")]
@@ -162,6 +171,16 @@ impl InspectArgs {
             seed: self.seed,
             stop: self.stop.clone(),
             logprobs_mode: self.logprobs_mode,
+            prompt_logprobs: self.prompt_logprobs,
+            targets: self
+                .targets
+                .iter()
+                .map(|text| Target {
+                    text: text.clone(),
+                    ids: Vec::new(),
+                })
+                .collect(),
+            ..GenerateParams::default()
         }
     }
 }

@@ -73,6 +73,45 @@ pub fn render(prompt: &str, resp: &GenerateResponse) -> String {
         m.temperature_used,
         m.generation_time_ms
     );
+    if let Some(prompt_tokens) = &resp.prompt {
+        let ppl = m
+            .prompt_perplexity
+            .map_or(String::new(), |p| format!(" · perplexity {p:.3}"));
+        let _ = writeln!(out, "\nprompt tokens{ppl}");
+        let _ = writeln!(
+            out,
+            "  {:>4}  {:<20}  {:>9}  {:>6}  {:>7}  expected",
+            "pos", "token", "logprob", "rank", "entropy"
+        );
+        for (i, t) in prompt_tokens.iter().enumerate() {
+            let num = |v: Option<f64>, w: usize| v.map_or(format!("{:>w$}", "—"), |v| format!("{v:>w$.4}"));
+            let expected = t.top.first().map_or(String::new(), |b| visible(&b.token));
+            let _ = writeln!(
+                out,
+                "  {:>4}  {:<20}  {}  {:>6}  {}  {}",
+                i,
+                visible(&t.token).chars().take(20).collect::<String>(),
+                num(t.logprob, 9),
+                t.rank.map_or("—".into(), |r| r.to_string()),
+                num(t.entropy, 7),
+                expected
+            );
+        }
+    }
+    if let Some(targets) = &resp.targets {
+        let _ = writeln!(out, "\ntargets");
+        for t in targets {
+            let _ = writeln!(
+                out,
+                "  {:<20}  p = {:.6e}  logprob {:>9.4}  first-token rank {}  ({} tokens)",
+                visible(&t.text),
+                t.probability,
+                t.logprob,
+                t.rank,
+                t.token_ids.len()
+            );
+        }
+    }
     for (i, step) in resp.steps.iter().enumerate() {
         let _ = writeln!(
             out,

@@ -23,6 +23,9 @@ pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
     if args.stop.len() > 4 {
         anyhow::bail!("at most 4 stop strings");
     }
+    if args.targets.len() > api::types::MAX_TARGETS {
+        anyhow::bail!("at most {} targets", api::types::MAX_TARGETS);
+    }
     let source = model::resolve_source(args.model.model.as_deref())?;
     let loaded = model::load(&source, &args.model.load_options())
         .with_context(|| format!("loading {}", source.display_name()))?;
@@ -36,7 +39,7 @@ pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(cont) = &args.continuation {
-        let cont_ids = engine::tokenize(&loaded, cont)?;
+        let cont_ids = loaded.tokenizer.encode_without_special(cont)?;
         let scored = engine::generate::score_continuation(&loaded, &ids, &cont_ids)?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&scored)?);
@@ -45,7 +48,14 @@ pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let resp = engine::generate(&loaded, &args.prompt, &ids, &args.params(), &|| false)?;
+    let mut params = args.params();
+    for target in &mut params.targets {
+        target.ids = loaded.tokenizer.encode_without_special(&target.text)?;
+        if target.ids.is_empty() {
+            anyhow::bail!("the target {:?} is empty after tokenization", target.text);
+        }
+    }
+    let resp = engine::generate(&loaded, &args.prompt, &ids, &params, &|| false)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&resp)?);
     } else {

@@ -248,7 +248,16 @@ fn prefix_cache_reuses_work_without_changing_results() {
     };
     let run_cached = |prompt: &str, prefix: &mut PrefixCache| {
         let ids = engine::tokenize(m, prompt).unwrap();
-        generate_cached(m, prompt, &ids, &params, &|| false, Some(prefix)).unwrap()
+        generate_cached(
+            m,
+            prompt,
+            &ids,
+            &params,
+            &|| false,
+            Some(prefix),
+            &mut tokenscope::engine::generate::no_events,
+        )
+        .unwrap()
     };
     // As a user types: each prompt extends the previous one.
     let prompts = [
@@ -403,6 +412,7 @@ fn batched_prefill_equals_unbatched() {
         cache,
         logits,
         std::time::Instant::now(),
+        &mut tokenscope::engine::generate::no_events,
     )
     .unwrap();
     let alone = run(BATCH_PROMPTS[0], &params);

@@ -20,6 +20,7 @@ pub enum FieldType {
     Number,
     Integer,
     OptionalUnsigned,
+    Boolean,
     StringList,
     Enum(&'static [&'static str]),
 }
@@ -44,6 +45,8 @@ impl BodySchema for super::types::GenerateRequest {
             FieldType::Enum(&["processed", "raw"]),
             false,
         ),
+        ("prompt_logprobs", FieldType::Boolean, false),
+        ("targets", FieldType::StringList, false),
     ];
     fn range_code(field: &str) -> Option<&'static str> {
         match field {
@@ -199,6 +202,9 @@ fn check_types<T: BodySchema>(obj: &Map<String, Value>) -> Vec<FieldError> {
             FieldType::Number if !v.is_number() => {
                 bad("value is not a valid float", "type_error.float")
             }
+            FieldType::Boolean if !v.is_boolean() => {
+                bad("value could not be parsed to a boolean", "type_error.bool")
+            }
             FieldType::Integer => match v {
                 Value::Number(n) if n.is_i64() || n.is_u64() => None,
                 // 5.0 is accepted as 5; 5.5 is not.
@@ -224,7 +230,7 @@ fn check_types<T: BodySchema>(obj: &Map<String, Value>) -> Vec<FieldError> {
                 Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| match item {
                     Value::String(s) if s.is_empty() => Some(FieldError {
                         loc: vec![json!("body"), json!(name), json!(i)],
-                        msg: "stop strings must not be empty".into(),
+                        msg: "ensure this value has at least 1 characters".into(),
                         kind: "value_error.any_str.min_length".into(),
                     }),
                     Value::String(s) if s.chars().count() > super::types::MAX_STOP_CHARS => {

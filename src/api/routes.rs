@@ -96,6 +96,11 @@ fn worker_error(state: &AppState, e: WorkerError) -> ApiError {
             _ => ApiError::not_loaded("Model is not loaded. Please wait for model loading to complete."),
         },
         WorkerError::Cancelled => ApiError::timeout(state.config.request_timeout.as_secs_f64()),
+        WorkerError::InvalidTokenId { .. } | WorkerError::EmptyTarget { .. } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            capitalize(&e.to_string()),
+        ),
         WorkerError::Stopped | WorkerError::Failed(_) => ApiError::generation_failed(),
     }
 }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use validator::Validate;
 
+use crate::engine::scoring::Target;
 use crate::engine::{GenerateParams, LogprobsMode};
 
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -19,7 +20,10 @@ pub fn is_blank(s: &str) -> bool {
     s.chars()
         .all(|c| c.is_whitespace() || c.is_control() || c == '\u{feff}')
 }
+/// Longest stop string or target, in characters.
 pub const MAX_STOP_CHARS: usize = 256;
+/// Most targets scored per request.
+pub const MAX_TARGETS: usize = 16;
 
 /// Body of POST /generate.
 #[derive(Debug, Clone, Deserialize, ToSchema, Validate)]
@@ -62,6 +66,38 @@ pub struct GenerateRequest {
     #[serde(default)]
     #[schema(default = "processed")]
     pub logprobs_mode: LogprobsMode,
+    /// Also score every prompt token (the response's `prompt`: log-probability, rank, entropy
+    /// and top-k at each position, the model's own distribution at T = 1), and report
+    /// `metadata.prompt_perplexity`.
+    #[serde(default)]
+    #[schema(default = false)]
+    pub prompt_logprobs: bool,
+    /// Continuations to score after the prompt (the response's `targets`), each tokenized on
+    /// its own without special tokens: total log-probability teacher-forced (T = 1), and the
+    /// full-vocabulary rank of its first token.
+    #[serde(default)]
+    #[validate(length(max = 16))]
+    #[schema(schema_with = targets_schema)]
+    pub targets: Vec<String>,
+}
+
+/// Up to 16 non-empty strings of at most 256 characters.
+fn targets_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(MAX_STOP_CHARS)),
+        )
+        .max_items(Some(MAX_TARGETS))
+        .default(Some(serde_json::json!([])))
+        .examples([serde_json::json!([" Paris", " Lyon"])])
+        .description(Some(
+            "Continuations to score after the prompt, each tokenized on its own without special tokens: total log-probability (teacher-forced, T = 1) and the full-vocabulary rank of its first token.",
+        ))
+        .build()
 }
 
 /// An unsigned 64-bit integer or null. Written by hand: utoipa would say `format: int64`, whose
@@ -117,6 +153,16 @@ impl GenerateRequest {
             seed: self.seed,
             stop: self.stop.clone(),
             logprobs_mode: self.logprobs_mode,
+            prompt_logprobs: self.prompt_logprobs,
+            targets: self
+                .targets
+                .iter()
+                .map(|text| Target {
+                    text: text.clone(),
+                    ids: Vec::new(),
+                })
+                .collect(),
+            ..GenerateParams::default()
         }
     }
 }

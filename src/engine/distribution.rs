@@ -141,6 +141,42 @@ impl Distribution {
         // Rounding can leave the total a hair under 1.
         last_possible.unwrap_or_else(|| self.argmax())
     }
+
+    /// Nucleus sampling: draws from the smallest best-first prefix of the vocabulary whose
+    /// probability reaches `top_p`, renormalized, with one [`uniform`] draw (inverse CDF in
+    /// best-first order). `top_p` ≥ 1 is [`Self::sample`] exactly.
+    pub fn sample_top_p(&self, top_p: f64, rng: &mut ChaCha20Rng) -> u32 {
+        if top_p >= 1.0 {
+            return self.sample(rng);
+        }
+        // Growing k until the mass suffices keeps the common small-nucleus case cheap.
+        let mut k = 64;
+        let (nucleus, mass) = loop {
+            let top = self.top_k(k);
+            let mut nucleus: Vec<(u32, f64)> = Vec::new();
+            let mut mass = 0.0f64;
+            for &(id, lp) in &top {
+                nucleus.push((id, lp.exp()));
+                mass += lp.exp();
+                if mass >= top_p {
+                    break;
+                }
+            }
+            if mass >= top_p || top.len() < k {
+                break (nucleus, mass);
+            }
+            k *= 4;
+        };
+        let u = uniform(rng) * mass;
+        let mut acc = 0.0;
+        for &(id, p) in &nucleus {
+            acc += p;
+            if u < acc {
+                return id;
+            }
+        }
+        nucleus.last().map_or_else(|| self.argmax(), |&(id, _)| id)
+    }
 }
 
 /// The sampler's generator for `seed`, specified so that it never changes with a dependency's

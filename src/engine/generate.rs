@@ -6,9 +6,11 @@ use candle_core::Tensor;
 
 use super::distribution::{self, Distribution, NonFiniteLogits, MIN_TEMPERATURE};
 use super::output::{
-    Decoding, FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability,
+    Decoding, FinishReason, GenerateResponse, LogprobsMode, Metadata, PromptToken, Step,
+    TokenProbability,
 };
 use super::prefix_cache::{PrefixCache, Reuse};
+use super::scoring::{self, Target};
 use crate::model::LoadedModel;
 
 /// Validated generation parameters (the API checks ranges before they get here).
@@ -22,6 +24,13 @@ pub struct GenerateParams {
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     pub logprobs_mode: LogprobsMode,
+    /// Nucleus sampling: draw from the smallest set of most likely tokens whose probability
+    /// reaches `top_p` (1 = the whole distribution). Reported distributions are not truncated.
+    pub top_p: f64,
+    /// Score every prompt token (the response's `prompt`, and `metadata.prompt_perplexity`).
+    pub prompt_logprobs: bool,
+    /// Continuations to score after the prompt (the response's `targets`).
+    pub targets: Vec<Target>,
 }
 
 impl Default for GenerateParams {
@@ -33,9 +42,23 @@ impl Default for GenerateParams {
             seed: None,
             stop: Vec::new(),
             logprobs_mode: LogprobsMode::Processed,
+            top_p: 1.0,
+            prompt_logprobs: false,
+            targets: Vec::new(),
         }
     }
 }
+
+/// What a running job reports as it goes (streaming responses forward these).
+pub enum Event<'a> {
+    /// The prompt's tokens, scored (only with `prompt_logprobs`), before any new token.
+    Prompt(&'a [PromptToken]),
+    /// A new token, and the whole generated text so far (a matched stop string cut off).
+    Step { step: &'a Step, text: &'a str },
+}
+
+/// An observer that ignores everything.
+pub fn no_events(_: Event<'_>) {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -85,30 +108,79 @@ pub fn generate(
     params: &GenerateParams,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<GenerateResponse, EngineError> {
-    generate_cached(model, prompt, prompt_ids, params, cancelled, None)
+    generate_cached(model, prompt, prompt_ids, params, cancelled, None, &mut no_events)
 }
 
-/// [`generate`] with a prefix cache: the cached part of the prompt is not recomputed.
+/// [`generate`] with a prefix cache (the cached part of the prompt is not recomputed) and an
+/// observer of the job's progress.
 pub fn generate_cached(
     model: &LoadedModel,
     prompt: &str,
     prompt_ids: &[u32],
     params: &GenerateParams,
     cancelled: &dyn Fn() -> bool,
-    mut prefix: Option<&mut PrefixCache>,
+    prefix: Option<&mut PrefixCache>,
+    observer: &mut dyn FnMut(Event<'_>),
 ) -> Result<GenerateResponse, EngineError> {
     let start = Instant::now();
     if prompt_ids.is_empty() {
         return Err(EngineError::EmptyPrompt);
     }
     let limit = model.context_length();
-    if prompt_ids.len() + params.max_tokens > limit {
+    let longest_target = params.targets.iter().map(|t| t.ids.len()).max();
+    let new_tokens = params.max_tokens.max(longest_target.unwrap_or(0));
+    if prompt_ids.len() + new_tokens > limit {
         return Err(EngineError::TooLong {
             prompt: prompt_ids.len(),
-            max_tokens: params.max_tokens,
+            max_tokens: new_tokens,
             limit,
         });
     }
+    if !params.prompt_logprobs && params.targets.is_empty() {
+        let (cache, logits) = prefill(model, prompt_ids, cancelled, prefix)?;
+        return decode_from(
+            model, prompt, prompt_ids, params, cancelled, cache, logits, start, observer,
+        );
+    }
+    // Scoring the prompt needs every position's logits, which the prefix cache does not keep,
+    // so a scored prompt is computed whole (and not cached: its last logits come from a
+    // different kernel path than a plain prefill's, and cached answers must not depend on
+    // which request came first).
+    let (scored, cache, logits) = if params.prompt_logprobs {
+        let scored = scoring::score_prompt(model, prompt_ids, params.top_k, cancelled)?;
+        observer(Event::Prompt(&scored.tokens));
+        let (cache, logits) = (scored.cache.clone(), scored.last_logits.clone());
+        (Some(scored), cache, logits)
+    } else {
+        let (cache, logits) = prefill(model, prompt_ids, cancelled, prefix)?;
+        (None, cache, logits)
+    };
+    let targets = match params.targets.is_empty() {
+        true => None,
+        false => {
+            let next = Distribution::from_logits(&logits, 1.0)?;
+            Some(scoring::score_targets(model, &cache, &next, &params.targets)?)
+        }
+    };
+    let mut resp = decode_from(
+        model, prompt, prompt_ids, params, cancelled, cache, logits, start, observer,
+    )?;
+    if let Some(scored) = scored {
+        resp.metadata.prompt_perplexity = scored.perplexity();
+        resp.prompt = Some(scored.tokens);
+    }
+    resp.targets = targets;
+    Ok(resp)
+}
+
+/// Runs the prompt (what the prefix cache does not already hold) and returns its KV cache and
+/// the logits of its last position.
+fn prefill(
+    model: &LoadedModel,
+    prompt_ids: &[u32],
+    cancelled: &dyn Fn() -> bool,
+    mut prefix: Option<&mut PrefixCache>,
+) -> Result<(crate::model::Cache, Vec<f32>), EngineError> {
     let lm = &model.model;
     let (mut cache, done, cached_logits) = match prefix.as_deref_mut().map(|p| p.lookup(prompt_ids))
     {
@@ -116,29 +188,24 @@ pub fn generate_cached(
         Some(Reuse::Prefix(c, n)) => (c, n, None),
         _ => (lm.new_cache(), 0, None),
     };
+    if let Some(logits) = cached_logits {
+        return Ok((cache, logits));
+    }
     // Long prompts are evaluated in chunks so that cancellation (timeout, disconnect) is seen
     // within one chunk's time, and attention memory stays bounded by chunk × context.
-    let logits = match cached_logits {
-        Some(logits) => logits,
-        None => {
-            let rest = &prompt_ids[done..];
-            let (head, last_chunk) = rest.split_at(rest.len() - tail_len(rest.len()));
-            for chunk in head.chunks(PREFILL_CHUNK) {
-                if cancelled() {
-                    return Err(EngineError::Cancelled);
-                }
-                lm.forward(&Tensor::new(chunk, lm.device())?.unsqueeze(0)?, &mut cache)?;
-            }
-            let logits = lm.next_logits(last_chunk, &mut cache)?;
-            if let Some(p) = &mut prefix {
-                p.insert(prompt_ids, &cache, &logits);
-            }
-            logits
+    let rest = &prompt_ids[done..];
+    let (head, last_chunk) = rest.split_at(rest.len() - tail_len(rest.len()));
+    for chunk in head.chunks(PREFILL_CHUNK) {
+        if cancelled() {
+            return Err(EngineError::Cancelled);
         }
-    };
-    decode_from(
-        model, prompt, prompt_ids, params, cancelled, cache, logits, start,
-    )
+        lm.forward(&Tensor::new(chunk, lm.device())?.unsqueeze(0)?, &mut cache)?;
+    }
+    let logits = lm.next_logits(last_chunk, &mut cache)?;
+    if let Some(p) = &mut prefix {
+        p.insert(prompt_ids, &cache, &logits);
+    }
+    Ok((cache, logits))
 }
 
 /// Everything after the prompt: picks tokens from `logits` (the last prompt position's) on,
@@ -153,6 +220,7 @@ pub fn decode_from(
     mut cache: crate::model::Cache,
     logits: Vec<f32>,
     start: Instant,
+    observer: &mut dyn FnMut(Event<'_>),
 ) -> Result<GenerateResponse, EngineError> {
     let lm = &model.model;
     let greedy = params.temperature < MIN_TEMPERATURE;
@@ -188,20 +256,17 @@ pub fn decode_from(
         let next = if greedy {
             reported.argmax()
         } else if report_t == temperature {
-            reported.sample(&mut rng)
+            reported.sample_top_p(params.top_p, &mut rng)
         } else {
-            Distribution::from_logits(&logits, temperature)?.sample(&mut rng)
+            Distribution::from_logits(&logits, temperature)?.sample_top_p(params.top_p, &mut rng)
         };
         steps.push(make_step(model, &reported, next, params.top_k));
         generated.push(next);
 
+        text = decode(model, &generated)?;
         if model.eos_ids.contains(&next) {
             finish = FinishReason::Eos;
-            text = decode(model, &generated)?;
-            break;
-        }
-        text = decode(model, &generated)?;
-        if let Some(cut) = params
+        } else if let Some(cut) = params
             .stop
             .iter()
             .filter(|s| !s.is_empty())
@@ -210,6 +275,11 @@ pub fn decode_from(
         {
             text.truncate(cut);
             finish = FinishReason::Stop;
+        }
+        if let Some(step) = steps.last() {
+            observer(Event::Step { step, text: &text });
+        }
+        if finish != FinishReason::Length {
             break;
         }
         last = Some(next);
@@ -237,8 +307,11 @@ pub fn decode_from(
             device: model.device_label.clone(),
             dtype: model.dtype_label.clone(),
             seed,
+            prompt_perplexity: None,
         },
         steps,
+        prompt: None,
+        targets: None,
     })
 }
 

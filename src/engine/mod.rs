@@ -5,10 +5,12 @@ pub mod distribution;
 pub mod generate;
 pub mod output;
 pub mod prefix_cache;
+pub mod scoring;
 pub mod worker;
 
 pub use distribution::Distribution;
 pub use generate::{generate, tokenize, EngineError, GenerateParams};
 pub use output::{
-    Decoding, FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability,
+    Decoding, FinishReason, GenerateResponse, LogprobsMode, Metadata, PromptToken, Step, TargetScore,
+    TokenProbability,
 };

@@ -111,6 +111,54 @@ pub struct Metadata {
     /// The seed used for sampling (absent for greedy decoding).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// exp(−mean log-prob) over the prompt's tokens after the first (with `prompt_logprobs`,
+    /// when the prompt has at least two tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_perplexity: Option<f64>,
+}
+
+/// One prompt token and how likely the model found it after the tokens before it (the
+/// model's own distribution, T = 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"token": " capital", "token_id": 3575, "bytes": [32, 99, 97, 112, 105, 116, 97, 108],
+    "logprob": -6.93, "rank": 38, "entropy": 5.1, "top": []}))]
+pub struct PromptToken {
+    pub token: String,
+    pub token_id: u32,
+    pub bytes: Vec<u8>,
+    /// Natural-log probability of this token given the ones before it; null for the first
+    /// token, which nothing predicts.
+    pub logprob: Option<f64>,
+    /// Its 1-based rank in the whole vocabulary at this position (null for the first token).
+    #[schema(minimum = 1)]
+    pub rank: Option<usize>,
+    /// Entropy (nats) of the distribution this token was drawn against (null for the first).
+    pub entropy: Option<f64>,
+    /// The top-k tokens the model expected here (empty for the first token).
+    pub top: Vec<TokenProbability>,
+}
+
+/// A continuation the user named, scored after the prompt (the model's own distribution,
+/// T = 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"text": " Paris", "token_ids": [7042], "tokens": [" Paris"],
+    "logprob": -0.2598, "probability": 0.7712, "rank": 1}))]
+pub struct TargetScore {
+    /// The target as sent.
+    pub text: String,
+    /// Its tokens, tokenized on its own without special tokens.
+    pub token_ids: Vec<u32>,
+    pub tokens: Vec<String>,
+    /// Sum of the log-probabilities of its tokens, each teacher-forced after the prompt and
+    /// the target's tokens before it.
+    pub logprob: f64,
+    /// exp(logprob): the probability that the model continues the prompt with exactly these
+    /// tokens.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub probability: f64,
+    /// Full-vocabulary rank of its first token at the next position.
+    #[schema(minimum = 1)]
+    pub rank: usize,
 }
 
 /// Response of POST /generate.
@@ -124,4 +172,10 @@ pub struct GenerateResponse {
     pub steps: Vec<Step>,
     pub finish_reason: FinishReason,
     pub metadata: Metadata,
+    /// Every prompt token scored (with `prompt_logprobs: true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Vec<PromptToken>>,
+    /// The requested targets scored, in request order (with `targets`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Vec<TargetScore>>,
 }

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use super::batch;
-use super::generate::{self, EngineError, GenerateParams};
-use super::output::GenerateResponse;
+use super::generate::{self, EngineError, Event, GenerateParams};
+use super::output::{GenerateResponse, PromptToken, Step};
 use super::prefix_cache::PrefixCache;
 use crate::model::{self, LoadOptions, LoadedModel, ModelSource, TextTokenizer};
 
@@ -72,7 +72,45 @@ pub enum WorkerError {
     Cancelled,
     #[error("generation failed: {0}")]
     Failed(String),
+    #[error("token id {id} is outside the vocabulary (0 to {})", vocab - 1)]
+    InvalidTokenId { id: u32, vocab: usize },
+    #[error("target {index} is empty after tokenization")]
+    EmptyTarget { index: usize },
 }
+
+/// A prompt as a client sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    /// Text, tokenized by the model's own rules (BOS when the model asks for one).
+    Text(String),
+    /// Text with its special tokens already written out (a rendered chat template): special
+    /// tokens in it are parsed, none is added.
+    Rendered(String),
+    /// Token ids, run exactly as given (nothing added).
+    Ids(Vec<u32>),
+}
+
+/// What a streaming job reports as it runs; `index` tells the jobs of one request apart.
+#[derive(Debug, Clone)]
+pub enum StreamEvent {
+    Prompt {
+        index: usize,
+        tokens: Vec<PromptToken>,
+    },
+    Step {
+        index: usize,
+        step: Box<Step>,
+        /// The whole generated text so far (a matched stop string cut off).
+        text: String,
+    },
+}
+
+/// Where a streaming job sends its events (unbounded: a job produces at most `max_tokens` + 1
+/// of them, and the model thread must never wait for a slow client).
+pub type EventSender = mpsc::UnboundedSender<StreamEvent>;
+
+/// The reply a handler awaits.
+pub type Reply = oneshot::Receiver<Result<GenerateResponse, WorkerError>>;
 
 /// Counters the worker keeps (read by /metrics and tests).
 #[derive(Debug, Default)]
@@ -93,6 +131,38 @@ pub struct Job {
     pub params: GenerateParams,
     pub reply: oneshot::Sender<Result<GenerateResponse, WorkerError>>,
     pub enqueued: Instant,
+    /// Streaming: the job's index within its request and where its events go.
+    pub stream: Option<(usize, EventSender)>,
+}
+
+impl Job {
+    /// True once nobody waits for the answer (the handler timed out or its client left).
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed() || self.stream.as_ref().is_some_and(|(_, tx)| tx.is_closed())
+    }
+
+    /// Whether its prompt must be computed whole (scored), not batched or taken from the cache.
+    fn scores(&self) -> bool {
+        self.params.prompt_logprobs || !self.params.targets.is_empty()
+    }
+
+    fn report(&self, event: Event<'_>) {
+        let Some((index, tx)) = &self.stream else {
+            return;
+        };
+        let index = *index;
+        let _ = tx.send(match event {
+            Event::Prompt(tokens) => StreamEvent::Prompt {
+                index,
+                tokens: tokens.to_vec(),
+            },
+            Event::Step { step, text } => StreamEvent::Step {
+                index,
+                step: Box::new(step.clone()),
+                text: text.to_string(),
+            },
+        });
+    }
 }
 
 /// What the model thread is asked to do.
@@ -192,11 +262,19 @@ impl WorkerHandle {
 
     /// Tokenizes `prompt` off the async runtime and off the model thread, checks it against
     /// the limits, and queues the token ids. A full queue is an immediate `Overloaded`.
-    pub async fn submit(
+    pub async fn submit(&self, prompt: String, params: GenerateParams) -> Result<Reply, WorkerError> {
+        self.submit_input(PromptInput::Text(prompt), params, None)
+            .await
+    }
+
+    /// [`Self::submit`] for any kind of prompt, tokenizing the targets too (each on its own,
+    /// without special tokens); a streaming job also sends its events to `stream`.
+    pub async fn submit_input(
         &self,
-        prompt: String,
-        params: GenerateParams,
-    ) -> Result<oneshot::Receiver<Result<GenerateResponse, WorkerError>>, WorkerError> {
+        prompt: PromptInput,
+        mut params: GenerateParams,
+        stream: Option<(usize, EventSender)>,
+    ) -> Result<Reply, WorkerError> {
         let info = self.ready_info()?;
         let permit = self
             .tokenize_permits
@@ -205,21 +283,49 @@ impl WorkerHandle {
             .await
             .map_err(|_| WorkerError::Stopped)?;
         let tokenizer = info.tokenizer.clone();
-        let (prompt, ids) = tokio::task::spawn_blocking(move || {
+        let mut targets = std::mem::take(&mut params.targets);
+        let vocab = info.vocab_size;
+        let tokenized = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let ids = tokenizer.encode(&prompt);
-            (prompt, ids)
+            let fail = |e: crate::model::ModelError| WorkerError::Failed(e.to_string());
+            let (text, ids) = match prompt {
+                PromptInput::Text(text) => {
+                    let ids = tokenizer.encode(&text).map_err(fail)?;
+                    (text, ids)
+                }
+                PromptInput::Rendered(text) => {
+                    let ids = tokenizer.encode_without_special(&text).map_err(fail)?;
+                    (text, ids)
+                }
+                PromptInput::Ids(ids) => {
+                    if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                        return Err(WorkerError::InvalidTokenId { id, vocab });
+                    }
+                    (tokenizer.decode(&ids, false).map_err(fail)?, ids)
+                }
+            };
+            for (index, target) in targets.iter_mut().enumerate() {
+                target.ids = tokenizer
+                    .encode_without_special(&target.text)
+                    .map_err(fail)?;
+                if target.ids.is_empty() {
+                    return Err(WorkerError::EmptyTarget { index });
+                }
+            }
+            Ok((text, ids, targets))
         })
         .await
         .map_err(|e| WorkerError::Failed(format!("tokenization task: {e}")))?;
-        let ids = ids.map_err(|e| WorkerError::Failed(e.to_string()))?;
+        let (text, ids, targets) = tokenized?;
+        params.targets = targets;
+        let longest_target = params.targets.iter().map(|t| t.ids.len()).max();
         check_prompt(
             ids.len(),
             info.context_length,
             self.limits.max_prompt_tokens,
-            params.max_tokens,
+            params.max_tokens.max(longest_target.unwrap_or(0)),
         )?;
-        self.submit_ids(prompt, ids, params)
+        self.enqueue(text, ids, params, stream)
     }
 
     /// Queues an already-tokenized prompt (the caller has checked it with [`check_prompt`]).
@@ -228,7 +334,17 @@ impl WorkerHandle {
         prompt: String,
         ids: Vec<u32>,
         params: GenerateParams,
-    ) -> Result<oneshot::Receiver<Result<GenerateResponse, WorkerError>>, WorkerError> {
+    ) -> Result<Reply, WorkerError> {
+        self.enqueue(prompt, ids, params, None)
+    }
+
+    fn enqueue(
+        &self,
+        prompt: String,
+        ids: Vec<u32>,
+        params: GenerateParams,
+        stream: Option<(usize, EventSender)>,
+    ) -> Result<Reply, WorkerError> {
         self.ready_info()?;
         let (reply, rx) = oneshot::channel();
         let job = Job {
@@ -237,6 +353,7 @@ impl WorkerHandle {
             params,
             reply,
             enqueued: Instant::now(),
+            stream,
         };
         self.send(Command::Generate(job))?;
         Ok(rx)
@@ -476,7 +593,7 @@ fn serve(
 /// True (and counted as cancelled) when the job's client gave up while it waited: such a job
 /// is not run.
 fn abandoned(job: &Job, stats: &WorkerStats) -> bool {
-    let gone = job.reply.is_closed();
+    let gone = job.abandoned();
     if gone {
         stats.cancelled.fetch_add(1, Ordering::Relaxed);
     }
@@ -518,7 +635,7 @@ fn guarded(
 
 fn run_single(model: &LoadedModel, job: Job, prefix: &mut PrefixCache, stats: &WorkerStats) {
     let result = guarded(&job, || {
-        let cancelled = || job.reply.is_closed();
+        let cancelled = || job.abandoned();
         generate::generate_cached(
             model,
             &job.prompt,
@@ -526,6 +643,7 @@ fn run_single(model: &LoadedModel, job: Job, prefix: &mut PrefixCache, stats: &W
             &job.params,
             &cancelled,
             Some(prefix),
+            &mut |event| job.report(event),
         )
     });
     finish(job, result, stats);
@@ -538,7 +656,7 @@ fn run_batch(model: &LoadedModel, jobs: Vec<Job>, prefix: &mut PrefixCache, stat
     let start = Instant::now();
     let (mut batched, mut alone): (Vec<Job>, Vec<Job>) = jobs
         .into_iter()
-        .partition(|job| job.ids.len() <= batch::MAX_BATCHED_PROMPT);
+        .partition(|job| job.ids.len() <= batch::MAX_BATCHED_PROMPT && !job.scores());
     if batched.len() == 1 {
         alone.append(&mut batched);
     }
@@ -551,7 +669,7 @@ fn run_batch(model: &LoadedModel, jobs: Vec<Job>, prefix: &mut PrefixCache, stat
                 for (job, (cache, logits)) in batched.into_iter().zip(states) {
                     let result = guarded(&job, || {
                         prefix.insert(&job.ids, &cache, &logits);
-                        let cancelled = || job.reply.is_closed();
+                        let cancelled = || job.abandoned();
                         generate::decode_from(
                             model,
                             &job.prompt,
@@ -561,6 +679,7 @@ fn run_batch(model: &LoadedModel, jobs: Vec<Job>, prefix: &mut PrefixCache, stat
                             cache,
                             logits,
                             start,
+                            &mut |event| job.report(event),
                         )
                     });
                     finish(job, result, stats);
