@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// Require the API key for /docs, /redoc and /openapi.json too.
     #[arg(long, env = "TOKENSCOPE_PROTECT_DOCS")]
     pub protect_docs: bool,
+    /// Allow browser apps from this origin to call the API (CORS; repeatable; `*` for any).
+    /// Off by default.
+    #[arg(long = "cors-origin", env = "TOKENSCOPE_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
     /// Serve /metrics without the API key.
     #[arg(long, env = "TOKENSCOPE_PUBLIC_METRICS")]
     pub public_metrics: bool,

@@ -91,6 +91,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         model_name,
         redoc_bundle,
+        cors_origins: args.cors_origins.clone(),
     };
     let worker_died = worker_gave_up(worker.subscribe());
     let app = api::router(AppState::new(worker, config));

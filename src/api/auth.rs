@@ -52,17 +52,24 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    // `Bearer ` with nothing after it (what OpenAI clients send with no key set) is a wrong
+    // key, not a missing header.
     let token = header.and_then(|h| {
-        let (scheme, rest) = h.trim().split_once(' ')?;
+        let h = h.trim();
+        let (scheme, rest) = h.split_once(' ').unwrap_or((h, ""));
         scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
     });
-    match token {
-        Some(t) if key_matches(keys, t) => next.run(req).await,
-        Some(_) => ApiError::unauthorized("Invalid API key").into_response(),
+    let error = match token {
+        Some(t) if key_matches(keys, t) => return next.run(req).await,
+        Some(_) => ApiError::unauthorized("Invalid API key"),
         None => {
             ApiError::unauthorized("Missing API key: send the header `Authorization: Bearer <key>`")
-                .into_response()
         }
+    };
+    if super::openai::is_openai_path(path) {
+        super::openai::OpenAiError::from(error).into_response()
+    } else {
+        error.into_response()
     }
 }
 

@@ -7,10 +7,12 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::{ErrorBody, ErrorDetail, FieldError};
+use super::openai::{self, chat, completions, tokenize, types as oai};
 use super::routes;
 use super::types::*;
 use crate::engine::{
-    FinishReason, GenerateResponse, LogprobsMode, Metadata, Step, TokenProbability,
+    FinishReason, GenerateResponse, LogprobsMode, Metadata, PromptToken, Step, TargetScore,
+    TokenProbability,
 };
 
 #[derive(OpenApi)]
@@ -20,19 +22,41 @@ use crate::engine::{
         description = "What does a causal language model think comes next, and how sure is it? \
 Top-k next tokens with probability, percentage, log-probability and rank.\n\n\
 Errors are `{\"detail\": ..., \"error_code\": ...}`. When API keys are configured, every route \
-but /health needs `Authorization: Bearer <key>` (use the Authorize button).",
+but /health needs `Authorization: Bearer <key>` (use the Authorize button).\n\n\
+The `openai` routes speak OpenAI's API (`base_url = http://HOST:PORT/v1`): their errors are \
+`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}` and unknown request fields are \
+ignored. Log-probs there are the model's own distribution (T = 1); token-id prompts are run \
+exactly as given (no BOS added); `top_logprobs` keys name tokens uniquely: the token's text, \
+`bytes:\\xNN...` when its bytes are not UTF-8 on their own, `token_id:N` when a lower id has the \
+same bytes.",
         license(name = "Apache-2.0")
     ),
-    paths(routes::generate, routes::health, routes::live, routes::status, routes::root),
+    paths(
+        routes::generate, routes::health, routes::live, routes::status, routes::root,
+        completions::create, chat::create, openai::models, tokenize::tokenize,
+        tokenize::detokenize, tokenize::tokenizer_info
+    ),
     components(schemas(
         GenerateRequest, GenerateResponse, TokenProbability, Step, Metadata, FinishReason,
         LogprobsMode, HealthResponse, StatusResponse, ServiceStatus, ModelStatus, SystemStatus,
-        RootResponse, EndpointInfo, ErrorBody, ErrorDetail, FieldError, LiveResponse
+        RootResponse, EndpointInfo, ErrorBody, ErrorDetail, FieldError, LiveResponse,
+        PromptToken, TargetScore,
+        oai::CompletionRequest, oai::CompletionResponse, oai::CompletionChoice,
+        oai::CompletionLogprobs, oai::PromptField, oai::StopField, oai::StreamOptions, oai::Usage,
+        oai::ChatRequest, oai::ChatResponse, oai::ChatChoice, oai::ChatMessageIn,
+        oai::ChatMessageOut, oai::MessageContent, oai::ContentPart, oai::ChatLogprobs,
+        oai::ChatTokenLogprob, oai::TopLogprob, oai::ChatChunk, oai::ChatChunkChoice,
+        oai::ChatDelta, oai::ModelList, oai::ModelCard, openai::error::OpenAiErrorBody,
+        openai::error::OpenAiErrorInfo, tokenize::TokenizeRequest, tokenize::TokenizeResponse,
+        tokenize::DetokenizeRequest, tokenize::DetokenizeResponse,
+        tokenize::TokenizerInfoResponse
     )),
     modifiers(&BearerScheme),
     tags(
         (name = "generation", description = "Next-token distributions"),
         (name = "service", description = "Health, status and overview"),
+        (name = "openai", description = "OpenAI-compatible completions, chat and models"),
+        (name = "tokenizer", description = "vLLM-compatible tokenizer endpoints"),
     )
 )]
 pub struct ApiDoc;

@@ -6,6 +6,7 @@ pub mod docs;
 pub mod error;
 pub mod extract;
 pub mod metrics;
+pub mod openai;
 pub mod request_id;
 pub mod routes;
 pub mod types;
@@ -36,6 +37,8 @@ pub struct ServeConfig {
     pub model_name: String,
     /// ReDoc standalone bundle, when installed.
     pub redoc_bundle: Option<Arc<Vec<u8>>>,
+    /// Origins allowed to call the API from a browser (`*` = any); empty = no CORS headers.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServeConfig {
@@ -48,6 +51,7 @@ impl Default for ServeConfig {
             max_body_bytes: 1 << 20,
             model_name: String::new(),
             redoc_bundle: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -89,17 +93,53 @@ pub fn router(state: AppState) -> Router {
             "/redoc/redoc.standalone.js",
             get(move || docs::redoc_bundle(bundle.clone())),
         )
+        .merge(openai::tokenizer_router())
+        .nest("/v1", openai::v1_router())
         .method_not_allowed_fallback(routes::method_not_allowed)
         .fallback(routes::not_found);
     // Swagger UI's own routes (vendored assets, no network) point at our /openapi.json.
     let swagger: Router = SwaggerUi::new("/docs")
         .config(utoipa_swagger_ui::Config::from("/openapi.json"))
         .into();
-    api.with_state(state.clone())
+    let cors = cors_layer(&state.config.cors_origins);
+    let app = api
+        .with_state(state.clone())
         .merge(swagger)
         .layer(middleware::from_fn_with_state(state, auth::require_key))
         .layer(middleware::from_fn(log_request))
-        .layer(middleware::from_fn(request_id::assign))
+        .layer(middleware::from_fn(request_id::assign));
+    // Outermost, so that a preflight OPTIONS is answered before auth asks for a key.
+    match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
+}
+
+/// CORS for browser apps (SillyTavern, mikupad): the given origins, any method and header,
+/// no credentials (keys travel in the Authorization header).
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::HeaderValue;
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o.trim() == "*") {
+        AllowOrigin::any()
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o.trim().trim_end_matches('/')).ok())
+            .collect();
+        AllowOrigin::list(list)
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods(Any)
+            .allow_headers(Any)
+            .expose_headers(Any)
+            .max_age(std::time::Duration::from_secs(3600)),
+    )
 }
 
 /// One line per request, like uvicorn's access log, and the request metrics. Headers (and so
@@ -132,6 +172,12 @@ fn route_label(path: &str) -> &'static str {
         "/metrics" => "/metrics",
         "/" => "/",
         "/openapi.json" => "/openapi.json",
+        "/v1/completions" => "/v1/completions",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/models" => "/v1/models",
+        "/tokenize" => "/tokenize",
+        "/detokenize" => "/detokenize",
+        "/tokenizer_info" => "/tokenizer_info",
         p if auth::is_docs_path(p) => "/docs",
         _ => "unmatched",
     }

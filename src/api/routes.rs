@@ -79,7 +79,7 @@ pub async fn live() -> Json<LiveResponse> {
     })
 }
 
-fn worker_error(state: &AppState, e: WorkerError) -> ApiError {
+pub(crate) fn worker_error(state: &AppState, e: WorkerError) -> ApiError {
     match e {
         WorkerError::EmptyPrompt => ApiError::empty_prompt(),
         WorkerError::PromptTooLong { .. } => {

@@ -109,6 +109,9 @@ pub enum StreamEvent {
 /// of them, and the model thread must never wait for a slow client).
 pub type EventSender = mpsc::UnboundedSender<StreamEvent>;
 
+/// `max_tokens` meaning "up to the end of the context" (set once the prompt's length is known).
+pub const UNTIL_CONTEXT: usize = usize::MAX;
+
 /// The reply a handler awaits.
 pub type Reply = oneshot::Receiver<Result<GenerateResponse, WorkerError>>;
 
@@ -318,6 +321,10 @@ impl WorkerHandle {
         .map_err(|e| WorkerError::Failed(format!("tokenization task: {e}")))?;
         let (text, ids, targets) = tokenized?;
         params.targets = targets;
+        if params.max_tokens == UNTIL_CONTEXT {
+            let room = info.context_length.saturating_sub(ids.len());
+            params.max_tokens = room.max(1);
+        }
         let longest_target = params.targets.iter().map(|t| t.ids.len()).max();
         check_prompt(
             ids.len(),

@@ -2,6 +2,7 @@
 //! decoder every family runs on, its layers, kernels and KV cache, and one file per family
 //! for what is specific to it.
 
+pub mod chat_template;
 pub mod config;
 pub mod decoder;
 pub mod error;

@@ -70,6 +70,22 @@ pub struct TextTokenizer {
     /// made on first use: it duplicates the vocabulary.
     literal: std::sync::Arc<std::sync::OnceLock<Tokenizer>>,
     end_of_generation: Vec<u32>,
+    /// For each token, whether a lower id has exactly the same bytes (see [`Self::token_key`]).
+    shadowed: std::sync::Arc<std::sync::OnceLock<Vec<bool>>>,
+    pub info: TokenizerInfo,
+}
+
+/// What clients ask about a tokenizer (`GET /tokenizer_info`) and what chat needs.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerInfo {
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    /// Whether [`TextTokenizer::encode`] puts BOS first.
+    pub add_bos: bool,
+    /// The model's chat template, compiled (None: the model has none, or it did not compile —
+    /// `chat_template_error` says why).
+    pub chat_template: Option<std::sync::Arc<super::chat_template::ChatTemplate>>,
+    pub chat_template_error: Option<String>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -154,7 +170,59 @@ impl TextTokenizer {
         }
         let mut tk = Self::new(tk, meta.tokens.len())?;
         tk.end_of_generation = eog;
+        let id = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
+        tk.info.bos_token_id = id("tokenizer.ggml.bos_token_id");
+        tk.info.eos_token_id = id("tokenizer.ggml.eos_token_id");
+        tk.info.add_bos = add_bos;
+        if let Some(source) = md
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+        {
+            tk.set_chat_template(source);
+        }
         Ok(tk)
+    }
+
+    /// Compiles `source` as the chat template (with this vocabulary's BOS and EOS texts); a
+    /// template that does not compile is kept out, and chat requests are refused saying why.
+    pub fn set_chat_template(&mut self, source: &str) {
+        let text = |id: Option<u32>| id.map_or(String::new(), |i| self.token_text(i).to_string());
+        let (bos, eos) = (text(self.info.bos_token_id), text(self.info.eos_token_id));
+        match super::chat_template::ChatTemplate::new(source, &bos, &eos) {
+            Ok(t) => self.info.chat_template = Some(std::sync::Arc::new(t)),
+            Err(e) => {
+                tracing::warn!("the model's chat template does not compile: {e}");
+                self.info.chat_template_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// A name for token `id` that no other token shares: its text when its bytes are valid
+    /// UTF-8 and no lower id has the same bytes; otherwise `bytes:` followed by `\xNN` for
+    /// every byte (a piece of a multi-byte character), or `token_id:N` (the same bytes as a
+    /// lower id: SentencePiece byte-fallback tokens like `<0x41>` next to `A`). The keys of
+    /// OpenAI-style `top_logprobs` objects, which would silently merge on a collision.
+    pub fn token_key(&self, id: u32) -> String {
+        let bytes = self.token_bytes(id);
+        let shadowed = self.shadowed.get_or_init(|| {
+            let mut first: HashMap<&[u8], u32> = HashMap::with_capacity(self.token_bytes.len());
+            (0..self.token_bytes.len() as u32)
+                .map(|i| *first.entry(self.token_bytes(i)).or_insert(i) != i)
+                .collect()
+        });
+        if shadowed.get(id as usize).copied().unwrap_or(false) {
+            return format!("token_id:{id}");
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(text) => text.to_string(),
+            Err(_) => {
+                let mut key = String::from("bytes:");
+                for b in bytes {
+                    key.push_str(&format!("\\x{b:02x}"));
+                }
+                key
+            }
+        }
     }
 
     /// Tokens that end generation besides the configured EOS (llama.cpp's EOG list: chat
@@ -169,7 +237,46 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             reason: format!("not a valid tokenizer.json ({e})"),
         })?;
-        Self::new(tk, vocab_size)
+        let mut tk = Self::new(tk, vocab_size)?;
+        tk.read_tokenizer_config(path);
+        Ok(tk)
+    }
+
+    /// BOS/EOS, whether BOS is added, and the chat template, from the `tokenizer_config.json`
+    /// beside `tokenizer.json` (when there is one).
+    fn read_tokenizer_config(&mut self, tokenizer_json: &Path) {
+        let probe = self.encode_without_special("a").unwrap_or_default();
+        let with = self.encode("a").unwrap_or_default();
+        self.info.add_bos = with.len() > probe.len() && with.first() != probe.first();
+        let Some(cfg) = tokenizer_json
+            .parent()
+            .and_then(|d| std::fs::read_to_string(d.join("tokenizer_config.json")).ok())
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        else {
+            return;
+        };
+        // A token is written as a string or as {"content": "..."}.
+        let inner = &self.inner;
+        let token = |key: &str| {
+            let v = cfg.get(key)?;
+            let text = v.as_str().or_else(|| v.get("content")?.as_str())?;
+            inner.token_to_id(text)
+        };
+        let (bos, eos) = (token("bos_token"), token("eos_token"));
+        self.info.bos_token_id = bos;
+        self.info.eos_token_id = eos;
+        // Either one template, or a list of named ones ("default" is the chat template).
+        let template = match cfg.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        if let Some(t) = template {
+            self.set_chat_template(&t);
+        }
     }
 
     fn new(inner: Tokenizer, vocab_size: usize) -> Result<Self> {
@@ -207,6 +314,8 @@ impl TextTokenizer {
             special,
             literal: Default::default(),
             end_of_generation: Vec::new(),
+            shadowed: Default::default(),
+            info: TokenizerInfo::default(),
         })
     }
 

@@ -1,0 +1,196 @@
+//! POST /v1/chat/completions: messages rendered with the model's own chat template, then
+//! generated like a completion whose special tokens are already written out (none is added).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::completions::ready;
+use super::error::{OpenAiError, OpenAiJson};
+use super::logprobs::chat_token;
+use super::run::{self, Sampling};
+use super::stream::ChatShape;
+use super::types::*;
+use crate::api::AppState;
+use crate::engine::worker::{ModelInfo, PromptInput, UNTIL_CONTEXT};
+use crate::model::chat_template::ChatMessage;
+
+/// Chat completions with per-token log-probabilities.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The reply; with `stream`, server-sent events of `ChatChunk`s then `data: [DONE]`", content(
+            (ChatResponse = "application/json"),
+            (String = "text/event-stream"),
+        )),
+        (status = 400, description = "EMPTY_PROMPT, PROMPT_TOO_LONG, NO_CHAT_TEMPLATE or CHAT_TEMPLATE_ERROR", body = super::error::OpenAiErrorBody),
+        (status = 401, description = "Missing or wrong bearer key", body = super::error::OpenAiErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::OpenAiErrorBody),
+        (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = super::error::OpenAiErrorBody),
+        (status = 422, description = "A field out of range or of the wrong type (`param` names it)", body = super::error::OpenAiErrorBody),
+        (status = 500, description = "GENERATION_FAILED", body = super::error::OpenAiErrorBody),
+        (status = 503, description = "MODEL_NOT_LOADED or OVERLOADED", body = super::error::OpenAiErrorBody),
+        (status = 504, description = "TIMEOUT", body = super::error::OpenAiErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    OpenAiJson(req): OpenAiJson<ChatRequest>,
+) -> Result<Response, OpenAiError> {
+    let deadline = run::deadline(&state);
+    let info = ready(&state)?;
+    let sampling = Sampling::check(
+        req.temperature,
+        req.top_p,
+        req.n,
+        req.seed,
+        req.stop.clone(),
+    )?;
+    let k = req.top_logprobs.unwrap_or(0);
+    if k > run::MAX_LOGPROBS {
+        return Err(OpenAiError::invalid(
+            "top_logprobs",
+            "VALIDATION_ERROR",
+            format!("top_logprobs must be between 0 and {}", run::MAX_LOGPROBS),
+        ));
+    }
+    if k > 0 && !req.logprobs {
+        return Err(OpenAiError::invalid(
+            "top_logprobs",
+            "VALIDATION_ERROR",
+            "top_logprobs needs logprobs: true",
+        ));
+    }
+    let text = render(&info, &req.messages).await?;
+    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
+        Some(0) => {
+            return Err(OpenAiError::invalid(
+                "max_tokens",
+                "INVALID_MAX_TOKENS",
+                "max_tokens must be at least 1",
+            ))
+        }
+        Some(m) => m as usize,
+        // As vLLM: up to the end of the context.
+        None => UNTIL_CONTEXT,
+    };
+    let jobs: Vec<_> = (0..sampling.n)
+        .map(|j| {
+            let params = sampling.params(j, max_tokens, k as usize);
+            (PromptInput::Rendered(text.clone()), params)
+        })
+        .collect();
+    let shape = ChatShape {
+        id: run::new_id("chatcmpl"),
+        created: run::now_unix(),
+        model: info.name.clone(),
+        n: sampling.n as usize,
+        logprobs: req.logprobs.then_some(k as usize),
+    };
+    if req.stream {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        return super::stream::chat(state, info, jobs, shape, include_usage, deadline).await;
+    }
+    let replies = run::submit_all(&state, jobs, None, deadline).await?;
+    let responses = run::await_all(&state, replies, deadline).await?;
+    let choices = responses
+        .iter()
+        .enumerate()
+        .map(|(index, r)| ChatChoice {
+            index,
+            message: ChatMessageOut {
+                role: "assistant".into(),
+                content: r.generated_text.clone(),
+            },
+            logprobs: shape.logprobs.map(|k| ChatLogprobs {
+                content: r
+                    .steps
+                    .iter()
+                    .map(|s| chat_token(&info.tokenizer, s, k))
+                    .collect(),
+            }),
+            finish_reason: run::finish_reason(r.finish_reason),
+        })
+        .collect();
+    let body = ChatResponse {
+        id: shape.id,
+        object: "chat.completion".into(),
+        created: shape.created,
+        model: shape.model,
+        choices,
+        usage: run::usage(&responses, 1),
+    };
+    Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+
+/// The prompt text for `messages` (text parts only), rendered off the async runtime.
+pub async fn render(info: &ModelInfo, messages: &[ChatMessageIn]) -> Result<String, OpenAiError> {
+    let messages = chat_messages(messages)?;
+    let Some(template) = info.tokenizer.info.chat_template.clone() else {
+        let why = info
+            .tokenizer
+            .info
+            .chat_template_error
+            .clone()
+            .map_or("the model has no chat template".to_string(), |e| {
+                format!("the model's chat template does not compile: {e}")
+            });
+        return Err(bad_request("NO_CHAT_TEMPLATE", why));
+    };
+    tokio::task::spawn_blocking(move || template.render(&messages, true))
+        .await
+        .map_err(|e| bad_request("CHAT_TEMPLATE_ERROR", e.to_string()))?
+        .map_err(|e| bad_request("CHAT_TEMPLATE_ERROR", e.to_string()).with_param("messages"))
+}
+
+fn bad_request(code: &'static str, message: String) -> OpenAiError {
+    crate::api::ApiError::new(StatusCode::BAD_REQUEST, code, message).into()
+}
+
+/// Messages as the template sees them: content parts joined by newlines; only text parts.
+pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, OpenAiError> {
+    if messages.is_empty() {
+        return Err(OpenAiError::invalid(
+            "messages",
+            "VALIDATION_ERROR",
+            "messages must not be empty",
+        ));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for m in messages {
+        let content = match &m.content {
+            None => String::new(),
+            Some(MessageContent::Text(s)) => s.clone(),
+            Some(MessageContent::Parts(parts)) => {
+                let mut texts = Vec::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => texts.push(t.clone()),
+                        _ => {
+                            return Err(OpenAiError::invalid(
+                                "messages",
+                                "VALIDATION_ERROR",
+                                format!(
+                                    "content parts of type {:?} are not supported (text only)",
+                                    p.kind
+                                ),
+                            ))
+                        }
+                    }
+                }
+                texts.join("\n")
+            }
+        };
+        out.push(ChatMessage {
+            role: m.role.clone(),
+            content,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,178 @@
+//! OpenAI's error shape, and the JSON extractor of the OpenAI routes.
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::api::error::{ApiError, ErrorDetail};
+use crate::api::AppState;
+
+/// Body of every error under `/v1/` and of the tokenizer endpoints.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(example = json!({"error": {"message": "max_tokens must be at least 1 unless echo is set",
+    "type": "invalid_request_error", "param": "max_tokens", "code": "INVALID_MAX_TOKENS"}}))]
+pub struct OpenAiErrorBody {
+    pub error: OpenAiErrorInfo,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OpenAiErrorInfo {
+    pub message: String,
+    /// `invalid_request_error`, `authentication_error`, `not_found_error`, `rate_limit_error`
+    /// (queue full), `timeout_error` or `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The offending request field, when one is to blame.
+    pub param: Option<String>,
+    /// tokenscope's error code (the native API's `error_code`: EMPTY_PROMPT, ...).
+    pub code: String,
+}
+
+/// An error of the OpenAI surface: the native error (status, code, headers) in OpenAI's shape.
+#[derive(Debug, Clone)]
+pub struct OpenAiError {
+    pub inner: ApiError,
+    pub param: Option<String>,
+}
+
+impl OpenAiError {
+    /// A 422 naming the request field at fault.
+    pub fn invalid(param: &str, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            inner: ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message),
+            param: Some(param.to_string()),
+        }
+    }
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+}
+
+impl From<ApiError> for OpenAiError {
+    fn from(inner: ApiError) -> Self {
+        Self { inner, param: None }
+    }
+}
+
+fn kind_of(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        404 => "not_found_error",
+        503 => "rate_limit_error",
+        504 => "timeout_error",
+        s if s >= 500 => "server_error",
+        _ => "invalid_request_error",
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let e = self.inner;
+        crate::api::metrics::record_error(e.code);
+        let (message, param) = match e.detail {
+            ErrorDetail::Message(m) => (m, self.param),
+            ErrorDetail::Fields(fields) => {
+                // The first field's name (after "body") is the param.
+                let param = self.param.or_else(|| {
+                    fields
+                        .first()
+                        .and_then(|f| f.loc.get(1))
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string)
+                });
+                let message = fields
+                    .iter()
+                    .map(|f| {
+                        let at: Vec<String> = f
+                            .loc
+                            .iter()
+                            .skip(1)
+                            .map(|v| v.as_str().map_or(v.to_string(), str::to_string))
+                            .collect();
+                        format!("{}: {}", at.join("."), f.msg)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                (message, param)
+            }
+        };
+        let body = OpenAiErrorBody {
+            error: OpenAiErrorInfo {
+                message,
+                kind: kind_of(e.status).into(),
+                param,
+                code: e.code.to_string(),
+            },
+        };
+        let mut resp = (e.status, axum::Json(body)).into_response();
+        if let Some(secs) = e.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if e.www_authenticate {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// A JSON body for the OpenAI routes: media type and size checked as for `/generate`, unknown
+/// fields ignored, type errors reported as 422 `VALIDATION_ERROR` naming the field.
+pub struct OpenAiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
+    type Rejection = OpenAiError;
+
+    async fn from_request(req: Request<Body>, state: &AppState) -> Result<Self, OpenAiError> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            });
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED_MEDIA_TYPE",
+                "Content-Type must be application/json",
+            )
+            .into());
+        }
+        let limit = state.config.max_body_bytes;
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "PAYLOAD_TOO_LARGE",
+                    format!("Request body exceeds the limit of {limit} bytes"),
+                )
+            })?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            OpenAiError::invalid("body", "VALIDATION_ERROR", format!("JSON decode error: {e}"))
+        })?;
+        if !value.is_object() {
+            return Err(OpenAiError::invalid(
+                "body",
+                "VALIDATION_ERROR",
+                "the body must be a JSON object",
+            ));
+        }
+        // The error's path names the field at fault.
+        serde_path_to_error::deserialize(value)
+            .map(OpenAiJson)
+            .map_err(|e| {
+                let field = e.path().iter().next().map_or("body".to_string(), |s| s.to_string());
+                OpenAiError::invalid(&field, "VALIDATION_ERROR", e.inner().to_string())
+            })
+    }
+}

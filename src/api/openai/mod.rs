@@ -1,0 +1,77 @@
+//! The OpenAI-compatible surface (`/v1/completions`, `/v1/chat/completions`, `/v1/models`) and
+//! vLLM's tokenizer endpoints (`/tokenize`, `/detokenize`, `/tokenizer_info`), on the same
+//! worker, batching and prefix cache as `/generate`. Errors here use OpenAI's shape
+//! `{"error": {"message", "type", "param", "code"}}` with the status codes of the native API;
+//! unknown request fields are ignored (OpenAI clients send extras).
+
+pub mod chat;
+pub mod completions;
+pub mod error;
+pub mod logprobs;
+pub mod run;
+pub mod stream;
+pub mod tokenize;
+pub mod types;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+pub use error::{OpenAiError, OpenAiJson};
+use types::{ModelCard, ModelList};
+
+use super::AppState;
+use crate::engine::worker::ModelState;
+
+/// Routes under `/v1` (nested there by [`super::router`]).
+pub fn v1_router() -> Router<AppState> {
+    Router::new()
+        .route("/completions", post(completions::create))
+        .route("/chat/completions", post(chat::create))
+        .route("/models", get(models))
+        .method_not_allowed_fallback(|| async { OpenAiError::from(super::ApiError::method_not_allowed()) })
+        .fallback(|| async { OpenAiError::from(super::ApiError::not_found()) })
+}
+
+/// vLLM's tokenizer endpoints, at the root as vLLM serves them.
+pub fn tokenizer_router() -> Router<AppState> {
+    Router::new()
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/tokenizer_info", get(tokenize::tokenizer_info))
+}
+
+/// Paths whose errors use OpenAI's shape.
+pub fn is_openai_path(path: &str) -> bool {
+    path.starts_with("/v1/")
+        || path == "/v1"
+        || matches!(path, "/tokenize" | "/detokenize" | "/tokenizer_info")
+}
+
+/// The served model.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    responses(
+        (status = 200, description = "The model this server serves", body = ModelList),
+        (status = 401, description = "Missing or wrong bearer key", body = error::OpenAiErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    let data = match state.worker.state() {
+        ModelState::Ready(info) => vec![ModelCard {
+            id: info.name.clone(),
+            object: "model".into(),
+            created: run::created_at(&state),
+            owned_by: "tokenscope".into(),
+            max_model_len: Some(info.context_length),
+        }],
+        _ => Vec::new(),
+    };
+    Json(ModelList {
+        object: "list".into(),
+        data,
+    })
+}

@@ -1,0 +1,214 @@
+//! What the completion and chat routes share: request checks, one worker job per choice, the
+//! replies awaited under the request timeout, ids and timestamps.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::error::OpenAiError;
+use super::types::{StopField, Usage};
+use crate::api::types::{MAX_STOP_CHARS, MAX_STOP_STRINGS};
+use crate::api::AppState;
+use crate::engine::worker::{EventSender, PromptInput, Reply, WorkerError};
+use crate::engine::{GenerateParams, GenerateResponse, LogprobsMode};
+
+/// Most choices per prompt.
+pub const MAX_N: u32 = 16;
+/// Most alternatives per position.
+pub const MAX_LOGPROBS: u32 = 20;
+
+/// Unix seconds when the server started (`created` of `/v1/models`).
+pub fn created_at(state: &AppState) -> u64 {
+    now_unix().saturating_sub(state.started.elapsed().as_secs())
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `prefix-` and 24 random hex digits.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:024x}", rand::random::<u128>() >> 32)
+}
+
+/// The sampling settings both routes share, checked.
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub n: u32,
+    pub seed: Option<i64>,
+    pub stop: Vec<String>,
+}
+
+impl Sampling {
+    pub fn check(
+        temperature: Option<f64>,
+        top_p: Option<f64>,
+        n: Option<u32>,
+        seed: Option<i64>,
+        stop: Option<StopField>,
+    ) -> Result<Self, OpenAiError> {
+        let temperature = temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(OpenAiError::invalid(
+                "temperature",
+                "INVALID_TEMPERATURE",
+                "temperature must be between 0 and 2",
+            ));
+        }
+        let top_p = top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(OpenAiError::invalid(
+                "top_p",
+                "VALIDATION_ERROR",
+                "top_p must be greater than 0 and at most 1",
+            ));
+        }
+        let n = n.unwrap_or(1);
+        if !(1..=MAX_N).contains(&n) {
+            return Err(OpenAiError::invalid(
+                "n",
+                "VALIDATION_ERROR",
+                format!("n must be between 1 and {MAX_N}"),
+            ));
+        }
+        let stop = stop.map(StopField::into_vec).unwrap_or_default();
+        if stop.len() > MAX_STOP_STRINGS
+            || stop
+                .iter()
+                .any(|s| s.is_empty() || s.chars().count() > MAX_STOP_CHARS)
+        {
+            return Err(OpenAiError::invalid(
+                "stop",
+                "VALIDATION_ERROR",
+                format!(
+                    "stop must be at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"
+                ),
+            ));
+        }
+        Ok(Self {
+            temperature,
+            top_p,
+            n,
+            seed,
+            stop,
+        })
+    }
+
+    /// Engine parameters for choice `j` of a prompt: the model's own distribution is reported
+    /// (T = 1, as OpenAI and vLLM report log-probs), `top_k` alternatives per position.
+    pub fn params(&self, j: u32, max_tokens: usize, top_k: usize) -> GenerateParams {
+        GenerateParams {
+            temperature: self.temperature,
+            max_tokens,
+            top_k,
+            // A seed makes every choice reproducible; choices differ by their index.
+            seed: self.seed.map(|s| (s as u64).wrapping_add(j as u64)),
+            stop: self.stop.clone(),
+            logprobs_mode: LogprobsMode::Raw,
+            top_p: self.top_p,
+            ..GenerateParams::default()
+        }
+    }
+}
+
+/// Queues one job per (prompt, params); refuses up front when they cannot all wait in the
+/// queue. With `stream`, job i reports its events under index i.
+pub async fn submit_all(
+    state: &AppState,
+    jobs: Vec<(PromptInput, GenerateParams)>,
+    stream: Option<&EventSender>,
+    deadline: Instant,
+) -> Result<Vec<Reply>, OpenAiError> {
+    if jobs.len() > state.worker.queue_capacity() {
+        return Err(OpenAiError::invalid(
+            "n",
+            "VALIDATION_ERROR",
+            format!(
+                "{} choices in one request exceed the queue's capacity of {}",
+                jobs.len(),
+                state.worker.queue_capacity()
+            ),
+        ));
+    }
+    let mut replies = Vec::with_capacity(jobs.len());
+    for (i, (prompt, params)) in jobs.into_iter().enumerate() {
+        let submit = state
+            .worker
+            .submit_input(prompt, params, stream.map(|tx| (i, tx.clone())));
+        let reply = tokio::time::timeout_at(deadline.into(), submit)
+            .await
+            .map_err(|_| timeout(state))?
+            .map_err(|e| worker_error(state, e))?;
+        replies.push(reply);
+    }
+    Ok(replies)
+}
+
+/// Awaits every reply, in order, until `deadline`.
+pub async fn await_all(
+    state: &AppState,
+    replies: Vec<Reply>,
+    deadline: Instant,
+) -> Result<Vec<GenerateResponse>, OpenAiError> {
+    let mut out = Vec::with_capacity(replies.len());
+    for rx in replies {
+        let resp = tokio::time::timeout_at(deadline.into(), rx)
+            .await
+            .map_err(|_| timeout(state))?
+            .map_err(|_| worker_error(state, WorkerError::Stopped))?
+            .map_err(|e| worker_error(state, e))?;
+        if let Some(m) = crate::api::metrics::metrics() {
+            m.prompt_tokens.inc_by(resp.metadata.prompt_tokens as u64);
+            m.generated_tokens
+                .inc_by(resp.metadata.completion_tokens as u64);
+        }
+        out.push(resp);
+    }
+    Ok(out)
+}
+
+pub fn deadline(state: &AppState) -> Instant {
+    Instant::now() + state.config.request_timeout.min(Duration::from_secs(86_400))
+}
+
+pub fn timeout(state: &AppState) -> OpenAiError {
+    crate::api::ApiError::timeout(state.config.request_timeout.as_secs_f64()).into()
+}
+
+pub fn worker_error(state: &AppState, e: WorkerError) -> OpenAiError {
+    let param = match &e {
+        WorkerError::InvalidTokenId { .. } | WorkerError::EmptyPrompt => Some("prompt"),
+        WorkerError::PromptTooLong { .. } => Some("max_tokens"),
+        _ => None,
+    };
+    let err = OpenAiError::from(crate::api::routes::worker_error(state, e));
+    match param {
+        Some(p) => err.with_param(p),
+        None => err,
+    }
+}
+
+/// Usage of a request: each prompt counted once (the first of its `n` choices).
+pub fn usage(responses: &[GenerateResponse], n: usize) -> Usage {
+    let prompt_tokens = responses
+        .iter()
+        .step_by(n.max(1))
+        .map(|r| r.metadata.prompt_tokens)
+        .sum();
+    let completion_tokens = responses.iter().map(|r| r.metadata.completion_tokens).sum();
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+    }
+}
+
+/// OpenAI's finish reasons: an end-of-sequence token and a stop string are both `stop`.
+pub fn finish_reason(r: crate::engine::FinishReason) -> String {
+    match r {
+        crate::engine::FinishReason::Length => "length",
+        _ => "stop",
+    }
+    .into()
+}

@@ -1,0 +1,307 @@
+//! Request and response bodies of the OpenAI-compatible routes, as OpenAI's API reference and
+//! vLLM define them (only the fields tokenscope implements; unknown request fields are
+//! ignored).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A prompt: a string, a list of strings, a list of token ids, or a list of such lists. Token
+/// ids are run exactly as given (no BOS is added); strings follow the model's own BOS rule.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// One stop string or a list of up to 4.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopField {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` (and no choices) before `[DONE]`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Body of POST /v1/completions.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(example = json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 1,
+    "logprobs": 5, "echo": true, "temperature": 0}))]
+pub struct CompletionRequest {
+    /// Accepted and ignored: this server serves one model (`GET /v1/models`).
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: PromptField,
+    /// Tokens to generate (default 16); 0 is allowed with `echo` (scoring only).
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub max_tokens: Option<u32>,
+    /// 0 to 2 (default 1); below 1e-5 is greedy.
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling, (0, 1] (default 1).
+    #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    /// Choices per prompt, 1 to 16.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 16)]
+    pub n: Option<u32>,
+    /// Makes sampling reproducible; choice i of a prompt uses seed + i.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<StopField>,
+    /// Also return the log-probability of each token and the `logprobs` most likely
+    /// alternatives at each position (0 to 20): the model's own distribution (T = 1).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 20)]
+    pub logprobs: Option<u32>,
+    /// Put the prompt before the completion, in `text` and (with `logprobs`) in `logprobs`:
+    /// every prompt token scored, the first with `null`.
+    #[serde(default)]
+    pub echo: bool,
+    /// Server-sent events, one token per chunk, then `data: [DONE]`.
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// vLLM's option: name every token `token_id:N` in `tokens` and `top_logprobs`.
+    #[serde(default)]
+    pub return_tokens_as_token_ids: bool,
+}
+
+/// Log-probabilities of a completion choice, in OpenAI's legacy layout.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct CompletionLogprobs {
+    /// Each token's name: its text, or `bytes:\xNN...` when its bytes are not UTF-8 on their
+    /// own, or `token_id:N` when a lower id has the same bytes (so names never collide).
+    pub tokens: Vec<String>,
+    /// Each token's log-probability given what precedes it; `null` for the first echoed prompt
+    /// token. −inf is written −9999.0.
+    pub token_logprobs: Vec<Option<f64>>,
+    /// At each position, the chosen token and the top alternatives with their log-probs
+    /// (`null` for the first echoed prompt token). The chosen token's value equals
+    /// `token_logprobs` bit for bit.
+    pub top_logprobs: Vec<Option<BTreeMap<String, f64>>>,
+    /// Character offset of each token in `text` (of the tokens' concatenated text).
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    /// `stop` (end of sequence or a stop string) or `length`; `null` in stream chunks before
+    /// the last.
+    pub finish_reason: Option<String>,
+    pub logprobs: Option<CompletionLogprobs>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// Response of POST /v1/completions (and each stream chunk, with one choice).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionResponse {
+    pub id: String,
+    /// `text_completion`
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// A chat message's content: a string, or a list of parts of which only `text` ones are
+/// supported.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ChatMessageIn {
+    /// `system`, `user`, `assistant` (or any role the model's template knows).
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+}
+
+/// Body of POST /v1/chat/completions.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(example = json!({"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    "max_tokens": 8, "logprobs": true, "top_logprobs": 3, "temperature": 0}))]
+pub struct ChatRequest {
+    /// Accepted and ignored: this server serves one model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Rendered with the model's own chat template.
+    pub messages: Vec<ChatMessageIn>,
+    /// Tokens to generate (default: up to the context length).
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub max_tokens: Option<u32>,
+    /// The newer name of `max_tokens` (wins when both are given).
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 16)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<StopField>,
+    /// Return each generated token's log-probability (the model's own distribution, T = 1).
+    #[serde(default)]
+    pub logprobs: bool,
+    /// Alternatives per position with `logprobs`, 0 to 20.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 20)]
+    pub top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatMessageOut {
+    /// `assistant`
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: ChatMessageOut,
+    pub logprobs: Option<ChatLogprobs>,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+}
+
+/// Response of POST /v1/chat/completions.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatResponse {
+    pub id: String,
+    /// `chat.completion`
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<String>,
+}
+
+/// One server-sent event of a streamed chat completion.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChunk {
+    pub id: String,
+    /// `chat.completion.chunk`
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    /// `model`
+    pub object: String,
+    /// Unix seconds when the server started.
+    pub created: u64,
+    pub owned_by: String,
+    /// Context length in tokens (vLLM's field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_model_len: Option<usize>,
+}
+
+/// Response of GET /v1/models.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelList {
+    /// `list`
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
