@@ -63,7 +63,11 @@ pub struct ServeArgs {
     pub protect_docs: bool,
     /// Allow browser apps from this origin to call the API (CORS; repeatable; `*` for any).
     /// Off by default.
-    #[arg(long = "cors-origin", env = "TOKENSCOPE_CORS_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "cors-origin",
+        env = "TOKENSCOPE_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
     pub cors_origins: Vec<String>,
     /// Serve /metrics without the API key.
     #[arg(long, env = "TOKENSCOPE_PUBLIC_METRICS")]

@@ -84,7 +84,9 @@ pub fn render(prompt: &str, resp: &GenerateResponse) -> String {
             "pos", "token", "logprob", "rank", "entropy"
         );
         for (i, t) in prompt_tokens.iter().enumerate() {
-            let num = |v: Option<f64>, w: usize| v.map_or(format!("{:>w$}", "—"), |v| format!("{v:>w$.4}"));
+            let num = |v: Option<f64>, w: usize| {
+                v.map_or(format!("{:>w$}", "—"), |v| format!("{v:>w$.4}"))
+            };
             let expected = t.top.first().map_or(String::new(), |b| visible(&b.token));
             let _ = writeln!(
                 out,

@@ -108,7 +108,15 @@ pub fn generate(
     params: &GenerateParams,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<GenerateResponse, EngineError> {
-    generate_cached(model, prompt, prompt_ids, params, cancelled, None, &mut no_events)
+    generate_cached(
+        model,
+        prompt,
+        prompt_ids,
+        params,
+        cancelled,
+        None,
+        &mut no_events,
+    )
 }
 
 /// [`generate`] with a prefix cache (the cached part of the prompt is not recomputed) and an
@@ -159,7 +167,12 @@ pub fn generate_cached(
         true => None,
         false => {
             let next = Distribution::from_logits(&logits, 1.0)?;
-            Some(scoring::score_targets(model, &cache, &next, &params.targets)?)
+            Some(scoring::score_targets(
+                model,
+                &cache,
+                &next,
+                &params.targets,
+            )?)
         }
     };
     let mut resp = decode_from(

@@ -11,6 +11,6 @@ pub mod worker;
 pub use distribution::Distribution;
 pub use generate::{generate, tokenize, EngineError, GenerateParams};
 pub use output::{
-    Decoding, FinishReason, GenerateResponse, LogprobsMode, Metadata, PromptToken, Step, TargetScore,
-    TokenProbability,
+    Decoding, FinishReason, GenerateResponse, LogprobsMode, Metadata, PromptToken, Step,
+    TargetScore, TokenProbability,
 };

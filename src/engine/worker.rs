@@ -265,7 +265,11 @@ impl WorkerHandle {
 
     /// Tokenizes `prompt` off the async runtime and off the model thread, checks it against
     /// the limits, and queues the token ids. A full queue is an immediate `Overloaded`.
-    pub async fn submit(&self, prompt: String, params: GenerateParams) -> Result<Reply, WorkerError> {
+    pub async fn submit(
+        &self,
+        prompt: String,
+        params: GenerateParams,
+    ) -> Result<Reply, WorkerError> {
         self.submit_input(PromptInput::Text(prompt), params, None)
             .await
     }

@@ -50,9 +50,12 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |format: String| {
             chrono::Utc::now().format(&format).to_string()
         });
@@ -111,7 +114,10 @@ mod tests {
         )
         .unwrap();
         let out = t.render(&[msg("user", " Hi ")], true).unwrap();
-        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
@@ -123,6 +129,9 @@ mod tests {
         )
         .unwrap();
         let e = t.render(&[msg("assistant", "x")], false).unwrap_err();
-        assert_eq!(e.to_string(), "Conversations must start with a user message");
+        assert_eq!(
+            e.to_string(),
+            "Conversations must start with a user message"
+        );
     }
 }

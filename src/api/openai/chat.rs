@@ -128,7 +128,6 @@ pub async fn create(
     Ok((StatusCode::OK, Json(body)).into_response())
 }
 
-
 /// The prompt text for `messages` (text parts only), rendered off the async runtime.
 pub async fn render(info: &ModelInfo, messages: &[ChatMessageIn]) -> Result<String, OpenAiError> {
     let messages = chat_messages(messages)?;

@@ -11,7 +11,7 @@ use super::logprobs::{LegacyBuilder, Naming};
 use super::run::{self, Sampling};
 use super::types::*;
 use crate::api::types::is_blank;
-use crate::api::{AppState, ApiError};
+use crate::api::{ApiError, AppState};
 use crate::engine::worker::{ModelInfo, ModelState, PromptInput, WorkerError};
 use crate::engine::GenerateResponse;
 
@@ -100,8 +100,7 @@ pub async fn create(
     };
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return super::stream::completions(state, info, jobs, shape, include_usage, deadline)
-            .await;
+        return super::stream::completions(state, info, jobs, shape, include_usage, deadline).await;
     }
     let replies = run::submit_all(&state, jobs, None, deadline).await?;
     let responses = run::await_all(&state, replies, deadline).await?;

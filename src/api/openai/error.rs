@@ -158,7 +158,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
                 )
             })?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            OpenAiError::invalid("body", "VALIDATION_ERROR", format!("JSON decode error: {e}"))
+            OpenAiError::invalid(
+                "body",
+                "VALIDATION_ERROR",
+                format!("JSON decode error: {e}"),
+            )
         })?;
         if !value.is_object() {
             return Err(OpenAiError::invalid(
@@ -171,8 +175,17 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
         serde_path_to_error::deserialize(value)
             .map(OpenAiJson)
             .map_err(|e| {
-                let field = e.path().iter().next().map_or("body".to_string(), |s| s.to_string());
-                OpenAiError::invalid(&field, "VALIDATION_ERROR", e.inner().to_string())
+                let message = e.inner().to_string();
+                // A missing field is reported at the object's own path: take it from the text.
+                let missing = message
+                    .strip_prefix("missing field `")
+                    .and_then(|rest| rest.split('`').next());
+                let field = match (e.path().iter().next(), missing) {
+                    (Some(segment), _) => segment.to_string(),
+                    (None, Some(name)) => name.to_string(),
+                    (None, None) => "body".to_string(),
+                };
+                OpenAiError::invalid(&field, "VALIDATION_ERROR", message)
             })
     }
 }

@@ -64,7 +64,9 @@ impl<'a> LegacyBuilder<'a> {
         // Characters so far; a character split across tokens counts once it is complete.
         let at = match std::str::from_utf8(&self.bytes) {
             Ok(s) => s.chars().count(),
-            Err(e) => String::from_utf8_lossy(&self.bytes[..e.valid_up_to()]).chars().count(),
+            Err(e) => String::from_utf8_lossy(&self.bytes[..e.valid_up_to()])
+                .chars()
+                .count(),
         };
         self.out.tokens.push(self.naming.name(id));
         self.out.token_logprobs.push(logprob.map(finite));
@@ -79,7 +81,12 @@ impl<'a> LegacyBuilder<'a> {
 
     /// The chosen token and the alternatives, keyed by name; the chosen token's value is the
     /// same f64 as its `token_logprobs` entry.
-    fn top_map(&self, chosen: u32, logprob: f64, top: &[TokenProbability]) -> BTreeMap<String, f64> {
+    fn top_map(
+        &self,
+        chosen: u32,
+        logprob: f64,
+        top: &[TokenProbability],
+    ) -> BTreeMap<String, f64> {
         let mut map: BTreeMap<String, f64> = top
             .iter()
             .map(|t| (self.naming.name(t.token_id), finite(t.logprob)))
@@ -98,7 +105,11 @@ impl<'a> LegacyBuilder<'a> {
     }
 
     pub fn step(&mut self, step: &Step, k: usize) {
-        let top = self.top_map(step.token_id, step.logprob, &step.top[..step.top.len().min(k)]);
+        let top = self.top_map(
+            step.token_id,
+            step.logprob,
+            &step.top[..step.top.len().min(k)],
+        );
         self.push(step.token_id, Some(step.logprob), Some(top));
     }
 }

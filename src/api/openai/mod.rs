@@ -29,7 +29,9 @@ pub fn v1_router() -> Router<AppState> {
         .route("/completions", post(completions::create))
         .route("/chat/completions", post(chat::create))
         .route("/models", get(models))
-        .method_not_allowed_fallback(|| async { OpenAiError::from(super::ApiError::method_not_allowed()) })
+        .method_not_allowed_fallback(|| async {
+            OpenAiError::from(super::ApiError::method_not_allowed())
+        })
         .fallback(|| async { OpenAiError::from(super::ApiError::not_found()) })
 }
 

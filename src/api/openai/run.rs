@@ -169,7 +169,11 @@ pub async fn await_all(
 }
 
 pub fn deadline(state: &AppState) -> Instant {
-    Instant::now() + state.config.request_timeout.min(Duration::from_secs(86_400))
+    Instant::now()
+        + state
+            .config
+            .request_timeout
+            .min(Duration::from_secs(86_400))
 }
 
 pub fn timeout(state: &AppState) -> OpenAiError {

@@ -87,7 +87,13 @@ struct CompletionRender {
 }
 
 impl CompletionRender {
-    fn chunk(&self, index: usize, text: String, logprobs: Option<CompletionLogprobs>, finish: Option<String>) -> String {
+    fn chunk(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish: Option<String>,
+    ) -> String {
         json(&CompletionResponse {
             choices: vec![CompletionChoice {
                 index,
@@ -169,7 +175,10 @@ pub async fn completions(
     include_usage: bool,
     deadline: Instant,
 ) -> Result<Response, OpenAiError> {
-    let stop = jobs.first().map(|(_, p)| p.stop.clone()).unwrap_or_default();
+    let stop = jobs
+        .first()
+        .map(|(_, p)| p.stop.clone())
+        .unwrap_or_default();
     let render = CompletionRender {
         sent: (0..jobs.len()).map(|_| Sent::default()).collect(),
         chars: vec![0; jobs.len()],
@@ -281,7 +290,10 @@ pub async fn chat(
     include_usage: bool,
     deadline: Instant,
 ) -> Result<Response, OpenAiError> {
-    let stop = jobs.first().map(|(_, p)| p.stop.clone()).unwrap_or_default();
+    let stop = jobs
+        .first()
+        .map(|(_, p)| p.stop.clone())
+        .unwrap_or_default();
     let n = shape.n;
     let render = ChatRender {
         sent: (0..jobs.len()).map(|_| Sent::default()).collect(),

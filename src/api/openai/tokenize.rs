@@ -164,7 +164,11 @@ pub async fn detokenize(
     let vocab = info.vocab_size;
     if let Some(&id) = req.tokens.iter().find(|&&id| id as usize >= vocab) {
         let e = WorkerError::InvalidTokenId { id, vocab };
-        return Err(OpenAiError::invalid("tokens", "VALIDATION_ERROR", e.to_string()));
+        return Err(OpenAiError::invalid(
+            "tokens",
+            "VALIDATION_ERROR",
+            e.to_string(),
+        ));
     }
     let prompt = info
         .tokenizer
@@ -217,6 +221,10 @@ pub async fn tokenizer_info(
         add_bos_token: t.info.add_bos,
         model_max_length: info.context_length,
         vocab_size: info.vocab_size,
-        chat_template: t.info.chat_template.as_ref().map(|c| c.source().to_string()),
+        chat_template: t
+            .info
+            .chat_template
+            .as_ref()
+            .map(|c| c.source().to_string()),
     }))
 }
