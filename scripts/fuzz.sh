@@ -25,30 +25,10 @@ if ! "$VENV/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; the
   "$VENV/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
-# The test profile's binary (the test suite builds it too, so this is quick after it).
-cargo build --quiet --bin tokenscope
-BIN="${CARGO_TARGET_DIR:-target}/debug/tokenscope"
-PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-LOG="$(mktemp -t tokenscope-fuzz.XXXXXX.log)"
-"$BIN" serve --host 127.0.0.1 --port "$PORT" --api-key "$KEY" \
-  --request-timeout 30 --log-format json >"$LOG" 2>&1 &
-SERVER=$!
-trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
-
-healthy() {
-  python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-    "http://127.0.0.1:$PORT/health" >/dev/null 2>&1
-}
-for _ in $(seq 1 600); do
-  if healthy; then break; fi
-  if ! kill -0 "$SERVER" 2>/dev/null; then
-    echo "fuzz: the server exited during start-up:" >&2
-    cat "$LOG" >&2
-    exit 1
-  fi
-  sleep 0.2
-done
-healthy || { echo "fuzz: the server never became healthy:" >&2; tail -20 "$LOG" >&2; exit 1; }
+# shellcheck source=lib/test-server.sh
+. scripts/lib/test-server.sh
+start_test_server fuzz --api-key "$KEY" --request-timeout 30 --max-new-tokens 16 \
+  --log-format json
 
 echo "fuzz: schemathesis $SCHEMATHESIS_VERSION against http://127.0.0.1:$PORT (seed $SEED, " \
      "≤ $MAX_EXAMPLES examples per operation, ≤ ${MAX_TIME}s)"
@@ -65,16 +45,7 @@ REPORT="$(mktemp -t tokenscope-fuzz-report.XXXXXX.txt)"
   --no-color 2>&1 | tee "$REPORT" || status=$?
 
 # The server must have survived everything it was sent, and never logged a panic.
-if ! kill -0 "$SERVER" 2>/dev/null; then
-  echo "fuzz: FAILED: the server died during fuzzing; its log:" >&2
-  tail -50 "$LOG" >&2
-  exit 1
-fi
-if grep -qi "panicked" "$LOG"; then
-  echo "fuzz: FAILED: the server log records a panic:" >&2
-  grep -i -m5 "panicked" "$LOG" >&2
-  exit 1
-fi
+check_test_server_survived fuzz
 if [ "$status" -ne 0 ]; then
   echo "fuzz: FAILED: schemathesis reported findings (exit $status)" >&2
   exit "$status"

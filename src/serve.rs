@@ -92,6 +92,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_name,
         redoc_bundle,
         cors_origins: args.cors_origins.clone(),
+        max_new_tokens: args.max_new_tokens.map(|n| n as usize),
     };
     let worker_died = worker_gave_up(worker.subscribe());
     let app = api::router(AppState::new(worker, config));

@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub redoc_bundle: Option<Arc<Vec<u8>>>,
     /// Origins allowed to call the API from a browser (`*` = any); empty = no CORS headers.
     pub cors_origins: Vec<String>,
+    /// Bound on tokens generated per choice by the OpenAI routes (`--max-new-tokens`).
+    pub max_new_tokens: Option<usize>,
 }
 
 impl Default for ServeConfig {
@@ -52,6 +54,7 @@ impl Default for ServeConfig {
             model_name: String::new(),
             redoc_bundle: None,
             cors_origins: Vec::new(),
+            max_new_tokens: None,
         }
     }
 }

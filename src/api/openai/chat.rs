@@ -67,18 +67,16 @@ pub async fn create(
         ));
     }
     let text = render(&info, &req.messages).await?;
-    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
-        Some(0) => {
-            return Err(OpenAiError::invalid(
-                "max_tokens",
-                "INVALID_MAX_TOKENS",
-                "max_tokens must be at least 1",
-            ))
-        }
-        Some(m) => m as usize,
-        // As vLLM: up to the end of the context.
-        None => UNTIL_CONTEXT,
-    };
+    let requested = req.max_completion_tokens.or(req.max_tokens);
+    if requested == Some(0) {
+        return Err(OpenAiError::invalid(
+            "max_tokens",
+            "INVALID_MAX_TOKENS",
+            "max_tokens must be at least 1",
+        ));
+    }
+    // As vLLM: up to the end of the context unless the request or the server says less.
+    let max_tokens = run::max_new_tokens(&state, requested, UNTIL_CONTEXT)?;
     let jobs: Vec<_> = (0..sampling.n)
         .map(|j| {
             let params = sampling.params(j, max_tokens, k as usize);

@@ -56,7 +56,7 @@ pub async fn create(
         req.seed,
         req.stop.clone(),
     )?;
-    let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize;
+    let max_tokens = run::max_new_tokens(&state, req.max_tokens, DEFAULT_MAX_TOKENS as usize)?;
     if max_tokens == 0 && !req.echo {
         return Err(OpenAiError::invalid(
             "max_tokens",

@@ -168,6 +168,26 @@ pub async fn await_all(
     Ok(out)
 }
 
+/// Tokens to generate per choice: what the request names (`requested`), else `default`, within
+/// the server's `--max-new-tokens` (which also replaces an unbounded default).
+pub fn max_new_tokens(
+    state: &AppState,
+    requested: Option<u32>,
+    default: usize,
+) -> Result<usize, OpenAiError> {
+    let cap = state.config.max_new_tokens;
+    match (requested, cap) {
+        (Some(n), Some(cap)) if n as usize > cap => Err(OpenAiError::invalid(
+            "max_tokens",
+            "INVALID_MAX_TOKENS",
+            format!("max_tokens must be at most {cap} on this server"),
+        )),
+        (Some(n), _) => Ok(n as usize),
+        (None, Some(cap)) => Ok(default.min(cap)),
+        (None, None) => Ok(default),
+    }
+}
+
 pub fn deadline(state: &AppState) -> Instant {
     Instant::now()
         + state
