@@ -793,8 +793,14 @@ async fn docs_pages_and_openapi_document() {
         StatusCode::OK
     );
 
-    let (s, _, doc) = send(&app, get("/openapi.json")).await;
+    let (s, _, mut doc) = send(&app, get("/openapi.json")).await;
     assert_eq!(s, StatusCode::OK);
+    // The served document states the loaded vocabulary's largest token id; otherwise it is
+    // the static one.
+    let token_id = doc["components"]["schemas"]["TokenId"]
+        .as_object_mut()
+        .unwrap();
+    assert_eq!(token_id.remove("maximum"), Some(json!(49151)));
     assert_eq!(
         doc,
         serde_json::from_str::<Value>(&api::docs::openapi_json()).unwrap()

@@ -553,10 +553,10 @@ async fn errors_use_openais_shape_and_unknown_fields_are_ignored() {
             "INVALID_TEMPERATURE",
         ),
         (
-            json!({"prompt": PROMPT, "max_tokens": 0}),
+            json!({"prompt": PROMPT, "max_tokens": -1}),
             422,
             "max_tokens",
-            "INVALID_MAX_TOKENS",
+            "VALIDATION_ERROR",
         ),
         (
             json!({"prompt": PROMPT, "logprobs": 21}),

@@ -47,7 +47,8 @@ same bytes.",
         oai::ChatMessageOut, oai::MessageContent, oai::ContentPart, oai::ChatLogprobs,
         oai::ChatTokenLogprob, oai::TopLogprob, oai::ChatChunk, oai::ChatChunkChoice,
         oai::ChatDelta, oai::ModelList, oai::ModelCard, openai::error::OpenAiErrorBody,
-        openai::error::OpenAiErrorInfo, tokenize::TokenizeRequest, tokenize::TokenizeResponse,
+        openai::error::OpenAiErrorInfo, tokenize::TokenizeRequest, tokenize::TokenizePrompt, tokenize::TokenizeChat,
+        tokenize::TokenizeResponse, oai::ServerSentEvent,
         tokenize::DetokenizeRequest, tokenize::DetokenizeResponse,
         tokenize::TokenizerInfoResponse
     )),
@@ -66,6 +67,10 @@ struct BearerScheme;
 impl Modify for BearerScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
+        components.schemas.insert(
+            "TokenId".into(),
+            crate::api::openai::types::token_id_schema().into(),
+        );
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(
@@ -85,8 +90,22 @@ pub fn openapi_json() -> String {
     doc.to_pretty_json().unwrap_or_else(|_| "{}".into())
 }
 
-pub async fn openapi_handler() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
+/// The document, with the loaded model's facts a static document cannot know: the largest
+/// token id (`TokenId`'s maximum).
+pub async fn openapi_handler(
+    axum::extract::State(state): axum::extract::State<super::AppState>,
+) -> Response {
+    let mut doc = openapi_json();
+    if let crate::engine::worker::ModelState::Ready(info) = state.worker.state() {
+        if let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&doc) {
+            let token_id = &mut value["components"]["schemas"]["TokenId"];
+            if token_id.is_object() {
+                token_id["maximum"] = serde_json::json!(info.vocab_size.saturating_sub(1));
+                doc = value.to_string();
+            }
+        }
+    }
+    ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
 }
 
 pub const REDOC_CDN: &str = "https://cdn.redoc.ly/redoc/v2.5.1/bundles/redoc.standalone.js";

@@ -20,6 +20,13 @@ pub fn is_blank(s: &str) -> bool {
     s.chars()
         .all(|c| c.is_whitespace() || c.is_control() || c == '\u{feff}')
 }
+/// The schema's pattern for a prompt: at least one character that is neither whitespace nor a
+/// control character (see [`is_blank`]).
+pub const PROMPT_PATTERN: &str = r"[^\s\x00-\x1f\x7f-\x9f\ufeff]";
+/// The schema's pattern for a target: at least one character that is not a control character
+/// (byte-level vocabularies may have no token for those: see [`is_blank`]).
+pub const TARGET_PATTERN: &str = r"[^\x00-\x1f\x7f-\x9f]";
+
 /// Longest stop string or target, in characters.
 pub const MAX_STOP_CHARS: usize = 256;
 /// Most targets scored per request.
@@ -81,7 +88,7 @@ pub struct GenerateRequest {
     pub targets: Vec<String>,
 }
 
-/// Up to 16 non-empty strings of at most 256 characters.
+/// Up to 16 strings of 1 to 256 characters, not all control characters.
 fn targets_schema() -> utoipa::openapi::schema::Array {
     use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
     ArrayBuilder::new()
@@ -89,7 +96,8 @@ fn targets_schema() -> utoipa::openapi::schema::Array {
             ObjectBuilder::new()
                 .schema_type(Type::String)
                 .min_length(Some(1))
-                .max_length(Some(MAX_STOP_CHARS)),
+                .max_length(Some(MAX_STOP_CHARS))
+                .pattern(Some(TARGET_PATTERN)),
         )
         .max_items(Some(MAX_TARGETS))
         .default(Some(serde_json::json!([])))

@@ -31,6 +31,9 @@ pub struct GenerateParams {
     pub prompt_logprobs: bool,
     /// Continuations to score after the prompt (the response's `targets`).
     pub targets: Vec<Target>,
+    /// Shorten `max_tokens` to what the context leaves after the prompt instead of refusing
+    /// (the OpenAI routes; `usize::MAX` then means "to the end of the context").
+    pub fit_context: bool,
 }
 
 impl Default for GenerateParams {
@@ -45,6 +48,7 @@ impl Default for GenerateParams {
             top_p: 1.0,
             prompt_logprobs: false,
             targets: Vec::new(),
+            fit_context: false,
         }
     }
 }

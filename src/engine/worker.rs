@@ -109,9 +109,6 @@ pub enum StreamEvent {
 /// of them, and the model thread must never wait for a slow client).
 pub type EventSender = mpsc::UnboundedSender<StreamEvent>;
 
-/// `max_tokens` meaning "up to the end of the context" (set once the prompt's length is known).
-pub const UNTIL_CONTEXT: usize = usize::MAX;
-
 /// The reply a handler awaits.
 pub type Reply = oneshot::Receiver<Result<GenerateResponse, WorkerError>>;
 
@@ -325,9 +322,10 @@ impl WorkerHandle {
         .map_err(|e| WorkerError::Failed(format!("tokenization task: {e}")))?;
         let (text, ids, targets) = tokenized?;
         params.targets = targets;
-        if params.max_tokens == UNTIL_CONTEXT {
+        if params.fit_context {
+            // Shortened to what the context leaves after the prompt (llama.cpp's rule).
             let room = info.context_length.saturating_sub(ids.len());
-            params.max_tokens = room.max(1);
+            params.max_tokens = params.max_tokens.min(room);
         }
         let longest_target = params.targets.iter().map(|t| t.ids.len()).max();
         check_prompt(

@@ -13,7 +13,7 @@ use super::run::{self, Sampling};
 use super::stream::ChatShape;
 use super::types::*;
 use crate::api::AppState;
-use crate::engine::worker::{ModelInfo, PromptInput, UNTIL_CONTEXT};
+use crate::engine::worker::{ModelInfo, PromptInput};
 use crate::model::chat_template::ChatMessage;
 
 /// Chat completions with per-token log-probabilities.
@@ -25,7 +25,7 @@ use crate::model::chat_template::ChatMessage;
     responses(
         (status = 200, description = "The reply; with `stream`, server-sent events of `ChatChunk`s then `data: [DONE]`", content(
             (ChatResponse = "application/json"),
-            (String = "text/event-stream"),
+            (ServerSentEvent = "text/event-stream"),
         )),
         (status = 400, description = "EMPTY_PROMPT, PROMPT_TOO_LONG, NO_CHAT_TEMPLATE or CHAT_TEMPLATE_ERROR", body = super::error::OpenAiErrorBody),
         (status = 401, description = "Missing or wrong bearer key", body = super::error::OpenAiErrorBody),
@@ -76,7 +76,7 @@ pub async fn create(
         ));
     }
     // As vLLM: up to the end of the context unless the request or the server says less.
-    let max_tokens = run::max_new_tokens(&state, requested, UNTIL_CONTEXT)?;
+    let max_tokens = run::max_new_tokens(&state, requested, usize::MAX);
     let jobs: Vec<_> = (0..sampling.n)
         .map(|j| {
             let params = sampling.params(j, max_tokens, k as usize);

@@ -15,8 +15,6 @@ use crate::api::{ApiError, AppState};
 use crate::engine::worker::{ModelInfo, ModelState, PromptInput, WorkerError};
 use crate::engine::GenerateResponse;
 
-/// Most prompts in one request.
-pub const MAX_PROMPTS: usize = 64;
 /// `max_tokens` when the request leaves it out (OpenAI's default).
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
 
@@ -29,7 +27,7 @@ pub const DEFAULT_MAX_TOKENS: u32 = 16;
     responses(
         (status = 200, description = "The completion; with `stream`, server-sent events of `CompletionResponse` chunks then `data: [DONE]`", content(
             (CompletionResponse = "application/json"),
-            (String = "text/event-stream"),
+            (ServerSentEvent = "text/event-stream"),
         )),
         (status = 400, description = "EMPTY_PROMPT or PROMPT_TOO_LONG", body = super::error::OpenAiErrorBody),
         (status = 401, description = "Missing or wrong bearer key", body = super::error::OpenAiErrorBody),
@@ -56,14 +54,8 @@ pub async fn create(
         req.seed,
         req.stop.clone(),
     )?;
-    let max_tokens = run::max_new_tokens(&state, req.max_tokens, DEFAULT_MAX_TOKENS as usize)?;
-    if max_tokens == 0 && !req.echo {
-        return Err(OpenAiError::invalid(
-            "max_tokens",
-            "INVALID_MAX_TOKENS",
-            "max_tokens must be at least 1 unless echo is set",
-        ));
-    }
+    // 0 scores the prompt (with echo) and generates nothing.
+    let max_tokens = run::max_new_tokens(&state, req.max_tokens, DEFAULT_MAX_TOKENS as usize);
     let k = req.logprobs.unwrap_or(0);
     if k > run::MAX_LOGPROBS {
         return Err(OpenAiError::invalid(

@@ -171,6 +171,8 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
                 "the body must be a JSON object",
             ));
         }
+        // JSON Schema's integers include 5.0: so do ours (token ids, max_tokens, n, ...).
+        let value = integral_floats_as_integers(value);
         // The error's path names the field at fault.
         serde_path_to_error::deserialize(value)
             .map(OpenAiJson)
@@ -187,5 +189,31 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
                 };
                 OpenAiError::invalid(&field, "VALIDATION_ERROR", message)
             })
+    }
+}
+
+/// Every float with no fractional part (and in u64/i64 range) as an integer.
+fn integral_floats_as_integers(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.fract() == 0.0 && f >= 0.0 && f < u64::MAX as f64 {
+                Value::from(f as u64)
+            } else if f.fract() == 0.0 && f < 0.0 && f >= i64::MIN as f64 {
+                Value::from(f as i64)
+            } else {
+                Value::Number(n)
+            }
+        }
+        Value::Array(items) => {
+            Value::Array(items.into_iter().map(integral_floats_as_integers).collect())
+        }
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, integral_floats_as_integers(v)))
+                .collect(),
+        ),
+        other => other,
     }
 }

@@ -107,6 +107,7 @@ impl Sampling {
             stop: self.stop.clone(),
             logprobs_mode: LogprobsMode::Raw,
             top_p: self.top_p,
+            fit_context: true,
             ..GenerateParams::default()
         }
     }
@@ -121,15 +122,17 @@ pub async fn submit_all(
     deadline: Instant,
 ) -> Result<Vec<Reply>, OpenAiError> {
     if jobs.len() > state.worker.queue_capacity() {
-        return Err(OpenAiError::invalid(
-            "n",
-            "VALIDATION_ERROR",
-            format!(
-                "{} choices in one request exceed the queue's capacity of {}",
-                jobs.len(),
-                state.worker.queue_capacity()
-            ),
-        ));
+        let message = format!(
+            "{} choices in one request exceed the queue's capacity of {}",
+            jobs.len(),
+            state.worker.queue_capacity()
+        );
+        let overloaded = crate::api::ApiError::overloaded();
+        return Err(OpenAiError::from(crate::api::ApiError {
+            detail: crate::api::error::ErrorDetail::Message(message),
+            ..overloaded
+        })
+        .with_param("n"));
     }
     let mut replies = Vec::with_capacity(jobs.len());
     for (i, (prompt, params)) in jobs.into_iter().enumerate() {
@@ -168,24 +171,12 @@ pub async fn await_all(
     Ok(out)
 }
 
-/// Tokens to generate per choice: what the request names (`requested`), else `default`, within
-/// the server's `--max-new-tokens` (which also replaces an unbounded default).
-pub fn max_new_tokens(
-    state: &AppState,
-    requested: Option<u32>,
-    default: usize,
-) -> Result<usize, OpenAiError> {
-    let cap = state.config.max_new_tokens;
-    match (requested, cap) {
-        (Some(n), Some(cap)) if n as usize > cap => Err(OpenAiError::invalid(
-            "max_tokens",
-            "INVALID_MAX_TOKENS",
-            format!("max_tokens must be at most {cap} on this server"),
-        )),
-        (Some(n), _) => Ok(n as usize),
-        (None, Some(cap)) => Ok(default.min(cap)),
-        (None, None) => Ok(default),
-    }
+/// Tokens to generate per choice: what the request names (`requested`), else `default`, at
+/// most the server's `--max-new-tokens`; the worker then shortens it to what the context leaves
+/// after the prompt (llama.cpp's rule: `finish_reason` says `length`).
+pub fn max_new_tokens(state: &AppState, requested: Option<u32>, default: usize) -> usize {
+    let n = requested.map_or(default, |n| n as usize);
+    state.config.max_new_tokens.map_or(n, |cap| n.min(cap))
 }
 
 pub fn deadline(state: &AppState) -> Instant {

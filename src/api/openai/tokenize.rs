@@ -13,25 +13,41 @@ use super::types::ChatMessageIn;
 use crate::api::AppState;
 use crate::engine::worker::WorkerError;
 
-/// Body of POST /tokenize: `prompt`, or `messages` rendered with the chat template.
+/// Body of POST /tokenize: a `prompt`, or `messages` rendered with the chat template.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum TokenizeRequest {
+    Prompt(TokenizePrompt),
+    Chat(TokenizeChat),
+}
+
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[schema(example = json!({"prompt": "The capital of France is", "add_special_tokens": true, "return_token_strs": true}))]
-pub struct TokenizeRequest {
+pub struct TokenizePrompt {
     #[serde(default)]
     pub model: Option<String>,
-    #[serde(default)]
-    pub prompt: Option<String>,
-    #[serde(default)]
-    pub messages: Option<Vec<ChatMessageIn>>,
-    /// Add the model's special tokens (BOS) — default true for `prompt`, false for
-    /// `messages` (the template writes them). Special tokens written in the text are always
-    /// read as such.
+    pub prompt: String,
+    /// Add the model's special tokens (BOS when the model asks for one; default true).
+    /// Special tokens written in the text are always read as such.
     #[serde(default)]
     pub add_special_tokens: Option<bool>,
-    /// With `messages`: end with the assistant's turn opening (default true).
+    /// Also return each token's text (`token_strs`) and byte offsets (`offsets`).
+    #[serde(default)]
+    pub return_token_strs: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct TokenizeChat {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[schema(min_items = 1)]
+    pub messages: Vec<ChatMessageIn>,
+    /// Add the model's special tokens (default false: the template writes them).
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
+    /// End with the assistant's turn opening (default true).
     #[serde(default)]
     pub add_generation_prompt: Option<bool>,
-    /// Also return each token's text (`token_strs`) and byte offsets (`offsets`).
     #[serde(default)]
     pub return_token_strs: bool,
 }
@@ -61,7 +77,9 @@ pub struct TokenizeResponse {
         (status = 200, description = "The token ids", body = TokenizeResponse),
         (status = 400, description = "NO_CHAT_TEMPLATE or CHAT_TEMPLATE_ERROR", body = super::error::OpenAiErrorBody),
         (status = 401, description = "Missing or wrong bearer key", body = super::error::OpenAiErrorBody),
-        (status = 422, description = "Neither or both of prompt and messages, or a wrong type", body = super::error::OpenAiErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::OpenAiErrorBody),
+        (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = super::error::OpenAiErrorBody),
+        (status = 422, description = "Neither prompt nor messages, or a wrong type", body = super::error::OpenAiErrorBody),
         (status = 503, description = "MODEL_NOT_LOADED", body = super::error::OpenAiErrorBody),
     ),
     security((), ("bearer" = []))
@@ -71,10 +89,14 @@ pub async fn tokenize(
     OpenAiJson(req): OpenAiJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, OpenAiError> {
     let info = ready(&state)?;
-    let (text, add_special) = match (req.prompt, req.messages) {
-        (Some(p), None) => (p, req.add_special_tokens.unwrap_or(true)),
-        (None, Some(m)) => {
-            let messages = super::chat::chat_messages(&m)?;
+    let (text, add_special, want_strs) = match req {
+        TokenizeRequest::Prompt(p) => (
+            p.prompt,
+            p.add_special_tokens.unwrap_or(true),
+            p.return_token_strs,
+        ),
+        TokenizeRequest::Chat(c) => {
+            let messages = super::chat::chat_messages(&c.messages)?;
             let Some(template) = info.tokenizer.info.chat_template.clone() else {
                 return Err(crate::api::ApiError::new(
                     StatusCode::BAD_REQUEST,
@@ -83,7 +105,7 @@ pub async fn tokenize(
                 )
                 .into());
             };
-            let generation = req.add_generation_prompt.unwrap_or(true);
+            let generation = c.add_generation_prompt.unwrap_or(true);
             let text = template.render(&messages, generation).map_err(|e| {
                 OpenAiError::from(crate::api::ApiError::new(
                     StatusCode::BAD_REQUEST,
@@ -91,18 +113,14 @@ pub async fn tokenize(
                     e.to_string(),
                 ))
             })?;
-            (text, req.add_special_tokens.unwrap_or(false))
-        }
-        _ => {
-            return Err(OpenAiError::invalid(
-                "prompt",
-                "VALIDATION_ERROR",
-                "give exactly one of prompt and messages",
-            ))
+            (
+                text,
+                c.add_special_tokens.unwrap_or(false),
+                c.return_token_strs,
+            )
         }
     };
     let tokenizer = info.tokenizer.clone();
-    let want_strs = req.return_token_strs;
     let encoded = tokio::task::spawn_blocking(move || {
         let enc = tokenizer.inner().encode(text.as_str(), add_special).ok()?;
         let ids = enc.get_ids().to_vec();
@@ -133,6 +151,7 @@ pub async fn tokenize(
 pub struct DetokenizeRequest {
     #[serde(default)]
     pub model: Option<String>,
+    #[schema(schema_with = super::types::token_ids_schema)]
     pub tokens: Vec<u32>,
 }
 
@@ -151,6 +170,8 @@ pub struct DetokenizeResponse {
     responses(
         (status = 200, description = "The text", body = DetokenizeResponse),
         (status = 401, description = "Missing or wrong bearer key", body = super::error::OpenAiErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::OpenAiErrorBody),
+        (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = super::error::OpenAiErrorBody),
         (status = 422, description = "A token id outside the vocabulary", body = super::error::OpenAiErrorBody),
         (status = 503, description = "MODEL_NOT_LOADED", body = super::error::OpenAiErrorBody),
     ),

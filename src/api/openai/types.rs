@@ -9,13 +9,91 @@ use utoipa::ToSchema;
 
 /// A prompt: a string, a list of strings, a list of token ids, or a list of such lists. Token
 /// ids are run exactly as given (no BOS is added); strings follow the model's own BOS rule.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum PromptField {
     Text(String),
     Texts(Vec<String>),
     Ids(Vec<u32>),
     IdLists(Vec<Vec<u32>>),
+}
+
+/// Most prompts in one request.
+pub const MAX_PROMPTS: usize = 64;
+
+/// The schema says what the handler accepts: non-blank strings (the native prompt's pattern),
+/// non-empty lists, at most [`MAX_PROMPTS`] prompts, token ids as `TokenId` (whose maximum the
+/// served document sets to the loaded vocabulary's last id).
+impl utoipa::PartialSchema for PromptField {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        let text = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .pattern(Some(crate::api::types::PROMPT_PATTERN))
+        };
+        let ids = || ArrayBuilder::new().items(token_id_ref()).min_items(Some(1));
+        OneOfBuilder::new()
+            .item(text())
+            .item(
+                ArrayBuilder::new()
+                    .items(text())
+                    .min_items(Some(1))
+                    .max_items(Some(MAX_PROMPTS)),
+            )
+            .item(ids())
+            .item(
+                ArrayBuilder::new()
+                    .items(ids())
+                    .min_items(Some(1))
+                    .max_items(Some(MAX_PROMPTS)),
+            )
+            .description(Some(
+                "A string, a list of strings, a list of token ids, or a list of lists of token ids.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for PromptField {}
+
+/// A reference to the `TokenId` component.
+pub fn token_id_ref() -> utoipa::openapi::Ref {
+    utoipa::openapi::Ref::from_schema_name("TokenId")
+}
+
+/// `TokenId`: an id in the model's vocabulary (the served document adds the maximum).
+pub fn token_id_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(0))
+        .description(Some(
+            "A token id: 0 to the vocabulary's size − 1 (GET /openapi.json of a running server states the maximum).",
+        ))
+        .build()
+}
+
+/// A list of token ids for `schema_with`.
+pub fn token_ids_schema() -> utoipa::openapi::schema::Array {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(token_id_ref())
+        .build()
+}
+
+/// One server-sent event as the OpenAPI document describes a `text/event-stream` item.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ServerSentEvent {
+    /// A JSON chunk (`CompletionResponse` or `ChatChunk` with one choice, or a usage chunk,
+    /// or `{"error": ...}`), or `[DONE]` last.
+    pub data: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<u64>,
 }
 
 /// One stop string or a list of up to 4.
@@ -173,6 +251,7 @@ pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
     /// Rendered with the model's own chat template.
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessageIn>,
     /// Tokens to generate (default: up to the context length).
     #[serde(default)]
