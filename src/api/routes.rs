@@ -42,6 +42,21 @@ pub async fn generate(
     if is_blank(&req.prompt) {
         return Err(ApiError::empty_prompt());
     }
+    // The schema's pattern for targets: control characters alone tokenize to nothing.
+    if let Some(i) = req
+        .targets
+        .iter()
+        .position(|t| !t.chars().any(|c| !c.is_control()))
+    {
+        return Err(ApiError::validation(
+            vec![super::error::FieldError {
+                loc: vec!["body".into(), "targets".into(), i.into()],
+                msg: format!("string does not match regex \"{TARGET_PATTERN}\""),
+                kind: "value_error.str.regex".into(),
+            }],
+            None,
+        ));
+    }
     let _in_flight = super::metrics::InFlight::start();
     let params = req.params();
     let timeout = state.config.request_timeout;

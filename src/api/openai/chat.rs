@@ -164,25 +164,11 @@ pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, Ope
         let content = match &m.content {
             None => String::new(),
             Some(MessageContent::Text(s)) => s.clone(),
-            Some(MessageContent::Parts(parts)) => {
-                let mut texts = Vec::new();
-                for p in parts {
-                    match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => texts.push(t.clone()),
-                        _ => {
-                            return Err(OpenAiError::invalid(
-                                "messages",
-                                "VALIDATION_ERROR",
-                                format!(
-                                    "content parts of type {:?} are not supported (text only)",
-                                    p.kind
-                                ),
-                            ))
-                        }
-                    }
-                }
-                texts.join("\n")
-            }
+            Some(MessageContent::Parts(parts)) => parts
+                .iter()
+                .map(|p| p.text.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
         };
         out.push(ChatMessage {
             role: m.role.clone(),

@@ -200,7 +200,7 @@ fn integral_floats_as_integers(value: serde_json::Value) -> serde_json::Value {
             let f = n.as_f64().unwrap_or(f64::NAN);
             if f.fract() == 0.0 && f >= 0.0 && f < u64::MAX as f64 {
                 Value::from(f as u64)
-            } else if f.fract() == 0.0 && f < 0.0 && f >= i64::MIN as f64 {
+            } else if f.fract() == 0.0 && f < 0.0 && f > i64::MIN as f64 {
                 Value::from(f as i64)
             } else {
                 Value::Number(n)

@@ -96,13 +96,36 @@ pub struct ServerSentEvent {
     pub retry: Option<u64>,
 }
 
-/// One stop string or a list of up to 4.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+/// One stop string or a list of up to 4, each 1 to 256 characters.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum StopField {
     One(String),
     Many(Vec<String>),
 }
+
+impl utoipa::PartialSchema for StopField {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use crate::api::types::{MAX_STOP_CHARS, MAX_STOP_STRINGS};
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        let text = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(MAX_STOP_CHARS))
+        };
+        OneOfBuilder::new()
+            .item(text())
+            .item(
+                ArrayBuilder::new()
+                    .items(text())
+                    .max_items(Some(MAX_STOP_STRINGS)),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for StopField {}
 
 impl StopField {
     pub fn into_vec(self) -> Vec<String> {
@@ -226,12 +249,18 @@ pub enum MessageContent {
     Parts(Vec<ContentPart>),
 }
 
+/// A text part (images and audio are not supported).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub text: Option<String>,
+    pub kind: PartKind,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PartKind {
+    Text,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
