@@ -76,7 +76,7 @@ pub async fn create(
         ));
     }
     // As vLLM: up to the end of the context unless the request or the server says less.
-    let max_tokens = run::max_new_tokens(&state, requested, usize::MAX);
+    let max_tokens = run::max_new_tokens(&state, requested, usize::MAX)?;
     let jobs: Vec<_> = (0..sampling.n)
         .map(|j| {
             let params = sampling.params(j, max_tokens, k as usize);

@@ -55,7 +55,7 @@ pub async fn create(
         req.stop.clone(),
     )?;
     // 0 scores the prompt (with echo) and generates nothing.
-    let max_tokens = run::max_new_tokens(&state, req.max_tokens, DEFAULT_MAX_TOKENS as usize);
+    let max_tokens = run::max_new_tokens(&state, req.max_tokens, DEFAULT_MAX_TOKENS as usize)?;
     let k = req.logprobs.unwrap_or(0);
     if k > run::MAX_LOGPROBS {
         return Err(OpenAiError::invalid(

@@ -174,9 +174,21 @@ pub async fn await_all(
 /// Tokens to generate per choice: what the request names (`requested`), else `default`, at
 /// most the server's `--max-new-tokens`; the worker then shortens it to what the context leaves
 /// after the prompt (llama.cpp's rule: `finish_reason` says `length`).
-pub fn max_new_tokens(state: &AppState, requested: Option<u32>, default: usize) -> usize {
+pub fn max_new_tokens(
+    state: &AppState,
+    requested: Option<u32>,
+    default: usize,
+) -> Result<usize, OpenAiError> {
+    // The schema says int32 (what OpenAI's clients send); larger is out of contract.
+    if requested.is_some_and(|n| n > i32::MAX as u32) {
+        return Err(OpenAiError::invalid(
+            "max_tokens",
+            "INVALID_MAX_TOKENS",
+            format!("max_tokens must be at most {}", i32::MAX),
+        ));
+    }
     let n = requested.map_or(default, |n| n as usize);
-    state.config.max_new_tokens.map_or(n, |cap| n.min(cap))
+    Ok(state.config.max_new_tokens.map_or(n, |cap| n.min(cap)))
 }
 
 pub fn deadline(state: &AppState) -> Instant {

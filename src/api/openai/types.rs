@@ -154,7 +154,7 @@ pub struct CompletionRequest {
     pub prompt: PromptField,
     /// Tokens to generate (default 16); 0 is allowed with `echo` (scoring only).
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 2147483647)]
     pub max_tokens: Option<u32>,
     /// 0 to 2 (default 1); below 1e-5 is greedy.
     #[serde(default)]
@@ -284,11 +284,11 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessageIn>,
     /// Tokens to generate (default: up to the context length).
     #[serde(default)]
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub max_tokens: Option<u32>,
     /// The newer name of `max_tokens` (wins when both are given).
     #[serde(default)]
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub max_completion_tokens: Option<u32>,
     #[serde(default)]
     #[schema(minimum = 0.0, maximum = 2.0)]
