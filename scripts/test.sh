@@ -4,8 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --test-assets
 cargo test --all-targets "$@"
-# The whole suite (no arguments) also fuzzes the real server from its OpenAPI document;
-# TOKENSCOPE_SKIP_FUZZ=1 leaves that out of a quick local run.
+# The whole suite (no arguments) also runs real OpenAI-ecosystem clients (the openai SDK,
+# lm-evaluation-harness) and fuzzes the real server from its OpenAPI document;
+# TOKENSCOPE_SKIP_CLIENTS=1 / TOKENSCOPE_SKIP_FUZZ=1 leave them out of a quick local run.
+if [ "$#" -eq 0 ] && [ -z "${TOKENSCOPE_SKIP_CLIENTS:-}" ]; then
+  ./scripts/clients.sh
+fi
 if [ "$#" -eq 0 ] && [ -z "${TOKENSCOPE_SKIP_FUZZ:-}" ]; then
   ./scripts/fuzz.sh
 fi
