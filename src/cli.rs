@@ -185,14 +185,7 @@ impl InspectArgs {
             stop: self.stop.clone(),
             logprobs_mode: self.logprobs_mode,
             prompt_logprobs: self.prompt_logprobs,
-            targets: self
-                .targets
-                .iter()
-                .map(|text| Target {
-                    text: text.clone(),
-                    ids: Vec::new(),
-                })
-                .collect(),
+            targets: Target::named(&self.targets),
             ..GenerateParams::default()
         }
     }

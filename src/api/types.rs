@@ -162,14 +162,7 @@ impl GenerateRequest {
             stop: self.stop.clone(),
             logprobs_mode: self.logprobs_mode,
             prompt_logprobs: self.prompt_logprobs,
-            targets: self
-                .targets
-                .iter()
-                .map(|text| Target {
-                    text: text.clone(),
-                    ids: Vec::new(),
-                })
-                .collect(),
+            targets: Target::named(&self.targets),
             ..GenerateParams::default()
         }
     }

@@ -18,6 +18,19 @@ pub struct Target {
     pub ids: Vec<u32>,
 }
 
+impl Target {
+    /// Targets from their texts, to be tokenized before the job is queued.
+    pub fn named(texts: &[String]) -> Vec<Self> {
+        texts
+            .iter()
+            .map(|text| Self {
+                text: text.clone(),
+                ids: Vec::new(),
+            })
+            .collect()
+    }
+}
+
 /// Most logits held at once while scoring (rows × vocabulary): 8 Mi f32 = 32 MiB, so a chunk
 /// is ~170 positions for a 49k vocabulary and 32 for Gemma's 262k.
 const MAX_LOGIT_VALUES: usize = 8 << 20;

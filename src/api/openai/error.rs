@@ -130,33 +130,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
     type Rejection = OpenAiError;
 
     async fn from_request(req: Request<Body>, state: &AppState) -> Result<Self, OpenAiError> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|m| {
-                let m = m.trim().to_ascii_lowercase();
-                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
-            });
-        if !is_json {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "UNSUPPORTED_MEDIA_TYPE",
-                "Content-Type must be application/json",
-            )
-            .into());
-        }
-        let limit = state.config.max_body_bytes;
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "PAYLOAD_TOO_LARGE",
-                    format!("Request body exceeds the limit of {limit} bytes"),
-                )
-            })?;
+        let bytes = crate::api::extract::json_body_bytes(req, state.config.max_body_bytes).await?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             OpenAiError::invalid(
                 "body",
