@@ -62,8 +62,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENSCOPE_PROTECT_DOCS")]
     pub protect_docs: bool,
     /// Most tokens one OpenAI-style request may generate per choice: the default when the
-    /// request names none (chat otherwise runs to the end of the context), and a bound on what
-    /// it names (422 beyond). Unbounded by default, like vLLM.
+    /// request names none (chat otherwise runs to the end of the context), and a cap on what
+    /// it names (shortened to it, `finish_reason: length`). Unbounded by default, like vLLM.
     #[arg(long, env = "TOKENSCOPE_MAX_NEW_TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_new_tokens: Option<u32>,
     /// Allow browser apps from this origin to call the API (CORS; repeatable; `*` for any).

@@ -543,6 +543,24 @@ async fn n_choices_with_a_seed_are_reproducible_and_indexed() {
 }
 
 #[tokio::test]
+async fn more_choices_than_the_queue_holds_are_served_in_turn() {
+    let worker = worker::spawn_loaded(common::smollm().clone(), WorkerLimits::default(), 2);
+    let app = api::router(AppState::new(worker.clone(), ServeConfig::default()));
+    let body =
+        json!({"prompt": [PROMPT, "Once upon a time"], "n": 3, "max_tokens": 2, "temperature": 0});
+    let r = ok(&app, "/v1/completions", body).await;
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 6);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        // Greedy: every choice of a prompt is the same text.
+        assert_eq!(c["text"], choices[i / 3 * 3]["text"]);
+    }
+    assert_eq!(r["usage"]["completion_tokens"], 12);
+    assert_eq!(worker.jobs_received(), 6);
+}
+
+#[tokio::test]
 async fn errors_use_openais_shape_and_unknown_fields_are_ignored() {
     let app = app();
     let cases = [
@@ -609,6 +627,22 @@ async fn errors_use_openais_shape_and_unknown_fields_are_ignored() {
     .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(e["error_code"], "INVALID_TEMPERATURE");
+    // vLLM's rule (and the schema's dependentSchemas): top_logprobs, even 0, needs logprobs.
+    let chat = json!([{"role": "user", "content": "Hi"}]);
+    for top in [
+        json!({"top_logprobs": 0}),
+        json!({"top_logprobs": 2, "logprobs": false}),
+    ] {
+        let mut body = json!({"messages": chat, "max_tokens": 1});
+        body.as_object_mut()
+            .unwrap()
+            .extend(top.as_object().unwrap().clone());
+        let (s, e) = post(&app, "/v1/chat/completions", body.clone()).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body} → {e}");
+        assert_eq!(e["error"]["param"], "top_logprobs");
+    }
+    let body = json!({"messages": chat, "max_tokens": 1, "top_logprobs": null});
+    ok(&app, "/v1/chat/completions", body).await;
 }
 
 #[tokio::test]
@@ -712,6 +746,11 @@ async fn tokenizer_endpoints_speak_vllms_shapes() {
     )
     .await;
     assert_eq!(s["tokens"], json!([2]));
+    // The schema's oneOf: a body that is both shapes is refused, not read as one of them.
+    let both = json!({"prompt": PROMPT, "messages": [{"role": "user", "content": "Hi"}]});
+    let (s, e) = post(&app, "/tokenize", both).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("not both"));
     let d = ok(&app, "/detokenize", json!({"tokens": ids})).await;
     assert_eq!(d["prompt"], PROMPT);
     let (s, e) = post(&app, "/detokenize", json!({"tokens": [99999999]})).await;

@@ -87,7 +87,25 @@ impl Modify for BearerScheme {
 pub fn openapi_json() -> String {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    doc.to_pretty_json().unwrap_or_else(|_| "{}".into())
+    let Ok(mut value) = serde_json::to_value(&doc) else {
+        return "{}".into();
+    };
+    add_dependent_schemas(&mut value);
+    serde_json::to_string_pretty(&value).unwrap_or_else(|_| "{}".into())
+}
+
+/// Rules between fields, which utoipa's schema types cannot state (JSON Schema 2020-12's
+/// `dependentSchemas`): a chat request's `top_logprobs` needs `logprobs: true` (vLLM's rule).
+fn add_dependent_schemas(doc: &mut serde_json::Value) {
+    let chat = &mut doc["components"]["schemas"]["ChatRequest"];
+    if chat.is_object() {
+        chat["dependentSchemas"] = serde_json::json!({
+            "top_logprobs": {"anyOf": [
+                {"properties": {"top_logprobs": {"type": "null"}}},
+                {"required": ["logprobs"], "properties": {"logprobs": {"const": true}}},
+            ]}
+        });
+    }
 }
 
 /// The document, with the loaded model's facts a static document cannot know: the largest

@@ -51,6 +51,16 @@ pub enum ModelState {
     Failed(String),
 }
 
+/// What a submission does when the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Answer `Overloaded` at once (a new request meets a busy server).
+    Refuse,
+    /// Wait for room (the further jobs of a request already admitted: a request with more
+    /// choices than the queue holds is served in turn, not refused).
+    Wait,
+}
+
 /// Why a job produced no response.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -267,7 +277,7 @@ impl WorkerHandle {
         prompt: String,
         params: GenerateParams,
     ) -> Result<Reply, WorkerError> {
-        self.submit_input(PromptInput::Text(prompt), params, None)
+        self.submit_input(PromptInput::Text(prompt), params, None, WhenFull::Refuse)
             .await
     }
 
@@ -278,6 +288,7 @@ impl WorkerHandle {
         prompt: PromptInput,
         mut params: GenerateParams,
         stream: Option<(usize, EventSender)>,
+        when_full: WhenFull,
     ) -> Result<Reply, WorkerError> {
         let info = self.ready_info()?;
         let permit = self
@@ -334,7 +345,16 @@ impl WorkerHandle {
             self.limits.max_prompt_tokens,
             params.max_tokens.max(longest_target.unwrap_or(0)),
         )?;
-        self.enqueue(text, ids, params, stream)
+        let (job, reply) = self.job(text, ids, params, stream)?;
+        match when_full {
+            WhenFull::Refuse => self.send(Command::Generate(job))?,
+            WhenFull::Wait => self
+                .tx
+                .send(Command::Generate(job))
+                .await
+                .map_err(|_| WorkerError::Stopped)?,
+        }
+        Ok(reply)
     }
 
     /// Queues an already-tokenized prompt (the caller has checked it with [`check_prompt`]).
@@ -344,16 +364,18 @@ impl WorkerHandle {
         ids: Vec<u32>,
         params: GenerateParams,
     ) -> Result<Reply, WorkerError> {
-        self.enqueue(prompt, ids, params, None)
+        let (job, reply) = self.job(prompt, ids, params, None)?;
+        self.send(Command::Generate(job))?;
+        Ok(reply)
     }
 
-    fn enqueue(
+    fn job(
         &self,
         prompt: String,
         ids: Vec<u32>,
         params: GenerateParams,
         stream: Option<(usize, EventSender)>,
-    ) -> Result<Reply, WorkerError> {
+    ) -> Result<(Job, Reply), WorkerError> {
         self.ready_info()?;
         let (reply, rx) = oneshot::channel();
         let job = Job {
@@ -364,8 +386,7 @@ impl WorkerHandle {
             enqueued: Instant::now(),
             stream,
         };
-        self.send(Command::Generate(job))?;
-        Ok(rx)
+        Ok((job, rx))
     }
 
     /// Makes the model thread panic outside any job (only tests call this: it is how they

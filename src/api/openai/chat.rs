@@ -59,7 +59,7 @@ pub async fn create(
             format!("top_logprobs must be between 0 and {}", run::MAX_LOGPROBS),
         ));
     }
-    if k > 0 && !req.logprobs {
+    if req.top_logprobs.is_some() && !req.logprobs {
         return Err(OpenAiError::invalid(
             "top_logprobs",
             "VALIDATION_ERROR",

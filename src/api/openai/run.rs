@@ -7,7 +7,7 @@ use super::error::OpenAiError;
 use super::types::{StopField, Usage};
 use crate::api::types::{MAX_STOP_CHARS, MAX_STOP_STRINGS};
 use crate::api::AppState;
-use crate::engine::worker::{EventSender, PromptInput, Reply, WorkerError};
+use crate::engine::worker::{EventSender, PromptInput, Reply, WhenFull, WorkerError};
 use crate::engine::{GenerateParams, GenerateResponse, LogprobsMode};
 
 /// Most choices per prompt.
@@ -113,32 +113,26 @@ impl Sampling {
     }
 }
 
-/// Queues one job per (prompt, params); refuses up front when they cannot all wait in the
-/// queue. With `stream`, job i reports its events under index i.
+/// Queues one job per (prompt, params). A full queue refuses the request's first job
+/// (`OVERLOADED`); the others wait for room, so a request with more choices than the queue
+/// holds is served in turn. With `stream`, job i reports its events under index i.
 pub async fn submit_all(
     state: &AppState,
     jobs: Vec<(PromptInput, GenerateParams)>,
     stream: Option<&EventSender>,
     deadline: Instant,
 ) -> Result<Vec<Reply>, OpenAiError> {
-    if jobs.len() > state.worker.queue_capacity() {
-        let message = format!(
-            "{} choices in one request exceed the queue's capacity of {}",
-            jobs.len(),
-            state.worker.queue_capacity()
-        );
-        let overloaded = crate::api::ApiError::overloaded();
-        return Err(OpenAiError::from(crate::api::ApiError {
-            detail: crate::api::error::ErrorDetail::Message(message),
-            ..overloaded
-        })
-        .with_param("n"));
-    }
     let mut replies = Vec::with_capacity(jobs.len());
     for (i, (prompt, params)) in jobs.into_iter().enumerate() {
-        let submit = state
-            .worker
-            .submit_input(prompt, params, stream.map(|tx| (i, tx.clone())));
+        let when_full = if i == 0 {
+            WhenFull::Refuse
+        } else {
+            WhenFull::Wait
+        };
+        let submit =
+            state
+                .worker
+                .submit_input(prompt, params, stream.map(|tx| (i, tx.clone())), when_full);
         let reply = tokio::time::timeout_at(deadline.into(), submit)
             .await
             .map_err(|_| timeout(state))?

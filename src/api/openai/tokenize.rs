@@ -14,11 +14,36 @@ use crate::api::AppState;
 use crate::engine::worker::WorkerError;
 
 /// Body of POST /tokenize: a `prompt`, or `messages` rendered with the chat template.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, ToSchema)]
 #[serde(untagged)]
 pub enum TokenizeRequest {
     Prompt(TokenizePrompt),
     Chat(TokenizeChat),
+}
+
+/// Exactly one of the two shapes, as the schema's `oneOf` says: a body that is both (a
+/// `prompt` and `messages`) is refused rather than read as whichever comes first.
+impl<'de> Deserialize<'de> for TokenizeRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(deserializer)?;
+        match (
+            TokenizePrompt::deserialize(&value),
+            TokenizeChat::deserialize(&value),
+        ) {
+            (Ok(_), Ok(_)) => Err(D::Error::custom("give either prompt or messages, not both")),
+            (Ok(prompt), Err(_)) => Ok(Self::Prompt(prompt)),
+            (Err(_), Ok(chat)) => Ok(Self::Chat(chat)),
+            // The error of the shape the body seems to mean.
+            (Err(prompt), Err(chat)) => Err(D::Error::custom(
+                if value.get("prompt").is_none() && value.get("messages").is_some() {
+                    chat
+                } else {
+                    prompt
+                },
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -79,7 +104,7 @@ pub struct TokenizeResponse {
         (status = 401, description = "Missing or wrong bearer key", body = super::error::OpenAiErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::OpenAiErrorBody),
         (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = super::error::OpenAiErrorBody),
-        (status = 422, description = "Neither prompt nor messages, or a wrong type", body = super::error::OpenAiErrorBody),
+        (status = 422, description = "Neither or both of prompt and messages, or a wrong type", body = super::error::OpenAiErrorBody),
         (status = 503, description = "MODEL_NOT_LOADED", body = super::error::OpenAiErrorBody),
     ),
     security((), ("bearer" = []))

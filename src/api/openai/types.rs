@@ -306,7 +306,7 @@ pub struct ChatRequest {
     /// Return each generated token's log-probability (the model's own distribution, T = 1).
     #[serde(default)]
     pub logprobs: bool,
-    /// Alternatives per position with `logprobs`, 0 to 20.
+    /// Alternatives per position, 0 to 20; needs `logprobs: true`.
     #[serde(default)]
     #[schema(minimum = 0, maximum = 20)]
     pub top_logprobs: Option<u32>,
