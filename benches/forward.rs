@@ -114,29 +114,52 @@ fn forward(c: &mut Criterion) {
 criterion_group!(benches, forward);
 criterion_main!(benches, kernels);
 
-/// The packed kernel alone, on the default model's shapes (one input row, or 16).
+/// The packed kernels alone, on the default model's shapes (one input row, or 16) and, for the
+/// K-quant and Q5_0 formats of the Gemma 3 / Qwen2.5 files, a 640×2048 matrix; plus the tiled
+/// GEMM of long prompts (128 input rows).
 fn packed(c: &mut Criterion) {
-    use tokenscope::model::packed::{Kind, PackedMatrix};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use tokenscope::model::packed::PackedMatrix;
+    use tokenscope::model::quant::Format;
     let mut group = c.benchmark_group("packed_matvec");
-    for (name, kind, rows, cols, n) in [
-        ("q4_1_1536x576", Kind::Q4_1, 1536usize, 576usize, 1usize),
-        ("q4_1_1536x576_16_inputs", Kind::Q4_1, 1536, 576, 16),
-        ("q4_1_576x1536_16_inputs", Kind::Q4_1, 576, 1536, 16),
-        ("q8_0_49152x576_lm_head", Kind::Q8_0, 49152, 576, 1),
+    for (name, dtype, rows, cols, n) in [
+        (
+            "q4_1_1536x576",
+            GgmlDType::Q4_1,
+            1536usize,
+            576usize,
+            1usize,
+        ),
+        ("q4_1_1536x576_16_inputs", GgmlDType::Q4_1, 1536, 576, 16),
+        ("q4_1_576x1536_16_inputs", GgmlDType::Q4_1, 576, 1536, 16),
+        ("q8_0_49152x576_lm_head", GgmlDType::Q8_0, 49152, 576, 1),
+        ("q5_0_2048x640", GgmlDType::Q5_0, 2048, 640, 1),
+        ("q4k_640x2048", GgmlDType::Q4K, 640, 2048, 1),
+        ("q6k_640x2048", GgmlDType::Q6K, 640, 2048, 1),
+        ("q4k_640x2048_16_inputs", GgmlDType::Q4K, 640, 2048, 16),
+        (
+            "q4_1_1536x576_128_inputs_tiled",
+            GgmlDType::Q4_1,
+            1536,
+            576,
+            128,
+        ),
+        (
+            "q4k_640x2048_128_inputs_tiled",
+            GgmlDType::Q4K,
+            640,
+            2048,
+            128,
+        ),
     ] {
-        let bpb = if kind == Kind::Q4_1 { 20 } else { 34 };
-        let mut data = vec![0u8; rows * cols / 32 * bpb];
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = (i * 31 % 251) as u8;
-        }
-        // Keep the f16 scales finite.
-        for blk in data.chunks_mut(bpb) {
-            blk[1] = 0x20;
-            if kind == Kind::Q4_1 {
-                blk[3] = 0x20;
-            }
-        }
-        let m = PackedMatrix::from_blocks(kind, rows, cols, &data, None).unwrap();
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.1)
+            .collect();
+        let dense =
+            candle_core::Tensor::from_vec(values, (rows, cols), &candle_core::Device::Cpu).unwrap();
+        let q = QTensor::quantize(&dense, dtype).unwrap();
+        let format = Format::from_ggml(dtype).unwrap();
+        let m = PackedMatrix::from_blocks(format, rows, cols, &q.data().unwrap(), None).unwrap();
         let x: Vec<f32> = (0..n * cols).map(|i| (i % 7) as f32 * 0.1).collect();
         group.bench_function(name, |b| b.iter(|| m.matmul(std::hint::black_box(&x), n)));
     }

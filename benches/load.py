@@ -53,7 +53,8 @@ Run (from the repository root, after `cargo build --release` and ./scripts/setup
     python3 benches/load.py \
       --llama-server /tmp/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server \
       --llama-python /tmp/llamacpp/venv/bin/python [--tokenscope ./target/release/tokenscope] \
-      [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--output report.md] [--quick]
+      [--model models/SmolLM2-135M-Instruct.Q4_1.gguf | --models A.gguf B.gguf ...] \
+      [--output report.md] [--quick]
 
 llama-server runs as `llama-server -m MODEL -t 2 -np 8 --no-webui --port P` (8 slots, each with
 the model's full context: its RSS includes that KV cache; `--llama-server-args "-c 4096"` adds
@@ -739,6 +740,8 @@ def main():
     ap.add_argument("--llama-server", required=True, help="llama.cpp's llama-server binary")
     ap.add_argument("--llama-python", help="python of a venv with llama-cpp-python[server] (optional)")
     ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--models", nargs="+",
+                    help="several models, benchmarked one after the other (one report each)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=18090, help="first port to try")
     ap.add_argument("--tokenscope-args", default="", help="extra arguments (shell-quoted)")
@@ -769,6 +772,21 @@ def main():
         args.greedy_n, args.greedy_s = 3, 20
         args.conc_s = 8
         args.typing_s = 15
+    models = args.models or [args.model]
+    reports = []
+    for model in models:
+        one = argparse.Namespace(**vars(args))
+        one.model = model
+        reports.append(run(one))
+    report = "\n\n".join(reports)
+    print(report)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(report + "\n")
+
+
+def run(args) -> str:
+    """One model: start the servers, run the phases, return the Markdown report."""
     args.model = os.path.abspath(args.model)
     args.tokenscope = os.path.abspath(args.tokenscope)
     for label, path in (("--model", args.model), ("--tokenscope", args.tokenscope),
@@ -878,7 +896,7 @@ def main():
     peers = [s.name for s in servers[1:]]
     out = []
     w = out.append
-    w(f"# tokenscope load benchmark\n")
+    w(f"# tokenscope load benchmark: {os.path.basename(args.model)}\n")
     w(f"- date: {started.isoformat(timespec='seconds')} → {finished.isoformat(timespec='seconds')} "
       f"({(finished - started).total_seconds():.0f} s)")
     w(f"- machine: {platform.node()}, {ncpu} CPUs (nproc {len(os.sched_getaffinity(0))}), "
@@ -979,11 +997,7 @@ def main():
               f"max |Δp| over common tokens: {diff:.4f}")
     w("")
     w(f"Server logs: {logdir}")
-    report = "\n".join(out)
-    print(report)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(report + "\n")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ impl ModelArgs {
         LoadOptions {
             device: self.device,
             dtype: self.dtype,
+            ..LoadOptions::default()
         }
     }
 }

@@ -293,30 +293,44 @@ fn prefix_cache_reuses_work_without_changing_results() {
     assert!(prefix.misses >= 2);
 }
 
+/// The packed path (the file's blocks, no dense copy: the streaming kernels for short inputs,
+/// the tiled GEMM for long ones, the fused path where the family has it) against the dense
+/// f32 reference (every weight dequantized, candle's ops), over the full vocabulary, on the
+/// three real models: Q4_1/Q8_0 (SmolLM2), Q4_K/Q5_0/Q6_K/Q8_0 (Gemma 3, Qwen2.5).
 #[test]
-fn packed_kernel_matches_the_dense_path() {
-    // The default GGUF model on CPU uses packed Q4_1/Q8_0 blocks for inputs of ≤ 8 tokens; the
-    // same model without them (dense f32 GEMM) must give the same distribution.
-    let packed = common::smollm(); // loaded (packed) before the variable below is set
-    std::env::set_var("TOKENSCOPE_DENSE_ONLY", "1");
-    let dense = tokenscope::model::load(
-        &tokenscope::model::ModelSource::Gguf(common::default_gguf()),
-        &Default::default(),
-    )
-    .unwrap();
-    std::env::remove_var("TOKENSCOPE_DENSE_ONLY");
-    for prompt in [
-        "The capital of France is",
-        "Hi",
-        "1 2 3",
-        "<|im_start|>user\nHi<|im_end|>",
+fn packed_weights_match_the_dense_reference() {
+    let long = "The history of the city goes back to Roman times, when a small settlement \
+        grew up around the river crossing. Over the centuries it became a centre of trade, \
+        and by the middle ages its markets drew merchants from far away. Today";
+    for file in [
+        common::default_gguf(),
+        common::test_asset("gemma-3-270m-q4_k_m.gguf"),
+        common::test_asset("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
     ] {
-        let ids = packed.tokenizer.encode(prompt).unwrap();
-        assert!(ids.len() <= 8);
-        let lp = |m: &tokenscope::model::LoadedModel| common::next_logprobs(&m.model, &ids);
-        let (a, b) = (lp(packed), lp(&dense));
-        let diff = common::max_abs_diff(&a, &b);
-        assert!(diff <= 1e-4, "{prompt:?}: max |Δ logprob| = {diff}");
+        let load = |dense_reference| {
+            tokenscope::model::load(
+                &tokenscope::model::ModelSource::Gguf(file.clone()),
+                &tokenscope::model::LoadOptions {
+                    dense_reference,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let (packed, dense) = (load(false), load(true));
+        for prompt in ["The capital of France is", "Hi", "1 2 3", long] {
+            let ids = packed.tokenizer.encode(prompt).unwrap();
+            let lp = |m: &tokenscope::model::LoadedModel| common::next_logprobs(&m.model, &ids);
+            let (a, b) = (lp(&packed), lp(&dense));
+            assert_eq!(a.len(), packed.model.config().vocab_size);
+            let diff = common::max_abs_diff(&a, &b);
+            assert!(
+                diff <= 1e-4,
+                "{}: {prompt:?} ({} tokens): max |Δ logprob| = {diff}",
+                file.display(),
+                ids.len()
+            );
+        }
     }
 }
 

@@ -17,7 +17,9 @@ use candle_nn::VarBuilder;
 
 use super::config::{Activation, Config};
 use super::kv_cache::{Cache, Prefilled};
-use super::layers::{causal_mask, repeat_kv, Linear, RmsNorm, RotaryEmbedding, INIT_WEIGHT};
+use super::layers::{
+    causal_mask, repeat_kv, Embedding, Linear, PackedWeights, RmsNorm, RotaryEmbedding, Weights,
+};
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -36,16 +38,17 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+    fn load(w: Weights, cfg: &Config) -> candle_core::Result<Self> {
+        let vb = &w.vb;
         let h = cfg.hidden_size;
         let hd = cfg.head_dim();
         let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
         let bias = cfg.family.qkv_bias;
         Ok(Self {
-            q_proj: Linear::load_biased(vb.pp("q_proj"), h, nh * hd, bias)?,
-            k_proj: Linear::load_biased(vb.pp("k_proj"), h, nkv * hd, bias)?,
-            v_proj: Linear::load_biased(vb.pp("v_proj"), h, nkv * hd, bias)?,
-            o_proj: Linear::load(vb.pp("o_proj"), nh * hd, h)?,
+            q_proj: Linear::load_biased(w.pp("q_proj"), h, nh * hd, bias)?,
+            k_proj: Linear::load_biased(w.pp("k_proj"), h, nkv * hd, bias)?,
+            v_proj: Linear::load_biased(w.pp("v_proj"), h, nkv * hd, bias)?,
+            o_proj: Linear::load(w.pp("o_proj"), nh * hd, h)?,
             q_norm: cfg
                 .family
                 .qk_norm
@@ -132,12 +135,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+    fn load(w: Weights, cfg: &Config) -> candle_core::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: Linear::load(vb.pp("gate_proj"), h, i)?,
-            up_proj: Linear::load(vb.pp("up_proj"), h, i)?,
-            down_proj: Linear::load(vb.pp("down_proj"), i, h)?,
+            gate_proj: Linear::load(w.pp("gate_proj"), h, i)?,
+            up_proj: Linear::load(w.pp("up_proj"), h, i)?,
+            down_proj: Linear::load(w.pp("down_proj"), i, h)?,
             activation: cfg.family.activation,
         })
     }
@@ -182,12 +185,12 @@ impl Block {
         ]
     }
 
-    fn load(vb: VarBuilder, cfg: &Config, layer: usize) -> candle_core::Result<Self> {
-        let norm = |name: &str| RmsNorm::load(vb.pp(name), cfg.hidden_size, cfg.rms_norm_eps);
+    fn load(w: Weights, cfg: &Config, layer: usize) -> candle_core::Result<Self> {
+        let norm = |name: &str| RmsNorm::load(w.vb.pp(name), cfg.hidden_size, cfg.rms_norm_eps);
         let sandwich = cfg.family.sandwich_norms;
         Ok(Self {
             attn_norm: norm("input_layernorm")?,
-            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            self_attn: Attention::load(w.pp("self_attn"), cfg)?,
             attn_out_norm: sandwich
                 .then(|| norm("post_attention_layernorm"))
                 .transpose()?,
@@ -196,7 +199,7 @@ impl Block {
             } else {
                 "post_attention_layernorm"
             })?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            mlp: Mlp::load(w.pp("mlp"), cfg)?,
             ffn_out_norm: sandwich
                 .then(|| norm("post_feedforward_layernorm"))
                 .transpose()?,
@@ -229,7 +232,7 @@ impl Block {
 /// A decoder-only transformer with its LM head.
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    embed_tokens: candle_nn::Embedding,
+    embed_tokens: Embedding,
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -249,23 +252,33 @@ pub struct Decoder {
 impl Decoder {
     /// Loads from HF names (`model.layers.N.self_attn.q_proj.weight`, ...).
     pub fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        Self::load_packed(vb, cfg, PackedWeights::new())
+    }
+
+    /// Like [`Self::load`], with packed matrices (GGUF blocks, f32 on the CPU) in place of the
+    /// dense weights of the same names: `vb` then holds only the rest (norms, biases, weights
+    /// in formats without a packed kernel). With every projection packed, plain llama layers
+    /// also get the fused short-input path.
+    pub fn load_packed(
+        vb: VarBuilder,
+        cfg: &Config,
+        packed: PackedWeights,
+    ) -> candle_core::Result<Self> {
+        let any_packed = !packed.is_empty();
+        let w = Weights::new(vb.clone(), packed);
         let dtype = vb.dtype();
         let device = vb.device().clone();
-        let embed_weight = vb.pp("model.embed_tokens").get_with_hints(
-            (cfg.vocab_size, cfg.hidden_size),
-            "weight",
-            INIT_WEIGHT,
-        )?;
-        let embed_tokens = candle_nn::Embedding::new(embed_weight.clone(), cfg.hidden_size);
+        let embed_tokens = Embedding::load(&w, cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg, i))
+            .map(|i| Block::load(w.pp(format!("model.layers.{i}")), cfg, i))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = RmsNorm::load(vb.pp("model.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         // A checkpoint without lm_head shares the embedding matrix (tied embeddings).
-        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
-            Linear::dense(embed_weight)
+        let has_head = vb.contains_tensor("lm_head.weight") || w.packed("lm_head.weight").is_some();
+        let lm_head = if cfg.tie_word_embeddings || !has_head {
+            embed_tokens.as_linear()
         } else {
-            Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?
+            Linear::load(w.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?
         };
         let inv_freq = cfg.rope_inv_freq().map_err(candle_core::Error::Msg)?;
         let rope = RotaryEmbedding::new(&inv_freq, cfg.max_position_embeddings, dtype, &device)?;
@@ -293,7 +306,7 @@ impl Decoder {
             )),
             _ => None,
         };
-        Ok(Self {
+        let mut model = Self {
             embed_tokens,
             layers,
             norm,
@@ -305,7 +318,11 @@ impl Decoder {
             dtype,
             device,
             fused: None,
-        })
+        };
+        if any_packed {
+            model.fused = model.build_fused().map(std::sync::Arc::new);
+        }
+        Ok(model)
     }
 
     /// Replaces the dense projections with quantized ones (for `--dtype gguf`).
@@ -327,26 +344,6 @@ impl Decoder {
         self
     }
 
-    /// Adds packed blocks to the dense projections that have them (GGUF on CPU, f32).
-    pub fn with_packed(
-        mut self,
-        mut take: impl FnMut(&str) -> Option<std::sync::Arc<super::packed::PackedMatrix>>,
-    ) -> Self {
-        let pack = |slot: &mut Linear, p: Option<std::sync::Arc<super::packed::PackedMatrix>>| {
-            if let (Linear::Dense(d), Some(p)) = (&*slot, p) {
-                *slot = Linear::Packed(d.clone(), p);
-            }
-        };
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            for (name, slot) in layer.projections_mut() {
-                pack(slot, take(&format!("model.layers.{i}.{name}.weight")));
-            }
-        }
-        pack(&mut self.lm_head, take("lm_head.weight"));
-        self.fused = self.build_fused().map(std::sync::Arc::new);
-        self
-    }
-
     /// The fused short-input path needs plain llama layers, every projection packed and f32
     /// on the CPU.
     fn build_fused(&self) -> Option<super::fused::Fused> {
@@ -355,7 +352,7 @@ impl Decoder {
             return None;
         }
         let packed = |l: &Linear| match l {
-            Linear::Packed(_, p) => Some(p.clone()),
+            Linear::Packed(p, None) => Some(p.clone()),
             _ => None,
         };
         let norm = |n: &RmsNorm| n.weight.to_vec1::<f32>().ok();
@@ -381,7 +378,7 @@ impl Decoder {
             layers,
             norm: norm(&self.norm)?,
             head: packed(&self.lm_head)?,
-            embed: self.embed_tokens.embeddings().clone(),
+            embed: self.embed_tokens.clone(),
             cos: flat(&self.rope.cos)?,
             sin: flat(&self.rope.sin)?,
             hidden: self.cfg.hidden_size,

@@ -11,7 +11,6 @@
 
 use std::sync::Arc;
 
-use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 
 use super::kv_cache::Cache;
@@ -36,8 +35,8 @@ pub(crate) struct Fused {
     pub layers: Vec<FusedLayer>,
     pub norm: Vec<f32>,
     pub head: Arc<PackedMatrix>,
-    /// (vocab, hidden) f32 on the CPU, shared with the candle path.
-    pub embed: Tensor,
+    /// The token embeddings, shared with the candle path.
+    pub embed: super::layers::Embedding,
     /// (positions, head_dim / 2), the same tables as the candle path's rotary embedding.
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
@@ -198,17 +197,8 @@ impl Fused {
             gate: vec![0f32; t * self.intermediate],
             up: vec![0f32; t * self.intermediate],
         };
-        {
-            let (storage, layout) = self.embed.storage_and_layout();
-            let table = cpu_f32(&storage, layout)?;
-            let vocab = table.len() / h;
-            for (i, &id) in ids.iter().enumerate() {
-                let id = id as usize;
-                if id >= vocab {
-                    candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
-                }
-                b.x[i * h..(i + 1) * h].copy_from_slice(&table[id * h..(id + 1) * h]);
-            }
+        for (&id, out) in ids.iter().zip(b.x.chunks_exact_mut(h)) {
+            self.embed.row_into(id as usize, out)?;
         }
         for (l, layer) in self.layers.iter().enumerate() {
             self.layer(layer, l, &mut b, segments, caches)?;
@@ -331,21 +321,6 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let m = (sum2 / x.len() as f32 + eps).sqrt();
     for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
         *o = *x / m * *w;
-    }
-}
-
-/// The contiguous f32 data of a CPU tensor.
-fn cpu_f32<'a>(
-    storage: &'a Storage,
-    layout: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let Storage::Cpu(cpu) = storage else {
-        candle_core::bail!("the fused path runs on the CPU only");
-    };
-    let data = cpu.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("expected a contiguous tensor"),
     }
 }
 

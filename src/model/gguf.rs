@@ -10,13 +10,13 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{Arch, Config, EosTokenId, Family, Sliding};
 use super::error::{ModelError, Result};
-use super::packed::{Kind, PackedMatrix};
+use super::packed::PackedMatrix;
+use super::quant::Format;
 
 /// llama.cpp's rope frequency factors (Llama 3.1+): read into [`Config::rope_freq_factors`].
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
-/// Packed projection weights by HF name.
-pub type PackedWeights = HashMap<String, Arc<PackedMatrix>>;
+pub use super::layers::PackedWeights;
 
 pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
 
@@ -277,8 +277,10 @@ impl GgufFile {
         Ok((dense, quant))
     }
 
-    /// Like [`Self::tensors`], plus the Q4_1/Q8_0 projections (and a tied head) packed for the
-    /// exact short-input kernel of [`super::packed`].
+    /// Like [`Self::tensors`] in f32, except that every matrix in a format with a packed
+    /// kernel (projections, embeddings, the head) stays packed and gets no dense copy: the
+    /// dense map holds only the rest. Matrices in other formats are dequantized, with a
+    /// warning naming their type.
     pub fn tensors_with_packed(
         &mut self,
         cfg: &Config,
@@ -302,10 +304,10 @@ impl GgufFile {
         HashMap<String, Arc<PackedMatrix>>,
     )> {
         let names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
-        let tied = !self.content.tensor_infos.contains_key("output.weight");
         let mut dense = HashMap::new();
         let mut quant = HashMap::new();
         let mut packed = HashMap::new();
+        let mut unpacked_types = std::collections::BTreeSet::new();
         for name in names {
             let Some(hf) = hf_name(&name, &cfg.family) else {
                 // rope_freqs is in the config (checked by config(): no other name gets here).
@@ -320,47 +322,48 @@ impl GgufFile {
             } else {
                 None
             };
+            if pack && q.shape().rank() == 2 {
+                // The file's own blocks; q/k rows taken in un-permuted order.
+                if let Some(p) = pack_qtensor(&q, heads)? {
+                    packed.insert(hf, Arc::new(p));
+                    continue;
+                }
+                if q.dtype() != GgmlDType::F32 {
+                    unpacked_types.insert(format!("{:?}", q.dtype()));
+                }
+            }
             let t = q.dequantize(device)?;
             let t = match heads {
                 Some(n) => unpermute(&t, n)?,
                 None => t,
             };
             let is_projection = t.rank() == 2 && hf != "model.embed_tokens.weight";
-            // Packed blocks are the file's own; q/k keep them too, with the rows taken in
-            // un-permuted order (a row's blocks move whole, nothing is re-quantized).
-            if pack && t.rank() == 2 {
-                let target = if hf == "model.embed_tokens.weight" {
-                    tied.then(|| "lm_head.weight".to_string())
-                } else {
-                    Some(hf.clone())
-                };
-                if let Some(target) = target {
-                    if let Some(p) = pack_qtensor(&q, heads)? {
-                        packed.insert(target, Arc::new(p));
-                    }
-                }
-            }
             if keep_quantized && is_projection && heads.is_none() {
                 quant.insert(hf.clone(), QMatMul::from_qtensor(q)?);
             }
             dense.insert(hf, t.to_dtype(dtype)?);
         }
+        if !unpacked_types.is_empty() {
+            tracing::warn!(
+                types = ?unpacked_types,
+                "weights in these GGUF types have no packed kernel: they are dequantized to f32 \
+                 (exact, but 4 bytes per weight in memory)"
+            );
+        }
         Ok((dense, quant, packed))
     }
 }
 
-/// Packs a Q4_1/Q8_0 matrix; other block types return `None` (they use the dense path).
+/// Packs a matrix whose type has a packed kernel; other types return `None` (dense path).
 fn pack_qtensor(q: &QTensor, heads: Option<usize>) -> Result<Option<PackedMatrix>> {
-    let kind = match q.dtype() {
-        GgmlDType::Q4_1 => Kind::Q4_1,
-        GgmlDType::Q8_0 => Kind::Q8_0,
-        _ => return Ok(None),
+    let Some(format) = Format::from_ggml(q.dtype()) else {
+        return Ok(None);
     };
     let (rows, cols) = q.shape().dims2()?;
     let order = heads.map(|n| unpermute_order(rows, n));
     let data = q.data()?;
     Ok(PackedMatrix::from_blocks(
-        kind,
+        format,
         rows,
         cols,
         &data,

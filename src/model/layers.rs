@@ -1,9 +1,17 @@
-//! Building blocks shared by the architectures: projections (dense, GGUF-quantized, packed),
-//! RMS norm, rotary embeddings, grouped-query head repetition and the causal mask.
+//! Building blocks shared by the architectures: where weights come from, projections and
+//! embeddings (dense, GGUF-quantized, packed), RMS norm, rotary embeddings, grouped-query head
+//! repetition and the causal mask.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+
+use super::packed::PackedMatrix;
 
 /// Initialisation of fresh weights (HF's `initializer_range` = 0.02).
 pub(crate) const INIT_WEIGHT: candle_nn::Init = candle_nn::Init::Randn {
@@ -11,78 +19,196 @@ pub(crate) const INIT_WEIGHT: candle_nn::Init = candle_nn::Init::Randn {
     stdev: 0.02,
 };
 
-/// A projection whose weight is dense (any float dtype), kept in a GGUF quantized format, or
-/// dense plus packed blocks for the exact short-input kernel.
+/// Packed projection (and embedding) matrices by HF name, which take the place of dense
+/// weights (GGUF on the CPU in f32: no dense copy is made).
+pub type PackedWeights = HashMap<String, Arc<PackedMatrix>>;
+
+/// Where a model's parameters come from: candle tensors by name, and the packed matrices
+/// that replace some of them.
+#[derive(Clone)]
+pub(crate) struct Weights<'a> {
+    pub vb: VarBuilder<'a>,
+    packed: Rc<RefCell<PackedWeights>>,
+}
+
+impl<'a> Weights<'a> {
+    pub fn new(vb: VarBuilder<'a>, packed: PackedWeights) -> Self {
+        Self {
+            vb,
+            packed: Rc::new(RefCell::new(packed)),
+        }
+    }
+    pub fn pp<S: ToString>(&self, s: S) -> Self {
+        Self {
+            vb: self.vb.pp(s),
+            packed: self.packed.clone(),
+        }
+    }
+    /// The packed matrix `name` under this prefix, if there is one.
+    pub fn packed(&self, name: &str) -> Option<Arc<PackedMatrix>> {
+        let prefix = self.vb.prefix();
+        let key = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        self.packed.borrow().get(&key).cloned()
+    }
+}
+
+/// A projection whose weight is dense (any float dtype), kept in a GGUF quantized format for
+/// candle's quantized matmul, or packed for our exact kernels; each with an optional bias.
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense(candle_nn::Linear),
-    /// GGUF blocks through candle's quantized matmul, and the bias if the layer has one.
+    /// GGUF blocks through candle's quantized matmul (`--dtype gguf`).
     Quantized(QMatMul, Option<Tensor>),
-    Packed(
-        candle_nn::Linear,
-        std::sync::Arc<super::packed::PackedMatrix>,
-    ),
+    /// GGUF blocks through [`PackedMatrix::matmul`] (exact with respect to the dequantized
+    /// weights; f32 on the CPU, inference only).
+    Packed(Arc<PackedMatrix>, Option<Tensor>),
 }
 
 impl Linear {
     pub fn dense(weight: Tensor) -> Self {
         Self::Dense(candle_nn::Linear::new(weight, None))
     }
-    pub(crate) fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
-        Self::load_biased(vb, in_dim, out_dim, false)
+    pub(crate) fn load(w: Weights, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
+        Self::load_biased(w, in_dim, out_dim, false)
     }
 
-    /// With `bias`, the checkpoint's `bias` vector is added after the product.
+    /// With `bias`, the checkpoint's `bias` vector is added after the product. A packed
+    /// matrix of that name is used as it is (its shape checked).
     pub(crate) fn load_biased(
-        vb: VarBuilder,
+        w: Weights,
         in_dim: usize,
         out_dim: usize,
         bias: bool,
     ) -> candle_core::Result<Self> {
-        // The init hint only matters when training from scratch (a VarMap-backed builder).
-        let weight = vb.get_with_hints((out_dim, in_dim), "weight", INIT_WEIGHT)?;
+        let vb = &w.vb;
         let bias = match bias {
             true => Some(vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?),
             false => None,
         };
+        if let Some(p) = w.packed("weight") {
+            if (p.rows(), p.cols()) != (out_dim, in_dim) {
+                candle_core::bail!(
+                    "{}.weight: shape ({}, {}), expected ({out_dim}, {in_dim})",
+                    vb.prefix(),
+                    p.rows(),
+                    p.cols()
+                );
+            }
+            return Ok(Self::Packed(p, bias));
+        }
+        // The init hint only matters when training from scratch (a VarMap-backed builder).
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", INIT_WEIGHT)?;
         Ok(Self::Dense(candle_nn::Linear::new(weight, bias)))
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Dense(l) => l.forward(xs),
-            Self::Quantized(q, bias) => {
-                let y = q.forward(xs)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
+        let (y, bias) = match self {
+            Self::Dense(l) => return l.forward(xs),
+            Self::Quantized(q, bias) => (q.forward(xs)?, bias),
+            Self::Packed(packed, bias) => {
+                if xs.dtype() != DType::F32 || !xs.device().is_cpu() || xs.track_op() {
+                    candle_core::bail!(
+                        "packed GGUF weights multiply f32 CPU inputs, without gradients"
+                    );
                 }
-            }
-            Self::Packed(dense, packed) => {
-                let dims = xs.dims().to_vec();
+                let mut dims = xs.dims().to_vec();
                 let cols = dims.last().copied().unwrap_or(0);
-                let n = xs.elem_count() / cols.max(1);
-                let usable = n <= super::packed::MAX_ROWS
-                    && xs.dtype() == DType::F32
-                    && xs.device().is_cpu()
-                    && cols == packed.cols()
-                    && !xs.track_op();
-                if !usable {
-                    return dense.forward(xs);
+                if cols != packed.cols() {
+                    candle_core::bail!("input width {cols}, expected {}", packed.cols());
                 }
+                let n = xs.elem_count() / cols.max(1);
                 let x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
                 let y = packed.matmul(&x, n);
-                let mut out_dims = dims;
-                if let Some(last) = out_dims.last_mut() {
+                if let Some(last) = dims.last_mut() {
                     *last = packed.rows();
                 }
-                let y = Tensor::from_vec(y, out_dims, xs.device())?;
-                match dense.bias() {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
+                (Tensor::from_vec(y, dims, xs.device())?, bias)
+            }
+        };
+        match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Token embeddings: a dense table, or the packed matrix (each looked-up row dequantized).
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(candle_nn::Embedding),
+    Packed(Arc<PackedMatrix>),
+}
+
+impl Embedding {
+    pub(crate) fn load(w: &Weights, vocab: usize, hidden: usize) -> candle_core::Result<Self> {
+        let w = w.pp("model.embed_tokens");
+        if let Some(p) = w.packed("weight") {
+            if (p.rows(), p.cols()) != (vocab, hidden) {
+                candle_core::bail!(
+                    "model.embed_tokens.weight: shape ({}, {}), expected ({vocab}, {hidden})",
+                    p.rows(),
+                    p.cols()
+                );
+            }
+            return Ok(Self::Packed(p));
+        }
+        let weight =
+            w.vb.get_with_hints((vocab, hidden), "weight", INIT_WEIGHT)?;
+        Ok(Self::Dense(candle_nn::Embedding::new(weight, hidden)))
+    }
+
+    /// The same matrix as a (tied) LM head.
+    pub fn as_linear(&self) -> Linear {
+        match self {
+            Self::Dense(e) => Linear::dense(e.embeddings().clone()),
+            Self::Packed(p) => Linear::Packed(p.clone(), None),
+        }
+    }
+
+    pub fn vocab(&self) -> usize {
+        match self {
+            Self::Dense(e) => e.embeddings().dim(0).unwrap_or(0),
+            Self::Packed(p) => p.rows(),
+        }
+    }
+
+    /// Row `id` into `out` (f32 models only).
+    pub fn row_into(&self, id: usize, out: &mut [f32]) -> candle_core::Result<()> {
+        if id >= self.vocab() {
+            candle_core::bail!(
+                "token id {id} is outside the vocabulary of {}",
+                self.vocab()
+            );
+        }
+        match self {
+            Self::Dense(e) => {
+                let row: Vec<f32> = e.embeddings().get(id)?.to_dtype(DType::F32)?.to_vec1()?;
+                out.copy_from_slice(&row);
+            }
+            Self::Packed(p) => p.dequantize_row_into(id, out),
+        }
+        Ok(())
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(e) => e.forward(ids),
+            Self::Packed(p) => {
+                let h = p.cols();
+                let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let mut x = vec![0f32; flat.len() * h];
+                for (&id, out) in flat.iter().zip(x.chunks_exact_mut(h)) {
+                    self.row_into(id as usize, out)?;
                 }
+                let mut dims = ids.dims().to_vec();
+                dims.push(h);
+                Tensor::from_vec(x, dims, ids.device())
             }
         }
     }

@@ -13,6 +13,7 @@ pub mod kv_cache;
 mod layers;
 pub mod llama;
 pub mod packed;
+pub mod quant;
 pub mod qwen2;
 pub mod source;
 pub mod tokenizer;
@@ -122,6 +123,10 @@ impl DtypeChoice {
 pub struct LoadOptions {
     pub device: DeviceChoice,
     pub dtype: DtypeChoice,
+    /// GGUF on the CPU in f32: dequantize every weight into a dense f32 copy instead of keeping
+    /// the packed blocks (the reference the packed kernels are checked against; ≈ 4 bytes per
+    /// weight). `TOKENSCOPE_DENSE_ONLY=1` sets it too.
+    pub dense_reference: bool,
 }
 
 /// A model ready to run: weights, tokenizer and what to report about them.
@@ -199,7 +204,14 @@ pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
     let device = opts.device.resolve()?;
     let dtype = opts.dtype.resolve(&device);
     match source {
-        ModelSource::Gguf(path) => load_gguf(path, source, opts.dtype, dtype, &device),
+        ModelSource::Gguf(path) => load_gguf(
+            path,
+            source,
+            opts.dtype,
+            dtype,
+            &device,
+            opts.dense_reference,
+        ),
         ModelSource::HfDir(dir) => {
             load_hf_dir(dir, source.display_name(), opts.dtype, dtype, &device)
         }
@@ -216,19 +228,19 @@ fn load_gguf(
     choice: DtypeChoice,
     dtype: DType,
     device: &Device,
+    dense_reference: bool,
 ) -> Result<LoadedModel> {
     let mut file = gguf::GgufFile::open(path)?;
     let architecture = file.architecture()?;
     let cfg = file.config()?;
     let tokenizer = TextTokenizer::from_gguf(file.metadata())?;
     let keep_quantized = choice == DtypeChoice::Gguf;
-    // On CPU in f32, short inputs use the packed blocks (exact w.r.t. the dequantized weights);
-    // TOKENSCOPE_DENSE_ONLY=1 turns this off (to measure the difference).
-    let use_packed = !keep_quantized
-        && dtype == DType::F32
-        && device.is_cpu()
-        && std::env::var("TOKENSCOPE_DENSE_ONLY").map_or(true, |v| v.is_empty() || v == "0");
-    let (tensors, mut quantized, mut packed) = if use_packed {
+    // On the CPU in f32 the file's blocks are kept packed (exact w.r.t. the dequantized
+    // weights, no dense copy); the dense reference dequantizes everything.
+    let dense_reference = dense_reference
+        || std::env::var("TOKENSCOPE_DENSE_ONLY").is_ok_and(|v| !v.is_empty() && v != "0");
+    let use_packed = !keep_quantized && dtype == DType::F32 && device.is_cpu() && !dense_reference;
+    let (tensors, mut quantized, packed) = if use_packed {
         let (t, p) = file.tensors_with_packed(&cfg, device)?;
         (t, HashMap::new(), p)
     } else {
@@ -244,15 +256,12 @@ fn load_gguf(
             .map(|t| format!("{:?}", t.ggml_dtype).to_lowercase());
     }
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    let mut model = Decoder::load(vb, &cfg).map_err(|e| ModelError::Corrupt {
+    let mut model = Decoder::load_packed(vb, &cfg, packed).map_err(|e| ModelError::Corrupt {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
     if keep_quantized {
         model = model.with_quantized(|name| quantized.remove(name));
-    }
-    if !packed.is_empty() {
-        model = model.with_packed(|name| packed.remove(name));
     }
     let eos_ids = gguf_eos_ids(&cfg, file.metadata(), &tokenizer);
     Ok(LoadedModel {

@@ -1,99 +1,69 @@
-//! Packed GGUF weights and a matrix–vector kernel for decoding and short prompts.
+//! Packed GGUF weights: the file's own blocks, kept as they are (no dense f32 copy), and the
+//! kernels that multiply f32 activations with them.
 //!
-//! A forward pass over few tokens is memory-bound: dense f32 weights are ≈ 540 MB for the
-//! default model, its Q4_1/Q8_0 blocks ≈ 100 MB. This kernel reads the blocks, converts each
-//! weight to f32 (`q·d + m` for Q4_1 — in one fused multiply-add in the AVX-512 kernel, so
-//! within half an ulp of candle's two-step `q as f32 * d + m`; `q·d` for Q8_0) and multiplies
-//! with f32 activations, accumulating with fused multiply-adds where the CPU has FMA. The
-//! result is the same maths as the dense f32 path on the dequantized weights, up to that
-//! rounding and summation order — unlike llama.cpp's (and candle's) quantized matmul, which
-//! also quantizes the activations to 8 bits.
+//! - Few input rows (decoding, short prompts: ≤ [`MAX_ROWS`]) are memory-bound: each kernel
+//!   streams the blocks once, converts each block to f32 exactly as ggml dequantizes it
+//!   ([`super::quant`]) and multiplies it with every input row, accumulating in f32.
+//! - Many input rows (long prompts) are compute-bound: [`PackedMatrix::matmul`] dequantizes a
+//!   tile of weight rows into a cache-resident f32 panel and multiplies all the inputs with it
+//!   in a GEMM (the `gemm` crate candle itself uses), so prefill needs no dense copy either.
+//!
+//! Either way the products are those of the dense f32 path on the dequantized weights, up to
+//! summation order — unlike llama.cpp's (and candle's) quantized matmul, which also quantizes
+//! the activations to 8 bits. Hand-written SIMD is here because no maintained crate multiplies
+//! f32 activations with GGUF blocks without quantizing the activations.
 
-use half::f16;
 use rayon::prelude::*;
 
-/// Weights of one linear layer (rows = outputs, cols = inputs) in 32-wide blocks.
+use super::quant::Format;
+
+/// Up to this many input rows go through the streaming kernels; more through the tiled GEMM.
+pub const MAX_ROWS: usize = 16;
+/// Size of one f32 panel of the tiled GEMM (per thread: about an L2 cache).
+const PANEL_BYTES: usize = 256 * 1024;
+
+/// Weights of one linear layer (rows = outputs, cols = inputs) as GGUF blocks, row after row.
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     rows: usize,
     cols: usize,
-    kind: Kind,
-    /// Per block: scale `d`.
-    scale: Vec<f32>,
-    /// Per block: offset `m` (Q4_1 only; empty for Q8_0).
-    min: Vec<f32>,
-    /// Q4_1: 16 bytes per block (low nibbles = weights 0..16, high = 16..32); Q8_0: 32 i8.
-    qs: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Q4_1,
-    Q8_0,
-}
-
-const BLOCK: usize = 32;
-/// Up to this many activation rows go through the kernel; more use the dense GEMM.
-pub const MAX_ROWS: usize = 16;
-
-impl Kind {
-    fn bytes_per_block(self) -> usize {
-        match self {
-            Kind::Q4_1 => 20,
-            Kind::Q8_0 => 34,
-        }
-    }
-    fn qs_per_block(self) -> usize {
-        match self {
-            Kind::Q4_1 => 16,
-            Kind::Q8_0 => 32,
-        }
-    }
+    format: Format,
+    data: Vec<u8>,
 }
 
 impl PackedMatrix {
     /// From raw GGUF block data of a (rows × cols) matrix. `row_order[r]` is the source row of
-    /// output row `r` (to un-permute q/k); `None` keeps the order.
+    /// output row `r` (to un-permute q/k: whole rows move, nothing is re-quantized); `None`
+    /// keeps the order. `None` when the data does not fit the shape.
     pub fn from_blocks(
-        kind: Kind,
+        format: Format,
         rows: usize,
         cols: usize,
         data: &[u8],
         row_order: Option<&[usize]>,
     ) -> Option<Self> {
-        if !cols.is_multiple_of(BLOCK) {
+        if cols == 0 || !cols.is_multiple_of(format.block_len()) {
             return None;
         }
-        let nb = cols / BLOCK;
-        let row_bytes = nb * kind.bytes_per_block();
+        let row_bytes = cols / format.block_len() * format.block_bytes();
         if data.len() != rows * row_bytes || row_order.is_some_and(|o| o.len() != rows) {
             return None;
         }
-        let qpb = kind.qs_per_block();
-        let mut scale = Vec::with_capacity(rows * nb);
-        let mut min = Vec::with_capacity(if kind == Kind::Q4_1 { rows * nb } else { 0 });
-        let mut qs = Vec::with_capacity(rows * nb * qpb);
-        for r in 0..rows {
-            let src = row_order.map_or(r, |o| o[r]);
-            let row = data.get(src * row_bytes..(src + 1) * row_bytes)?;
-            for b in row.chunks_exact(kind.bytes_per_block()) {
-                scale.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-                match kind {
-                    Kind::Q4_1 => {
-                        min.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
-                        qs.extend_from_slice(&b[4..20]);
-                    }
-                    Kind::Q8_0 => qs.extend_from_slice(&b[2..34]),
+        let data = match row_order {
+            None => data.to_vec(),
+            Some(order) => {
+                let mut out = Vec::with_capacity(data.len());
+                for &src in order {
+                    out.extend_from_slice(data.get(src * row_bytes..(src + 1) * row_bytes)?);
                 }
+                out
             }
-        }
+        };
         Some(Self {
             rows,
             cols,
-            kind,
-            scale,
-            min,
-            qs,
+            format,
+            data,
         })
     }
 
@@ -103,45 +73,108 @@ impl PackedMatrix {
     pub fn cols(&self) -> usize {
         self.cols
     }
+    pub fn format(&self) -> Format {
+        self.format
+    }
+    /// Memory held by the blocks.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
 
-    /// Dequantized row `r` (as candle's `dequantize` computes it).
-    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let nb = self.cols / BLOCK;
-        let mut out = vec![0f32; self.cols];
-        for b in 0..nb {
-            let w = self.block(r * nb + b);
-            out[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&w);
+    fn row_bytes(&self) -> usize {
+        self.cols / self.format.block_len() * self.format.block_bytes()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Dequantized row `r` into `out` (`cols` values), exactly as ggml dequantizes it.
+    pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
+        let (len, bytes) = (self.format.block_len(), self.format.block_bytes());
+        for (b, o) in self
+            .row(r)
+            .chunks_exact(bytes)
+            .zip(out[..self.cols].chunks_exact_mut(len))
+        {
+            self.format.dequantize(b, o);
         }
+    }
+
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.cols];
+        self.dequantize_row_into(r, &mut out);
         out
     }
 
-    #[inline(always)]
-    fn block(&self, i: usize) -> [f32; BLOCK] {
-        let d = self.scale[i];
-        let mut w = [0f32; BLOCK];
-        match self.kind {
-            Kind::Q4_1 => {
-                let m = self.min[i];
-                let q = &self.qs[i * 16..i * 16 + 16];
-                for j in 0..16 {
-                    w[j] = (q[j] & 0x0F) as f32 * d + m;
-                    w[j + 16] = (q[j] >> 4) as f32 * d + m;
-                }
-            }
-            Kind::Q8_0 => {
-                let q = &self.qs[i * 32..i * 32 + 32];
-                for j in 0..BLOCK {
-                    w[j] = (q[j] as i8) as f32 * d;
-                }
-            }
+    /// y (n × rows) = x (n × cols) · Wᵀ, token-major, for any n.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.cols);
+        if n == 0 {
+            return Vec::new();
         }
-        w
+        if n <= MAX_ROWS {
+            let mut y = vec![0f32; n * self.rows];
+            matmul_many(&mut [(self, &mut y)], x, n);
+            return y;
+        }
+        self.matmul_tiled(x, n)
     }
 
-    /// y (n × rows) = x (n × cols) · Wᵀ, for n ≤ [`MAX_ROWS`]. Rows are split across threads.
-    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+    /// Long inputs: per tile of weight rows, dequantize into an f32 panel and multiply every
+    /// input row with it (one GEMM per tile, tiles across threads).
+    fn matmul_tiled(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let cols = self.cols;
+        let tile = (PANEL_BYTES / (4 * cols)).clamp(16, 512) / 8 * 8;
+        let tiles: Vec<(usize, Vec<f32>)> = (0..self.rows)
+            .step_by(tile)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|r0| {
+                let width = tile.min(self.rows - r0);
+                let mut panel = vec![0f32; width * cols];
+                for (i, out) in panel.chunks_exact_mut(cols).enumerate() {
+                    self.dequantize_row_into(r0 + i, out);
+                }
+                let mut yt = vec![0f32; n * width];
+                // SAFETY: dst is n × width (row stride width), lhs is x: n × cols (row stride
+                // cols), rhs is the panel read as cols × width (element (k, j) at j·cols + k);
+                // all three buffers have exactly those sizes and do not overlap.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        width,
+                        cols,
+                        yt.as_mut_ptr(),
+                        1,
+                        width as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        cols as isize,
+                        panel.as_ptr(),
+                        cols as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                (r0, yt)
+            })
+            .collect();
         let mut y = vec![0f32; n * self.rows];
-        matmul_many(&mut [(self, &mut y)], x, n);
+        for (r0, yt) in tiles {
+            let width = yt.len() / n;
+            for t in 0..n {
+                y[t * self.rows + r0..t * self.rows + r0 + width]
+                    .copy_from_slice(&yt[t * width..(t + 1) * width]);
+            }
+        }
         y
     }
 }
@@ -191,12 +224,19 @@ pub fn matmul_many(parts: &mut [(&PackedMatrix, &mut [f32])], x: &[f32], n: usiz
     }
 }
 
+/// Weight rows r0.. (out.len() / n of them) times the n input rows, written row-major
+/// (row, input): the best kernel this CPU has for the matrix's format.
 fn rows_kernel(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if avx512::available() {
-            // SAFETY: the CPU supports the features the kernel is compiled for (checked above).
-            unsafe { avx512::rows(m, x, n, r0, out) };
+            if matches!(m.format, Format::Q4_1 | Format::Q8_0) {
+                // SAFETY: the CPU supports the features the kernel is compiled for (checked).
+                unsafe { avx512::rows(m, x, n, r0, out) };
+            } else {
+                // SAFETY: as above.
+                unsafe { rows_avx512(m, x, n, r0, out) };
+            }
             return;
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -211,13 +251,33 @@ fn rows_kernel(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_avx2(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
-    // The portable code, compiled with AVX2 enabled so that LLVM vectorises the 32-wide loops,
+    // The portable code, compiled with AVX2 enabled so that LLVM vectorises the block loops,
     // with explicit fused multiply-adds (Rust never contracts `a + x * w` by itself).
     rows_generic::<true>(m, x, n, r0, out);
 }
 
-/// Portable kernel: dequantizes each weight (`q · d + m`) and multiplies with f32 activations.
-/// `FMA`: accumulate with `mul_add` (only where the CPU has FMA; in software it is slow).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn rows_avx512(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
+    rows_generic::<true>(m, x, n, r0, out);
+}
+
+/// Every format, in the order of [`rows_format`]'s `F` parameter.
+const FORMATS: [Format; 9] = [
+    Format::Q4_0,
+    Format::Q4_1,
+    Format::Q5_0,
+    Format::Q5_1,
+    Format::Q8_0,
+    Format::Q4K,
+    Format::Q5K,
+    Format::Q6K,
+    Format::F16,
+];
+
+/// Portable kernel, one copy per format (so that each block's dequantization and the loops
+/// over it are specialised). `FMA`: accumulate with `mul_add` (only where the CPU has FMA; in
+/// software it is slow).
 #[inline(always)]
 fn rows_generic<const FMA: bool>(
     m: &PackedMatrix,
@@ -226,21 +286,50 @@ fn rows_generic<const FMA: bool>(
     r0: usize,
     out: &mut [f32],
 ) {
-    let nb = m.cols / BLOCK;
+    match m.format {
+        Format::Q4_0 => rows_format::<FMA, 0>(m, x, n, r0, out),
+        Format::Q4_1 => rows_format::<FMA, 1>(m, x, n, r0, out),
+        Format::Q5_0 => rows_format::<FMA, 2>(m, x, n, r0, out),
+        Format::Q5_1 => rows_format::<FMA, 3>(m, x, n, r0, out),
+        Format::Q8_0 => rows_format::<FMA, 4>(m, x, n, r0, out),
+        Format::Q4K => rows_format::<FMA, 5>(m, x, n, r0, out),
+        Format::Q5K => rows_format::<FMA, 6>(m, x, n, r0, out),
+        Format::Q6K => rows_format::<FMA, 7>(m, x, n, r0, out),
+        Format::F16 => rows_format::<FMA, 8>(m, x, n, r0, out),
+    }
+}
+
+/// Each block is dequantized once into an f32 buffer, then multiplied with every input row
+/// into 32 running sums per row. The same operations in the same order whatever `n`, so a
+/// sequence gets bit-identical results alone or batched with others.
+#[inline(always)]
+fn rows_format<const FMA: bool, const F: usize>(
+    m: &PackedMatrix,
+    x: &[f32],
+    n: usize,
+    r0: usize,
+    out: &mut [f32],
+) {
+    let format = FORMATS[F];
+    let (len, bytes) = (format.block_len(), format.block_bytes());
+    let cols = m.cols;
     let rows = out.len() / n;
+    let mut w = [0f32; 256];
     for i in 0..rows {
-        let r = r0 + i;
-        let mut acc = [[0f32; BLOCK]; MAX_ROWS];
-        for b in 0..nb {
-            let w = m.block(r * nb + b);
+        let row = m.row(r0 + i);
+        let mut acc = [[0f32; 32]; MAX_ROWS];
+        for (b, block) in row.chunks_exact(bytes).enumerate() {
+            format.dequantize(block, &mut w[..len]);
             for (t, a) in acc.iter_mut().enumerate().take(n) {
-                let xb = &x[t * m.cols + b * BLOCK..t * m.cols + (b + 1) * BLOCK];
-                for j in 0..BLOCK {
-                    a[j] = if FMA {
-                        xb[j].mul_add(w[j], a[j])
-                    } else {
-                        a[j] + xb[j] * w[j]
-                    };
+                let xb = &x[t * cols + b * len..t * cols + (b + 1) * len];
+                for (xc, wc) in xb.chunks_exact(32).zip(w[..len].chunks_exact(32)) {
+                    for j in 0..32 {
+                        a[j] = if FMA {
+                            xc[j].mul_add(wc[j], a[j])
+                        } else {
+                            a[j] + xc[j] * wc[j]
+                        };
+                    }
                 }
             }
         }
@@ -250,13 +339,12 @@ fn rows_generic<const FMA: bool>(
     }
 }
 
-/// Hand-written AVX-512 kernel: each 32-weight block is converted once to f32 (`q·d + m` in one
-/// fused multiply-add for Q4_1, `q·d` for Q8_0) and multiplied with every input row; the same
-/// real numbers as the portable kernel, rounded at most half an ulp differently per weight.
-/// Integer quants become f32 exactly (they are at most 8 bits).
+/// Hand-written AVX-512 kernel for the two formats of the default model (Q4_1, Q8_0): each
+/// 32-weight block is converted once to f32 (`q·d` then `+ m`, rounded as ggml rounds them)
+/// and multiplied with every input row.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Kind, PackedMatrix, BLOCK, MAX_ROWS};
+    use super::{Format, PackedMatrix, BLOCK, MAX_ROWS};
     use std::arch::x86_64::*;
 
     /// Software prefetch distance, in blocks (measured: 64-128 best on the dev machine).
@@ -267,13 +355,15 @@ mod avx512 {
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
 
     /// Dispatches on the number of input rows so that each variant keeps its accumulators in
     /// registers.
     ///
     /// # Safety
-    /// The CPU must support AVX-512 F/BW/VL and FMA ([`available`]).
+    /// The CPU must support AVX-512 F/BW/VL, FMA and F16C ([`available`]); the matrix is Q4_1
+    /// or Q8_0.
     pub unsafe fn rows(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
         // SAFETY (all arms): the caller guarantees the CPU features.
         unsafe {
@@ -298,19 +388,13 @@ mod avx512 {
         }
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn rows_n<const N: usize>(m: &PackedMatrix, x: &[f32], r0: usize, out: &mut [f32]) {
         const { assert!(N >= 1 && N <= MAX_ROWS) };
-        let nb = m.cols / BLOCK;
         let rows = out.len() / N;
         assert!(x.len() == N * m.cols);
-        assert!(
-            m.scale.len() >= (r0 + rows) * nb
-                && m.qs.len() >= (r0 + rows) * nb * m.kind.qs_per_block()
-        );
-        if m.kind == Kind::Q4_1 {
-            assert!(m.min.len() >= (r0 + rows) * nb);
-        }
+        assert!(matches!(m.format, Format::Q4_1 | Format::Q8_0));
+        assert!(m.data.len() >= (r0 + rows) * m.row_bytes());
         // With few inputs, two weight rows at a time: two independent accumulator chains per
         // input. Each (row, input) dot product is computed the same way either way.
         let mut i = 0;
@@ -328,10 +412,24 @@ mod avx512 {
         }
     }
 
+    /// The f16 at `p` (little-endian, unaligned) as f32, exactly (F16C).
+    ///
+    /// # Safety
+    /// F16C; two bytes readable at `p`.
+    #[inline(always)]
+    unsafe fn half_to_f32(p: *const u8) -> f32 {
+        // SAFETY: the caller guarantees the feature and the bytes.
+        unsafe {
+            let bits = (p as *const u16).read_unaligned();
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
+    }
+
     /// Dot products of weight rows r..r + R with the N input rows; writes (R × N) values.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL and FMA; rows r..r + R exist in `m`; x holds N rows of `m.cols`.
+    /// AVX-512 F/BW/VL, FMA and F16C; rows r..r + R exist in `m` (Q4_1 or Q8_0); x holds N
+    /// rows of `m.cols`.
     #[inline(always)]
     unsafe fn weight_rows<const N: usize, const R: usize>(
         m: &PackedMatrix,
@@ -342,61 +440,43 @@ mod avx512 {
         let cols = m.cols;
         let nb = cols / BLOCK;
         let xp = x.as_ptr();
-        let qpb = m.kind.qs_per_block();
+        let bytes = m.format.block_bytes();
+        let q4_1 = m.format == Format::Q4_1;
         // SAFETY (whole body): the caller guarantees the CPU features and that every block
-        // index (r + j) * nb + b below is inside the matrix; x holds N rows of `cols` values;
+        // (r + j) * nb + b below is inside the matrix; x holds N rows of `cols` values;
         // prefetches never fault, even past the end.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); N]; R];
             for b in 0..nb {
                 for (j, acc) in acc.iter_mut().enumerate() {
-                    let bi = (r + j) * nb + b;
-                    // Streaming ~100 MB of weights per token: ask for the data of the blocks
-                    // PREFETCH ahead now.
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        m.qs.as_ptr().wrapping_add((bi + PREFETCH) * qpb) as *const i8
-                    );
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        m.scale.as_ptr().wrapping_add(bi + PREFETCH) as *const i8
-                    );
-                    if m.kind == Kind::Q4_1 {
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            m.min.as_ptr().wrapping_add(bi + PREFETCH) as *const i8
-                        );
-                    }
-                    let (lo, hi) = match m.kind {
-                        Kind::Q4_1 => {
-                            let q = _mm_loadu_si128(m.qs.as_ptr().add(bi * 16) as *const __m128i);
-                            let mask = _mm_set1_epi8(0x0F);
-                            let lo = _mm_and_si128(q, mask);
-                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-                            (
-                                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)),
-                                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)),
-                            )
-                        }
-                        Kind::Q8_0 => {
-                            let p = m.qs.as_ptr().add(bi * 32);
-                            let lo = _mm_loadu_si128(p as *const __m128i);
-                            let hi = _mm_loadu_si128(p.add(16) as *const __m128i);
-                            (
-                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)),
-                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
-                            )
-                        }
-                    };
-                    let d = _mm512_set1_ps(*m.scale.get_unchecked(bi));
-                    // Each weight once: q·d (+ m for Q4_1, in one fused multiply-add: within
-                    // half an ulp of the exact value; candle's dequantization rounds twice).
-                    // Then two fused multiply-adds per input row: the same operations in the
-                    // same order whatever the number of rows, so a sequence gets bit-identical
-                    // results alone or batched with others.
-                    let (lo, hi) = if m.kind == Kind::Q4_1 {
-                        let mv = _mm512_set1_ps(*m.min.get_unchecked(bi));
-                        (_mm512_fmadd_ps(lo, d, mv), _mm512_fmadd_ps(hi, d, mv))
+                    let block = m.data.as_ptr().add(((r + j) * nb + b) * bytes);
+                    // Streaming the weights once per token: ask for the blocks PREFETCH ahead.
+                    _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH * bytes) as *const i8);
+                    let d = _mm512_set1_ps(half_to_f32(block));
+                    let (lo, hi) = if q4_1 {
+                        let q = _mm_loadu_si128(block.add(4) as *const __m128i);
+                        let mask = _mm_set1_epi8(0x0F);
+                        let lo = _mm_and_si128(q, mask);
+                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+                        let mv = _mm512_set1_ps(half_to_f32(block.add(2)));
+                        // q·d, then + m: two roundings, as ggml's `x0*d + m`.
+                        let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+                        let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+                        (
+                            _mm512_add_ps(_mm512_mul_ps(lo, d), mv),
+                            _mm512_add_ps(_mm512_mul_ps(hi, d), mv),
+                        )
                     } else {
-                        (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d))
+                        let lo = _mm_loadu_si128(block.add(2) as *const __m128i);
+                        let hi = _mm_loadu_si128(block.add(18) as *const __m128i);
+                        (
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d),
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d),
+                        )
                     };
+                    // Two fused multiply-adds per input row: the same operations in the same
+                    // order whatever the number of rows, so a sequence gets bit-identical
+                    // results alone or batched with others.
                     for (t, a) in acc.iter_mut().enumerate() {
                         let xb = xp.add(t * cols + b * BLOCK);
                         *a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), *a);
@@ -413,47 +493,49 @@ mod avx512 {
     }
 }
 
+/// Weights per block of the two formats the AVX-512 kernel reads.
+#[cfg(target_arch = "x86_64")]
+const BLOCK: usize = 32;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
 
-    fn blocks(kind: Kind, rows: usize, cols: usize, seed: u32) -> Vec<u8> {
-        let mut data = Vec::new();
-        let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (s >> 8) as u8
-        };
-        for _ in 0..rows * cols / 32 {
-            data.extend_from_slice(&f16::from_f32(0.01 + (next() as f32) / 5000.0).to_le_bytes());
-            if kind == Kind::Q4_1 {
-                data.extend_from_slice(
-                    &f16::from_f32(-0.05 + (next() as f32) / 9000.0).to_le_bytes(),
-                );
-            }
-            for _ in 0..kind.qs_per_block() {
-                data.push(next());
-            }
-        }
-        data
+    fn quantized(dtype: GgmlDType, rows: usize, cols: usize, seed: usize) -> PackedMatrix {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.2)
+            .collect();
+        let dense = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&dense, dtype).unwrap();
+        let format = Format::from_ggml(dtype).unwrap();
+        PackedMatrix::from_blocks(format, rows, cols, &q.data().unwrap(), None).unwrap()
     }
 
-    fn q4_1_blocks(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
-        blocks(Kind::Q4_1, rows, cols, seed)
-    }
+    const ALL: [GgmlDType; 9] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+    ];
 
     /// Every kernel (the one this CPU dispatches to, the hand-written AVX-512 one where the CPU
-    /// has it, the portable one) against dot products with the dequantized rows, for every
-    /// input-row count, both formats, row counts that are odd or not a multiple of the task
-    /// size, and several block counts.
+    /// has it, the portable one, the tiled GEMM) against f64 dot products with the dequantized
+    /// rows, for every format, every input-row count up to the kernels' limit and beyond, row
+    /// counts that are odd or not a multiple of the task size, and several block counts.
     #[test]
     fn matches_dense_dot_products() {
-        for kind in [Kind::Q4_1, Kind::Q8_0] {
-            for (rows, cols) in [(70usize, 96usize), (33, 576), (5, 1056)] {
-                let data = blocks(kind, rows, cols, 3 + rows as u32);
-                let m = PackedMatrix::from_blocks(kind, rows, cols, &data, None).unwrap();
+        for dtype in ALL {
+            for (rows, cols) in [(70usize, 256usize), (33, 768), (5, 1280)] {
+                let m = quantized(dtype, rows, cols, rows);
                 let w: Vec<Vec<f32>> = (0..rows).map(|r| m.dequantize_row(r)).collect();
-                for n in 1..=MAX_ROWS {
+                for n in (1..=MAX_ROWS).chain([17, 40]) {
                     let x: Vec<f32> = (0..n * cols)
                         .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
                         .collect();
@@ -470,17 +552,20 @@ mod tests {
                                 };
                                 assert!(
                                     (got as f64 - dense).abs() <= 1e-5 * dense.abs().max(1.0),
-                                    "{what} {kind:?} {rows}x{cols} n={n}: {got} vs {dense}"
+                                    "{what} {dtype:?} {rows}x{cols} n={n}: {got} vs {dense}"
                                 );
                             }
                         }
                     };
                     check(&m.matmul(&x, n), false, "dispatched");
+                    if n > MAX_ROWS {
+                        continue;
+                    }
                     let mut yt = vec![0f32; rows * n];
                     rows_generic::<false>(&m, &x, n, 0, &mut yt);
                     check(&yt, true, "portable");
                     #[cfg(target_arch = "x86_64")]
-                    if avx512::available() {
+                    if avx512::available() && matches!(m.format, Format::Q4_1 | Format::Q8_0) {
                         let mut yt = vec![0f32; rows * n];
                         // SAFETY: the CPU has the features (checked).
                         unsafe { avx512::rows(&m, &x, n, 0, &mut yt) };
@@ -491,13 +576,31 @@ mod tests {
         }
     }
 
+    /// A sequence's results do not depend on what it is batched with (streaming kernels).
+    #[test]
+    fn batched_rows_equal_single_rows_bit_for_bit() {
+        for dtype in ALL {
+            let (rows, cols) = (40, 512);
+            let m = quantized(dtype, rows, cols, 7);
+            let x: Vec<f32> = (0..4 * cols).map(|i| (i % 17) as f32 / 9.0 - 0.8).collect();
+            let batched = m.matmul(&x, 4);
+            for t in 0..4 {
+                let alone = m.matmul(&x[t * cols..(t + 1) * cols], 1);
+                assert_eq!(
+                    alone,
+                    batched[t * rows..(t + 1) * rows],
+                    "{dtype:?} row {t}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn row_order_permutes_whole_rows() {
-        let (rows, cols) = (4, 32);
-        let data = q4_1_blocks(rows, cols, 9);
-        let plain = PackedMatrix::from_blocks(Kind::Q4_1, rows, cols, &data, None).unwrap();
+        let plain = quantized(GgmlDType::Q4K, 4, 256, 9);
         let order = [2usize, 0, 3, 1];
-        let perm = PackedMatrix::from_blocks(Kind::Q4_1, rows, cols, &data, Some(&order)).unwrap();
+        let perm =
+            PackedMatrix::from_blocks(Format::Q4K, 4, 256, &plain.data, Some(&order)).unwrap();
         for (r, &src) in order.iter().enumerate() {
             assert_eq!(perm.dequantize_row(r), plain.dequantize_row(src));
         }
