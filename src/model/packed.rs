@@ -92,13 +92,30 @@ impl PackedMatrix {
 
     /// Dequantized row `r` into `out` (`cols` values), exactly as ggml dequantizes it.
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has the features (checked just above).
+            unsafe { self.dequantize_row_avx2(r, out) };
+            return;
+        }
+        self.dequantize_row_generic::<false>(r, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn dequantize_row_avx2(&self, r: usize, out: &mut [f32]) {
+        self.dequantize_row_generic::<true>(r, out);
+    }
+
+    #[inline(always)]
+    fn dequantize_row_generic<const F16C: bool>(&self, r: usize, out: &mut [f32]) {
         let (len, bytes) = (self.format.block_len(), self.format.block_bytes());
         for (b, o) in self
             .row(r)
             .chunks_exact(bytes)
             .zip(out[..self.cols].chunks_exact_mut(len))
         {
-            self.format.dequantize(b, o);
+            self.format.dequantize_with::<F16C>(b, o);
         }
     }
 
@@ -230,7 +247,7 @@ fn rows_kernel(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]
     #[cfg(target_arch = "x86_64")]
     {
         if avx512::available() {
-            if matches!(m.format, Format::Q4_1 | Format::Q8_0) {
+            if avx512::reads(m.format) {
                 // SAFETY: the CPU supports the features the kernel is compiled for (checked).
                 unsafe { avx512::rows(m, x, n, r0, out) };
             } else {
@@ -239,27 +256,31 @@ fn rows_kernel(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]
             }
             return;
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
             unsafe { rows_avx2(m, x, n, r0, out) };
             return;
         }
     }
-    rows_generic::<false>(m, x, n, r0, out);
+    rows_generic::<false, false>(m, x, n, r0, out);
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_avx2(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
     // The portable code, compiled with AVX2 enabled so that LLVM vectorises the block loops,
-    // with explicit fused multiply-adds (Rust never contracts `a + x * w` by itself).
-    rows_generic::<true>(m, x, n, r0, out);
+    // with explicit fused multiply-adds (Rust never contracts `a + x * w` by itself) and F16C
+    // for the blocks' scales.
+    rows_generic::<true, true>(m, x, n, r0, out);
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn rows_avx512(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
-    rows_generic::<true>(m, x, n, r0, out);
+    rows_generic::<true, true>(m, x, n, r0, out);
 }
 
 /// Every format, in the order of [`rows_format`]'s `F` parameter.
@@ -277,9 +298,9 @@ const FORMATS: [Format; 9] = [
 
 /// Portable kernel, one copy per format (so that each block's dequantization and the loops
 /// over it are specialised). `FMA`: accumulate with `mul_add` (only where the CPU has FMA; in
-/// software it is slow).
+/// software it is slow). `F16C`: see [`Format::dequantize_with`].
 #[inline(always)]
-fn rows_generic<const FMA: bool>(
+fn rows_generic<const FMA: bool, const F16C: bool>(
     m: &PackedMatrix,
     x: &[f32],
     n: usize,
@@ -287,15 +308,15 @@ fn rows_generic<const FMA: bool>(
     out: &mut [f32],
 ) {
     match m.format {
-        Format::Q4_0 => rows_format::<FMA, 0>(m, x, n, r0, out),
-        Format::Q4_1 => rows_format::<FMA, 1>(m, x, n, r0, out),
-        Format::Q5_0 => rows_format::<FMA, 2>(m, x, n, r0, out),
-        Format::Q5_1 => rows_format::<FMA, 3>(m, x, n, r0, out),
-        Format::Q8_0 => rows_format::<FMA, 4>(m, x, n, r0, out),
-        Format::Q4K => rows_format::<FMA, 5>(m, x, n, r0, out),
-        Format::Q5K => rows_format::<FMA, 6>(m, x, n, r0, out),
-        Format::Q6K => rows_format::<FMA, 7>(m, x, n, r0, out),
-        Format::F16 => rows_format::<FMA, 8>(m, x, n, r0, out),
+        Format::Q4_0 => rows_format::<FMA, F16C, 0>(m, x, n, r0, out),
+        Format::Q4_1 => rows_format::<FMA, F16C, 1>(m, x, n, r0, out),
+        Format::Q5_0 => rows_format::<FMA, F16C, 2>(m, x, n, r0, out),
+        Format::Q5_1 => rows_format::<FMA, F16C, 3>(m, x, n, r0, out),
+        Format::Q8_0 => rows_format::<FMA, F16C, 4>(m, x, n, r0, out),
+        Format::Q4K => rows_format::<FMA, F16C, 5>(m, x, n, r0, out),
+        Format::Q5K => rows_format::<FMA, F16C, 6>(m, x, n, r0, out),
+        Format::Q6K => rows_format::<FMA, F16C, 7>(m, x, n, r0, out),
+        Format::F16 => rows_format::<FMA, F16C, 8>(m, x, n, r0, out),
     }
 }
 
@@ -303,7 +324,7 @@ fn rows_generic<const FMA: bool>(
 /// into 32 running sums per row. The same operations in the same order whatever `n`, so a
 /// sequence gets bit-identical results alone or batched with others.
 #[inline(always)]
-fn rows_format<const FMA: bool, const F: usize>(
+fn rows_format<const FMA: bool, const F16C: bool, const F: usize>(
     m: &PackedMatrix,
     x: &[f32],
     n: usize,
@@ -319,7 +340,7 @@ fn rows_format<const FMA: bool, const F: usize>(
         let row = m.row(r0 + i);
         let mut acc = [[0f32; 32]; MAX_ROWS];
         for (b, block) in row.chunks_exact(bytes).enumerate() {
-            format.dequantize(block, &mut w[..len]);
+            format.dequantize_with::<F16C>(block, &mut w[..len]);
             for (t, a) in acc.iter_mut().enumerate().take(n) {
                 let xb = &x[t * cols + b * len..t * cols + (b + 1) * len];
                 for (xc, wc) in xb.chunks_exact(32).zip(w[..len].chunks_exact(32)) {
@@ -339,9 +360,9 @@ fn rows_format<const FMA: bool, const F: usize>(
     }
 }
 
-/// Hand-written AVX-512 kernel for the two formats of the default model (Q4_1, Q8_0): each
-/// 32-weight block is converted once to f32 (`q·d` then `+ m`, rounded as ggml rounds them)
-/// and multiplied with every input row.
+/// Hand-written AVX-512 kernel for the 32-weight formats (Q4_0, Q4_1, Q5_0, Q8_0: the default
+/// model's, and most of Gemma 3's and Qwen2.5's Q4_K_M files): each block is converted once
+/// to f32 (rounded as ggml rounds it) and multiplied with every input row.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Format, PackedMatrix, BLOCK, MAX_ROWS};
@@ -349,6 +370,14 @@ mod avx512 {
 
     /// Software prefetch distance, in blocks (measured: 64-128 best on the dev machine).
     const PREFETCH: usize = 128;
+
+    /// The formats this kernel reads (the others go to the portable one).
+    pub fn reads(format: Format) -> bool {
+        matches!(
+            format,
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q8_0
+        )
+    }
 
     pub fn available() -> bool {
         is_x86_feature_detected!("avx512f")
@@ -362,8 +391,8 @@ mod avx512 {
     /// registers.
     ///
     /// # Safety
-    /// The CPU must support AVX-512 F/BW/VL, FMA and F16C ([`available`]); the matrix is Q4_1
-    /// or Q8_0.
+    /// The CPU must support AVX-512 F/BW/VL, FMA and F16C ([`available`]); the matrix is in a
+    /// format the kernel [`reads`].
     pub unsafe fn rows(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
         // SAFETY (all arms): the caller guarantees the CPU features.
         unsafe {
@@ -393,7 +422,7 @@ mod avx512 {
         const { assert!(N >= 1 && N <= MAX_ROWS) };
         let rows = out.len() / N;
         assert!(x.len() == N * m.cols);
-        assert!(matches!(m.format, Format::Q4_1 | Format::Q8_0));
+        assert!(reads(m.format));
         assert!(m.data.len() >= (r0 + rows) * m.row_bytes());
         // With few inputs, two weight rows at a time: two independent accumulator chains per
         // input. Each (row, input) dot product is computed the same way either way.
@@ -428,8 +457,8 @@ mod avx512 {
     /// Dot products of weight rows r..r + R with the N input rows; writes (R × N) values.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL, FMA and F16C; rows r..r + R exist in `m` (Q4_1 or Q8_0); x holds N
-    /// rows of `m.cols`.
+    /// AVX-512 F/BW/VL, FMA and F16C; rows r..r + R exist in `m` (a format the kernel
+    /// [`reads`]); x holds N rows of `m.cols`.
     #[inline(always)]
     unsafe fn weight_rows<const N: usize, const R: usize>(
         m: &PackedMatrix,
@@ -442,10 +471,19 @@ mod avx512 {
         let xp = x.as_ptr();
         let bytes = m.format.block_bytes();
         let q4_1 = m.format == Format::Q4_1;
+        let (signed_nibbles, qs_at) = match m.format {
+            Format::Q4_0 => (Some(8), 2),
+            Format::Q5_0 => (Some(16), 6),
+            _ => (None, 0),
+        };
         // SAFETY (whole body): the caller guarantees the CPU features and that every block
         // (r + j) * nb + b below is inside the matrix; x holds N rows of `cols` values;
         // prefetches never fault, even past the end.
         unsafe {
+            // Lane i of the low half holds weight i, of the high half weight i + 16: the bit of
+            // Q5_0's `qh` each lane takes.
+            let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            let lanes_hi = _mm512_add_epi32(lanes, _mm512_set1_epi32(16));
             let mut acc = [[_mm512_setzero_ps(); N]; R];
             for b in 0..nb {
                 for (j, acc) in acc.iter_mut().enumerate() {
@@ -453,7 +491,33 @@ mod avx512 {
                     // Streaming the weights once per token: ask for the blocks PREFETCH ahead.
                     _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH * bytes) as *const i8);
                     let d = _mm512_set1_ps(half_to_f32(block));
-                    let (lo, hi) = if q4_1 {
+                    let (lo, hi) = if let Some(bias) = signed_nibbles {
+                        // Q4_0 (bias 8) and Q5_0 (bias 16): (q − bias)·d, the subtraction in
+                        // integers as ggml does it, then one rounding.
+                        let q = _mm_loadu_si128(block.add(qs_at) as *const __m128i);
+                        let mask = _mm_set1_epi8(0x0F);
+                        let mut lo = _mm512_cvtepu8_epi32(_mm_and_si128(q, mask));
+                        let mut hi =
+                            _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(q), mask));
+                        if bias == 16 {
+                            let qh =
+                                _mm512_set1_epi32((block.add(2) as *const i32).read_unaligned());
+                            let one = _mm512_set1_epi32(1);
+                            let bit = |shift| {
+                                _mm512_slli_epi32::<4>(_mm512_and_si512(
+                                    _mm512_srlv_epi32(qh, shift),
+                                    one,
+                                ))
+                            };
+                            lo = _mm512_or_si512(lo, bit(lanes));
+                            hi = _mm512_or_si512(hi, bit(lanes_hi));
+                        }
+                        let bias = _mm512_set1_epi32(bias);
+                        (
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, bias)), d),
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, bias)), d),
+                        )
+                    } else if q4_1 {
                         let q = _mm_loadu_si128(block.add(4) as *const __m128i);
                         let mask = _mm_set1_epi8(0x0F);
                         let lo = _mm_and_si128(q, mask);
@@ -562,10 +626,10 @@ mod tests {
                         continue;
                     }
                     let mut yt = vec![0f32; rows * n];
-                    rows_generic::<false>(&m, &x, n, 0, &mut yt);
+                    rows_generic::<false, false>(&m, &x, n, 0, &mut yt);
                     check(&yt, true, "portable");
                     #[cfg(target_arch = "x86_64")]
-                    if avx512::available() && matches!(m.format, Format::Q4_1 | Format::Q8_0) {
+                    if avx512::available() && avx512::reads(m.format) {
                         let mut yt = vec![0f32; rows * n];
                         // SAFETY: the CPU has the features (checked).
                         unsafe { avx512::rows(&m, &x, n, 0, &mut yt) };

@@ -69,28 +69,45 @@ impl Format {
     /// Dequantizes one block (`block_bytes()` bytes) into `out` (`block_len()` values).
     #[inline(always)]
     pub fn dequantize(self, b: &[u8], out: &mut [f32]) {
+        self.dequantize_with::<false>(b, out)
+    }
+
+    /// [`Self::dequantize`]; with `F16C`, the block's f16 scales are converted by the F16C
+    /// instruction (the same exact conversion, inline: a block of 32 weights would otherwise
+    /// spend much of its time in the library call).
+    ///
+    /// `F16C` must only be set where the CPU has F16C (the kernels check it before dispatching).
+    #[inline(always)]
+    pub fn dequantize_with<const F16C: bool>(self, b: &[u8], out: &mut [f32]) {
         match self {
-            Self::Q4_0 => q4_0(b, out),
-            Self::Q4_1 => q4_1(b, out),
-            Self::Q5_0 => q5_0(b, out),
-            Self::Q5_1 => q5_1(b, out),
-            Self::Q8_0 => q8_0(b, out),
-            Self::Q4K => q4k(b, out),
-            Self::Q5K => q5k(b, out),
-            Self::Q6K => q6k(b, out),
-            Self::F16 => f16s(b, out),
+            Self::Q4_0 => q4_0::<F16C>(b, out),
+            Self::Q4_1 => q4_1::<F16C>(b, out),
+            Self::Q5_0 => q5_0::<F16C>(b, out),
+            Self::Q5_1 => q5_1::<F16C>(b, out),
+            Self::Q8_0 => q8_0::<F16C>(b, out),
+            Self::Q4K => q4k::<F16C>(b, out),
+            Self::Q5K => q5k::<F16C>(b, out),
+            Self::Q6K => q6k::<F16C>(b, out),
+            Self::F16 => f16s::<F16C>(b, out),
         }
     }
 }
 
 #[inline(always)]
-fn half(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+fn half<const F16C: bool>(b: &[u8], at: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+    #[cfg(target_arch = "x86_64")]
+    if F16C {
+        use std::arch::x86_64::{_mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32};
+        // SAFETY: callers set F16C only on CPUs that have it.
+        return unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) };
+    }
+    f16::from_bits(bits).to_f32()
 }
 
 #[inline(always)]
-fn q4_0(b: &[u8], out: &mut [f32]) {
-    let d = half(b, 0);
+fn q4_0<const F16C: bool>(b: &[u8], out: &mut [f32]) {
+    let d = half::<F16C>(b, 0);
     let qs = &b[2..18];
     let (lo, hi) = out[..32].split_at_mut(16);
     for j in 0..16 {
@@ -100,8 +117,8 @@ fn q4_0(b: &[u8], out: &mut [f32]) {
 }
 
 #[inline(always)]
-fn q4_1(b: &[u8], out: &mut [f32]) {
-    let (d, m) = (half(b, 0), half(b, 2));
+fn q4_1<const F16C: bool>(b: &[u8], out: &mut [f32]) {
+    let (d, m) = (half::<F16C>(b, 0), half::<F16C>(b, 2));
     let qs = &b[4..20];
     let (lo, hi) = out[..32].split_at_mut(16);
     for j in 0..16 {
@@ -110,54 +127,53 @@ fn q4_1(b: &[u8], out: &mut [f32]) {
     }
 }
 
-/// The fifth bits of a Q5 block: bit j of `qh` belongs to weight j (j < 32).
+/// The 5-bit values of a Q5 block (`qs` low nibbles | bit j of `qh` as bit 4 for weight j,
+/// high nibbles | bit j + 16 for weight j + 16), in i32 lanes (a form LLVM vectorises).
 #[inline(always)]
-fn fifth_bits(qh: u32) -> ([u8; 16], [u8; 16]) {
-    let mut lo = [0u8; 16];
-    let mut hi = [0u8; 16];
+fn q5_values(qs: &[u8], qh: u32) -> ([i32; 16], [i32; 16]) {
+    let mut lo = [0i32; 16];
+    let mut hi = [0i32; 16];
     for j in 0..16 {
-        lo[j] = (((qh >> j) << 4) & 0x10) as u8;
-        hi[j] = ((qh >> (j + 12)) & 0x10) as u8;
+        lo[j] = (qs[j] & 0x0F) as i32 | ((((qh >> j) & 1) as i32) << 4);
+        hi[j] = (qs[j] >> 4) as i32 | ((((qh >> (j + 16)) & 1) as i32) << 4);
     }
     (lo, hi)
 }
 
 #[inline(always)]
-fn q5_0(b: &[u8], out: &mut [f32]) {
-    let d = half(b, 0);
-    let (h0, h1) = fifth_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
-    let qs = &b[6..22];
-    let (lo, hi) = out[..32].split_at_mut(16);
+fn q5_0<const F16C: bool>(b: &[u8], out: &mut [f32]) {
+    let d = half::<F16C>(b, 0);
+    let (lo, hi) = q5_values(&b[6..22], u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
+    let (out_lo, out_hi) = out[..32].split_at_mut(16);
     for j in 0..16 {
-        lo[j] = (((qs[j] & 0x0F) | h0[j]) as i32 - 16) as f32 * d;
-        hi[j] = (((qs[j] >> 4) | h1[j]) as i32 - 16) as f32 * d;
+        out_lo[j] = (lo[j] - 16) as f32 * d;
+        out_hi[j] = (hi[j] - 16) as f32 * d;
     }
 }
 
 #[inline(always)]
-fn q5_1(b: &[u8], out: &mut [f32]) {
-    let (d, m) = (half(b, 0), half(b, 2));
-    let (h0, h1) = fifth_bits(u32::from_le_bytes([b[4], b[5], b[6], b[7]]));
-    let qs = &b[8..24];
-    let (lo, hi) = out[..32].split_at_mut(16);
+fn q5_1<const F16C: bool>(b: &[u8], out: &mut [f32]) {
+    let (d, m) = (half::<F16C>(b, 0), half::<F16C>(b, 2));
+    let (lo, hi) = q5_values(&b[8..24], u32::from_le_bytes([b[4], b[5], b[6], b[7]]));
+    let (out_lo, out_hi) = out[..32].split_at_mut(16);
     for j in 0..16 {
-        lo[j] = ((qs[j] & 0x0F) | h0[j]) as f32 * d + m;
-        hi[j] = ((qs[j] >> 4) | h1[j]) as f32 * d + m;
+        out_lo[j] = lo[j] as f32 * d + m;
+        out_hi[j] = hi[j] as f32 * d + m;
     }
 }
 
 #[inline(always)]
-fn q8_0(b: &[u8], out: &mut [f32]) {
-    let d = half(b, 0);
+fn q8_0<const F16C: bool>(b: &[u8], out: &mut [f32]) {
+    let d = half::<F16C>(b, 0);
     for (o, &q) in out[..32].iter_mut().zip(&b[2..34]) {
         *o = (q as i8) as f32 * d;
     }
 }
 
 #[inline(always)]
-fn f16s(b: &[u8], out: &mut [f32]) {
+fn f16s<const F16C: bool>(b: &[u8], out: &mut [f32]) {
     for (j, o) in out[..32].iter_mut().enumerate() {
-        *o = half(b, 2 * j);
+        *o = half::<F16C>(b, 2 * j);
     }
 }
 
@@ -175,8 +191,8 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 #[inline(always)]
-fn q4k(b: &[u8], out: &mut [f32]) {
-    let (d, dmin) = (half(b, 0), half(b, 2));
+fn q4k<const F16C: bool>(b: &[u8], out: &mut [f32]) {
+    let (d, dmin) = (half::<F16C>(b, 0), half::<F16C>(b, 2));
     let scales = &b[4..16];
     let qs = &b[16..144];
     for c in 0..4 {
@@ -194,8 +210,8 @@ fn q4k(b: &[u8], out: &mut [f32]) {
 }
 
 #[inline(always)]
-fn q5k(b: &[u8], out: &mut [f32]) {
-    let (d, dmin) = (half(b, 0), half(b, 2));
+fn q5k<const F16C: bool>(b: &[u8], out: &mut [f32]) {
+    let (d, dmin) = (half::<F16C>(b, 0), half::<F16C>(b, 2));
     let scales = &b[4..16];
     let qh = &b[16..48];
     let qs = &b[48..176];
@@ -217,11 +233,11 @@ fn q5k(b: &[u8], out: &mut [f32]) {
 }
 
 #[inline(always)]
-fn q6k(b: &[u8], out: &mut [f32]) {
+fn q6k<const F16C: bool>(b: &[u8], out: &mut [f32]) {
     let ql = &b[0..128];
     let qh = &b[128..192];
     let sc = &b[192..208];
-    let d = half(b, 208);
+    let d = half::<F16C>(b, 208);
     for half_block in 0..2 {
         let ql = &ql[64 * half_block..64 * half_block + 64];
         let qh = &qh[32 * half_block..32 * half_block + 32];
