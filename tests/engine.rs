@@ -324,6 +324,11 @@ fn packed_weights_match_the_dense_reference() {
             let (a, b) = (lp(&packed), lp(&dense));
             assert_eq!(a.len(), packed.model.config().vocab_size);
             let diff = common::max_abs_diff(&a, &b);
+            eprintln!(
+                "{}: {} tokens: max |Δ logprob| {diff:.2e}",
+                file.display(),
+                ids.len()
+            );
             assert!(
                 diff <= 1e-4,
                 "{}: {prompt:?} ({} tokens): max |Δ logprob| = {diff}",
@@ -331,6 +336,27 @@ fn packed_weights_match_the_dense_reference() {
                 ids.len()
             );
         }
+        // A decoding step after a context longer than Gemma 3's sliding window (512): the
+        // context through the long-input path, the step through the short-input one.
+        let ids = packed.tokenizer.encode(&long.repeat(16)).unwrap();
+        assert!(ids.len() > 600, "{}", ids.len());
+        let (context, last) = ids.split_at(ids.len() - 1);
+        let m = &packed.model;
+        let mut cache = m.new_cache();
+        m.next_logits(context, &mut cache).unwrap();
+        let stepped = engine::distribution::log_softmax(&m.next_logits(last, &mut cache).unwrap());
+        let whole = common::next_logprobs(&dense.model, &ids);
+        let diff = common::max_abs_diff(&stepped, &whole);
+        eprintln!(
+            "{}: {} tokens, then a step: {diff:.2e}",
+            file.display(),
+            ids.len()
+        );
+        assert!(
+            diff <= 1e-4,
+            "{}: long context, then one step: {diff}",
+            file.display()
+        );
     }
 }
 

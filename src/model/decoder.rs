@@ -344,47 +344,94 @@ impl Decoder {
         self
     }
 
-    /// The fused short-input path needs plain llama layers, every projection packed and f32
-    /// on the CPU.
+    /// The fused short-input path needs every projection packed (biases only on q/k/v) and
+    /// f32 on the CPU; it runs every family's extras (biases, q/k norms, sandwich norms, GELU,
+    /// embedding scale, sliding windows, attention scalar).
     fn build_fused(&self) -> Option<super::fused::Fused> {
-        use super::fused::{Fused, FusedLayer};
-        if self.dtype != DType::F32 || !self.device.is_cpu() || !self.cfg.family.is_plain_llama() {
+        use super::fused::{Fused, FusedLayer, LocalAttention};
+        if self.dtype != DType::F32 || !self.device.is_cpu() {
             return None;
         }
         let packed = |l: &Linear| match l {
             Linear::Packed(p, None) => Some(p.clone()),
             _ => None,
         };
-        let norm = |n: &RmsNorm| n.weight.to_vec1::<f32>().ok();
+        let vector = |t: &Tensor| t.flatten_all().ok()?.to_vec1::<f32>().ok();
+        let biased = |l: &Linear| match l {
+            Linear::Packed(p, bias) => Some((p.clone(), bias.as_ref().and_then(vector))),
+            _ => None,
+        };
+        let norm = |n: &RmsNorm| vector(&n.weight);
+        let norm_opt = |n: &Option<RmsNorm>| n.as_ref().map(norm);
+        // `None` when the norm exists but cannot be read.
+        let out_norm = |n: &Option<RmsNorm>| match n {
+            None => Some(None),
+            Some(n) => norm(n).map(Some),
+        };
         let layers = self
             .layers
             .iter()
             .map(|l| {
+                let a = &l.self_attn;
+                let ((q, qb), (k, kb), (v, vb)) =
+                    (biased(&a.q_proj)?, biased(&a.k_proj)?, biased(&a.v_proj)?);
+                let qkv_bias = match (qb, kb, vb) {
+                    (Some(q), Some(k), Some(v)) => Some([q, k, v]),
+                    (None, None, None) => None,
+                    _ => return None,
+                };
+                let qk_norm = match (norm_opt(&a.q_norm), norm_opt(&a.k_norm)) {
+                    (Some(q), Some(k)) => Some([q?, k?]),
+                    (None, None) => None,
+                    _ => return None,
+                };
                 Some(FusedLayer {
                     attn_norm: norm(&l.attn_norm)?,
-                    q: packed(&l.self_attn.q_proj)?,
-                    k: packed(&l.self_attn.k_proj)?,
-                    v: packed(&l.self_attn.v_proj)?,
-                    o: packed(&l.self_attn.o_proj)?,
+                    q,
+                    k,
+                    v,
+                    qkv_bias,
+                    qk_norm,
+                    o: packed(&a.o_proj)?,
+                    attn_out_norm: out_norm(&l.attn_out_norm)?,
                     mlp_norm: norm(&l.ffn_norm)?,
                     gate: packed(&l.mlp.gate_proj)?,
                     up: packed(&l.mlp.up_proj)?,
                     down: packed(&l.mlp.down_proj)?,
+                    mlp_out_norm: out_norm(&l.ffn_out_norm)?,
+                    local: l.local,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
-        let flat = |t: &Tensor| t.flatten_all().ok()?.to_vec1::<f32>().ok();
+        let local = match (self.cfg.family.sliding, &self.rope_local) {
+            (Some(s), Some(rope)) => Some(LocalAttention {
+                window: s.window,
+                cos: vector(&rope.cos)?,
+                sin: vector(&rope.sin)?,
+            }),
+            (None, _) => None,
+            _ => return None,
+        };
+        let hd = self.cfg.head_dim();
         Some(Fused {
             layers,
             norm: norm(&self.norm)?,
             head: packed(&self.lm_head)?,
             embed: self.embed_tokens.clone(),
-            cos: flat(&self.rope.cos)?,
-            sin: flat(&self.rope.sin)?,
+            cos: vector(&self.rope.cos)?,
+            sin: vector(&self.rope.sin)?,
+            local,
+            embed_scale: self
+                .cfg
+                .family
+                .embed_scale
+                .then(|| (self.cfg.hidden_size as f32).sqrt()),
+            attn_scale: (1.0 / self.cfg.family.attn_scalar.unwrap_or(hd as f64).sqrt()) as f32,
+            activation: self.cfg.family.activation,
             hidden: self.cfg.hidden_size,
             n_head: self.cfg.num_attention_heads,
             n_kv_head: self.cfg.n_kv_heads(),
-            head_dim: self.cfg.head_dim(),
+            head_dim: hd,
             intermediate: self.cfg.intermediate_size,
             eps: self.cfg.rms_norm_eps as f32,
         })

@@ -13,21 +13,42 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::config::Activation;
 use super::kv_cache::Cache;
 use super::packed::{matmul_many, PackedMatrix, MAX_ROWS};
 
-/// One decoder layer's weights for the fused path.
+/// One decoder layer's weights for the fused path, with the family's extras.
 #[derive(Debug, Clone)]
 pub(crate) struct FusedLayer {
     pub attn_norm: Vec<f32>,
     pub q: Arc<PackedMatrix>,
     pub k: Arc<PackedMatrix>,
     pub v: Arc<PackedMatrix>,
+    /// Biases of q, k and v (Qwen2).
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+    /// Per-head RMS norms of queries and keys, before the rotary embedding (Gemma 3).
+    pub qk_norm: Option<[Vec<f32>; 2]>,
     pub o: Arc<PackedMatrix>,
+    /// Norm of the attention output before the residual add (Gemma's sandwich norms).
+    pub attn_out_norm: Option<Vec<f32>>,
     pub mlp_norm: Vec<f32>,
     pub gate: Arc<PackedMatrix>,
     pub up: Arc<PackedMatrix>,
     pub down: Arc<PackedMatrix>,
+    /// Norm of the MLP output before the residual add.
+    pub mlp_out_norm: Option<Vec<f32>>,
+    /// Attends to a sliding window with the local rotary embedding.
+    pub local: bool,
+}
+
+/// Sliding-window attention of the local layers (Gemma 3).
+#[derive(Debug, Clone)]
+pub(crate) struct LocalAttention {
+    /// A query sees itself and the `window` − 1 positions before it.
+    pub window: usize,
+    /// The local rotary embedding's tables.
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +61,12 @@ pub(crate) struct Fused {
     /// (positions, head_dim / 2), the same tables as the candle path's rotary embedding.
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
+    pub local: Option<LocalAttention>,
+    /// Multiplies the embeddings (√hidden, Gemma).
+    pub embed_scale: Option<f32>,
+    /// Multiplies the attention scores (1/√head_dim, or Gemma's 1/√query_pre_attn_scalar).
+    pub attn_scale: f32,
+    pub activation: Activation,
     pub hidden: usize,
     pub n_head: usize,
     pub n_kv_head: usize,
@@ -199,6 +226,9 @@ impl Fused {
         };
         for (&id, out) in ids.iter().zip(b.x.chunks_exact_mut(h)) {
             self.embed.row_into(id as usize, out)?;
+            if let Some(scale) = self.embed_scale {
+                out.iter_mut().for_each(|v| *v *= scale);
+            }
         }
         for (l, layer) in self.layers.iter().enumerate() {
             self.layer(layer, l, &mut b, segments, caches)?;
@@ -232,17 +262,38 @@ impl Fused {
             &b.xn,
             t,
         );
+        if let Some([qb, kb, vb]) = &layer.qkv_bias {
+            for (y, bias) in [(&mut b.q, qb), (&mut b.k, kb), (&mut b.v, vb)] {
+                for row in y.chunks_exact_mut(bias.len()) {
+                    row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+                }
+            }
+        }
+        if let Some([qn, kn]) = &layer.qk_norm {
+            for (y, norm) in [(&mut b.q, qn), (&mut b.k, kn)] {
+                for head in y.chunks_exact_mut(hd) {
+                    let x = head.to_vec();
+                    rms_norm(&x, norm, self.eps, head);
+                }
+            }
+        }
+        let (cos, sin, window) = match (&self.local, layer.local) {
+            (Some(l), true) => (&l.cos, &l.sin, Some(l.window)),
+            _ => (&self.cos, &self.sin, None),
+        };
         for g in segments {
             let rows = g.start..g.start + g.len;
             self.rope(
                 &mut b.q[rows.start * qd..rows.end * qd],
                 self.n_head,
                 g.offset,
+                (cos, sin),
             );
             self.rope(
                 &mut b.k[rows.start * kvd..rows.end * kvd],
                 self.n_kv_head,
                 g.offset,
+                (cos, sin),
             );
             let cache = &mut *caches[g.seq];
             let kv = cache.host_layer(index, self.n_kv_head, hd)?;
@@ -264,6 +315,8 @@ impl Fused {
                     n_head: self.n_head,
                     n_kv_head: self.n_kv_head,
                     head_dim: hd,
+                    scale: self.attn_scale,
+                    window,
                 },
                 &mut b.att[rows.start * qd..rows.end * qd],
             );
@@ -272,9 +325,7 @@ impl Fused {
         }
 
         matmul_many(&mut [(&layer.o, &mut b.o)], &b.att, t);
-        for (x, o) in b.x.iter_mut().zip(&b.o) {
-            *x += o;
-        }
+        self.add_residual(&mut b.x, &mut b.o, layer.attn_out_norm.as_deref());
         for (x, xn) in b.x.chunks_exact(h).zip(b.xn.chunks_exact_mut(h)) {
             rms_norm(x, &layer.mlp_norm, self.eps, xn);
         }
@@ -283,26 +334,46 @@ impl Fused {
             &b.xn,
             t,
         );
-        for (g, u) in b.gate.iter_mut().zip(&b.up) {
-            // SiLU as candle computes it: v / (exp(-v) + 1).
-            *g = *g / ((-*g).exp() + 1.0) * u;
+        match self.activation {
+            Activation::Silu => {
+                for (g, u) in b.gate.iter_mut().zip(&b.up) {
+                    // SiLU as candle computes it: v / (exp(-v) + 1).
+                    *g = *g / ((-*g).exp() + 1.0) * u;
+                }
+            }
+            Activation::GeluTanh => {
+                for (g, u) in b.gate.iter_mut().zip(&b.up) {
+                    *g = gelu_tanh(*g) * u;
+                }
+            }
         }
         matmul_many(&mut [(&layer.down, &mut b.o)], &b.gate, t);
-        for (x, o) in b.x.iter_mut().zip(&b.o) {
+        self.add_residual(&mut b.x, &mut b.o, layer.mlp_out_norm.as_deref());
+        Ok(())
+    }
+
+    /// x += out, the output RMS-normed first where the family has that norm.
+    fn add_residual(&self, x: &mut [f32], out: &mut [f32], norm: Option<&[f32]>) {
+        if let Some(w) = norm {
+            for row in out.chunks_exact_mut(self.hidden) {
+                let y = row.to_vec();
+                rms_norm(&y, w, self.eps, row);
+            }
+        }
+        for (x, o) in x.iter_mut().zip(out.iter()) {
             *x += o;
         }
-        Ok(())
     }
 
     /// Rotary embedding in place on (t, heads, head_dim) at positions offset.., pairing
     /// dimension i with i + head_dim/2 (HF's `rotate_half`, candle's `rope`).
-    fn rope(&self, x: &mut [f32], heads: usize, offset: usize) {
+    fn rope(&self, x: &mut [f32], heads: usize, offset: usize, tables: (&[f32], &[f32])) {
         let hd = self.head_dim;
         let half = hd / 2;
         for (i, token) in x.chunks_exact_mut(heads * hd).enumerate() {
             let p = offset + i;
-            let cos = &self.cos[p * half..(p + 1) * half];
-            let sin = &self.sin[p * half..(p + 1) * half];
+            let cos = &tables.0[p * half..(p + 1) * half];
+            let sin = &tables.1[p * half..(p + 1) * half];
             for head in token.chunks_exact_mut(hd) {
                 let (a, b) = head.split_at_mut(half);
                 for j in 0..half {
@@ -313,6 +384,13 @@ impl Fused {
             }
         }
     }
+}
+
+/// GELU, tanh approximation, as candle's `gelu` computes it in f32.
+fn gelu_tanh(v: f32) -> f32 {
+    #[allow(clippy::excessive_precision)]
+    const SQRT_TWO_OVER_PI: f32 = 0.79788456080286535587989211986876373;
+    0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)))
 }
 
 /// RMS norm as candle's fused op computes it: x / sqrt(mean(x²) + eps) · w, in f32.
@@ -331,6 +409,10 @@ struct Shape {
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
+    /// Multiplies the scores.
+    scale: f32,
+    /// Sliding window (keys at most `window` − 1 positions back), if any.
+    window: Option<usize>,
 }
 
 /// Causal attention of the t new queries (t, n_head, head_dim) over the cached keys and values
@@ -341,14 +423,17 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], s: Shape, out: &mut [f32]) {
         let (i, head) = (item / s.n_head, item % s.n_head);
         let kv_head = head / (s.n_head / s.n_kv_head);
         let qv = &q[item * s.head_dim..(item + 1) * s.head_dim];
-        // Query i sits at position offset + i and sees positions 0..=offset + i.
-        let seen = s.offset + i + 1;
+        // Query i sits at position offset + i and sees positions from..=offset + i: all of
+        // them, or the last `window` in a sliding-window layer.
+        let end = s.offset + i + 1;
+        let from = s.window.map_or(0, |w| end.saturating_sub(w));
+        let stride = s.n_kv_head * s.head_dim;
         let at = Strided {
-            first: kv_head * s.head_dim,
-            stride: s.n_kv_head * s.head_dim,
+            first: from * stride + kv_head * s.head_dim,
+            stride,
             len: s.head_dim,
         };
-        head_attention(qv, k, v, at, seen, out);
+        head_attention(qv, k, v, at, end - from, s.scale, out);
     };
     // Splitting across threads pays only once there is enough context to scan.
     if s.t * total >= 64 {
@@ -374,24 +459,32 @@ impl Strided {
     }
 }
 
-fn head_attention(q: &[f32], k: &[f32], v: &[f32], at: Strided, seen: usize, out: &mut [f32]) {
+fn head_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    at: Strided,
+    seen: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
         // SAFETY (both arms): the CPU supports AVX-512F and FMA (checked just above); the
         // head dimension is 16 · H.
         match at.len {
-            64 => return unsafe { head_attention_avx512::<4>(q, k, v, at, seen, out) },
-            128 => return unsafe { head_attention_avx512::<8>(q, k, v, at, seen, out) },
+            64 => return unsafe { head_attention_avx512::<4>(q, k, v, at, seen, scale, out) },
+            128 => return unsafe { head_attention_avx512::<8>(q, k, v, at, seen, scale, out) },
             _ => {}
         }
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { head_attention_avx2(q, k, v, at, seen, out) };
+        unsafe { head_attention_avx2(q, k, v, at, seen, scale, out) };
         return;
     }
-    head_attention_generic(q, k, v, at, seen, out);
+    head_attention_generic(q, k, v, at, seen, scale, out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -402,13 +495,14 @@ unsafe fn head_attention_avx2(
     v: &[f32],
     at: Strided,
     seen: usize,
+    scale: f32,
     out: &mut [f32],
 ) {
     // The portable code, vectorised by LLVM with AVX2 enabled.
-    head_attention_generic(q, k, v, at, seen, out);
+    head_attention_generic(q, k, v, at, seen, scale, out);
 }
 
-/// softmax(q·kᵀ / √d) · v for one query over `seen` positions, the softmax as candle's
+/// softmax(q·kᵀ · scale) · v for one query over `seen` positions, the softmax as candle's
 /// (max subtracted, exp, divided by the sum).
 /// [`head_attention_generic`] for a head dimension of 16·H with the query and the output held
 /// in H vector registers across the whole scan (the portable code reloads and stores the
@@ -425,12 +519,12 @@ unsafe fn head_attention_avx512<const H: usize>(
     v: &[f32],
     at: Strided,
     seen: usize,
+    scale: f32,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     assert!(q.len() == 16 * H && out.len() == 16 * H && at.len == 16 * H);
     assert!(seen == 0 || (at.first + (seen - 1) * at.stride + at.len <= k.len().min(v.len())));
-    let scale = (1.0 / (at.len as f64).sqrt()) as f32;
     // SAFETY (whole body): every load and store below is inside q, out, or a position
     // p < seen of k and v (asserted above).
     unsafe {
@@ -479,9 +573,9 @@ fn head_attention_generic(
     v: &[f32],
     at: Strided,
     seen: usize,
+    scale: f32,
     out: &mut [f32],
 ) {
-    let scale = (1.0 / (at.len as f64).sqrt()) as f32;
     let mut scores = vec![0f32; seen];
     let mut max = f32::NEG_INFINITY;
     for p in 0..seen {
