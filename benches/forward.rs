@@ -159,7 +159,8 @@ fn packed(c: &mut Criterion) {
             candle_core::Tensor::from_vec(values, (rows, cols), &candle_core::Device::Cpu).unwrap();
         let q = QTensor::quantize(&dense, dtype).unwrap();
         let format = Format::from_ggml(dtype).unwrap();
-        let m = PackedMatrix::from_blocks(format, rows, cols, &q.data().unwrap(), None).unwrap();
+        let m = PackedMatrix::from_blocks(format, rows, cols, q.data().unwrap().into_owned(), None)
+            .unwrap();
         let x: Vec<f32> = (0..n * cols).map(|i| (i % 7) as f32 * 0.1).collect();
         group.bench_function(name, |b| b.iter(|| m.matmul(std::hint::black_box(&x), n)));
     }

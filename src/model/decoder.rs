@@ -18,7 +18,8 @@ use candle_nn::VarBuilder;
 use super::config::{Activation, Config};
 use super::kv_cache::{Cache, Prefilled};
 use super::layers::{
-    causal_mask, repeat_kv, Embedding, Linear, PackedWeights, RmsNorm, RotaryEmbedding, Weights,
+    causal_mask, repeat_kv, Embedding, Linear, PackedWeights, RmsNorm, RopeAt, RotaryEmbedding,
+    Weights,
 };
 
 #[derive(Debug, Clone)]
@@ -69,10 +70,9 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        rope: &RotaryEmbedding,
+        rope: &RopeAt,
         mask: Option<&Tensor>,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
-        offset: usize,
         differentiable: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -89,8 +89,8 @@ impl Attention {
             .forward(x)?
             .reshape(shape(self.n_kv_head))?
             .transpose(1, 2)?;
-        let q = rope.apply(&q, offset, differentiable)?;
-        let k = rope.apply(&k, offset, differentiable)?;
+        let q = rope.apply(&q, differentiable)?;
+        let k = rope.apply(&k, differentiable)?;
         let v = if differentiable { v } else { v.contiguous()? };
 
         let (k, v) = match kv {
@@ -211,17 +211,14 @@ impl Block {
     fn forward(
         &self,
         x: Tensor,
-        rope: &RotaryEmbedding,
+        rope: &RopeAt,
         mask: Option<&Tensor>,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
-        offset: usize,
         differentiable: bool,
     ) -> candle_core::Result<Tensor> {
         let out_norm = |norm, h| RmsNorm::apply_if(norm, h, differentiable);
         let h = self.attn_norm.forward(&x, differentiable)?;
-        let h = self
-            .self_attn
-            .forward(&h, rope, mask, kv, offset, differentiable)?;
+        let h = self.self_attn.forward(&h, rope, mask, kv, differentiable)?;
         let x = (x + out_norm(&self.attn_out_norm, h)?)?;
         let h = self.ffn_norm.forward(&x, differentiable)?;
         let h = out_norm(&self.ffn_out_norm, self.mlp.forward(&h)?)?;
@@ -281,17 +278,13 @@ impl Decoder {
             Linear::load(w.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?
         };
         let inv_freq = cfg.rope_inv_freq().map_err(candle_core::Error::Msg)?;
-        let rope = RotaryEmbedding::new(&inv_freq, cfg.max_position_embeddings, dtype, &device)?;
+        let rope = RotaryEmbedding::new(&inv_freq);
         let rope_local = match cfg.family.sliding {
             Some(s) => {
                 let local = cfg.with_rope_theta(s.local_rope_theta).rope_inv_freq();
-                let local = local.map_err(candle_core::Error::Msg)?;
                 Some(RotaryEmbedding::new(
-                    &local,
-                    cfg.max_position_embeddings,
-                    dtype,
-                    &device,
-                )?)
+                    &local.map_err(candle_core::Error::Msg)?,
+                ))
             }
             None => None,
         };
@@ -406,8 +399,7 @@ impl Decoder {
         let local = match (self.cfg.family.sliding, &self.rope_local) {
             (Some(s), Some(rope)) => Some(LocalAttention {
                 window: s.window,
-                cos: vector(&rope.cos)?,
-                sin: vector(&rope.sin)?,
+                rope: rope.clone(),
             }),
             (None, _) => None,
             _ => return None,
@@ -418,8 +410,8 @@ impl Decoder {
             norm: norm(&self.norm)?,
             head: packed(&self.lm_head)?,
             embed: self.embed_tokens.clone(),
-            cos: vector(&self.rope.cos)?,
-            sin: vector(&self.rope.sin)?,
+            rope: self.rope.clone(),
+            context: self.cfg.max_position_embeddings,
             local,
             embed_scale: self
                 .cfg
@@ -573,10 +565,10 @@ impl Decoder {
             cache.tensors_for_candle(l, n_kv, hd, &self.device, self.dtype)?;
         }
         let mut x = self.embed(ids)?;
-        let masks = self.masks(t, offset)?;
+        let pass = self.pass_inputs(t, offset)?;
         for (layer, kv) in self.layers.iter().zip(cache.kvs.iter_mut()) {
-            let (rope, mask) = self.layer_inputs(layer, &masks);
-            x = layer.forward(x, rope, mask, Some(kv), offset, false)?;
+            let (rope, mask) = pass.for_layer(layer);
+            x = layer.forward(x, rope, mask, Some(kv), false)?;
         }
         cache.len = offset + t;
         Ok(x)
@@ -594,25 +586,22 @@ impl Decoder {
         x.broadcast_mul(&scale)
     }
 
-    /// The global causal mask and, with a sliding window, the local one: (t, offset + t).
-    fn masks(&self, t: usize, offset: usize) -> candle_core::Result<Masks> {
-        let global = causal_mask(t, offset, None, self.dtype, &self.device)?;
-        let local = match self.cfg.family.sliding {
-            Some(s) => causal_mask(t, offset, Some(s.window), self.dtype, &self.device)?,
-            None => None,
+    /// The rotary tables and causal masks ((t, offset + t)) of t new positions after `offset`:
+    /// the global ones and, with a sliding window, the local layers' own.
+    fn pass_inputs(&self, t: usize, offset: usize) -> candle_core::Result<PassInputs> {
+        let (dtype, dev) = (self.dtype, &self.device);
+        let global = (
+            self.rope.at(offset, t, dtype, dev)?,
+            causal_mask(t, offset, None, dtype, dev)?,
+        );
+        let local = match (self.cfg.family.sliding, &self.rope_local) {
+            (Some(s), Some(rope)) => Some((
+                rope.at(offset, t, dtype, dev)?,
+                causal_mask(t, offset, Some(s.window), dtype, dev)?,
+            )),
+            _ => None,
         };
-        Ok(Masks { global, local })
-    }
-
-    fn layer_inputs<'a>(
-        &'a self,
-        layer: &Block,
-        masks: &'a Masks,
-    ) -> (&'a RotaryEmbedding, Option<&'a Tensor>) {
-        match (layer.local, &self.rope_local) {
-            (true, Some(rope)) => (rope, masks.local.as_ref()),
-            _ => (&self.rope, masks.global.as_ref()),
-        }
+        Ok(PassInputs { global, local })
     }
 
     /// Training: every op has a backward pass; returns logits (b, t, vocab) in the model dtype.
@@ -622,19 +611,30 @@ impl Decoder {
             candle_core::bail!("sequence longer than the model's context");
         }
         let mut x = self.embed(ids)?;
-        let masks = self.masks(t, 0)?;
+        let pass = self.pass_inputs(t, 0)?;
         for layer in &self.layers {
-            let (rope, mask) = self.layer_inputs(layer, &masks);
-            x = layer.forward(x, rope, mask, None, 0, true)?;
+            let (rope, mask) = pass.for_layer(layer);
+            x = layer.forward(x, rope, mask, None, true)?;
         }
         self.lm_head.forward(&self.norm.forward(&x, true)?)
     }
 }
 
-/// Additive masks for one pass (`None` where no position needs masking).
-struct Masks {
-    global: Option<Tensor>,
-    local: Option<Tensor>,
+/// Rotary tables and additive masks (`None` where no position needs masking) for one pass.
+struct PassInputs {
+    global: (RopeAt, Option<Tensor>),
+    /// The local layers' own, with a sliding window.
+    local: Option<(RopeAt, Option<Tensor>)>,
+}
+
+impl PassInputs {
+    fn for_layer(&self, layer: &Block) -> (&RopeAt, Option<&Tensor>) {
+        let (rope, mask) = match (&self.local, layer.local) {
+            (Some(local), true) => local,
+            _ => &self.global,
+        };
+        (rope, mask.as_ref())
+    }
 }
 
 /// Names and shapes of every parameter, in HF naming (tied models have no `lm_head`).

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::config::Activation;
 use super::kv_cache::Cache;
+use super::layers::RotaryEmbedding;
 use super::packed::{matmul_many, PackedMatrix, MAX_ROWS};
 
 /// One decoder layer's weights for the fused path, with the family's extras.
@@ -46,9 +47,8 @@ pub(crate) struct FusedLayer {
 pub(crate) struct LocalAttention {
     /// A query sees itself and the `window` − 1 positions before it.
     pub window: usize,
-    /// The local rotary embedding's tables.
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
+    /// The local layers' own rotary embedding.
+    pub rope: RotaryEmbedding,
 }
 
 #[derive(Debug, Clone)]
@@ -58,9 +58,10 @@ pub(crate) struct Fused {
     pub head: Arc<PackedMatrix>,
     /// The token embeddings, shared with the candle path.
     pub embed: super::layers::Embedding,
-    /// (positions, head_dim / 2), the same tables as the candle path's rotary embedding.
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
+    /// The same rotary embedding as the candle path's.
+    pub rope: RotaryEmbedding,
+    /// Positions the model takes (its context length).
+    pub context: usize,
     pub local: Option<LocalAttention>,
     /// Multiplies the embeddings (√hidden, Gemma).
     pub embed_scale: Option<f32>,
@@ -86,6 +87,26 @@ struct Buffers {
     o: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// Each row's rotary cos/sin, (t, head_dim / 2): global, then the local layers' own.
+    rope: RowTables,
+    rope_local: Option<RowTables>,
+}
+
+/// cos and sin per row at the row's position.
+#[derive(Default)]
+struct RowTables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RowTables {
+    fn new(rope: &RotaryEmbedding, segments: &[Segment]) -> Self {
+        let mut t = Self::default();
+        for g in segments {
+            rope.extend_tables(g.offset..g.offset + g.len, &mut t.cos, &mut t.sin);
+        }
+        t
+    }
 }
 
 /// Up to this many new tokens take the fused path, in pieces of [`MAX_ROWS`]; longer inputs
@@ -141,7 +162,7 @@ impl Fused {
                 );
             }
             let total = cache.len + ids.len();
-            let limit = self.cos.len() / (self.head_dim / 2);
+            let limit = self.context;
             if total > limit {
                 candle_core::bail!(
                     "sequence of {total} tokens exceeds the model's context of {limit}"
@@ -223,6 +244,11 @@ impl Fused {
             o: vec![0f32; t * h],
             gate: vec![0f32; t * self.intermediate],
             up: vec![0f32; t * self.intermediate],
+            rope: RowTables::new(&self.rope, segments),
+            rope_local: self
+                .local
+                .as_ref()
+                .map(|l| RowTables::new(&l.rope, segments)),
         };
         for (&id, out) in ids.iter().zip(b.x.chunks_exact_mut(h)) {
             self.embed.row_into(id as usize, out)?;
@@ -277,23 +303,26 @@ impl Fused {
                 }
             }
         }
-        let (cos, sin, window) = match (&self.local, layer.local) {
-            (Some(l), true) => (&l.cos, &l.sin, Some(l.window)),
-            _ => (&self.cos, &self.sin, None),
+        let (tables, window) = match (&self.local, &b.rope_local, layer.local) {
+            (Some(l), Some(tables), true) => (tables, Some(l.window)),
+            _ => (&b.rope, None),
         };
+        let half = hd / 2;
         for g in segments {
             let rows = g.start..g.start + g.len;
+            let tables = (
+                &tables.cos[rows.start * half..rows.end * half],
+                &tables.sin[rows.start * half..rows.end * half],
+            );
             self.rope(
                 &mut b.q[rows.start * qd..rows.end * qd],
                 self.n_head,
-                g.offset,
-                (cos, sin),
+                tables,
             );
             self.rope(
                 &mut b.k[rows.start * kvd..rows.end * kvd],
                 self.n_kv_head,
-                g.offset,
-                (cos, sin),
+                tables,
             );
             let cache = &mut *caches[g.seq];
             let kv = cache.host_layer(index, self.n_kv_head, hd)?;
@@ -365,15 +394,14 @@ impl Fused {
         }
     }
 
-    /// Rotary embedding in place on (t, heads, head_dim) at positions offset.., pairing
-    /// dimension i with i + head_dim/2 (HF's `rotate_half`, candle's `rope`).
-    fn rope(&self, x: &mut [f32], heads: usize, offset: usize, tables: (&[f32], &[f32])) {
+    /// Rotary embedding in place on (t, heads, head_dim) with the rows' (t, head_dim/2)
+    /// tables, pairing dimension i with i + head_dim/2 (HF's `rotate_half`, candle's `rope`).
+    fn rope(&self, x: &mut [f32], heads: usize, tables: (&[f32], &[f32])) {
         let hd = self.head_dim;
         let half = hd / 2;
         for (i, token) in x.chunks_exact_mut(heads * hd).enumerate() {
-            let p = offset + i;
-            let cos = &tables.0[p * half..(p + 1) * half];
-            let sin = &tables.1[p * half..(p + 1) * half];
+            let cos = &tables.0[i * half..(i + 1) * half];
+            let sin = &tables.1[i * half..(i + 1) * half];
             for head in token.chunks_exact_mut(hd) {
                 let (a, b) = head.split_at_mut(half);
                 for j in 0..half {

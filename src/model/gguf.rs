@@ -1,6 +1,7 @@
 //! Reading llama-architecture GGUF files into HF-named tensors and a [`Config`].
 
 use std::collections::HashMap;
+use std::io::{Read, Seek};
 use std::path::Path;
 
 use std::sync::Arc;
@@ -264,6 +265,53 @@ impl GgufFile {
             })
     }
 
+    /// A matrix whose type has a packed kernel, its blocks read straight from the file into
+    /// the matrix (no intermediate copy: the largest tensor, often the embedding, would
+    /// otherwise be in memory twice during the load and set the peak RSS); q/k rows taken in
+    /// un-permuted order (`heads`). Other tensors return `None`.
+    fn read_packed(&mut self, name: &str, heads: Option<usize>) -> Result<Option<PackedMatrix>> {
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Ok(None);
+        };
+        let (Some(format), [rows, cols]) = (Format::from_ggml(info.ggml_dtype), info.shape.dims())
+        else {
+            return Ok(None);
+        };
+        let (rows, cols) = (*rows, *cols);
+        if cols == 0 || !cols.is_multiple_of(format.block_len()) {
+            return Ok(None);
+        }
+        let Some(bytes) = (cols / format.block_len())
+            .checked_mul(format.block_bytes())
+            .and_then(|row| row.checked_mul(rows))
+        else {
+            return Err(self.corrupt(format!("tensor `{name}`: {rows}×{cols} is too large")));
+        };
+        let start = self.content.tensor_data_offset + info.offset;
+        let file_len = self.reader.get_ref().metadata()?.len();
+        if start.saturating_add(bytes as u64) > file_len {
+            return Err(self.corrupt(format!(
+                "tensor `{name}` ({bytes} bytes at {start}) runs past the end of the file"
+            )));
+        }
+        let mut data = vec![0u8; bytes];
+        self.reader
+            .seek(std::io::SeekFrom::Start(start))
+            .and_then(|_| self.reader.read_exact(&mut data))
+            .map_err(|e| ModelError::Corrupt {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}`: {e}"),
+            })?;
+        let order = heads.map(|n| unpermute_order(rows, n));
+        Ok(PackedMatrix::from_blocks(
+            format,
+            rows,
+            cols,
+            data,
+            order.as_deref(),
+        ))
+    }
+
     /// All tensors, dequantized to `dtype` and renamed to HF names, with q/k un-permuted.
     /// With `keep_quantized`, the 2-D projection weights are also returned as [`QMatMul`]s.
     pub fn tensors(
@@ -313,7 +361,6 @@ impl GgufFile {
                 // rope_freqs is in the config (checked by config(): no other name gets here).
                 continue;
             };
-            let q = self.read(&name, device)?;
             let permuted = qk_permuted(&cfg.family);
             let heads = if permuted && name.ends_with("attn_q.weight") {
                 Some(cfg.num_attention_heads)
@@ -322,12 +369,14 @@ impl GgufFile {
             } else {
                 None
             };
-            if pack && q.shape().rank() == 2 {
-                // The file's own blocks; q/k rows taken in un-permuted order.
-                if let Some(p) = pack_qtensor(&q, heads)? {
+            if pack {
+                if let Some(p) = self.read_packed(&name, heads)? {
                     packed.insert(hf, Arc::new(p));
                     continue;
                 }
+            }
+            let q = self.read(&name, device)?;
+            if pack && q.shape().rank() == 2 {
                 if q.dtype() != GgmlDType::F32 {
                     unpacked_types.insert(format!("{:?}", q.dtype()));
                 }
@@ -352,23 +401,6 @@ impl GgufFile {
         }
         Ok((dense, quant, packed))
     }
-}
-
-/// Packs a matrix whose type has a packed kernel; other types return `None` (dense path).
-fn pack_qtensor(q: &QTensor, heads: Option<usize>) -> Result<Option<PackedMatrix>> {
-    let Some(format) = Format::from_ggml(q.dtype()) else {
-        return Ok(None);
-    };
-    let (rows, cols) = q.shape().dims2()?;
-    let order = heads.map(|n| unpermute_order(rows, n));
-    let data = q.data()?;
-    Ok(PackedMatrix::from_blocks(
-        format,
-        rows,
-        cols,
-        &data,
-        order.as_deref(),
-    ))
 }
 
 /// Source row (GGUF order) of each HF row: the row form of [`unpermute`].

@@ -214,46 +214,78 @@ impl Embedding {
     }
 }
 
-/// Rotary embedding tables (NeoX style: the two halves of each head rotate together).
+/// Rotary embedding (NeoX style: the two halves of each head rotate together). Keeps only the
+/// inverse frequencies: each pass computes cos/sin for its own positions. A table for the whole
+/// context would hold 2 × context × head_dim/2 floats — 32 MiB per rope for Gemma 3's 32k
+/// context, twice over with its local rope — almost all of it never read.
 #[derive(Debug, Clone)]
 pub(crate) struct RotaryEmbedding {
-    pub cos: Tensor,
-    pub sin: Tensor,
+    inv_freq: Arc<[f32]>,
 }
 
 impl RotaryEmbedding {
-    /// Tables for positions 0..max_positions from the inverse frequencies.
-    pub fn new(
-        inv_freq: &[f32],
-        max_positions: usize,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Self> {
-        let n = inv_freq.len();
-        let inv_freq = Tensor::from_slice(inv_freq, (1, n), dev)?;
-        let positions = Tensor::arange(0u32, max_positions as u32, dev)?
-            .to_dtype(DType::F32)?
-            .reshape((max_positions, 1))?;
-        let freqs = positions.matmul(&inv_freq)?;
-        Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
-        })
+    pub fn new(inv_freq: &[f32]) -> Self {
+        Self {
+            inv_freq: inv_freq.into(),
+        }
     }
 
-    pub fn apply(
+    /// head_dim / 2.
+    pub fn half(&self) -> usize {
+        self.inv_freq.len()
+    }
+
+    /// Appends cos and sin of position × frequency for each position, `half` values per
+    /// position: the product rounded to f32, then f32 cos/sin — the values candle's
+    /// `positions.matmul(inv_freq).cos()` table held (a test keeps them bit for bit equal).
+    pub fn extend_tables(
         &self,
-        x: &Tensor,
+        positions: std::ops::Range<usize>,
+        cos: &mut Vec<f32>,
+        sin: &mut Vec<f32>,
+    ) {
+        for p in positions {
+            let p = p as f32;
+            for &f in self.inv_freq.iter() {
+                let a = p * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+
+    /// The tables for positions offset..offset + t, as (t, head_dim / 2) tensors.
+    pub fn at(
+        &self,
         offset: usize,
-        differentiable: bool,
-    ) -> candle_core::Result<Tensor> {
-        let (_b, _h, t, _d) = x.dims4()?;
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
+        t: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<RopeAt> {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        self.extend_tables(offset..offset + t, &mut cos, &mut sin);
+        let table = |v: Vec<f32>| Tensor::from_vec(v, (t, self.half()), dev)?.to_dtype(dtype);
+        Ok(RopeAt {
+            cos: table(cos)?,
+            sin: table(sin)?,
+        })
+    }
+}
+
+/// A rotary embedding's cos/sin for the positions of one pass.
+#[derive(Debug, Clone)]
+pub(crate) struct RopeAt {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeAt {
+    /// Rotates x (b, heads, t, head_dim).
+    pub fn apply(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
         if differentiable {
-            candle_nn::rotary_emb::rope_slow(x, &cos, &sin)
+            candle_nn::rotary_emb::rope_slow(x, &self.cos, &self.sin)
         } else {
-            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)
         }
     }
 }
@@ -332,4 +364,42 @@ pub(crate) fn causal_mask(
     Ok(Some(
         Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-pass tables equal, bit for bit, the whole-context tables candle computed before
+    /// (positions as f32, a (positions, 1) × (1, half) matmul, then cos/sin).
+    #[test]
+    fn rope_tables_equal_candles_matmul_tables() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let half = 64;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / 1_000_000f64.powf(2.0 * i as f64 / (2 * half) as f64) as f32)
+            .collect();
+        let max = 40_000;
+        let positions = Tensor::arange(0u32, max as u32, &dev)?
+            .to_dtype(DType::F32)?
+            .reshape((max, 1))?;
+        let freqs = positions.matmul(&Tensor::from_slice(&inv_freq, (1, half), &dev)?)?;
+        let want_cos: Vec<f32> = freqs.cos()?.flatten_all()?.to_vec1()?;
+        let want_sin: Vec<f32> = freqs.sin()?.flatten_all()?.to_vec1()?;
+        let rope = RotaryEmbedding::new(&inv_freq);
+        for (offset, t) in [(0, 1), (0, 300), (31_990, 10), (39_999, 1)] {
+            let at = rope.at(offset, t, DType::F32, &dev)?;
+            let range = offset * half..(offset + t) * half;
+            let cos: Vec<f32> = at.cos.flatten_all()?.to_vec1()?;
+            let sin: Vec<f32> = at.sin.flatten_all()?.to_vec1()?;
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&cos),
+                bits(&want_cos[range.clone()]),
+                "cos at {offset}"
+            );
+            assert_eq!(bits(&sin), bits(&want_sin[range]), "sin at {offset}");
+        }
+        Ok(())
+    }
 }

@@ -39,7 +39,7 @@ impl PackedMatrix {
         format: Format,
         rows: usize,
         cols: usize,
-        data: &[u8],
+        data: Vec<u8>,
         row_order: Option<&[usize]>,
     ) -> Option<Self> {
         if cols == 0 || !cols.is_multiple_of(format.block_len()) {
@@ -50,7 +50,7 @@ impl PackedMatrix {
             return None;
         }
         let data = match row_order {
-            None => data.to_vec(),
+            None => data,
             Some(order) => {
                 let mut out = Vec::with_capacity(data.len());
                 for &src in order {
@@ -574,7 +574,7 @@ mod tests {
         let dense = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&dense, dtype).unwrap();
         let format = Format::from_ggml(dtype).unwrap();
-        PackedMatrix::from_blocks(format, rows, cols, &q.data().unwrap(), None).unwrap()
+        PackedMatrix::from_blocks(format, rows, cols, q.data().unwrap().into_owned(), None).unwrap()
     }
 
     const ALL: [GgmlDType; 9] = [
@@ -663,8 +663,8 @@ mod tests {
     fn row_order_permutes_whole_rows() {
         let plain = quantized(GgmlDType::Q4K, 4, 256, 9);
         let order = [2usize, 0, 3, 1];
-        let perm =
-            PackedMatrix::from_blocks(Format::Q4K, 4, 256, &plain.data, Some(&order)).unwrap();
+        let perm = PackedMatrix::from_blocks(Format::Q4K, 4, 256, plain.data.clone(), Some(&order))
+            .unwrap();
         for (r, &src) in order.iter().enumerate() {
             assert_eq!(perm.dequantize_row(r), plain.dequantize_row(src));
         }
