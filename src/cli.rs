@@ -80,8 +80,8 @@ pub struct ServeArgs {
     /// Cap on prompt tokens (always also ≤ context length − max_tokens).
     #[arg(long, env = "TOKENSCOPE_MAX_PROMPT_TOKENS")]
     pub max_prompt_tokens: Option<usize>,
-    /// Prompt tokens kept in the prefix KV cache (0 = off): repeated or extended prompts only
-    /// compute their new tokens.
+    /// Prefix KV cache size in prompt tokens (0 = off): repeated or extended prompts only
+    /// compute their new tokens. Each entry's stored logits count as the tokens of equal memory.
     #[arg(long, env = "TOKENSCOPE_PREFIX_CACHE_TOKENS", default_value_t = crate::engine::worker::DEFAULT_PREFIX_CACHE_TOKENS)]
     pub prefix_cache_tokens: usize,
     /// Requests allowed to wait for the model; more are answered 503 OVERLOADED.

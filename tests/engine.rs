@@ -239,7 +239,7 @@ fn prefix_cache_reuses_work_without_changing_results() {
     use tokenscope::engine::generate::generate_cached;
     use tokenscope::engine::prefix_cache::PrefixCache;
     let m = common::smollm();
-    let mut prefix = PrefixCache::new(4096);
+    let mut prefix = PrefixCache::new(4096, 0);
     let params = GenerateParams {
         temperature: 0.0,
         max_tokens: 4,

@@ -589,7 +589,12 @@ fn serve(
     rx: &mut mpsc::Receiver<Command>,
     stats: &WorkerStats,
 ) {
-    let mut prefix = PrefixCache::new(limits.prefix_cache_tokens);
+    let cfg = model.model.config();
+    let kv_values = cfg.num_hidden_layers * 2 * cfg.n_kv_heads() * cfg.head_dim();
+    let mut prefix = PrefixCache::new(
+        limits.prefix_cache_tokens,
+        super::prefix_cache::logits_cost(cfg.vocab_size, kv_values),
+    );
     while let Some(first) = rx.blocking_recv() {
         // Everything already waiting joins this round (dynamic batching).
         let mut jobs = Vec::new();
