@@ -18,8 +18,8 @@ use candle_nn::VarBuilder;
 use super::config::{Activation, Config};
 use super::kv_cache::{Cache, Prefilled};
 use super::layers::{
-    causal_mask, repeat_kv, Embedding, Linear, PackedWeights, RmsNorm, RopeAt, RotaryEmbedding,
-    Weights,
+    causal_mask, gated_activation, repeat_kv, Embedding, Linear, PackedWeights, RmsNorm, RopeAt,
+    RotaryEmbedding, Weights,
 };
 
 #[derive(Debug, Clone)]
@@ -144,14 +144,20 @@ impl Mlp {
             activation: cfg.family.activation,
         })
     }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
-        let gate = match self.activation {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
-            Activation::GeluTanh => gate.gelu()?,
+        let up = self.up_proj.forward(x)?;
+        let h = if differentiable {
+            let a = match self.activation {
+                Activation::Silu => candle_nn::ops::silu(&gate)?,
+                // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
+                Activation::GeluTanh => gate.gelu()?,
+            };
+            (a * up)?
+        } else {
+            gated_activation(self.activation, &gate, &up)?
         };
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        self.down_proj.forward(&h)
     }
 }
 
@@ -221,7 +227,7 @@ impl Block {
         let h = self.self_attn.forward(&h, rope, mask, kv, differentiable)?;
         let x = (x + out_norm(&self.attn_out_norm, h)?)?;
         let h = self.ffn_norm.forward(&x, differentiable)?;
-        let h = out_norm(&self.ffn_out_norm, self.mlp.forward(&h)?)?;
+        let h = out_norm(&self.ffn_out_norm, self.mlp.forward(&h, differentiable)?)?;
         x + h
     }
 }

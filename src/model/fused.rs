@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::config::Activation;
 use super::kv_cache::Cache;
-use super::layers::RotaryEmbedding;
+use super::layers::{gated, RotaryEmbedding};
 use super::packed::{matmul_many, PackedMatrix, MAX_ROWS};
 
 /// One decoder layer's weights for the fused path, with the family's extras.
@@ -363,19 +363,16 @@ impl Fused {
             &b.xn,
             t,
         );
-        match self.activation {
-            Activation::Silu => {
-                for (g, u) in b.gate.iter_mut().zip(&b.up) {
-                    // SiLU as candle computes it: v / (exp(-v) + 1).
-                    *g = *g / ((-*g).exp() + 1.0) * u;
+        // Across the pool: an exp or a tanh per value is a tenth of a 16-row piece's time.
+        let act = self.activation;
+        b.gate
+            .par_chunks_mut(self.intermediate)
+            .zip(b.up.par_chunks(self.intermediate))
+            .for_each(|(g, u)| {
+                for (g, &u) in g.iter_mut().zip(u) {
+                    *g = gated(act, *g, u);
                 }
-            }
-            Activation::GeluTanh => {
-                for (g, u) in b.gate.iter_mut().zip(&b.up) {
-                    *g = gelu_tanh(*g) * u;
-                }
-            }
-        }
+            });
         matmul_many(&mut [(&layer.down, &mut b.o)], &b.gate, t);
         self.add_residual(&mut b.x, &mut b.o, layer.mlp_out_norm.as_deref());
         Ok(())
@@ -412,13 +409,6 @@ impl Fused {
             }
         }
     }
-}
-
-/// GELU, tanh approximation, as candle's `gelu` computes it in f32.
-fn gelu_tanh(v: f32) -> f32 {
-    #[allow(clippy::excessive_precision)]
-    const SQRT_TWO_OVER_PI: f32 = 0.79788456080286535587989211986876373;
-    0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)))
 }
 
 /// RMS norm as candle's fused op computes it: x / sqrt(mean(x²) + eps) · w, in f32.

@@ -11,6 +11,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::config::Activation;
 use super::packed::PackedMatrix;
 
 /// Initialisation of fresh weights (HF's `initializer_range` = 0.02).
@@ -214,6 +215,85 @@ impl Embedding {
     }
 }
 
+/// The MLP's gated activation of one value: act(gate) · up, in f32 exactly as candle computes
+/// `silu(gate) * up` and `gelu(gate) * up` (its tanh GELU), so the fused path, the parallel op
+/// below and candle's own ops agree bit for bit.
+#[inline]
+pub(crate) fn gated(act: Activation, g: f32, u: f32) -> f32 {
+    #[allow(clippy::excessive_precision)]
+    const SQRT_TWO_OVER_PI: f32 = 0.79788456080286535587989211986876373;
+    let a = match act {
+        Activation::Silu => g / (1.0 + (-g).exp()),
+        Activation::GeluTanh => {
+            0.5 * g * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * g * (1.0 + 0.044715 * g * g)))
+        }
+    };
+    a * u
+}
+
+/// act(gate) · up for inference. On the CPU in f32 it runs across the thread pool: candle's
+/// unary ops run on one thread, and for long prompts the activation (an exp or a tanh per
+/// value: 18 M of them for 500 tokens on Gemma 3) was a sixth of the time with the other core
+/// idle. Elsewhere, candle's ops.
+pub(crate) fn gated_activation(
+    act: Activation,
+    gate: &Tensor,
+    up: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if gate.device().is_cpu() && gate.dtype() == DType::F32 && gate.shape() == up.shape() {
+        return gate
+            .contiguous()?
+            .apply_op2_no_bwd(&up.contiguous()?, &GatedActivation(act));
+    }
+    let a = match act {
+        Activation::Silu => candle_nn::ops::silu(gate)?,
+        // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
+        Activation::GeluTanh => gate.gelu()?,
+    };
+    a * up
+}
+
+struct GatedActivation(Activation);
+
+impl candle_core::CustomOp2 for GatedActivation {
+    fn name(&self) -> &'static str {
+        "gated-activation"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        fn slice<'a>(
+            s: &'a candle_core::CpuStorage,
+            l: &candle_core::Layout,
+        ) -> candle_core::Result<&'a [f32]> {
+            match l.contiguous_offsets() {
+                Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+                None => candle_core::bail!("gated-activation needs contiguous inputs"),
+            }
+        }
+        let (g, u) = (slice(s1, l1)?, slice(s2, l2)?);
+        if g.len() != u.len() {
+            candle_core::bail!("gated-activation: {} gate values, {} up", g.len(), u.len());
+        }
+        let act = self.0;
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(o, (g, u))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = gated(act, g, u);
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 /// Rotary embedding (NeoX style: the two halves of each head rotate together). Keeps only the
 /// inverse frequencies: each pass computes cos/sin for its own positions. A table for the whole
 /// context would hold 2 × context × head_dim/2 floats — 32 MiB per rope for Gemma 3's 32k
@@ -369,6 +449,29 @@ pub(crate) fn causal_mask(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parallel CPU activation equals candle's ops bit for bit.
+    #[test]
+    fn gated_activation_equals_candles_ops() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let gate = (Tensor::randn(0f32, 4.0, (3, 5000), &dev)? - 1.0)?;
+        let up = Tensor::randn(0f32, 1.0, (3, 5000), &dev)?;
+        let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        for (act, reference) in [
+            (Activation::Silu, (candle_nn::ops::silu(&gate)? * &up)?),
+            (Activation::GeluTanh, (gate.gelu()? * &up)?),
+        ] {
+            let ours = gated_activation(act, &gate, &up)?;
+            assert_eq!(bits(&ours)?, bits(&reference)?, "{act:?}");
+        }
+        Ok(())
+    }
 
     /// The per-pass tables equal, bit for bit, the whole-context tables candle computed before
     /// (positions as f32, a (positions, 1) × (1, half) matmul, then cos/sin).
