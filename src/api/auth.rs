@@ -44,7 +44,11 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
         || path == "/health"
         || path == "/live"
         || (is_docs_path(path) && !state.config.protect_docs)
-        || (path == "/metrics" && state.config.public_metrics);
+        || (path == "/metrics" && state.config.public_metrics)
+        // The inspector page holds no data (it asks for the key), and a browser sent from `/`
+        // gets only the redirect to it.
+        || path == "/ui"
+        || (path == "/" && super::ui::wants_html(req.headers()));
     if public {
         return next.run(req).await;
     }

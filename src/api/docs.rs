@@ -32,7 +32,7 @@ same bytes.",
         license(name = "Apache-2.0")
     ),
     paths(
-        routes::generate, routes::health, routes::live, routes::status, routes::root,
+        routes::generate, super::lens::lens, routes::health, routes::live, routes::status, routes::root,
         completions::create, chat::create, openai::models, tokenize::tokenize,
         tokenize::detokenize, tokenize::tokenizer_info
     ),
@@ -40,7 +40,8 @@ same bytes.",
         GenerateRequest, GenerateResponse, TokenProbability, Step, Metadata, FinishReason,
         LogprobsMode, HealthResponse, StatusResponse, ServiceStatus, ModelStatus, SystemStatus,
         RootResponse, EndpointInfo, ErrorBody, ErrorDetail, FieldError, LiveResponse,
-        PromptToken, TargetScore,
+        PromptToken, TargetScore, super::lens::LensRequest, super::lens::LensResponse,
+        crate::engine::lens::LensLayer, crate::engine::lens::LensTarget,
         oai::CompletionRequest, oai::CompletionResponse, oai::CompletionChoice,
         oai::CompletionLogprobs, oai::PromptField, oai::StopField, oai::StreamOptions, oai::Usage,
         oai::ChatRequest, oai::ChatResponse, oai::ChatChoice, oai::ChatMessageIn,

@@ -5,11 +5,13 @@ pub mod auth;
 pub mod docs;
 pub mod error;
 pub mod extract;
+pub mod lens;
 pub mod metrics;
 pub mod openai;
 pub mod request_id;
 pub mod routes;
 pub mod types;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,6 +84,8 @@ pub fn router(state: AppState) -> Router {
     let bundle = state.config.redoc_bundle.clone();
     let api = Router::new()
         .route("/generate", post(routes::generate))
+        .route("/lens", post(lens::lens))
+        .route("/ui", get(ui::page))
         .route("/health", get(routes::health))
         .route("/status", get(routes::status))
         .route("/live", get(routes::live))

@@ -261,18 +261,26 @@ fn status_body(state: &AppState, model_state: &ModelState) -> (StatusCode, Statu
     (code, body)
 }
 
-/// Service overview.
+/// Service overview (JSON); browsers are redirected to the inspector page.
 #[utoipa::path(
     get,
     path = "/",
     tag = "service",
     responses(
         (status = 200, description = "Name, version, model, status and endpoints", body = RootResponse),
+        (status = 303, description = "A browser (`Accept: text/html`) is sent to the inspector page, /ui"),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
     ),
     security((), ("bearer" = []))
 )]
-pub async fn root(State(state): State<AppState>) -> Json<RootResponse> {
+pub async fn root(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if super::ui::wants_html(&headers) {
+        return super::ui::redirect();
+    }
+    overview(&state).into_response()
+}
+
+fn overview(state: &AppState) -> Json<RootResponse> {
     let (status, model) = match state.worker.state() {
         ModelState::Ready(i) => ("ready", i.name.clone()),
         ModelState::Loading => ("loading", state.config.model_name.clone()),
@@ -296,6 +304,16 @@ pub async fn root(State(state): State<AppState>) -> Json<RootResponse> {
                 "POST",
                 "/generate",
                 "Top-k next tokens with probabilities; optional generation",
+            ),
+            ep(
+                "POST",
+                "/lens",
+                "Logit lens: the next-token distribution after every layer",
+            ),
+            ep(
+                "GET",
+                "/ui",
+                "Inspector: a web page to explore the distributions",
             ),
             ep("GET", "/health", "Readiness: 200 once the model is loaded"),
             ep("GET", "/status", "Service, model and system status"),

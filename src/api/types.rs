@@ -89,7 +89,7 @@ pub struct GenerateRequest {
 }
 
 /// Up to 16 strings of 1 to 256 characters, not all control characters.
-fn targets_schema() -> utoipa::openapi::schema::Array {
+pub(crate) fn targets_schema() -> utoipa::openapi::schema::Array {
     use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
     ArrayBuilder::new()
         .items(

@@ -5,6 +5,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use super::distribution::{self, Distribution, NonFiniteLogits, MIN_TEMPERATURE};
+use super::lens;
 use super::output::{
     Decoding, FinishReason, GenerateResponse, LogprobsMode, Metadata, PromptToken, Step,
     TokenProbability,
@@ -34,6 +35,9 @@ pub struct GenerateParams {
     /// Shorten `max_tokens` to what the context leaves after the prompt instead of refusing
     /// (the OpenAI routes; `usize::MAX` then means "to the end of the context").
     pub fit_context: bool,
+    /// Also read the logit lens at the last prompt position (the response's `lens`); the
+    /// targets are then looked up in every layer's distribution instead of being scored.
+    pub lens: bool,
 }
 
 impl Default for GenerateParams {
@@ -49,6 +53,7 @@ impl Default for GenerateParams {
             prompt_logprobs: false,
             targets: Vec::new(),
             fit_context: false,
+            lens: false,
         }
     }
 }
@@ -148,6 +153,15 @@ pub fn generate_cached(
             limit,
         });
     }
+    if params.lens {
+        let (cache, logits, residuals) = lens::prefill_with_layers(model, prompt_ids, cancelled)?;
+        let layers = lens::layers(model, &logits, &residuals, params.top_k, &params.targets)?;
+        let mut resp = decode_from(
+            model, prompt, prompt_ids, params, cancelled, cache, logits, start, observer,
+        )?;
+        resp.lens = Some(layers);
+        return Ok(resp);
+    }
     if !params.prompt_logprobs && params.targets.is_empty() {
         let (cache, logits) = prefill(model, prompt_ids, cancelled, prefix)?;
         return decode_from(
@@ -208,21 +222,33 @@ fn prefill(
     if let Some(logits) = cached_logits {
         return Ok((cache, logits));
     }
-    // Long prompts are evaluated in chunks so that cancellation (timeout, disconnect) is seen
-    // within one chunk's time, and attention memory stays bounded by chunk × context.
-    let rest = &prompt_ids[done..];
-    let (head, last_chunk) = rest.split_at(rest.len() - tail_len(rest.len()));
-    for chunk in head.chunks(PREFILL_CHUNK) {
-        if cancelled() {
-            return Err(EngineError::Cancelled);
-        }
-        lm.forward(&Tensor::new(chunk, lm.device())?.unsqueeze(0)?, &mut cache)?;
-    }
+    let last_chunk = run_all_but_last_chunk(model, &prompt_ids[done..], &mut cache, cancelled)?;
     let logits = lm.next_logits(last_chunk, &mut cache)?;
     if let Some(p) = &mut prefix {
         p.insert(prompt_ids, &cache, &logits);
     }
     Ok((cache, logits))
+}
+
+/// Runs `ids` after `cache` except their last chunk, which it returns: the caller runs that
+/// one for its logits. Long prompts are evaluated in chunks so that cancellation (timeout,
+/// disconnect) is seen within one chunk's time, and attention memory stays bounded by
+/// chunk × context.
+pub(crate) fn run_all_but_last_chunk<'a>(
+    model: &LoadedModel,
+    ids: &'a [u32],
+    cache: &mut crate::model::Cache,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<&'a [u32], EngineError> {
+    let lm = &model.model;
+    let (head, last_chunk) = ids.split_at(ids.len() - tail_len(ids.len()));
+    for chunk in head.chunks(PREFILL_CHUNK) {
+        if cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        lm.forward(&Tensor::new(chunk, lm.device())?.unsqueeze(0)?, cache)?;
+    }
+    Ok(last_chunk)
 }
 
 /// Everything after the prompt: picks tokens from `logits` (the last prompt position's) on,
@@ -329,6 +355,7 @@ pub fn decode_from(
         steps,
         prompt: None,
         targets: None,
+        lens: None,
     })
 }
 

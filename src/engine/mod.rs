@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod distribution;
 pub mod generate;
+pub mod lens;
 pub mod output;
 pub mod prefix_cache;
 pub mod scoring;

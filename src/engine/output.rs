@@ -178,4 +178,7 @@ pub struct GenerateResponse {
     /// The requested targets scored, in request order (with `targets`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub targets: Option<Vec<TargetScore>>,
+    /// The logit lens, for POST /lens (which reports it in its own body).
+    #[serde(skip)]
+    pub lens: Option<Vec<super::lens::LensLayer>>,
 }

@@ -151,9 +151,10 @@ impl Job {
         self.reply.is_closed() || self.stream.as_ref().is_some_and(|(_, tx)| tx.is_closed())
     }
 
-    /// Whether its prompt must be computed whole (scored), not batched or taken from the cache.
+    /// Whether its prompt must be computed whole (scored, or read through the lens), not
+    /// batched or taken from the cache.
     fn scores(&self) -> bool {
-        self.params.prompt_logprobs || !self.params.targets.is_empty()
+        self.params.prompt_logprobs || !self.params.targets.is_empty() || self.params.lens
     }
 
     fn report(&self, event: Event<'_>) {

@@ -474,7 +474,7 @@ impl Decoder {
             let n = logits.len();
             return Tensor::from_vec(logits, (1, n), &self.device);
         }
-        let hidden = self.hidden_states(ids, cache)?;
+        let hidden = self.hidden_states(ids, cache, None)?;
         let last = hidden.narrow(1, t - 1, 1)?;
         self.logits(&last)?.squeeze(1)
     }
@@ -507,7 +507,7 @@ impl Decoder {
         if last.len() != b || last.iter().any(|&p| p >= t) {
             candle_core::bail!("one last position per row, inside the sequence");
         }
-        let hidden = self.hidden_states(ids, cache)?;
+        let hidden = self.hidden_states(ids, cache, None)?;
         let h = hidden.dim(2)?;
         let index: Vec<u32> = last
             .iter()
@@ -549,11 +549,50 @@ impl Decoder {
     /// Inference like [`Self::forward`] but returns f32 logits (b, t, vocab) for every new
     /// position (used to score text and to compare with the training path).
     pub fn forward_all(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
-        let hidden = self.hidden_states(ids, cache)?;
+        let hidden = self.hidden_states(ids, cache, None)?;
         self.logits(&hidden)
     }
 
-    fn hidden_states(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
+    /// [`Self::next_logits`] (the same path, so the same logits) that also returns the
+    /// residual stream at the last position after each layer, in f32: what the logit lens
+    /// reads (see [`Self::lens_logits`]).
+    pub fn next_logits_with_layers(
+        &self,
+        ids: &[u32],
+        cache: &mut Cache,
+    ) -> candle_core::Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        if let Some(fused) = self.fused.as_ref().filter(|f| f.accepts(ids.len())) {
+            return fused.forward_with_layers(ids, cache);
+        }
+        let t = ids.len();
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let hidden = self.hidden_states(&input, cache, Some(&mut layers))?;
+        let last = hidden.narrow(1, t - 1, 1)?;
+        let logits = self.logits(&last)?.squeeze(1)?.squeeze(0)?.to_vec1()?;
+        Ok((logits, layers))
+    }
+
+    /// The logit lens: the model's own final norm and head (and whatever the family applies
+    /// after them, as [`Self::logits`] does) on residual-stream vectors; f32 logits for each.
+    pub fn lens_logits(&self, hidden: &[Vec<f32>]) -> candle_core::Result<Vec<Vec<f32>>> {
+        if hidden.is_empty() {
+            return Ok(Vec::new());
+        }
+        let h = self.cfg.hidden_size;
+        let flat: Vec<f32> = hidden.concat();
+        let x = Tensor::from_vec(flat, (1, hidden.len(), h), &self.device)?.to_dtype(self.dtype)?;
+        self.logits(&x)?.squeeze(0)?.to_vec2()
+    }
+
+    /// Runs `ids` after `cache` through the layers (candle's ops); with `layers`, also collects
+    /// the residual stream at the last position after each layer.
+    fn hidden_states(
+        &self,
+        ids: &Tensor,
+        cache: &mut Cache,
+        mut layers: Option<&mut Vec<Vec<f32>>>,
+    ) -> candle_core::Result<Tensor> {
         let (_b, t) = ids.dims2()?;
         let offset = cache.len;
         if offset + t > self.cfg.max_position_embeddings {
@@ -575,6 +614,10 @@ impl Decoder {
         for (layer, kv) in self.layers.iter().zip(cache.kvs.iter_mut()) {
             let (rope, mask) = pass.for_layer(layer);
             x = layer.forward(x, rope, mask, Some(kv), false)?;
+            if let Some(out) = layers.as_deref_mut() {
+                let last = x.narrow(1, t - 1, 1)?.flatten_all()?;
+                out.push(last.to_dtype(DType::F32)?.to_vec1()?);
+            }
         }
         cache.len = offset + t;
         Ok(x)

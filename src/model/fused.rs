@@ -137,9 +137,24 @@ impl Fused {
     /// Runs `ids` after the positions in `cache`, appends their keys and values to it, and
     /// returns the logits of the last position.
     pub fn forward(&self, ids: &[u32], cache: &mut Cache) -> candle_core::Result<Vec<f32>> {
-        let mut out = self.forward_many(&[ids], &mut [cache])?;
+        let mut out = self.run(&[ids], &mut [cache], None)?;
         out.pop()
             .ok_or_else(|| candle_core::Error::Msg("no logits".into()))
+    }
+
+    /// [`Self::forward`], also returning the residual stream at the last position after each
+    /// layer (the logit lens's input).
+    pub fn forward_with_layers(
+        &self,
+        ids: &[u32],
+        cache: &mut Cache,
+    ) -> candle_core::Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let mut out = self.run(&[ids], &mut [cache], Some(&mut layers))?;
+        let logits = out
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("no logits".into()))?;
+        Ok((logits, layers))
     }
 
     /// Several sequences at once (dynamic batching): their new tokens, one after the other and
@@ -150,6 +165,17 @@ impl Fused {
         &self,
         seqs: &[&[u32]],
         caches: &mut [&mut Cache],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        self.run(seqs, caches, None)
+    }
+
+    /// [`Self::forward_many`]; with `layers`, also collects the last row's residual stream
+    /// after each layer (meaningful for one sequence: its last position).
+    fn run(
+        &self,
+        seqs: &[&[u32]],
+        caches: &mut [&mut Cache],
+        mut layers: Option<&mut Vec<Vec<f32>>>,
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         if seqs.len() != caches.len() {
             candle_core::bail!("one cache per sequence");
@@ -184,7 +210,8 @@ impl Fused {
                 .collect();
             let h = self.hidden;
             let mut last = vec![0f32; seqs.len() * h];
-            for piece in rows.chunks(MAX_ROWS) {
+            let pieces = rows.len().div_ceil(MAX_ROWS);
+            for (p, piece) in rows.chunks(MAX_ROWS).enumerate() {
                 let mut segments: Vec<Segment> = Vec::new();
                 for (i, &(seq, _)) in piece.iter().enumerate() {
                     match segments.last_mut() {
@@ -198,7 +225,8 @@ impl Fused {
                     }
                 }
                 let ids: Vec<u32> = piece.iter().map(|&(_, id)| id).collect();
-                let x = self.piece(&ids, &segments, caches)?;
+                let observe = layers.as_deref_mut().filter(|_| p + 1 == pieces);
+                let x = self.piece(&ids, &segments, caches, observe)?;
                 for g in &segments {
                     let row = g.start + g.len - 1;
                     last[g.seq * h..(g.seq + 1) * h].copy_from_slice(&x[row * h..(row + 1) * h]);
@@ -227,6 +255,7 @@ impl Fused {
         ids: &[u32],
         segments: &[Segment],
         caches: &mut [&mut Cache],
+        mut observe: Option<&mut Vec<Vec<f32>>>,
     ) -> candle_core::Result<Vec<f32>> {
         let t = ids.len();
         let (h, qd, kvd) = (
@@ -258,6 +287,9 @@ impl Fused {
         }
         for (l, layer) in self.layers.iter().enumerate() {
             self.layer(layer, l, &mut b, segments, caches)?;
+            if let Some(out) = observe.as_deref_mut() {
+                out.push(b.x[(t - 1) * h..t * h].to_vec());
+            }
         }
         for g in segments {
             caches[g.seq].len += g.len;

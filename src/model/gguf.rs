@@ -376,10 +376,8 @@ impl GgufFile {
                 }
             }
             let q = self.read(&name, device)?;
-            if pack && q.shape().rank() == 2 {
-                if q.dtype() != GgmlDType::F32 {
-                    unpacked_types.insert(format!("{:?}", q.dtype()));
-                }
+            if pack && q.shape().rank() == 2 && q.dtype() != GgmlDType::F32 {
+                unpacked_types.insert(format!("{:?}", q.dtype()));
             }
             let t = q.dequantize(device)?;
             let t = match heads {

@@ -1,0 +1,149 @@
+//! POST /lens: the logit lens at the next position — the distribution each layer's residual
+//! stream gives through the model's final norm and head.
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use validator::Validate;
+
+use super::error::{ApiError, FieldError};
+use super::extract::{BodySchema, FieldType, ValidJson};
+use super::routes::worker_error;
+use super::types::{is_blank, TARGET_PATTERN};
+use super::AppState;
+use crate::engine::lens::LensLayer;
+use crate::engine::scoring::Target;
+use crate::engine::worker::WorkerError;
+use crate::engine::{GenerateParams, Metadata};
+
+/// Body of POST /lens.
+#[derive(Debug, Clone, Deserialize, ToSchema, Validate)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"prompt": "The capital of France is", "top_k": 5, "targets": [" Paris"]}))]
+pub struct LensRequest {
+    /// Input text prompt: at least one character that is neither whitespace nor a control
+    /// character.
+    #[schema(
+        min_length = 1,
+        pattern = r"[^\s\x00-\x1f\x7f-\x9f\ufeff]",
+        example = "The capital of France is"
+    )]
+    pub prompt: String,
+    /// Tokens listed per layer.
+    #[serde(default = "default_top_k")]
+    #[validate(range(min = 1, max = 50))]
+    #[schema(default = 5, minimum = 1, maximum = 50, example = 5)]
+    pub top_k: i64,
+    /// Continuations whose first token is looked up in every layer's distribution (each
+    /// tokenized on its own, without special tokens).
+    #[serde(default)]
+    #[validate(length(max = 16))]
+    #[schema(schema_with = super::types::targets_schema)]
+    pub targets: Vec<String>,
+}
+
+fn default_top_k() -> i64 {
+    5
+}
+
+impl BodySchema for LensRequest {
+    const FIELDS: &'static [(&'static str, FieldType, bool)] = &[
+        ("prompt", FieldType::String, true),
+        ("top_k", FieldType::Integer, false),
+        ("targets", FieldType::StringList, false),
+    ];
+    fn range_code(field: &str) -> Option<&'static str> {
+        match field {
+            "top_k" => Some("INVALID_TOP_K"),
+            _ => None,
+        }
+    }
+}
+
+/// Response of POST /lens.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LensResponse {
+    /// One entry per decoder layer, first to last; the last is the model's own output
+    /// distribution (what /generate reports at T = 1).
+    pub layers: Vec<LensLayer>,
+    pub metadata: Metadata,
+}
+
+/// The logit lens: for each layer, the next-token distribution its residual stream gives.
+///
+/// After each decoder layer, the residual stream at the last prompt position goes through the
+/// model's own final RMS norm and LM head (with any final logit processing the family has),
+/// then softmax at T = 1. Nothing else is applied: the layer's own output norms (Gemma's
+/// post-norms) are part of the residual stream already, and no extra norm is trained. The
+/// last layer's entry is the model's output itself. One forward pass, queued and bounded like
+/// /generate.
+#[utoipa::path(
+    post,
+    path = "/lens",
+    tag = "generation",
+    request_body = LensRequest,
+    responses(
+        (status = 200, description = "Each layer's top-k tokens, entropy and targets", body = LensResponse),
+        (status = 400, description = "EMPTY_PROMPT or PROMPT_TOO_LONG", body = super::error::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED: missing or wrong bearer key", body = super::error::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::ErrorBody),
+        (status = 415, description = "UNSUPPORTED_MEDIA_TYPE: body is not application/json", body = super::error::ErrorBody),
+        (status = 422, description = "INVALID_TOP_K or VALIDATION_ERROR, with a FastAPI-style list in `detail`", body = super::error::ErrorBody),
+        (status = 500, description = "GENERATION_FAILED", body = super::error::ErrorBody),
+        (status = 503, description = "MODEL_NOT_LOADED or OVERLOADED (Retry-After set)", body = super::error::ErrorBody),
+        (status = 504, description = "TIMEOUT", body = super::error::ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn lens(
+    State(state): State<AppState>,
+    ValidJson(req): ValidJson<LensRequest>,
+) -> Result<Json<LensResponse>, ApiError> {
+    if is_blank(&req.prompt) {
+        return Err(ApiError::empty_prompt());
+    }
+    if let Some(i) = req
+        .targets
+        .iter()
+        .position(|t| !t.chars().any(|c| !c.is_control()))
+    {
+        return Err(ApiError::validation(
+            vec![FieldError {
+                loc: vec!["body".into(), "targets".into(), i.into()],
+                msg: format!("string does not match regex \"{TARGET_PATTERN}\""),
+                kind: "value_error.str.regex".into(),
+            }],
+            None,
+        ));
+    }
+    let _in_flight = super::metrics::InFlight::start();
+    // Greedy: the one token the job also picks is not reported, and greedy needs no seed (the
+    // lens itself is always the model's own distribution, T = 1).
+    let params = GenerateParams {
+        temperature: 0.0,
+        max_tokens: 1,
+        top_k: req.top_k.clamp(1, 50) as usize,
+        targets: Target::named(&req.targets),
+        lens: true,
+        ..GenerateParams::default()
+    };
+    let timeout = state.config.request_timeout;
+    let work = async {
+        let rx = state.worker.submit(req.prompt, params).await?;
+        rx.await.map_err(|_| WorkerError::Stopped)?
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Err(_) => Err(ApiError::timeout(timeout.as_secs_f64())),
+        Ok(Err(e)) => Err(worker_error(&state, e)),
+        Ok(Ok(resp)) => {
+            if let Some(m) = super::metrics::metrics() {
+                m.prompt_tokens.inc_by(resp.metadata.prompt_tokens as u64);
+            }
+            Ok(Json(LensResponse {
+                layers: resp.lens.unwrap_or_default(),
+                metadata: resp.metadata,
+            }))
+        }
+    }
+}
