@@ -10,6 +10,10 @@ cargo test --all-targets "$@"
 if [ "$#" -eq 0 ] && [ -z "${TOKENSCOPE_SKIP_CLIENTS:-}" ]; then
   ./scripts/clients.sh
 fi
+# The inspector page in headless Chromium (TOKENSCOPE_SKIP_UI=1 leaves it out).
+if [ "$#" -eq 0 ] && [ -z "${TOKENSCOPE_SKIP_UI:-}" ]; then
+  ./scripts/ui.sh
+fi
 if [ "$#" -eq 0 ] && [ -z "${TOKENSCOPE_SKIP_FUZZ:-}" ]; then
   ./scripts/fuzz.sh
 fi

@@ -2,12 +2,22 @@
 //! no fonts to fetch), compiled into the binary so `cargo build` alone serves it offline. It
 //! talks to the public API (/generate, /lens, /status) with the key the user enters.
 
+use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
+use super::AppState;
+
 const PAGE: &str = include_str!("ui/index.html");
 
-pub async fn page() -> Response {
+pub async fn page(State(state): State<AppState>) -> Response {
+    // The page asks for a key up front when the server needs one (no request meets a 401).
+    let auth = if state.config.api_keys.is_empty() {
+        "data-auth=\"\""
+    } else {
+        "data-auth=\"required\""
+    };
+    let page = PAGE.replacen("data-auth=\"\"", auth, 1);
     (
         [
             (header::CACHE_CONTROL, "no-cache"),
@@ -18,7 +28,7 @@ pub async fn page() -> Response {
                  img-src 'self' data:; connect-src 'self'",
             ),
         ],
-        Html(PAGE),
+        Html(page),
     )
         .into_response()
 }

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The inspector page in a real browser: headless Chromium (Debian's `chromium` and
+# `chromium-driver`, installed here when missing) driven over WebDriver by Selenium (pinned, in
+# the git-ignored .venv-ui/) against the real server on the default model, with an API key.
+# Screenshots: target/ui-screenshots/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SELENIUM_VERSION=4.27.1
+VENV=.venv-ui
+KEY="ui-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
+SHOTS="${CARGO_TARGET_DIR:-target}/ui-screenshots"
+
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  echo "ui: installing chromium and chromium-driver (apt) ..."
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium chromium-driver >/dev/null
+fi
+if ! "$VENV/bin/python" -c "import selenium, sys; sys.exit(selenium.__version__ != '$SELENIUM_VERSION')" 2>/dev/null; then
+  echo "ui: installing selenium $SELENIUM_VERSION into $VENV/ ..."
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet "selenium==$SELENIUM_VERSION"
+fi
+
+./scripts/setup.sh >/dev/null
+# shellcheck source=lib/test-server.sh
+. scripts/lib/test-server.sh
+start_test_server ui --api-key "$KEY"
+# No proxy for the loopback server, and Selenium Manager never downloads anything.
+export NO_PROXY="127.0.0.1,localhost" SE_OFFLINE=true
+"$VENV/bin/python" tests/ui/inspector.py "http://127.0.0.1:$PORT" "$KEY" "$SHOTS"
+check_test_server_survived ui

@@ -1,0 +1,190 @@
+"""The inspector page (/ui) in a real browser (headless Chromium over WebDriver) against the real
+server on the real default model, which requires an API key.
+
+    python tests/ui/inspector.py BASE_URL API_KEY SCREENSHOT_DIR
+
+Checks: the page asks for the key, then works; typing "The capital of France is" shows a bar for
+" Paris" at ~77 %; clicking it appends it to the prompt and a new distribution shows; the
+heat-map and the logit-lens grid render (30 layers for the default model) with the rank chart;
+the page is usable at phone width without horizontal scrolling; it requested nothing outside
+the server and logged no console errors. Screenshots go to SCREENSHOT_DIR.
+"""
+
+import os
+import re
+import sys
+import time
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+BASE, KEY, SHOTS = sys.argv[1], sys.argv[2], sys.argv[3]
+TIMEOUT = 60
+os.makedirs(SHOTS, exist_ok=True)
+checks = 0
+
+
+def check(cond, what):
+    global checks
+    if not cond:
+        shot("failure")
+        raise AssertionError(what)
+    checks += 1
+    print(f"  ok: {what}")
+
+
+def shot(name):
+    driver.save_screenshot(os.path.join(SHOTS, f"{name}.png"))
+
+
+def wait(cond, what):
+    try:
+        return WebDriverWait(driver, TIMEOUT, poll_frequency=0.1).until(lambda d: cond())
+    except Exception as e:  # noqa: BLE001 - report which wait failed
+        shot("failure")
+        status = driver.find_element(By.ID, "status").text
+        raise AssertionError(f"timed out waiting for: {what} (page status: {status!r})") from e
+
+
+def idle():
+    """True once every keystroke's request has been answered and shown."""
+    return driver.execute_script("return document.body.dataset.busy") == "0"
+
+
+def settled(what):
+    wait(idle, what)
+
+
+def bars(container="bars"):
+    """(token, percentage) of each bar, read from the accessible labels."""
+    out = []
+    for b in driver.find_elements(By.CSS_SELECTOR, f"#{container} .bar"):
+        m = re.match(r'^(".*"): ([0-9.]+)%', b.get_attribute("aria-label"))
+        if m:
+            import json
+            out.append((json.loads(m.group(1)), float(m.group(2))))
+    return out
+
+
+options = webdriver.ChromeOptions()
+options.binary_location = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+for arg in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--window-size=1280,1000", "--disable-extensions", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update"]:
+    options.add_argument(arg)
+options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+# The distribution's own chromedriver: Selenium Manager would try to download one.
+service = Service(os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
+driver = webdriver.Chrome(options=options, service=service)
+try:
+    print(f"inspector: {BASE}/ui in {driver.capabilities.get('browserVersion')}")
+    # A browser opening / is sent to the page.
+    driver.get(BASE + "/")
+    wait(lambda: driver.current_url.rstrip("/").endswith("/ui") or "/ui#" in driver.current_url,
+         "the redirect from / to /ui")
+    check(True, "GET / in a browser lands on /ui")
+
+    # The server needs a key: the page asks for it before sending anything.
+    keybox = driver.find_element(By.ID, "keybox")
+    wait(lambda: keybox.is_displayed(), "the API key field")
+    check("API key" in driver.find_element(By.ID, "status").text, "the page asks for the API key")
+    shot("1-asks-for-key")
+    driver.find_element(By.ID, "apikey").send_keys(KEY + Keys.ENTER)
+    wait(lambda: not keybox.is_displayed(), "the key to be accepted")
+    wait(lambda: "SmolLM2" in driver.find_element(By.ID, "model").text, "model info")
+    check(True, "with the key, the page shows the model: " + driver.find_element(By.ID, "model").text)
+
+    # Typing shows the distribution (debounced).
+    prompt = driver.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("The capital of France is")
+    settled("the distribution")
+    wait(lambda: bars() and bars()[0][0] == " Paris", "a bar for ' Paris' first")
+    token, p = bars()[0]
+    check(75.0 <= p <= 79.0, f"' Paris' at {p}% (≈ 77 %)")
+    check(len(bars()) == 10, "ten candidates (top-k 10)")
+    check("entropy" in driver.find_element(By.ID, "entropy").text, "the entropy is shown")
+    # Heat-map: one span per prompt token, coloured by rank bucket; perplexity shown.
+    heat = driver.find_elements(By.CSS_SELECTOR, "#heat span[tabindex]")
+    check(len(heat) >= 5, f"heat-map of {len(heat)} prompt tokens")
+    check(all(re.search(r"\bb(first|1|10|100|x)\b", s.get_attribute("class")) for s in heat),
+          "every heat-map token has a rank bucket")
+    check("perplexity" in driver.find_element(By.ID, "ppl").text, "the prompt's perplexity is shown")
+    driver.execute_script("document.querySelectorAll('#heat span[tabindex]')[2].focus()")
+    wait(lambda: "rank" in driver.find_element(By.ID, "heatdetail").text, "the heat-map detail")
+    check(True, "focusing a prompt token shows its alternatives")
+    shot("2-distribution")
+
+    # Click a candidate to append it.
+    before = [t for t, _ in bars()]
+    driver.find_elements(By.CSS_SELECTOR, "#bars .bar")[0].click()
+    wait(lambda: prompt.get_attribute("value") == "The capital of France is Paris", "the prompt to end with ' Paris'")
+    settled("the new distribution")
+    wait(lambda: bars() and [t for t, _ in bars()] != before, "a new distribution")
+    check(True, "clicking ' Paris' appended it and a new distribution shows: " + repr(bars()[:3]))
+    crumbs = driver.find_elements(By.CSS_SELECTOR, "#crumbs button")
+    check(len(crumbs) == 2, "the path has two steps (start, ' Paris')")
+    crumbs[0].click()
+    wait(lambda: prompt.get_attribute("value") == "The capital of France is", "stepping back along the path")
+    check(True, "stepping back restores the earlier prompt")
+    settled("the earlier distribution")
+    wait(lambda: bars() and bars()[0][0] == " Paris", "the earlier distribution")
+    shot("3-after-step-back")
+
+    # Targets.
+    driver.find_element(By.ID, "targets").send_keys(" Lyon")
+    wait(lambda: "Lyon" in driver.find_element(By.ID, "targetsout").text, "the target's score")
+    check(True, "a named target is scored")
+
+    # Logit lens: 30 layers, and the rank chart for the target.
+    settled("the target's score")
+    driver.find_element(By.ID, "tab-lens").click()
+    settled("the lens")
+    wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#lenstable tbody tr")) == 30, "30 lens rows")
+    check(True, "the lens grid has 30 layers")
+    wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#lenschart polyline"), "the rank chart")
+    check(driver.find_element(By.ID, "lenstoken").text.strip() != "", "the chart follows a token")
+    top_row = driver.find_elements(By.CSS_SELECTOR, "#lenstable tbody tr")[0]
+    check("Paris" in top_row.text, "the last layer's row has ' Paris'")
+    clicked = top_row.find_elements(By.CSS_SELECTOR, "td[tabindex]")[1].text
+    top_row.find_elements(By.CSS_SELECTOR, "td[tabindex]")[1].click()
+    wait(lambda: driver.find_element(By.ID, "lenstoken").text == clicked, "the chart for a clicked token")
+    settled("the lens for the clicked token")
+    check(True, "clicking a lens cell charts that token's rank")
+    shot("4-lens")
+
+    # Generate and step through.
+    driver.find_element(By.ID, "tab-gen").click()
+    driver.find_element(By.ID, "generate").click()
+    wait(lambda: "step 1 of" in driver.find_element(By.ID, "stepinfo").text, "generated steps")
+    driver.find_element(By.ID, "nextstep").click()
+    wait(lambda: "step 2 of" in driver.find_element(By.ID, "stepinfo").text, "stepping through")
+    check(len(bars("stepbars")) == 10, "each step shows its distribution")
+    shot("5-generate")
+
+    # The view is in the URL.
+    check("prompt=The+capital" in driver.current_url or "prompt=The%20capital" in driver.current_url,
+          "the prompt is in the URL")
+
+    # Phone width: no horizontal scrolling.
+    driver.find_element(By.ID, "tab-next").click()
+    driver.set_window_size(390, 844)
+    time.sleep(0.5)
+    overflow = driver.execute_script(
+        "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    check(overflow <= 0, f"no horizontal scrolling at phone width (overflow {overflow}px)")
+    shot("6-phone")
+
+    # Nothing outside the server; no console errors.
+    names = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    outside = [n for n in names if not n.startswith(BASE)]
+    check(not outside, f"{len(names)} resources, all from the server (outside: {outside})")
+    logs = driver.get_log("browser")
+    errors = [entry for entry in logs if entry["level"] in ("SEVERE", "ERROR")]
+    check(not errors, f"no console errors ({errors})")
+finally:
+    driver.quit()
+print(f"inspector: {checks} checks passed; screenshots in {SHOTS}")
