@@ -170,6 +170,11 @@ pub struct InspectArgs {
     /// log-probability and the rank of its first token.
     #[arg(long = "target")]
     pub targets: Vec<String>,
+    /// Instead of generating, show the logit lens: the next-token distribution read off the
+    /// residual stream after every layer (the final norm and head applied), with each
+    /// target's rank per layer.
+    #[arg(long, env = "TOKENSCOPE_LENS")]
+    pub lens: bool,
     /// Only tokenize: print the prompt's token ids and pieces as JSON (special tokens parsed,
     /// BOS per the model's rule), without running the model.
     #[arg(long, env = "TOKENSCOPE_TOKENIZE")]

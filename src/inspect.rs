@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use crate::engine::lens::LensLayer;
 use crate::engine::{GenerateResponse, TokenProbability};
 
 /// Shows whitespace so that " Paris" and "Paris" are told apart.
@@ -169,6 +170,42 @@ pub fn render_scores(
             s.logprob,
             s.rank
         );
+    }
+    out
+}
+
+/// The logit lens as a table: one row per layer, last layer first (the model's output), with
+/// its entropy, its top tokens and each target's rank.
+pub fn render_lens(prompt: &str, layers: &[LensLayer]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "logit lens for {:?}: {} layers (each row: the final norm and head applied to the \
+         residual stream after that layer; the last is the model's output)\n",
+        prompt,
+        layers.len()
+    );
+    let targets: Vec<String> = layers
+        .first()
+        .map(|l| l.targets.iter().map(|t| visible(&t.text)).collect())
+        .unwrap_or_default();
+    let mut head = format!("  {:>5}  {:>7}  ", "layer", "entropy");
+    for t in &targets {
+        let _ = write!(head, "{:>10}  ", t.chars().take(10).collect::<String>());
+    }
+    let _ = writeln!(out, "{head}top tokens");
+    for l in layers.iter().rev() {
+        let mut row = format!("  {:>5}  {:>7.3}  ", l.layer, l.entropy);
+        for t in &l.targets {
+            let _ = write!(row, "{:>10}  ", format!("#{}", t.rank));
+        }
+        let tops: Vec<String> = l
+            .top
+            .iter()
+            .take(5)
+            .map(|t| format!("{} {:.1}%", visible(&t.token), t.percentage))
+            .collect();
+        let _ = writeln!(out, "{row}{}", tops.join("  "));
     }
     out
 }

@@ -55,6 +55,22 @@ pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
             anyhow::bail!("the target {:?} is empty after tokenization", target.text);
         }
     }
+    if args.lens {
+        params.lens = true;
+        params.temperature = 0.0;
+        params.max_tokens = 1;
+        let resp = engine::generate(&loaded, &args.prompt, &ids, &params, &|| false)?;
+        let body = api::lens::LensResponse {
+            layers: resp.lens.unwrap_or_default(),
+            metadata: resp.metadata,
+        };
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&body)?);
+        } else {
+            print!("{}", inspect::render_lens(&args.prompt, &body.layers));
+        }
+        return Ok(());
+    }
     let resp = engine::generate(&loaded, &args.prompt, &ids, &params, &|| false)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&resp)?);

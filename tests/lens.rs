@@ -244,3 +244,42 @@ async fn browsers_are_sent_to_the_page_and_api_clients_keep_json() {
         assert!(!html.contains(attr), "{attr}");
     }
 }
+
+/// `tokenscope inspect --lens`: the same layers in the terminal and as JSON.
+#[test]
+fn inspect_prints_the_lens() {
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenscope"))
+            .args([
+                "inspect",
+                "The capital of France is",
+                "--lens",
+                "--target",
+                " Paris",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: Value = serde_json::from_str(&run(&["--json"])).unwrap();
+    let layers = json["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 30);
+    assert_eq!(layers[29]["top"][0]["token"], " Paris");
+    assert_eq!(layers[29]["targets"][0]["rank"], 1);
+    let text = run(&[]);
+    assert!(text.contains("30 layers"), "{text}");
+    let last_row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("30 "))
+        .unwrap();
+    assert!(
+        last_row.contains("#1") && last_row.contains("␣Paris 77."),
+        "{last_row}"
+    );
+}
