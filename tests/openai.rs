@@ -768,3 +768,36 @@ async fn tokenizer_endpoints_speak_vllms_shapes() {
     assert_eq!(info["add_bos_token"], false);
     assert!(info["chat_template"].as_str().unwrap().contains("im_start"));
 }
+
+/// A request with many choices keeps at most `REQUEST_WINDOW` jobs queued, so a request that
+/// arrives while it runs is served in between instead of after all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_many_choices_does_not_hold_up_others() {
+    let app = app();
+    let big = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let body = json!({"prompt": ["Once upon a time", "The weather today", "In 1492"],
+                "n": 12, "max_tokens": 12, "temperature": 1.0, "seed": 1});
+            let (status, v) = post(&app, "/v1/completions", body).await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+            assert_eq!(v["choices"].as_array().unwrap().len(), 36);
+            std::time::Instant::now()
+        })
+    };
+    // Let the big request queue its first window.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, v) = post(
+        &app,
+        "/generate",
+        json!({"prompt": "The capital of France is", "max_tokens": 1}),
+    )
+    .await;
+    let small_done = std::time::Instant::now();
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let big_done = big.await.unwrap();
+    assert!(
+        small_done < big_done,
+        "the single request waited for all 36 choices of the big one"
+    );
+}

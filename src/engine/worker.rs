@@ -61,6 +61,12 @@ pub enum WhenFull {
     Wait,
 }
 
+/// Most jobs one request has queued or running at once. A request with many choices queues
+/// the next as earlier ones finish, so jobs of requests that arrive meanwhile are taken in
+/// between: a 234-choice completion otherwise held the model for its whole run and other
+/// requests timed out behind it (found by the fuzzer).
+pub const REQUEST_WINDOW: usize = 8;
+
 /// Why a job produced no response.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -143,6 +149,8 @@ pub struct Job {
     pub enqueued: Instant,
     /// Streaming: the job's index within its request and where its events go.
     pub stream: Option<(usize, EventSender)>,
+    /// Its place in its request's window, given back when the job is dropped (done).
+    _window: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Job {
@@ -178,7 +186,7 @@ impl Job {
 
 /// What the model thread is asked to do.
 enum Command {
-    Generate(Job),
+    Generate(Box<Job>),
     /// Panics in the serve loop itself, outside any job's `catch_unwind`: how the tests prove
     /// that the supervisor notices and restarts (see [`WorkerHandle::crash_for_test`]).
     Panic,
@@ -278,18 +286,26 @@ impl WorkerHandle {
         prompt: String,
         params: GenerateParams,
     ) -> Result<Reply, WorkerError> {
-        self.submit_input(PromptInput::Text(prompt), params, None, WhenFull::Refuse)
-            .await
+        self.submit_input(
+            PromptInput::Text(prompt),
+            params,
+            None,
+            WhenFull::Refuse,
+            None,
+        )
+        .await
     }
 
     /// [`Self::submit`] for any kind of prompt, tokenizing the targets too (each on its own,
-    /// without special tokens); a streaming job also sends its events to `stream`.
+    /// without special tokens); a streaming job also sends its events to `stream`. The job
+    /// holds `window` (a permit of its request's [`REQUEST_WINDOW`]) until it is done.
     pub async fn submit_input(
         &self,
         prompt: PromptInput,
         mut params: GenerateParams,
         stream: Option<(usize, EventSender)>,
         when_full: WhenFull,
+        window: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<Reply, WorkerError> {
         let info = self.ready_info()?;
         let permit = self
@@ -346,12 +362,13 @@ impl WorkerHandle {
             self.limits.max_prompt_tokens,
             params.max_tokens.max(longest_target.unwrap_or(0)),
         )?;
-        let (job, reply) = self.job(text, ids, params, stream)?;
+        let (mut job, reply) = self.job(text, ids, params, stream)?;
+        job._window = window;
         match when_full {
-            WhenFull::Refuse => self.send(Command::Generate(job))?,
+            WhenFull::Refuse => self.send(Command::Generate(Box::new(job)))?,
             WhenFull::Wait => self
                 .tx
-                .send(Command::Generate(job))
+                .send(Command::Generate(Box::new(job)))
                 .await
                 .map_err(|_| WorkerError::Stopped)?,
         }
@@ -366,7 +383,7 @@ impl WorkerHandle {
         params: GenerateParams,
     ) -> Result<Reply, WorkerError> {
         let (job, reply) = self.job(prompt, ids, params, None)?;
-        self.send(Command::Generate(job))?;
+        self.send(Command::Generate(Box::new(job)))?;
         Ok(reply)
     }
 
@@ -386,6 +403,7 @@ impl WorkerHandle {
             reply,
             enqueued: Instant::now(),
             stream,
+            _window: None,
         };
         Ok((job, rx))
     }
@@ -604,7 +622,7 @@ fn serve(
             match c {
                 Command::Generate(job) => {
                     stats.received.fetch_add(1, Ordering::Relaxed);
-                    jobs.push(job)
+                    jobs.push(*job)
                 }
                 // Jobs drained with it are dropped: their handlers answer GENERATION_FAILED.
                 Command::Panic => panic!("deliberate panic (WorkerHandle::crash_for_test)"),

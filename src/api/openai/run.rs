@@ -7,7 +7,9 @@ use super::error::OpenAiError;
 use super::types::{StopField, Usage};
 use crate::api::types::{MAX_STOP_CHARS, MAX_STOP_STRINGS};
 use crate::api::AppState;
-use crate::engine::worker::{EventSender, PromptInput, Reply, WhenFull, WorkerError};
+use crate::engine::worker::{
+    EventSender, PromptInput, Reply, WhenFull, WorkerError, REQUEST_WINDOW,
+};
 use crate::engine::{GenerateParams, GenerateResponse, LogprobsMode};
 
 /// Most choices per prompt.
@@ -123,16 +125,25 @@ pub async fn submit_all(
     deadline: Instant,
 ) -> Result<Vec<Reply>, OpenAiError> {
     let mut replies = Vec::with_capacity(jobs.len());
+    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(REQUEST_WINDOW));
     for (i, (prompt, params)) in jobs.into_iter().enumerate() {
         let when_full = if i == 0 {
             WhenFull::Refuse
         } else {
             WhenFull::Wait
         };
-        let submit =
-            state
-                .worker
-                .submit_input(prompt, params, stream.map(|tx| (i, tx.clone())), when_full);
+        // Past the window, the request's next job waits for one of its earlier ones to finish.
+        let permit = tokio::time::timeout_at(deadline.into(), window.clone().acquire_owned())
+            .await
+            .map_err(|_| timeout(state))?
+            .map_err(|_| worker_error(state, WorkerError::Stopped))?;
+        let submit = state.worker.submit_input(
+            prompt,
+            params,
+            stream.map(|tx| (i, tx.clone())),
+            when_full,
+            Some(permit),
+        );
         let reply = tokio::time::timeout_at(deadline.into(), submit)
             .await
             .map_err(|_| timeout(state))?
