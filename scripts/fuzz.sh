@@ -29,19 +29,19 @@ fi
 . scripts/lib/test-server.sh
 # The queue holds what the fuzzer's two workers can send at once (64 prompts × 16 choices
 # each): a full queue's 503 is load shedding, tested in tests/api.rs, not a contract finding.
-# Choices are generated one after another (decoding is not batched across them yet), so the
-# largest valid completion request (1024 choices) cannot finish within the 30 s limit on 2
-# cores at any useful length: new tokens per choice are capped at 4 here, which keeps the
-# requests this seed generates (up to 234 choices) inside it. Other requests are no longer
-# held up behind such a request (a request queues at most 8 jobs at once; tests/openai.rs).
-start_test_server fuzz --api-key "$KEY" --request-timeout 30 --max-new-tokens 4 \
+# Choices decode one after another (no batched decoding yet); the largest valid completion
+# request (64 prompts × n 4, each scored with echo) takes tens of seconds on 2 cores, so the
+# fuzz server caps new tokens per choice at 4 and allows 120 s (the response-time check below
+# uses the same bound). Other requests are not held up behind such a request (a request
+# queues at most 8 jobs at once; tests/openai.rs).
+start_test_server fuzz --api-key "$KEY" --request-timeout 120 --max-new-tokens 4 \
   --max-queue 2048 --log-format json
 
 echo "fuzz: schemathesis $SCHEMATHESIS_VERSION against http://127.0.0.1:$PORT (seed $SEED, " \
      "≤ $MAX_EXAMPLES examples per operation, ≤ ${MAX_TIME}s)"
-# Responses may take as long as the server's own --request-timeout (30 s; beyond it the
+# Responses may take as long as the server's own --request-timeout (120 s; beyond it the
 # server answers 504, which the server-error check reports): on 2 CPU cores shared with the
-# fuzzer's 2 workers, a request with many prompts and choices legitimately takes seconds.
+# fuzzer's 2 workers, a request with many prompts and choices legitimately takes a while.
 status=0
 REPORT="$(mktemp -t tokenscope-fuzz-report.XXXXXX.txt)"
 "$VENV/bin/st" run "http://127.0.0.1:$PORT/openapi.json" \
@@ -51,8 +51,8 @@ REPORT="$(mktemp -t tokenscope-fuzz-report.XXXXXX.txt)"
   --max-examples "$MAX_EXAMPLES" \
   --max-time "$MAX_TIME" \
   --workers 2 \
-  --request-timeout 60 \
-  --max-response-time 30 \
+  --request-timeout 150 \
+  --max-response-time 120 \
   --no-color 2>&1 | tee "$REPORT" || status=$?
 
 # The server must have survived everything it was sent, and never logged a panic.

@@ -777,11 +777,12 @@ async fn a_request_with_many_choices_does_not_hold_up_others() {
     let big = {
         let app = app.clone();
         tokio::spawn(async move {
-            let body = json!({"prompt": ["Once upon a time", "The weather today", "In 1492"],
-                "n": 12, "max_tokens": 12, "temperature": 1.0, "seed": 1});
+            let body = json!({"prompt": ["Once upon a time", "The weather today", "In 1492",
+                    "My favourite colour", "Dear diary", "Step one"],
+                "n": 4, "max_tokens": 12, "temperature": 1.0, "seed": 1});
             let (status, v) = post(&app, "/v1/completions", body).await;
             assert_eq!(status, StatusCode::OK, "{v}");
-            assert_eq!(v["choices"].as_array().unwrap().len(), 36);
+            assert_eq!(v["choices"].as_array().unwrap().len(), 24);
             std::time::Instant::now()
         })
     };
@@ -798,6 +799,6 @@ async fn a_request_with_many_choices_does_not_hold_up_others() {
     let big_done = big.await.unwrap();
     assert!(
         small_done < big_done,
-        "the single request waited for all 36 choices of the big one"
+        "the single request waited for all 24 choices of the big one"
     );
 }

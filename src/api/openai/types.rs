@@ -166,7 +166,7 @@ pub struct CompletionRequest {
     pub top_p: Option<f64>,
     /// Choices per prompt, 1 to 16.
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 16)]
+    #[schema(minimum = 1, maximum = 4)]
     pub n: Option<u32>,
     /// Makes sampling reproducible; choice i of a prompt uses seed + i.
     #[serde(default)]
@@ -297,7 +297,7 @@ pub struct ChatRequest {
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f64>,
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 16)]
+    #[schema(minimum = 1, maximum = 4)]
     pub n: Option<u32>,
     #[serde(default)]
     pub seed: Option<i64>,
