@@ -137,10 +137,32 @@ impl StopField {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(try_from = "JsonObject")]
 pub struct StreamOptions {
     /// Send a last chunk with `usage` (and no choices) before `[DONE]`.
     #[serde(default)]
     pub include_usage: bool,
+}
+
+/// A JSON object and nothing else: serde's derived `Deserialize` for a struct also accepts an
+/// array of its fields in order (`"stream_options": []` was taken as `{}`), which the schema
+/// does not allow. Objects are deserialized through this, then into the fields.
+pub type JsonObject = serde_json::Map<String, serde_json::Value>;
+
+#[derive(Deserialize)]
+struct StreamOptionsFields {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+impl TryFrom<JsonObject> for StreamOptions {
+    type Error = serde_json::Error;
+    fn try_from(object: JsonObject) -> Result<Self, Self::Error> {
+        let f: StreamOptionsFields = serde_json::from_value(serde_json::Value::Object(object))?;
+        Ok(Self {
+            include_usage: f.include_usage,
+        })
+    }
 }
 
 /// Body of POST /v1/completions.
@@ -264,11 +286,30 @@ pub enum PartKind {
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(try_from = "JsonObject")]
 pub struct ChatMessageIn {
     /// `system`, `user`, `assistant` (or any role the model's template knows).
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessageFields {
+    role: String,
+    #[serde(default)]
+    content: Option<MessageContent>,
+}
+
+impl TryFrom<JsonObject> for ChatMessageIn {
+    type Error = serde_json::Error;
+    fn try_from(object: JsonObject) -> Result<Self, Self::Error> {
+        let f: ChatMessageFields = serde_json::from_value(serde_json::Value::Object(object))?;
+        Ok(Self {
+            role: f.role,
+            content: f.content,
+        })
+    }
 }
 
 /// Body of POST /v1/chat/completions.
@@ -412,4 +453,25 @@ pub struct ModelList {
     /// `list`
     pub object: String,
     pub data: Vec<ModelCard>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Objects in the schema are objects on the wire: an array of the fields is refused.
+    #[test]
+    fn objects_are_not_taken_from_arrays() {
+        assert!(serde_json::from_str::<StreamOptions>("[]").is_err());
+        assert!(serde_json::from_str::<StreamOptions>("[true]").is_err());
+        assert!(
+            serde_json::from_str::<StreamOptions>(r#"{"include_usage": true}"#)
+                .unwrap()
+                .include_usage
+        );
+        assert!(serde_json::from_str::<ChatMessageIn>(r#"["user", "hi"]"#).is_err());
+        let m: ChatMessageIn =
+            serde_json::from_str(r#"{"role": "user", "content": "hi"}"#).unwrap();
+        assert_eq!(m.role, "user");
+    }
 }
