@@ -7,14 +7,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use validator::Validate;
 
-use super::error::{ApiError, FieldError};
+use super::error::ApiError;
 use super::extract::{BodySchema, FieldType, ValidJson};
-use super::routes::worker_error;
-use super::types::{is_blank, TARGET_PATTERN};
+use super::routes::{check_prompt_and_targets, run_job};
 use super::AppState;
 use crate::engine::lens::LensLayer;
 use crate::engine::scoring::Target;
-use crate::engine::worker::WorkerError;
 use crate::engine::{GenerateParams, Metadata};
 
 /// Body of POST /lens.
@@ -100,23 +98,7 @@ pub async fn lens(
     State(state): State<AppState>,
     ValidJson(req): ValidJson<LensRequest>,
 ) -> Result<Json<LensResponse>, ApiError> {
-    if is_blank(&req.prompt) {
-        return Err(ApiError::empty_prompt());
-    }
-    if let Some(i) = req
-        .targets
-        .iter()
-        .position(|t| !t.chars().any(|c| !c.is_control()))
-    {
-        return Err(ApiError::validation(
-            vec![FieldError {
-                loc: vec!["body".into(), "targets".into(), i.into()],
-                msg: format!("string does not match regex \"{TARGET_PATTERN}\""),
-                kind: "value_error.str.regex".into(),
-            }],
-            None,
-        ));
-    }
+    check_prompt_and_targets(&req.prompt, &req.targets)?;
     let _in_flight = super::metrics::InFlight::start();
     // Greedy: the one token the job also picks is not reported, and greedy needs no seed (the
     // lens itself is always the model's own distribution, T = 1).
@@ -128,22 +110,12 @@ pub async fn lens(
         lens: true,
         ..GenerateParams::default()
     };
-    let timeout = state.config.request_timeout;
-    let work = async {
-        let rx = state.worker.submit(req.prompt, params).await?;
-        rx.await.map_err(|_| WorkerError::Stopped)?
-    };
-    match tokio::time::timeout(timeout, work).await {
-        Err(_) => Err(ApiError::timeout(timeout.as_secs_f64())),
-        Ok(Err(e)) => Err(worker_error(&state, e)),
-        Ok(Ok(resp)) => {
-            if let Some(m) = super::metrics::metrics() {
-                m.prompt_tokens.inc_by(resp.metadata.prompt_tokens as u64);
-            }
-            Ok(Json(LensResponse {
-                layers: resp.lens.unwrap_or_default(),
-                metadata: resp.metadata,
-            }))
-        }
+    let resp = run_job(&state, req.prompt, params).await?;
+    if let Some(m) = super::metrics::metrics() {
+        m.prompt_tokens.inc_by(resp.metadata.prompt_tokens as u64);
     }
+    Ok(Json(LensResponse {
+        layers: resp.lens.unwrap_or_default(),
+        metadata: resp.metadata,
+    }))
 }

@@ -39,12 +39,26 @@ pub async fn generate(
     State(state): State<AppState>,
     ValidJson(req): ValidJson<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
-    if is_blank(&req.prompt) {
+    check_prompt_and_targets(&req.prompt, &req.targets)?;
+    let _in_flight = super::metrics::InFlight::start();
+    let params = req.params();
+    let resp = run_job(&state, req.prompt, params).await?;
+    if let Some(m) = super::metrics::metrics() {
+        m.prompt_tokens.inc_by(resp.metadata.prompt_tokens as u64);
+        m.generated_tokens
+            .inc_by(resp.metadata.completion_tokens as u64);
+    }
+    Ok(Json(resp))
+}
+
+/// The checks the schema states but the extractor cannot: a prompt with a character that
+/// carries text (EMPTY_PROMPT), and targets that are not control characters alone (those
+/// tokenize to nothing). Shared by /generate and /lens.
+pub(crate) fn check_prompt_and_targets(prompt: &str, targets: &[String]) -> Result<(), ApiError> {
+    if is_blank(prompt) {
         return Err(ApiError::empty_prompt());
     }
-    // The schema's pattern for targets: control characters alone tokenize to nothing.
-    if let Some(i) = req
-        .targets
+    if let Some(i) = targets
         .iter()
         .position(|t| !t.chars().any(|c| !c.is_control()))
     {
@@ -57,27 +71,27 @@ pub async fn generate(
             None,
         ));
     }
-    let _in_flight = super::metrics::InFlight::start();
-    let params = req.params();
+    Ok(())
+}
+
+/// Queues one job for the model and awaits its response. Tokenizing (on the blocking pool),
+/// queueing and the model's work all count against the request timeout. Dropping the reply
+/// receiver (timeout, or the client going away and axum dropping this future) is seen by the
+/// worker, which then stops generating for nobody.
+pub(crate) async fn run_job(
+    state: &AppState,
+    prompt: String,
+    params: crate::engine::GenerateParams,
+) -> Result<GenerateResponse, ApiError> {
     let timeout = state.config.request_timeout;
-    // Tokenizing (on the blocking pool), queueing and the model's work all count against the
-    // timeout. Dropping the reply receiver (timeout, or the client going away and axum
-    // dropping this future) is seen by the worker, which then stops generating for nobody.
     let work = async {
-        let rx = state.worker.submit(req.prompt, params).await?;
+        let rx = state.worker.submit(prompt, params).await?;
         rx.await.map_err(|_| WorkerError::Stopped)?
     };
     match tokio::time::timeout(timeout, work).await {
         Err(_) => Err(ApiError::timeout(timeout.as_secs_f64())),
-        Ok(Err(e)) => Err(worker_error(&state, e)),
-        Ok(Ok(resp)) => {
-            if let Some(m) = super::metrics::metrics() {
-                m.prompt_tokens.inc_by(resp.metadata.prompt_tokens as u64);
-                m.generated_tokens
-                    .inc_by(resp.metadata.completion_tokens as u64);
-            }
-            Ok(Json(resp))
-        }
+        Ok(Err(e)) => Err(worker_error(state, e)),
+        Ok(Ok(resp)) => Ok(resp),
     }
 }
 

@@ -577,17 +577,7 @@ mod tests {
         PackedMatrix::from_blocks(format, rows, cols, q.data().unwrap().into_owned(), None).unwrap()
     }
 
-    const ALL: [GgmlDType; 9] = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::F16,
-    ];
+    use crate::model::quant::GGML_TYPES as ALL;
 
     /// Every kernel (the one this CPU dispatches to, the hand-written AVX-512 one where the CPU
     /// has it, the portable one, the tiled GEMM) against f64 dot products with the dequantized

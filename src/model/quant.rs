@@ -257,6 +257,20 @@ fn q6k<const F16C: bool>(b: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Every GGUF type with a [`Format`] (what the tests of this module and of the kernels cover).
+#[cfg(test)]
+pub(crate) const GGML_TYPES: [GgmlDType; 9] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+    GgmlDType::F16,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,17 +286,7 @@ mod tests {
             .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.45) * (1.0 + (i % 13) as f32))
             .collect();
         let dense = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-            GgmlDType::F16,
-        ] {
+        for dtype in GGML_TYPES {
             let q = QTensor::quantize(&dense, dtype).unwrap();
             let theirs: Vec<f32> = q
                 .dequantize(&Device::Cpu)
