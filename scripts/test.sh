@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --test-assets
+# Generated-weight models of every family and llama.cpp's log-probs for them (tests/families.rs).
+./scripts/families.sh
 cargo test --all-targets "$@"
 # The whole suite (no arguments) also runs real OpenAI-ecosystem clients (the openai SDK,
 # lm-evaluation-harness) and fuzzes the real server from its OpenAPI document;

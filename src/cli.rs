@@ -289,6 +289,10 @@ pub struct TrainArgs {
     /// With --from-scratch: tiny | small | a config.json file.
     #[arg(long, env = "TOKENSCOPE_CONFIG")]
     pub config: Option<String>,
+    /// With --from-scratch and --config tiny|small: llama | mistral | qwen2 | phi3 | gemma2 |
+    /// gpt2 (default llama).
+    #[arg(long, env = "TOKENSCOPE_ARCH")]
+    pub arch: Option<String>,
     /// Stop with a checkpoint after N steps of this run (as Ctrl-C would); resume later.
     #[arg(long, env = "TOKENSCOPE_STOP_AFTER")]
     pub stop_after: Option<usize>,
@@ -322,6 +326,7 @@ impl TrainArgs {
             dtype: self.dtype.clone(),
             from_scratch: self.from_scratch,
             config: self.config.clone(),
+            arch: self.arch.clone(),
             stop_after: self.stop_after,
             progress: true,
             bench: self.bench,

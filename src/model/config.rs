@@ -65,7 +65,7 @@ pub struct Unimplemented {
 
 /// The decoder families, and the switches their layers differ by (llama.cpp keys the same
 /// switches on its `arch`). The default is llama: every switch off.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Family {
     pub arch: Arch,
     /// Biases on the q/k/v projections (Qwen2).
@@ -79,11 +79,46 @@ pub struct Family {
     /// Embeddings multiplied by √hidden_size, rounded to the weights' dtype (Gemma).
     pub embed_scale: bool,
     /// Local layers attend to the last `window` positions (the query's own included), and
-    /// use `local_rope_theta`; layer i is global when (i + 1) % `global_every` == 0.
+    /// use `local_rope_theta`; layer i is global when (i + 1) % `global_every` == 0 (with
+    /// `global_every` 0, no layer is: Mistral's window on every layer).
     pub sliding: Option<Sliding>,
     /// Attention scores scaled by 1/√`attn_scalar` instead of 1/√head_dim (Gemma's
     /// `query_pre_attn_scalar`).
     pub attn_scalar: Option<f64>,
+    /// Attention scores soft-capped, `cap · tanh(s / cap)`, before the mask (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// Logits soft-capped the same way after the head (Gemma 2).
+    pub final_softcap: Option<f64>,
+    /// LayerNorm (mean removed, with a bias) in place of RMS norm (GPT-2).
+    pub layer_norm: bool,
+    /// Learned absolute position embeddings added to the token embeddings, and no rotary
+    /// embedding (GPT-2).
+    pub learned_positions: bool,
+    /// Biases on the attention output and both MLP projections too (GPT-2).
+    pub dense_bias: bool,
+    /// The MLP is `down(act(gate(x)) · up(x))`; without it, `down(act(up(x)))` (GPT-2).
+    pub gated_mlp: bool,
+}
+
+impl Default for Family {
+    fn default() -> Self {
+        Self {
+            arch: Arch::Llama,
+            qkv_bias: false,
+            qk_norm: false,
+            sandwich_norms: false,
+            activation: Activation::Silu,
+            embed_scale: false,
+            sliding: None,
+            attn_scalar: None,
+            attn_softcap: None,
+            final_softcap: None,
+            layer_norm: false,
+            learned_positions: false,
+            dense_bias: false,
+            gated_mlp: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -106,8 +141,12 @@ pub enum Activation {
 pub enum Arch {
     #[default]
     Llama,
+    Mistral,
     Qwen2,
+    Phi3,
+    Gemma2,
     Gemma3,
+    Gpt2,
 }
 
 impl Arch {
@@ -115,8 +154,12 @@ impl Arch {
     pub fn name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
+            Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
+            Self::Phi3 => "phi3",
+            Self::Gemma2 => "gemma2",
             Self::Gemma3 => "gemma3",
+            Self::Gpt2 => "gpt2",
         }
     }
 }
@@ -129,6 +172,52 @@ impl Family {
         Self {
             arch: Arch::Qwen2,
             qkv_bias: true,
+            ..Self::default()
+        }
+    }
+    /// Llama's layers with a sliding window on every layer (`None`: a Mistral without one,
+    /// as v0.2 and later are).
+    pub fn mistral(window: Option<usize>, rope_theta: f64) -> Self {
+        Self {
+            arch: Arch::Mistral,
+            sliding: window.map(|window| Sliding {
+                window,
+                global_every: 0,
+                local_rope_theta: rope_theta,
+            }),
+            ..Self::default()
+        }
+    }
+    /// Llama's layers, stored as fused q/k/v and gate/up tensors (split on load), with HF's
+    /// sliding window on every layer when the config sets one.
+    pub fn phi3(window: Option<usize>, rope_theta: f64) -> Self {
+        Self {
+            arch: Arch::Phi3,
+            ..Self::mistral(window, rope_theta)
+        }
+    }
+    pub fn gemma2(sliding: Sliding, attn_scalar: f64, attn_cap: f64, final_cap: f64) -> Self {
+        Self {
+            arch: Arch::Gemma2,
+            sandwich_norms: true,
+            activation: Activation::GeluTanh,
+            embed_scale: true,
+            sliding: Some(sliding),
+            attn_scalar: Some(attn_scalar),
+            attn_softcap: Some(attn_cap).filter(|c| *c > 0.0),
+            final_softcap: Some(final_cap).filter(|c| *c > 0.0),
+            ..Self::default()
+        }
+    }
+    pub fn gpt2() -> Self {
+        Self {
+            arch: Arch::Gpt2,
+            qkv_bias: true,
+            activation: Activation::GeluTanh,
+            layer_norm: true,
+            learned_positions: true,
+            dense_bias: true,
+            gated_mlp: false,
             ..Self::default()
         }
     }
@@ -149,9 +238,19 @@ impl Family {
         self.sliding
             .is_some_and(|s| !(layer + 1).is_multiple_of(s.global_every))
     }
-    /// Plain llama layers: what the fused CPU path implements.
+    /// Plain llama layers.
     pub fn is_plain_llama(&self) -> bool {
         *self == Self::llama()
+    }
+    /// Whether the fused CPU path implements these layers (everything but soft-capping and
+    /// GPT-2's LayerNorm, positions, biases and ungated MLP: those run on candle's ops).
+    pub fn fused_supported(&self) -> bool {
+        self.attn_softcap.is_none()
+            && self.final_softcap.is_none()
+            && !self.layer_norm
+            && !self.learned_positions
+            && !self.dense_bias
+            && self.gated_mlp
     }
 }
 
@@ -286,6 +385,45 @@ impl Config {
             unimplemented: Unimplemented::default(),
             family: Family::llama(),
         }
+    }
+
+    /// [`Self::tiny`] of another family (`--arch`): GPT-2's is multi-head with a 4× MLP.
+    pub fn tiny_of(arch: &str, vocab_size: usize) -> std::result::Result<Self, String> {
+        Self::tiny(vocab_size).with_arch(arch)
+    }
+    /// [`Self::small`] of another family (`--arch`).
+    pub fn small_of(arch: &str, vocab_size: usize) -> std::result::Result<Self, String> {
+        Self::small(vocab_size).with_arch(arch)
+    }
+
+    /// The same size in another family, with that family's usual settings.
+    fn with_arch(mut self, arch: &str) -> std::result::Result<Self, String> {
+        let window = Sliding {
+            window: 4096,
+            global_every: 2,
+            local_rope_theta: self.rope_theta,
+        };
+        self.family = match arch {
+            "llama" => Family::llama(),
+            "mistral" => Family::mistral(None, self.rope_theta),
+            "qwen2" => Family::qwen2(),
+            "phi3" => Family::phi3(None, self.rope_theta),
+            "gemma2" => Family::gemma2(window, self.head_dim() as f64, 50.0, 30.0),
+            "gpt2" => {
+                self.num_key_value_heads = None;
+                self.intermediate_size = 4 * self.hidden_size;
+                Family::gpt2()
+            }
+            other => {
+                return Err(format!(
+                    "--arch {other}: expected llama, mistral, qwen2, phi3, gemma2 or gpt2"
+                ))
+            }
+        };
+        if self.family.arch == Arch::Gemma2 {
+            self.tie_word_embeddings = true;
+        }
+        Ok(self)
     }
 
     /// A SmolLM-shaped model of ~30M parameters (`--config small`).

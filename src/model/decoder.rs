@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 use super::config::{Activation, Config};
 use super::kv_cache::{Cache, Prefilled};
 use super::layers::{
-    causal_mask, gated_activation, repeat_kv, Embedding, Linear, PackedWeights, RmsNorm, RopeAt,
+    causal_mask, gated_activation, repeat_kv, Embedding, Linear, Norm, PackedWeights, RopeAt,
     RotaryEmbedding, Weights,
 };
 
@@ -29,13 +29,17 @@ struct Attention {
     v_proj: Linear,
     o_proj: Linear,
     /// Per-head RMS norms of queries and keys (Gemma 3).
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
     /// Multiplies the scores: 1/√head_dim, or 1/√query_pre_attn_scalar.
     scale: f64,
+    /// `cap · tanh(score / cap)` before the mask (Gemma 2).
+    softcap: Option<f64>,
+    /// Rotary embedding of q and k (all but GPT-2, whose positions are in its embeddings).
+    rotary: bool,
 }
 
 impl Attention {
@@ -49,21 +53,23 @@ impl Attention {
             q_proj: Linear::load_biased(w.pp("q_proj"), h, nh * hd, bias)?,
             k_proj: Linear::load_biased(w.pp("k_proj"), h, nkv * hd, bias)?,
             v_proj: Linear::load_biased(w.pp("v_proj"), h, nkv * hd, bias)?,
-            o_proj: Linear::load(w.pp("o_proj"), nh * hd, h)?,
+            o_proj: Linear::load_biased(w.pp("o_proj"), nh * hd, h, cfg.family.dense_bias)?,
             q_norm: cfg
                 .family
                 .qk_norm
-                .then(|| RmsNorm::load(vb.pp("q_norm"), hd, cfg.rms_norm_eps))
+                .then(|| Norm::load(vb.pp("q_norm"), hd, cfg.rms_norm_eps))
                 .transpose()?,
             k_norm: cfg
                 .family
                 .qk_norm
-                .then(|| RmsNorm::load(vb.pp("k_norm"), hd, cfg.rms_norm_eps))
+                .then(|| Norm::load(vb.pp("k_norm"), hd, cfg.rms_norm_eps))
                 .transpose()?,
             n_head: nh,
             n_kv_head: nkv,
             head_dim: hd,
             scale: 1.0 / cfg.family.attn_scalar.unwrap_or(hd as f64).sqrt(),
+            softcap: cfg.family.attn_softcap,
+            rotary: !cfg.family.learned_positions,
         })
     }
 
@@ -78,9 +84,9 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let shape = |n| (b, t, n, self.head_dim);
         // (b, t, heads, head_dim), each head RMS-normed where the family does it.
-        let heads = |proj: &Linear, n, norm: &Option<RmsNorm>| -> candle_core::Result<Tensor> {
+        let heads = |proj: &Linear, n, norm: &Option<Norm>| -> candle_core::Result<Tensor> {
             let y = proj.forward(x)?.reshape(shape(n))?;
-            RmsNorm::apply_if(norm, y, differentiable)?.transpose(1, 2)
+            Norm::apply_if(norm, y, differentiable)?.transpose(1, 2)
         };
         let q = heads(&self.q_proj, self.n_head, &self.q_norm)?;
         let k = heads(&self.k_proj, self.n_kv_head, &self.k_norm)?;
@@ -89,8 +95,14 @@ impl Attention {
             .forward(x)?
             .reshape(shape(self.n_kv_head))?
             .transpose(1, 2)?;
-        let q = rope.apply(&q, differentiable)?;
-        let k = rope.apply(&k, differentiable)?;
+        let (q, k) = if self.rotary {
+            (
+                rope.apply(&q, differentiable)?,
+                rope.apply(&k, differentiable)?,
+            )
+        } else {
+            (q, k)
+        };
         let v = if differentiable { v } else { v.contiguous()? };
 
         let (k, v) = match kv {
@@ -109,6 +121,10 @@ impl Attention {
         let k = repeat_kv(k, n_rep)?;
         let v = repeat_kv(v, n_rep)?;
         let att = (q.matmul(&k.t()?)? * self.scale)?;
+        let att = match self.softcap {
+            Some(cap) => ((att / cap)?.tanh()? * cap)?,
+            None => att,
+        };
         let att = match mask {
             Some(m) => att.broadcast_add(m)?,
             None => att,
@@ -128,7 +144,8 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
+    /// `None`: an ungated MLP, `down(act(up(x)))` (GPT-2).
+    gate_proj: Option<Linear>,
     up_proj: Linear,
     down_proj: Linear,
     activation: Activation,
@@ -137,15 +154,28 @@ struct Mlp {
 impl Mlp {
     fn load(w: Weights, cfg: &Config) -> candle_core::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let bias = cfg.family.dense_bias;
         Ok(Self {
-            gate_proj: Linear::load(w.pp("gate_proj"), h, i)?,
-            up_proj: Linear::load(w.pp("up_proj"), h, i)?,
-            down_proj: Linear::load(w.pp("down_proj"), i, h)?,
+            gate_proj: cfg
+                .family
+                .gated_mlp
+                .then(|| Linear::load(w.pp("gate_proj"), h, i))
+                .transpose()?,
+            up_proj: Linear::load_biased(w.pp("up_proj"), h, i, bias)?,
+            down_proj: Linear::load_biased(w.pp("down_proj"), i, h, bias)?,
             activation: cfg.family.activation,
         })
     }
     fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
+        let Some(gate_proj) = &self.gate_proj else {
+            let up = self.up_proj.forward(x)?;
+            let h = match self.activation {
+                Activation::Silu => candle_nn::ops::silu(&up)?,
+                Activation::GeluTanh => up.gelu()?,
+            };
+            return self.down_proj.forward(&h);
+        };
+        let gate = gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
         let h = if differentiable {
             let a = match self.activation {
@@ -164,35 +194,41 @@ impl Mlp {
 #[derive(Debug, Clone)]
 struct Block {
     /// Before attention (`input_layernorm`).
-    attn_norm: RmsNorm,
+    attn_norm: Norm,
     self_attn: Attention,
     /// On the attention output, before the residual add (Gemma's `post_attention_layernorm`).
-    attn_out_norm: Option<RmsNorm>,
+    attn_out_norm: Option<Norm>,
     /// Before the MLP (llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
-    ffn_norm: RmsNorm,
+    ffn_norm: Norm,
     mlp: Mlp,
     /// On the MLP output, before the residual add (Gemma's `post_feedforward_layernorm`).
-    ffn_out_norm: Option<RmsNorm>,
+    ffn_out_norm: Option<Norm>,
     /// Attends to a sliding window, with the local rotary embedding.
     local: bool,
 }
 
 impl Block {
-    /// The layer's seven projections with their HF names (relative to `model.layers.N`).
-    fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
-        [
+    /// The layer's projections with their HF names (relative to `model.layers.N`).
+    fn projections_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        let mut out = vec![
             ("self_attn.q_proj", &mut self.self_attn.q_proj),
             ("self_attn.k_proj", &mut self.self_attn.k_proj),
             ("self_attn.v_proj", &mut self.self_attn.v_proj),
             ("self_attn.o_proj", &mut self.self_attn.o_proj),
-            ("mlp.gate_proj", &mut self.mlp.gate_proj),
             ("mlp.up_proj", &mut self.mlp.up_proj),
             ("mlp.down_proj", &mut self.mlp.down_proj),
-        ]
+        ];
+        if let Some(gate) = self.mlp.gate_proj.as_mut() {
+            out.push(("mlp.gate_proj", gate));
+        }
+        out
     }
 
     fn load(w: Weights, cfg: &Config, layer: usize) -> candle_core::Result<Self> {
-        let norm = |name: &str| RmsNorm::load(w.vb.pp(name), cfg.hidden_size, cfg.rms_norm_eps);
+        let norm = |name: &str| {
+            let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+            Norm::load_kind(w.vb.pp(name), h, eps, cfg.family.layer_norm)
+        };
         let sandwich = cfg.family.sandwich_norms;
         Ok(Self {
             attn_norm: norm("input_layernorm")?,
@@ -222,7 +258,7 @@ impl Block {
         kv: Option<&mut Option<(Tensor, Tensor)>>,
         differentiable: bool,
     ) -> candle_core::Result<Tensor> {
-        let out_norm = |norm, h| RmsNorm::apply_if(norm, h, differentiable);
+        let out_norm = |norm, h| Norm::apply_if(norm, h, differentiable);
         let h = self.attn_norm.forward(&x, differentiable)?;
         let h = self.self_attn.forward(&h, rope, mask, kv, differentiable)?;
         let x = (x + out_norm(&self.attn_out_norm, h)?)?;
@@ -236,12 +272,14 @@ impl Block {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     embed_tokens: Embedding,
+    /// Learned absolute positions (GPT-2): row p is added at position p.
+    embed_positions: Option<Embedding>,
     layers: Vec<Block>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: Linear,
     /// The final norm and head in f32 when the weights are f16/bf16: logits near 20 in f16 are
     /// rounded in steps of 1/64, which moves log-probs by up to ~0.01 (inference only).
-    head_f32: Option<(RmsNorm, Linear)>,
+    head_f32: Option<(Norm, Linear)>,
     rope: RotaryEmbedding,
     /// The local layers' rotary embedding, when the family has a sliding window.
     rope_local: Option<RotaryEmbedding>,
@@ -275,7 +313,21 @@ impl Decoder {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(w.pp(format!("model.layers.{i}")), cfg, i))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(vb.pp("model.norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let norm = Norm::load_kind(
+            vb.pp("model.norm"),
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            cfg.family.layer_norm,
+        )?;
+        let embed_positions = match cfg.family.learned_positions {
+            true => Some(Embedding::load_named(
+                &w,
+                "model.embed_positions",
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+            )?),
+            false => None,
+        };
         // A checkpoint without lm_head shares the embedding matrix (tied embeddings).
         let has_head = vb.contains_tensor("lm_head.weight") || w.packed("lm_head.weight").is_some();
         let lm_head = if cfg.tie_word_embeddings || !has_head {
@@ -297,8 +349,13 @@ impl Decoder {
         let head_f32 = match (&lm_head, dtype) {
             (_, DType::F32) => None,
             (Linear::Dense(l), _) => Some((
-                RmsNorm {
+                Norm {
                     weight: norm.weight.to_dtype(DType::F32)?,
+                    bias: norm
+                        .bias
+                        .as_ref()
+                        .map(|b| b.to_dtype(DType::F32))
+                        .transpose()?,
                     eps: norm.eps,
                 },
                 Linear::dense(l.weight().to_dtype(DType::F32)?),
@@ -307,6 +364,7 @@ impl Decoder {
         };
         let mut model = Self {
             embed_tokens,
+            embed_positions,
             layers,
             norm,
             lm_head,
@@ -348,7 +406,7 @@ impl Decoder {
     /// embedding scale, sliding windows, attention scalar).
     fn build_fused(&self) -> Option<super::fused::Fused> {
         use super::fused::{Fused, FusedLayer, LocalAttention};
-        if self.dtype != DType::F32 || !self.device.is_cpu() {
+        if self.dtype != DType::F32 || !self.device.is_cpu() || !self.cfg.family.fused_supported() {
             return None;
         }
         let packed = |l: &Linear| match l {
@@ -360,10 +418,10 @@ impl Decoder {
             Linear::Packed(p, bias) => Some((p.clone(), bias.as_ref().and_then(vector))),
             _ => None,
         };
-        let norm = |n: &RmsNorm| vector(&n.weight);
-        let norm_opt = |n: &Option<RmsNorm>| n.as_ref().map(norm);
+        let norm = |n: &Norm| n.is_rms().then(|| vector(&n.weight))?;
+        let norm_opt = |n: &Option<Norm>| n.as_ref().map(norm);
         // `None` when the norm exists but cannot be read.
-        let out_norm = |n: &Option<RmsNorm>| match n {
+        let out_norm = |n: &Option<Norm>| match n {
             None => Some(None),
             Some(n) => norm(n).map(Some),
         };
@@ -394,7 +452,7 @@ impl Decoder {
                     o: packed(&a.o_proj)?,
                     attn_out_norm: out_norm(&l.attn_out_norm)?,
                     mlp_norm: norm(&l.ffn_norm)?,
-                    gate: packed(&l.mlp.gate_proj)?,
+                    gate: packed(l.mlp.gate_proj.as_ref()?)?,
                     up: packed(&l.mlp.up_proj)?,
                     down: packed(&l.mlp.down_proj)?,
                     mlp_out_norm: out_norm(&l.ffn_out_norm)?,
@@ -482,14 +540,23 @@ impl Decoder {
     /// Final norm and head over hidden states (b, t, hidden) → f32 logits (b, t, vocab), in f32
     /// whatever the weights' dtype.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.head_f32 {
+        let logits = match &self.head_f32 {
             Some((norm, head)) => {
-                head.forward(&norm.forward(&hidden.to_dtype(DType::F32)?, false)?)
+                head.forward(&norm.forward(&hidden.to_dtype(DType::F32)?, false)?)?
             }
             None => self
                 .lm_head
                 .forward(&self.norm.forward(hidden, false)?)?
-                .to_dtype(DType::F32),
+                .to_dtype(DType::F32)?,
+        };
+        self.cap_logits(logits)
+    }
+
+    /// The family's final soft-capping, `cap · tanh(logit / cap)` (Gemma 2), if any.
+    fn cap_logits(&self, logits: Tensor) -> candle_core::Result<Tensor> {
+        match self.cfg.family.final_softcap {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
         }
     }
 
@@ -609,7 +676,7 @@ impl Decoder {
         for l in 0..self.layers.len() {
             cache.tensors_for_candle(l, n_kv, hd, &self.device, self.dtype)?;
         }
-        let mut x = self.embed(ids)?;
+        let mut x = self.embed(ids, offset)?;
         let pass = self.pass_inputs(t, offset)?;
         for (layer, kv) in self.layers.iter().zip(cache.kvs.iter_mut()) {
             let (rope, mask) = pass.for_layer(layer);
@@ -624,9 +691,16 @@ impl Decoder {
     }
 
     /// Token embeddings, times √hidden_size where the family scales them (the factor rounded
-    /// to the weights' dtype, as HF computes it).
-    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+    /// to the weights' dtype, as HF computes it), plus the learned embeddings of positions
+    /// `offset..` where the family has them.
+    fn embed(&self, ids: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
         let x = self.embed_tokens.forward(ids)?;
+        if let Some(positions) = &self.embed_positions {
+            let (b, t) = ids.dims2()?;
+            let at = Tensor::arange(offset as u32, (offset + t) as u32, &self.device)?;
+            let p = positions.forward(&at)?.unsqueeze(0)?;
+            return x.broadcast_add(&p.expand((b, t, self.cfg.hidden_size))?);
+        }
         if !self.cfg.family.embed_scale {
             return Ok(x);
         }
@@ -659,13 +733,13 @@ impl Decoder {
         if t > self.cfg.max_position_embeddings {
             candle_core::bail!("sequence longer than the model's context");
         }
-        let mut x = self.embed(ids)?;
+        let mut x = self.embed(ids, 0)?;
         let pass = self.pass_inputs(t, 0)?;
         for layer in &self.layers {
             let (rope, mask) = pass.for_layer(layer);
             x = layer.forward(x, rope, mask, None, true)?;
         }
-        self.lm_head.forward(&self.norm.forward(&x, true)?)
+        self.cap_logits(self.lm_head.forward(&self.norm.forward(&x, true)?)?)
     }
 }
 
@@ -691,10 +765,18 @@ pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let hd = cfg.head_dim();
     let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
+    let f = &cfg.family;
     let mut out = vec![
         ("model.embed_tokens.weight".to_string(), vec![v, h]),
         ("model.norm.weight".to_string(), vec![h]),
     ];
+    if f.layer_norm {
+        out.push(("model.norm.bias".to_string(), vec![h]));
+    }
+    if f.learned_positions {
+        let n = cfg.max_position_embeddings;
+        out.push(("model.embed_positions.weight".to_string(), vec![n, h]));
+    }
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         out.extend([
@@ -704,10 +786,25 @@ pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
             (format!("{p}.self_attn.k_proj.weight"), vec![nkv * hd, h]),
             (format!("{p}.self_attn.v_proj.weight"), vec![nkv * hd, h]),
             (format!("{p}.self_attn.o_proj.weight"), vec![h, nh * hd]),
-            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
             (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
             (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
         ]);
+        if f.gated_mlp {
+            out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        }
+        if f.layer_norm {
+            out.extend([
+                (format!("{p}.input_layernorm.bias"), vec![h]),
+                (format!("{p}.post_attention_layernorm.bias"), vec![h]),
+            ]);
+        }
+        if f.dense_bias {
+            out.extend([
+                (format!("{p}.self_attn.o_proj.bias"), vec![h]),
+                (format!("{p}.mlp.up_proj.bias"), vec![i]),
+                (format!("{p}.mlp.down_proj.bias"), vec![h]),
+            ]);
+        }
         if cfg.family.sandwich_norms {
             out.extend([
                 (format!("{p}.pre_feedforward_layernorm.weight"), vec![h]),

@@ -19,10 +19,12 @@ const ROPE_FREQS: &str = "rope_freqs.weight";
 
 pub use super::layers::PackedWeights;
 
-pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "gemma3"];
+/// `llama` also covers Mistral, TinyLlama and Llama 2/3: llama.cpp writes them all as llama.
+pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] =
+    &["llama", "qwen2", "phi3", "gemma2", "gemma3", "gpt2"];
 
 /// Whether llama.cpp's converter permuted this family's q/k rows (for its interleaved rope):
-/// only llama's (`LlamaModel.permute`); qwen2 and gemma3 are written as they are.
+/// only llama's (`LlamaModel.permute`); the others are written as they are.
 fn qk_permuted(family: &Family) -> bool {
     family.arch == Arch::Llama
 }
@@ -133,8 +135,13 @@ impl GgufFile {
                 .map(|v| v as usize),
             head_dim: self.md_u32(&k("attention.key_length"))?.map(|v| v as usize),
             rms_norm_eps: shortest_f64(
-                self.md_f32(&k("attention.layer_norm_rms_epsilon"))?
-                    .unwrap_or(1e-5),
+                match self.md_f32(&k("attention.layer_norm_rms_epsilon"))? {
+                    Some(eps) => eps,
+                    // GPT-2's LayerNorm.
+                    None => self
+                        .md_f32(&k("attention.layer_norm_epsilon"))?
+                        .unwrap_or(1e-5),
+                },
             ),
             rope_theta: shortest_f64(self.md_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0)),
             max_position_embeddings: self.md_u32(&k("context_length"))?.unwrap_or(2048) as usize,
@@ -157,16 +164,21 @@ impl GgufFile {
                 )));
             }
         }
-        for unsupported in ["attn_logit_softcapping", "final_logit_softcapping"] {
-            if self.metadata().contains_key(&k(unsupported)) {
-                return Err(ModelError::Config(format!(
-                    "{arch}.{unsupported} (logit soft-capping) is not supported yet"
-                )));
+        if arch != "gemma2" {
+            for unsupported in ["attn_logit_softcapping", "final_logit_softcapping"] {
+                if self.metadata().contains_key(&k(unsupported)) {
+                    return Err(ModelError::Config(format!(
+                        "{arch}.{unsupported} (logit soft-capping) is not supported for {arch}"
+                    )));
+                }
             }
         }
         cfg.family = match arch.as_str() {
             "qwen2" => Family::qwen2(),
+            "phi3" => self.phi3_family(&cfg)?,
+            "gemma2" => self.gemma2_family(&cfg)?,
             "gemma3" => self.gemma3_family(&cfg)?,
+            "gpt2" => Family::gpt2(),
             _ => Family::llama(),
         };
         if let Some(dims) = self.md_u32(&k("rope.dimension_count"))? {
@@ -215,6 +227,58 @@ impl GgufFile {
         ))
     }
 
+    /// Gemma 2's switches, with llama.cpp's defaults where the file is silent (window 4096,
+    /// every 2nd layer global, caps 50 and 30, scores scaled by 1/√head_dim except on the
+    /// 46-layer 27B model: hidden / heads). Norm weights are stored as `1 + w`, as for Gemma 3.
+    fn gemma2_family(&self, cfg: &Config) -> Result<Family> {
+        let window = self
+            .md_u32("gemma2.attention.sliding_window")?
+            .unwrap_or(4096);
+        let every = self
+            .md_u32("gemma2.attention.sliding_window_pattern")?
+            .unwrap_or(2);
+        let local_theta = match self.md_f32("gemma2.rope.freq_base_swa")? {
+            Some(t) => shortest_f64(t),
+            None => cfg.rope_theta,
+        };
+        let scalar = if cfg.num_hidden_layers == 46 {
+            (cfg.hidden_size / cfg.num_attention_heads) as f64
+        } else {
+            cfg.head_dim() as f64
+        };
+        let cap = |key: &str, default: f32| -> Result<f64> {
+            Ok(shortest_f64(self.md_f32(key)?.unwrap_or(default)))
+        };
+        Ok(Family::gemma2(
+            Sliding {
+                window: window as usize,
+                global_every: every as usize,
+                local_rope_theta: local_theta,
+            },
+            scalar,
+            cap("gemma2.attn_logit_softcapping", 50.0)?,
+            cap("gemma2.final_logit_softcapping", 30.0)?,
+        ))
+    }
+
+    /// Phi-3 with its default rope. Its long-context variants carry per-frequency factors
+    /// (`rope_factors_long`/`_short`, from `longrope`/`su` scaling), which are refused.
+    fn phi3_family(&self, cfg: &Config) -> Result<Family> {
+        let infos = &self.content.tensor_infos;
+        if let Some(name) = infos.keys().find(|n| n.starts_with("rope_factors_")) {
+            return Err(ModelError::Config(format!(
+                "this Phi-3 uses long-context rope scaling (`{name}`: rope_scaling type \
+                 longrope/su), which is not supported; only the default rope is"
+            )));
+        }
+        // HF applies the window (llama.cpp currently does not: its loader warns and turns
+        // Phi-3's window off); the two agree on prompts shorter than it.
+        let window = self
+            .md_u32("phi3.attention.sliding_window")?
+            .filter(|w| *w > 0);
+        Ok(Family::phi3(window.map(|w| w as usize), cfg.rope_theta))
+    }
+
     /// `{arch}.rope.scaling.*` as a config.json `rope_scaling`: none and linear are supported
     /// (yarn and the rest are refused by [`Config::validate`]).
     fn rope_scaling(&self, arch: &str) -> Result<Option<serde_json::Value>> {
@@ -241,7 +305,9 @@ impl GgufFile {
             .tensor_infos
             .keys()
             .map(String::as_str)
-            .filter(|n| *n != ROPE_FREQS && hf_name(n, family).is_none())
+            .filter(|n| {
+                *n != ROPE_FREQS && hf_name(n, family).is_none() && split_of(n, family).is_none()
+            })
             .collect();
         super::error::refuse_unknown_tensors(unknown, family)
     }
@@ -270,6 +336,19 @@ impl GgufFile {
     /// otherwise be in memory twice during the load and set the peak RSS); q/k rows taken in
     /// un-permuted order (`heads`). Other tensors return `None`.
     fn read_packed(&mut self, name: &str, heads: Option<usize>) -> Result<Option<PackedMatrix>> {
+        Ok(self
+            .read_packed_parts(name, heads, None)?
+            .and_then(|mut parts| parts.pop()))
+    }
+
+    /// [`Self::read_packed`], cut into consecutive row ranges of `split` rows each (a fused
+    /// q/k/v or gate/up tensor into its projections).
+    fn read_packed_parts(
+        &mut self,
+        name: &str,
+        heads: Option<usize>,
+        split: Option<&[usize]>,
+    ) -> Result<Option<Vec<PackedMatrix>>> {
         let Some(info) = self.content.tensor_infos.get(name) else {
             return Ok(None);
         };
@@ -303,13 +382,27 @@ impl GgufFile {
                 reason: format!("tensor `{name}`: {e}"),
             })?;
         let order = heads.map(|n| unpermute_order(rows, n));
-        Ok(PackedMatrix::from_blocks(
-            format,
-            rows,
-            cols,
-            data,
-            order.as_deref(),
-        ))
+        let Some(split) = split else {
+            let m = PackedMatrix::from_blocks(format, rows, cols, data, order.as_deref());
+            return Ok(m.map(|m| vec![m]));
+        };
+        if split.iter().sum::<usize>() != rows || order.is_some() {
+            return Err(self.corrupt(format!(
+                "tensor `{name}` has {rows} rows, expected {split:?} of them"
+            )));
+        }
+        let row_bytes = bytes / rows.max(1);
+        let mut start = 0;
+        let mut parts = Vec::with_capacity(split.len());
+        for &n in split {
+            let chunk = data[start * row_bytes..(start + n) * row_bytes].to_vec();
+            start += n;
+            match PackedMatrix::from_blocks(format, n, cols, chunk, None) {
+                Some(m) => parts.push(m),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(parts))
     }
 
     /// All tensors, dequantized to `dtype` and renamed to HF names, with q/k un-permuted.
@@ -357,6 +450,30 @@ impl GgufFile {
         let mut packed = HashMap::new();
         let mut unpacked_types = std::collections::BTreeSet::new();
         for name in names {
+            if let Some(parts) = split_of(&name, &cfg.family) {
+                let rows: Vec<usize> = parts.iter().map(|p| p.rows(cfg)).collect();
+                let hf: Vec<String> = parts.iter().map(|p| p.name.clone()).collect();
+                if pack && name.ends_with(".weight") {
+                    if let Some(ms) = self.read_packed_parts(&name, None, Some(&rows))? {
+                        packed.extend(hf.into_iter().zip(ms.into_iter().map(Arc::new)));
+                        continue;
+                    }
+                }
+                let t = self.read(&name, device)?.dequantize(device)?;
+                if t.dim(0)? != rows.iter().sum::<usize>() {
+                    return Err(self.corrupt(format!(
+                        "tensor `{name}` has {} rows, expected {rows:?} of them",
+                        t.dim(0)?
+                    )));
+                }
+                let mut start = 0;
+                for (hf, n) in hf.into_iter().zip(rows) {
+                    let part = t.narrow(0, start, n)?.contiguous()?.to_dtype(dtype)?;
+                    start += n;
+                    dense.insert(hf, part);
+                }
+                continue;
+            }
             let Some(hf) = hf_name(&name, &cfg.family) else {
                 // rope_freqs is in the config (checked by config(): no other name gets here).
                 continue;
@@ -422,6 +539,8 @@ pub fn hf_name(gguf: &str, family: &Family) -> Option<String> {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
         "output.weight" => Some("lm_head.weight"),
+        "output_norm.bias" if family.layer_norm => Some("model.norm.bias"),
+        "position_embd.weight" if family.learned_positions => Some("model.embed_positions.weight"),
         _ => None,
     };
     if let Some(s) = simple {
@@ -435,6 +554,10 @@ pub fn hf_name(gguf: &str, family: &Family) -> Option<String> {
         Some(part) => (part, "weight"),
         None => match rest.strip_suffix(".bias") {
             Some(part @ ("attn_q" | "attn_k" | "attn_v")) if family.qkv_bias => (part, "bias"),
+            Some(part @ ("attn_output" | "ffn_up" | "ffn_down")) if family.dense_bias => {
+                (part, "bias")
+            }
+            Some(part @ ("attn_norm" | "ffn_norm")) if family.layer_norm => (part, "bias"),
             _ => return None,
         },
     };
@@ -449,7 +572,9 @@ pub fn hf_name(gguf: &str, family: &Family) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
+        "ffn_gate" if family.gated_mlp => "mlp.gate_proj",
+        // Phi-3's up is gate and up in one (see `split_of`).
+        "ffn_up" if family.arch == Arch::Phi3 => return None,
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
@@ -457,6 +582,59 @@ pub fn hf_name(gguf: &str, family: &Family) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// One projection inside a fused GGUF tensor.
+pub struct SplitPart {
+    /// Its HF name.
+    pub name: String,
+    kind: PartKind,
+}
+
+enum PartKind {
+    Q,
+    Kv,
+    Intermediate,
+}
+
+impl SplitPart {
+    pub fn rows(&self, cfg: &Config) -> usize {
+        match self.kind {
+            PartKind::Q => cfg.num_attention_heads * cfg.head_dim(),
+            PartKind::Kv => cfg.n_kv_heads() * cfg.head_dim(),
+            PartKind::Intermediate => cfg.intermediate_size,
+        }
+    }
+}
+
+/// The projections a fused GGUF tensor holds, in row order: `attn_qkv` (GPT-2, Phi-3) is
+/// q, k, v; Phi-3's `ffn_up` is gate then up (llama.cpp's SWIGLU takes the first half as the
+/// gate, as HF's `gate_up_proj.chunk(2)` does).
+pub fn split_of(gguf: &str, family: &Family) -> Option<Vec<SplitPart>> {
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let p = |name: &str, kind| SplitPart {
+        name: format!("model.layers.{layer}.{name}.{suffix}"),
+        kind,
+    };
+    match (part, suffix) {
+        ("attn_qkv", "weight") => {}
+        ("attn_qkv", "bias") if family.qkv_bias => {}
+        ("ffn_up", "weight") if family.arch == Arch::Phi3 => {
+            return Some(vec![
+                p("mlp.gate_proj", PartKind::Intermediate),
+                p("mlp.up_proj", PartKind::Intermediate),
+            ])
+        }
+        _ => return None,
+    }
+    Some(vec![
+        p("self_attn.q_proj", PartKind::Q),
+        p("self_attn.k_proj", PartKind::Kv),
+        p("self_attn.v_proj", PartKind::Kv),
+    ])
 }
 
 /// Undoes llama.cpp's converter permutation of q/k rows (done there for interleaved rope):

@@ -1,5 +1,5 @@
 //! Building blocks shared by the architectures: where weights come from, projections and
-//! embeddings (dense, GGUF-quantized, packed), RMS norm, rotary embeddings, grouped-query head
+//! embeddings (dense, GGUF-quantized, packed), RMS norm and LayerNorm, rotary embeddings, grouped-query head
 //! repetition and the causal mask.
 
 use std::cell::RefCell;
@@ -148,11 +148,21 @@ pub enum Embedding {
 
 impl Embedding {
     pub(crate) fn load(w: &Weights, vocab: usize, hidden: usize) -> candle_core::Result<Self> {
-        let w = w.pp("model.embed_tokens");
+        Self::load_named(w, "model.embed_tokens", vocab, hidden)
+    }
+
+    /// The table `{name}.weight`: `vocab` rows of `hidden` values.
+    pub(crate) fn load_named(
+        w: &Weights,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+    ) -> candle_core::Result<Self> {
+        let w = w.pp(name);
         if let Some(p) = w.packed("weight") {
             if (p.rows(), p.cols()) != (vocab, hidden) {
                 candle_core::bail!(
-                    "model.embed_tokens.weight: shape ({}, {}), expected ({vocab}, {hidden})",
+                    "{name}.weight: shape ({}, {}), expected ({vocab}, {hidden})",
                     p.rows(),
                     p.cols()
                 );
@@ -370,18 +380,35 @@ impl RopeAt {
     }
 }
 
+/// RMS norm (`x / rms(x) · w`), or with a bias LayerNorm (`(x − mean) / σ · w + b`, GPT-2).
 #[derive(Debug, Clone)]
-pub(crate) struct RmsNorm {
+pub(crate) struct Norm {
     pub weight: Tensor,
+    /// LayerNorm's bias; `None` for RMS norm.
+    pub bias: Option<Tensor>,
     pub eps: f64,
 }
 
-impl RmsNorm {
+impl Norm {
     pub fn load(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Self> {
         Ok(Self {
             weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
+            bias: None,
             eps,
         })
+    }
+    /// RMS norm, or LayerNorm with its bias when `layer_norm`.
+    pub fn load_kind(
+        vb: VarBuilder,
+        size: usize,
+        eps: f64,
+        layer_norm: bool,
+    ) -> candle_core::Result<Self> {
+        let mut norm = Self::load(vb.clone(), size, eps)?;
+        if layer_norm {
+            norm.bias = Some(vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?);
+        }
+        Ok(norm)
     }
     /// `norm(x)` where the family has the norm, else `x` itself.
     pub fn apply_if(
@@ -395,13 +422,31 @@ impl RmsNorm {
         }
     }
 
+    pub fn is_rms(&self) -> bool {
+        self.bias.is_none()
+    }
+
     pub fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
-        if differentiable {
-            candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32)
-        } else {
-            candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+        match (&self.bias, differentiable) {
+            (None, true) => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32),
+            (None, false) => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32),
+            (Some(bias), true) => layer_norm_slow(x, &self.weight, bias, self.eps),
+            (Some(bias), false) => {
+                candle_nn::ops::layer_norm(x, &self.weight, bias, self.eps as f32)
+            }
         }
     }
+}
+
+/// LayerNorm from differentiable ops (in f32, like candle's fused one).
+fn layer_norm_slow(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(candle_core::D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    let y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    y.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)
 }
 
 pub(crate) fn repeat_kv(xs: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {

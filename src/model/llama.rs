@@ -7,8 +7,9 @@ use candle_core::{Device, Tensor};
 use super::config::Config;
 use super::decoder::parameter_shapes;
 
-/// Fresh weights from a seed (candle's CPU RNG cannot be seeded): norms at 1, everything
-/// else N(0, 0.02²), as HF initialises llama.
+/// Fresh weights from a seed (candle's CPU RNG cannot be seeded): norms at 1, biases at 0,
+/// everything else N(0, 0.02²), as HF initialises llama (any family: the names and shapes
+/// are [`parameter_shapes`]'s).
 pub fn random_weights(
     cfg: &Config,
     seed: u64,
@@ -22,6 +23,8 @@ pub fn random_weights(
             let n: usize = shape.iter().product();
             let data: Vec<f32> = if name.ends_with("norm.weight") {
                 vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
             } else {
                 (0..n)
                     .map(|_| {

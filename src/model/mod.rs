@@ -7,12 +7,16 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 mod fused;
+pub mod gemma2;
 pub mod gguf;
+pub mod gpt2;
 pub mod hf_dir;
 pub mod kv_cache;
 mod layers;
 pub mod llama;
+pub mod mistral;
 pub mod packed;
+pub mod phi3;
 pub mod quant;
 pub mod qwen2;
 pub mod source;
@@ -318,9 +322,27 @@ fn load_hf_dir(
             path: dir.to_path_buf(),
             reason: format!("safetensors: {e}"),
         })?;
-    let names: Vec<String> = weights.tensors().into_iter().map(|(n, _)| n).collect();
-    hf_dir::check_tensor_names(&names, &parts.config)?;
-    let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
+    let corrupt = |e: candle_core::Error| ModelError::Corrupt {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let vb = if hf_dir::needs_conversion(&parts.config) {
+        // Fused or transposed tensors: read, converted to the decoder's names and layouts.
+        let tensors = weights
+            .tensors()
+            .into_iter()
+            .map(|(n, _)| Ok((n.clone(), weights.load(&n, &Device::Cpu)?)))
+            .collect::<candle_core::Result<HashMap<_, _>>>()
+            .map_err(corrupt)?;
+        let tensors = hf_dir::to_decoder(&parts.config, tensors).map_err(corrupt)?;
+        let names: Vec<String> = tensors.keys().cloned().collect();
+        hf_dir::check_tensor_names(&names, &parts.config)?;
+        VarBuilder::from_tensors(tensors, dtype, device)
+    } else {
+        let names: Vec<String> = weights.tensors().into_iter().map(|(n, _)| n).collect();
+        hf_dir::check_tensor_names(&names, &parts.config)?;
+        VarBuilder::from_backend(Box::new(weights), dtype, device.clone())
+    };
     let model = Decoder::load(vb, &parts.config).map_err(|e| ModelError::Corrupt {
         path: dir.to_path_buf(),
         reason: e.to_string(),

@@ -61,6 +61,8 @@ pub struct TrainOptions {
     pub device: String,
     pub dtype: String,
     pub from_scratch: bool,
+    /// With `from_scratch` and a named config (tiny, small): the family (default llama).
+    pub arch: Option<String>,
     pub config: Option<String>,
     /// Stop (with a checkpoint) after this many steps in this run, as an interruption would.
     pub stop_after: Option<usize>,
@@ -93,6 +95,7 @@ impl Default for TrainOptions {
             device: "auto".into(),
             dtype: "f32".into(),
             from_scratch: false,
+            arch: None,
             config: None,
             stop_after: None,
             progress: true,
@@ -152,6 +155,9 @@ fn validate(o: &TrainOptions) -> Result<(), TrainError> {
     if o.config.is_some() && !o.from_scratch {
         return bad("--config only applies with --from-scratch");
     }
+    if o.arch.is_some() && !o.from_scratch {
+        return bad("--arch only applies with --from-scratch");
+    }
     Ok(())
 }
 
@@ -169,12 +175,13 @@ fn starting_point(
     };
     // Checked before any weight is read (a refusal should not first load gigabytes).
     let refuse_untrainable = |cfg: &Config| {
-        if o.from_scratch || cfg.family.is_plain_llama() {
+        if o.from_scratch || cfg.family.arch != model::Arch::Gemma3 {
             return Ok(());
         }
         Err(TrainError::Config(format!(
-            "training {} models is not supported yet (only llama; `--from-scratch` trains a llama \
-             with this model's tokenizer); serve and inspect work",
+            "training {} models is not supported yet (its Hugging Face directory cannot be \
+             written; `--from-scratch` trains a new model with this tokenizer); serve and \
+             inspect work",
             cfg.family.arch.name()
         )))
     };
@@ -209,6 +216,7 @@ fn starting_point(
                         tensors.insert(k, t.to_dtype(DType::F32)?);
                     }
                 }
+                tensors = hf_dir::to_decoder(&parts.config, tensors)?;
             }
             (parts.config, tk, tensors)
         }
@@ -216,9 +224,10 @@ fn starting_point(
     };
     if o.from_scratch {
         let vocab = tokenizer.vocab_size();
+        let arch = o.arch.as_deref().unwrap_or("llama");
         let mut fresh = match o.config.as_deref().unwrap_or("tiny") {
-            "tiny" => Config::tiny(vocab),
-            "small" => Config::small(vocab),
+            "tiny" => Config::tiny_of(arch, vocab).map_err(TrainError::Config)?,
+            "small" => Config::small_of(arch, vocab).map_err(TrainError::Config)?,
             file => {
                 let raw = std::fs::read_to_string(file)
                     .map_err(|e| TrainError::Config(format!("--config {file}: {e}")))?;

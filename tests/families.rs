@@ -1,0 +1,212 @@
+//! Every family on generated weights against llama.cpp: `scripts/families/generate.py` (run by
+//! `scripts/families.sh`, which the README's test command runs) writes a tiny random-weight
+//! model per family as an F32 GGUF (names and metadata as llama.cpp's converter writes them,
+//! a real vocabulary from llama.cpp's test files) and as a Hugging Face directory, plus
+//! llama-cpp-python's log-probabilities at every position (`logits_all=True`).
+//!
+//! Checked here, per family: our tokenizer gives llama.cpp's ids; the GGUF's full-vocabulary
+//! log-probs at every position match llama.cpp's within 1e-4 (on a short prompt and one longer
+//! than the sliding window); the HF directory gives the GGUF path's logits within 1e-5.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
+
+const FAMILIES: &[&str] = &["llama3", "llama2", "mistral", "phi3", "gemma2", "gpt2"];
+
+fn family_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/families")
+        .join(name);
+    assert!(
+        dir.join("reference.json").is_file(),
+        "{}: missing; run ./scripts/families.sh (the README's test command does)",
+        dir.display()
+    );
+    dir
+}
+
+struct Reference {
+    ids: Vec<u32>,
+    /// positions × vocab.
+    logprobs: Vec<f32>,
+    vocab: usize,
+    prompt: String,
+}
+
+fn references(dir: &Path) -> Vec<Reference> {
+    let raw = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    json["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(dir.join(p["file"].as_str().unwrap())).unwrap();
+            let logprobs: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let vocab = p["vocab"].as_u64().unwrap() as usize;
+            let ids: Vec<u32> = p["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(logprobs.len(), ids.len() * vocab);
+            Reference {
+                ids,
+                logprobs,
+                vocab,
+                prompt: p["prompt"].as_str().unwrap().to_string(),
+            }
+        })
+        .collect()
+}
+
+fn load(source: ModelSource) -> LoadedModel {
+    model::load(&source, &LoadOptions::default()).unwrap_or_else(|e| panic!("{source:?}: {e}"))
+}
+
+/// Log-probs (positions × vocab) of every position of `ids`, from one pass.
+fn all_logprobs(m: &LoadedModel, ids: &[u32]) -> Vec<Vec<f32>> {
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = m
+        .model
+        .forward_all(&input, &mut m.model.new_cache())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    logits
+        .iter()
+        .map(|l| tokenscope::engine::distribution::log_softmax(l))
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The largest |Δ log-prob| against llama.cpp over every position and the whole vocabulary.
+fn gguf_against_llama_cpp(name: &str) -> f32 {
+    let dir = family_dir(name);
+    let m = load(ModelSource::Gguf(dir.join("model.gguf")));
+    let mut worst = 0f32;
+    for r in references(&dir) {
+        assert_eq!(m.model.config().vocab_size, r.vocab, "{name}");
+        let ours_ids = m.tokenizer.encode(&r.prompt).unwrap();
+        assert_eq!(ours_ids, r.ids, "{name}: tokens of {:?}", r.prompt);
+        let ours = all_logprobs(&m, &r.ids);
+        for (pos, row) in ours.iter().enumerate() {
+            let theirs = &r.logprobs[pos * r.vocab..(pos + 1) * r.vocab];
+            let d = max_diff(row, theirs);
+            assert!(
+                d <= 1e-4,
+                "{name}: position {pos} of {} differs from llama.cpp by {d}",
+                r.ids.len()
+            );
+            worst = worst.max(d);
+        }
+        // The incremental path (prefill, then one token at a time) gives the same numbers.
+        let half = r.ids.len() / 2;
+        let mut cache = m.model.new_cache();
+        m.model.next_logits(&r.ids[..half], &mut cache).unwrap();
+        for (pos, &id) in r.ids.iter().enumerate().skip(half) {
+            let l = m.model.next_logits(&[id], &mut cache).unwrap();
+            let d = max_diff(
+                &tokenscope::engine::distribution::log_softmax(&l),
+                &ours[pos],
+            );
+            assert!(d <= 1e-4, "{name}: decode step at {pos} differs by {d}");
+        }
+    }
+    eprintln!("{name}: GGUF vs llama.cpp, max |Δ log-prob| = {worst:.2e}");
+    worst
+}
+
+/// The HF directory of the same weights against the GGUF path (the largest |Δ logit|).
+fn hf_against_gguf(name: &str) -> f32 {
+    let dir = family_dir(name);
+    let gguf = load(ModelSource::Gguf(dir.join("model.gguf")));
+    let hf_dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir.join("hf").join(f), hf_dir.path().join(f)).unwrap();
+    }
+    // The vocabularies come as GGUF metadata only: the directory gets its tokenizer.json
+    // from ours (what the HF path reads is the weights and config.json under test here).
+    gguf.tokenizer
+        .inner()
+        .save(hf_dir.path().join("tokenizer.json"), false)
+        .unwrap();
+    let hf = load(ModelSource::HfDir(hf_dir.path().to_path_buf()));
+    assert_eq!(hf.architecture, family_arch(name), "{name}");
+    let mut worst = 0f32;
+    for r in references(&dir) {
+        let input = Tensor::new(r.ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let a = gguf
+            .model
+            .forward_all(&input, &mut gguf.model.new_cache())
+            .unwrap();
+        let b = hf
+            .model
+            .forward_all(&input, &mut hf.model.new_cache())
+            .unwrap();
+        let d = common::max_abs_diff_tensors(&a, &b);
+        assert!(d <= 1e-5, "{name}: HF directory differs from GGUF by {d}");
+        worst = worst.max(d);
+    }
+    eprintln!("{name}: HF directory vs GGUF, max |Δ logit| = {worst:.2e}");
+    worst
+}
+
+fn family_arch(name: &str) -> &'static str {
+    match name {
+        "llama3" | "llama2" => "llama",
+        "mistral" => "mistral",
+        "phi3" => "phi3",
+        "gemma2" => "gemma2",
+        "gpt2" => "gpt2",
+        other => panic!("unknown family {other}"),
+    }
+}
+
+macro_rules! family_tests {
+    ($($name:ident),*) => {$(
+        mod $name {
+            #[test]
+            fn gguf_matches_llama_cpp() {
+                super::gguf_against_llama_cpp(stringify!($name));
+            }
+            #[test]
+            fn hf_directory_matches_gguf() {
+                super::hf_against_gguf(stringify!($name));
+            }
+        }
+    )*};
+}
+
+family_tests!(llama3, llama2, mistral, phi3, gemma2, gpt2);
+
+#[test]
+fn every_family_is_tested() {
+    assert_eq!(FAMILIES.len(), 6);
+    for f in FAMILIES {
+        family_dir(f);
+    }
+}
