@@ -361,3 +361,69 @@ fn training_gemma3_is_refused_by_name() {
     };
     expect_err(opts, "training gemma3 models is not supported yet");
 }
+
+/// The nanoGPT demo: a GPT-2 from scratch (`--from-scratch --arch gpt2 --config tiny`) with
+/// GPT-2's real vocabulary learns a small corpus, and its output is a Hugging Face GPT-2
+/// directory (Conv1D layout, fused c_attn) that loads back.
+#[test]
+fn gpt2_from_scratch_learns_and_loads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = common::default_gguf()
+        .parent()
+        .unwrap()
+        .join("vocab/ggml-vocab-gpt-2.gguf");
+    let out = dir.path().join("gpt2");
+    let opts = TrainOptions {
+        model: Some(vocab.to_string_lossy().into()),
+        arch: Some("gpt2".into()),
+        ..tiny_options(&corpus(dir.path()), &out)
+    };
+    let s = train::run(&opts).unwrap();
+    let (first, last) = (s.losses[0].1, s.losses.last().unwrap().1);
+    assert!(last < first * 0.5, "loss {first} -> {last}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "gpt2");
+    assert_eq!(config["n_embd"], 64);
+    let names: Vec<String> =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_keys()
+            .collect();
+    assert!(names.contains(&"transformer.h.0.attn.c_attn.weight".to_string()));
+    assert!(names.contains(&"transformer.wpe.weight".to_string()));
+
+    let m = model::load(&ModelSource::HfDir(out), &LoadOptions::default()).unwrap();
+    assert_eq!(m.architecture, "gpt2");
+    let ids = m
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy")
+        .unwrap();
+    let logits = m.model.next_logits(&ids, &mut m.model.new_cache()).unwrap();
+    let d = tokenscope::engine::Distribution::from_logits(&logits, 1.0).unwrap();
+    let dog = m.tokenizer.encode(" dog").unwrap()[0];
+    assert!(d.rank(dog) <= 3, "rank of ' dog': {}", d.rank(dog));
+}
+
+/// `--arch` names a family or fails clearly, and only goes with --from-scratch.
+#[test]
+fn arch_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    expect_err(
+        TrainOptions {
+            arch: Some("bert".into()),
+            ..tiny_options(&data, &dir.path().join("a"))
+        },
+        "--arch bert: expected llama, mistral, qwen2, phi3, gemma2 or gpt2",
+    );
+    expect_err(
+        TrainOptions {
+            arch: Some("gpt2".into()),
+            from_scratch: false,
+            config: None,
+            ..tiny_options(&data, &dir.path().join("b"))
+        },
+        "--arch only applies with --from-scratch",
+    );
+}

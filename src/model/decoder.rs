@@ -101,7 +101,8 @@ impl Attention {
                 rope.apply(&k, differentiable)?,
             )
         } else {
-            (q, k)
+            // The rope's output is contiguous; the matmuls (and their backward) need it.
+            (q.contiguous()?, k.contiguous()?)
         };
         let v = if differentiable { v } else { v.contiguous()? };
 
