@@ -608,6 +608,24 @@ async fn errors_use_openais_shape_and_unknown_fields_are_ignored() {
             .as_str()
             .is_some_and(|m| !m.is_empty()));
     }
+    // Each token limit is checked, also the one max_completion_tokens overrides (a fuzz finding).
+    for (body, param) in [
+        (
+            json!({"max_tokens": 0, "max_completion_tokens": 1}),
+            "max_tokens",
+        ),
+        (
+            json!({"max_tokens": 1, "max_completion_tokens": 0}),
+            "max_completion_tokens",
+        ),
+    ] {
+        let mut body = body;
+        body["messages"] = json!([{"role": "user", "content": "Hi"}]);
+        let (s, e) = post(&app, "/v1/chat/completions", body.clone()).await;
+        assert_eq!(s.as_u16(), 422, "{body} → {e}");
+        assert_eq!(e["error"]["param"], param, "{body} → {e}");
+        assert_eq!(e["error"]["code"], "INVALID_MAX_TOKENS", "{body} → {e}");
+    }
     let (s, e) = post(&app, "/v1/nowhere", json!({})).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(e["error"]["type"], "not_found_error");

@@ -67,15 +67,24 @@ pub async fn create(
         ));
     }
     let text = render(&info, &req.messages).await?;
-    let requested = req.max_completion_tokens.or(req.max_tokens);
-    if requested == Some(0) {
-        return Err(OpenAiError::invalid(
-            "max_tokens",
-            "INVALID_MAX_TOKENS",
-            "max_tokens must be at least 1",
-        ));
+    // Both names are checked even though max_completion_tokens wins: a request is refused for
+    // any out-of-range field (schemathesis sent max_tokens 0 beside a valid
+    // max_completion_tokens).
+    for (field, value) in [
+        ("max_tokens", req.max_tokens),
+        ("max_completion_tokens", req.max_completion_tokens),
+    ] {
+        if value == Some(0) {
+            return Err(OpenAiError::invalid(
+                field,
+                "INVALID_MAX_TOKENS",
+                format!("{field} must be at least 1"),
+            ));
+        }
+        run::max_new_tokens(&state, value, 0)?;
     }
     // As vLLM: up to the end of the context unless the request or the server says less.
+    let requested = req.max_completion_tokens.or(req.max_tokens);
     let max_tokens = run::max_new_tokens(&state, requested, usize::MAX)?;
     let jobs: Vec<_> = (0..sampling.n)
         .map(|j| {
