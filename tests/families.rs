@@ -143,16 +143,7 @@ fn gguf_against_llama_cpp(name: &str) -> f32 {
 fn hf_against_gguf(name: &str) -> f32 {
     let dir = family_dir(name);
     let gguf = load(ModelSource::Gguf(dir.join("model.gguf")));
-    let hf_dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(dir.join("hf").join(f), hf_dir.path().join(f)).unwrap();
-    }
-    // The vocabularies come as GGUF metadata only: the directory gets its tokenizer.json
-    // from ours (what the HF path reads is the weights and config.json under test here).
-    gguf.tokenizer
-        .inner()
-        .save(hf_dir.path().join("tokenizer.json"), false)
-        .unwrap();
+    let hf_dir = hf_copy(name, &gguf);
     let hf = load(ModelSource::HfDir(hf_dir.path().to_path_buf()));
     assert_eq!(hf.architecture, family_arch(name), "{name}");
     let mut worst = 0f32;
@@ -177,7 +168,9 @@ fn hf_against_gguf(name: &str) -> f32 {
     worst
 }
 
-/// A copy of the family's HF directory with a tokenizer.json (from the GGUF's vocabulary).
+/// A copy of the family's HF directory with a tokenizer.json: the vocabularies come as GGUF
+/// metadata only, so it is written from ours (what the HF path reads under test is the
+/// weights and config.json).
 fn hf_copy(name: &str, gguf: &LoadedModel) -> tempfile::TempDir {
     let dir = family_dir(name);
     let out = tempfile::tempdir().unwrap();

@@ -18,6 +18,19 @@ fn corpus(dir: &Path) -> std::path::PathBuf {
     p
 }
 
+/// Rank and probability of " dog" after "The quick brown fox jumps over the lazy" (what a
+/// model trained on [`corpus`] should have learned).
+fn dog_after_the_lazy(m: &model::LoadedModel) -> (usize, f32) {
+    let ids = m
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy")
+        .unwrap();
+    let logits = m.model.next_logits(&ids, &mut m.model.new_cache()).unwrap();
+    let d = tokenscope::engine::Distribution::from_logits(&logits, 1.0).unwrap();
+    let dog = m.tokenizer.encode(" dog").unwrap()[0];
+    (d.rank(dog), d.logprob(dog).exp() as f32)
+}
+
 fn tiny_options(data: &Path, output: &Path) -> TrainOptions {
     TrainOptions {
         model: Some(common::default_gguf().to_string_lossy().into()),
@@ -106,20 +119,10 @@ fn loss_falls_and_the_output_loads_back() {
 
     // The directory loads through the HF-directory path and has learned the corpus.
     let m = model::load(&ModelSource::HfDir(out.clone()), &LoadOptions::default()).unwrap();
-    let ids = m
-        .tokenizer
-        .encode("The quick brown fox jumps over the lazy")
-        .unwrap();
-    let logits = m.model.next_logits(&ids, &mut m.model.new_cache()).unwrap();
-    let d = tokenscope::engine::Distribution::from_logits(&logits, 1.0).unwrap();
-    let dog = m.tokenizer.encode(" dog").unwrap()[0];
+    let (rank, p) = dog_after_the_lazy(&m);
     // From uniform (p ≈ 2e-5) to a top candidate in 30 steps.
-    assert!(d.rank(dog) <= 3, "rank of ' dog': {}", d.rank(dog));
-    assert!(
-        d.logprob(dog).exp() > 0.05,
-        "p(' dog') = {}",
-        d.logprob(dog).exp()
-    );
+    assert!(rank <= 3, "rank of ' dog': {rank}");
+    assert!(p > 0.05, "p(' dog') = {p}");
 }
 
 #[test]
@@ -395,14 +398,8 @@ fn gpt2_from_scratch_learns_and_loads_back() {
 
     let m = model::load(&ModelSource::HfDir(out), &LoadOptions::default()).unwrap();
     assert_eq!(m.architecture, "gpt2");
-    let ids = m
-        .tokenizer
-        .encode("The quick brown fox jumps over the lazy")
-        .unwrap();
-    let logits = m.model.next_logits(&ids, &mut m.model.new_cache()).unwrap();
-    let d = tokenscope::engine::Distribution::from_logits(&logits, 1.0).unwrap();
-    let dog = m.tokenizer.encode(" dog").unwrap()[0];
-    assert!(d.rank(dog) <= 3, "rank of ' dog': {}", d.rank(dog));
+    let (rank, _) = dog_after_the_lazy(&m);
+    assert!(rank <= 3, "rank of ' dog': {rank}");
 }
 
 /// `--arch` names a family or fails clearly, and only goes with --from-scratch.

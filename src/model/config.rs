@@ -254,6 +254,21 @@ impl Family {
     }
 }
 
+/// Removes a config.json's `sliding_window` and reads it: `None` when absent or null, else a
+/// positive window (anything else is refused: a window of 0 would mask every key).
+pub fn take_sliding_window(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+) -> std::result::Result<Option<usize>, String> {
+    match obj.remove("sliding_window") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|w| *w > 0)
+            .map(|w| Some(w as usize))
+            .ok_or_else(|| "sliding_window must be a positive integer or null".into()),
+    }
+}
+
 /// Rope scaling, as `rope_scaling` describes it in a config.json.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RopeScaling {

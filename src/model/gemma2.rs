@@ -26,12 +26,11 @@ pub fn config_from_hf(mut json: serde_json::Value) -> Result<Config, String> {
     let num = |obj: &serde_json::Map<String, serde_json::Value>, key: &str| {
         obj.get(key).and_then(|v| v.as_f64())
     };
-    let window = num(obj, "sliding_window").unwrap_or(4096.0) as usize;
+    let window = super::config::take_sliding_window(obj)?.unwrap_or(4096);
     let attn_cap = num(obj, "attn_logit_softcapping").unwrap_or(0.0);
     let final_cap = num(obj, "final_logit_softcapping").unwrap_or(0.0);
     let scalar = num(obj, "query_pre_attn_scalar");
     for inert in [
-        "sliding_window",
         "sliding_window_size",
         "attn_logit_softcapping",
         "final_logit_softcapping",

@@ -7,14 +7,7 @@ use super::config::{Config, Family};
 /// A `model_type: mistral` config.json as a decoder [`Config`].
 pub fn config_from_hf(mut json: serde_json::Value) -> Result<Config, String> {
     let obj = json.as_object_mut().ok_or("config.json is not an object")?;
-    let window = match obj.remove("sliding_window") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(v) => Some(
-            v.as_u64()
-                .filter(|w| *w > 0)
-                .ok_or("sliding_window must be a positive integer or null")? as usize,
-        ),
-    };
+    let window = super::config::take_sliding_window(obj)?;
     let mut cfg: Config = serde_json::from_value(json).map_err(|e| e.to_string())?;
     cfg.family = Family::mistral(window, cfg.rope_theta);
     Ok(cfg)

@@ -25,14 +25,7 @@ pub fn config_from_hf(mut json: serde_json::Value) -> Result<Config, String> {
     if obj.get("partial_rotary_factor").and_then(|v| v.as_f64()) == Some(1.0) {
         obj.remove("partial_rotary_factor");
     }
-    let window = match obj.remove("sliding_window") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(v) => Some(
-            v.as_u64()
-                .filter(|w| *w > 0)
-                .ok_or("sliding_window must be a positive integer or null")? as usize,
-        ),
-    };
+    let window = super::config::take_sliding_window(obj)?;
     let mut cfg: Config = serde_json::from_value(json).map_err(|e| e.to_string())?;
     cfg.family = Family::phi3(window, cfg.rope_theta);
     Ok(cfg)
