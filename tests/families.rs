@@ -310,3 +310,32 @@ fn every_family_is_tested() {
         family_dir(f);
     }
 }
+
+/// Quantized fused tensors (GPT-2's `attn_qkv`, Phi-3's `attn_qkv` and gate+up `ffn_up`, in
+/// Q8_0) are split by rows into packed matrices: the packed model gives the logits of the
+/// same file with every weight dequantized to a dense f32 copy.
+#[test]
+fn quantized_fused_tensors_split_exactly() {
+    for name in ["phi3", "gpt2"] {
+        let path = family_dir(name).join("model-q8_0.gguf");
+        let packed = load(ModelSource::Gguf(path.clone()));
+        let dense = model::load(
+            &ModelSource::Gguf(path),
+            &LoadOptions {
+                dense_reference: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let r = references(&family_dir(name)).pop().unwrap();
+        let a = all_logprobs(&packed, &r.ids);
+        let b = all_logprobs(&dense, &r.ids);
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| max_diff(x, y))
+            .fold(0.0, f32::max);
+        assert!(d <= 1e-4, "{name}: packed Q8_0 differs from dense by {d}");
+        eprintln!("{name}: Q8_0 packed vs dense {d:.2e}");
+    }
+}

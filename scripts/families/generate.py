@@ -5,6 +5,8 @@ For each family this writes, under OUT/<name>/:
   model.gguf        F32 tensors, metadata and tensor names as llama.cpp's converter
                     (convert_hf_to_gguf.py) writes them for that architecture, and a real
                     vocabulary copied from llama.cpp's ggml-vocab-*.gguf test files;
+  model-q8_0.gguf   (Phi-3, GPT-2) the layers' matrices in Q8_0, for the packed loading of
+                    fused tensors;
   hf/               the same weights as a Hugging Face directory (config.json and
                     model.safetensors with the HF names and layouts: GPT-2's Conv1D
                     transposition and fused c_attn, Phi-3's fused qkv/gate_up, Gemma's
@@ -242,7 +244,7 @@ def gguf_tensors(name, spec, w):
     return out
 
 
-def write_gguf(path, name, spec, cfg, tensors, vocab_reader):
+def write_gguf(path, name, spec, cfg, tensors, vocab_reader, q8_0=False):
     arch = spec["arch"]
     wr = gguf.GGUFWriter(path, arch)
     wr.add_name(f"tokenscope-test-{name}")
@@ -276,7 +278,13 @@ def write_gguf(path, name, spec, cfg, tensors, vocab_reader):
         sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
         wr.add_key_value(key, field.contents(), vtype, sub_type=sub)
     for tname, data in tensors.items():
-        wr.add_tensor(tname, np.ascontiguousarray(data, dtype=np.float32))
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        if q8_0 and tname.startswith("blk.") and data.ndim == 2:
+            # The layers' matrices in Q8_0: loaded as packed blocks, fused ones split by rows.
+            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            wr.add_tensor(tname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            wr.add_tensor(tname, data)
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
@@ -332,6 +340,9 @@ def main():
                   os.path.join(out, "hf", "model.safetensors"))
         gguf_path = os.path.join(out, "model.gguf")
         write_gguf(gguf_path, name, spec, cfg, gguf_tensors(name, spec, w), vocab)
+        if name in ("phi3", "gpt2"):
+            write_gguf(os.path.join(out, "model-q8_0.gguf"), name, spec, cfg,
+                       gguf_tensors(name, spec, w), vocab, q8_0=True)
         add_bos = field("tokenizer.ggml.add_bos_token")
         if add_bos is None:
             add_bos = spec["vocab"] in ("llama-spm", "llama-bpe", "phi-3")
