@@ -40,8 +40,39 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// A model to serve: a .gguf file, a Hugging Face directory or a hub id (repeatable; the
+    /// first is the default model, loaded at start; default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(long = "model", env = "TOKENSCOPE_MODEL")]
+    pub models: Vec<String>,
+    /// Offer every .gguf file and Hugging Face directory in this folder too (loaded on demand).
+    #[arg(long, env = "TOKENSCOPE_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub device: DeviceArgs,
+    /// Models loaded at once (loading another unloads the least recently used idle one).
+    /// Default: 1 on CPU, 4 on a GPU.
+    #[arg(long, env = "TOKENSCOPE_MAX_LOADED_MODELS", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_loaded_models: Option<u32>,
+    /// Resident memory (MiB) the loaded models may take together; a load that would exceed it
+    /// unloads idle models first, else is refused (507 INSUFFICIENT_MEMORY).
+    #[arg(long, env = "TOKENSCOPE_MAX_MEMORY")]
+    pub max_memory: Option<u64>,
+    /// Load an unloaded model when a request names it, instead of answering 409
+    /// MODEL_NOT_LOADED (the load counts against the request timeout).
+    #[arg(long, env = "TOKENSCOPE_AUTOLOAD")]
+    pub autoload: bool,
+    /// Where jobs, their history, uploads and trained models are kept (SQLite: state.db).
+    #[arg(long, env = "TOKENSCOPE_STATE_DIR", default_value = "state")]
+    pub state_dir: PathBuf,
+    /// Training data jobs may name by relative path (`data.path`); nothing outside it is read.
+    #[arg(long, env = "TOKENSCOPE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Threads training jobs use (the rest stay with inference). Default: half the cores.
+    #[arg(long, env = "TOKENSCOPE_TRAIN_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub train_threads: Option<u32>,
+    /// Largest training upload (bytes).
+    #[arg(long, env = "TOKENSCOPE_MAX_UPLOAD_BYTES", default_value_t = 64 << 20)]
+    pub max_upload_bytes: usize,
     /// Address to listen on (0.0.0.0 to accept connections from other machines).
     #[arg(long, env = "TOKENSCOPE_HOST", default_value = "127.0.0.1")]
     pub host: String,
@@ -104,6 +135,27 @@ fn parse_positive_secs(s: &str) -> Result<f64, String> {
         return Err("must be between 0 and 86400 seconds".into());
     }
     Ok(v)
+}
+
+/// Where and in which precision models run.
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// auto | cpu | cuda | cuda:N
+    #[arg(long, env = "TOKENSCOPE_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+    /// auto | f32 | f16 | bf16 | gguf (auto = f16 on CUDA, f32 on CPU).
+    #[arg(long, env = "TOKENSCOPE_DTYPE", default_value = "auto")]
+    pub dtype: DtypeChoice,
+}
+
+impl DeviceArgs {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            device: self.device,
+            dtype: self.dtype,
+            ..LoadOptions::default()
+        }
+    }
 }
 
 /// Flags shared by every command that loads a model.

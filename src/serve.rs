@@ -9,8 +9,11 @@ use anyhow::Context;
 
 use crate::api::{self, AppState, ServeConfig};
 use crate::cli::{read_key_file, ServeArgs};
-use crate::engine::worker::{self, WorkerLimits};
-use crate::model;
+use crate::engine::registry::{ModelRegistry, Origin, RegistrySettings};
+use crate::engine::worker::{self, WorkerHandle, WorkerLimits};
+use crate::model::{self, DeviceChoice};
+use crate::train::jobs::{JobManager, JobSettings};
+use crate::train::store::Store;
 
 /// Keys from --api-key / TOKENSCOPE_API_KEYS and --api-key-file, blanks dropped.
 pub fn collect_keys(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
@@ -63,20 +66,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("API key authentication is on ({} key(s))", keys.len());
     }
 
-    let source = model::resolve_source(args.model.model.as_deref()).map_err(|e| e.to_string());
-    let model_name = match &source {
-        Ok(s) => s.display_name(),
-        Err(_) => args.model.model.clone().unwrap_or_else(|| "default".into()),
-    };
-    let worker = worker::spawn(
-        source,
-        args.model.load_options(),
-        WorkerLimits {
-            max_prompt_tokens: args.max_prompt_tokens,
-            prefix_cache_tokens: args.prefix_cache_tokens,
-        },
-        args.max_queue as usize,
-    );
+    let (models, default_worker) = model_registry(&args)?;
+    let jobs = training_jobs(&args, models.clone())?;
+    let model_name = models.default_id().unwrap_or_default();
     let redoc_bundle = api::docs::find_redoc_bundle()
         .and_then(|p| std::fs::read(&p).ok())
         .map(Arc::new);
@@ -94,8 +86,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cors_origins: args.cors_origins.clone(),
         max_new_tokens: args.max_new_tokens.map(|n| n as usize),
     };
-    let worker_died = worker_gave_up(worker.subscribe());
-    let app = api::router(AppState::new(worker, config));
+    let worker_died = worker_gave_up(default_worker.subscribe());
+    let app = api::router(AppState::with_models(models, Some(jobs), config));
     let addr = SocketAddr::new(ip, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -122,6 +114,88 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// The models of `--model` (the first is the default, loaded now) and `--models-dir`.
+fn model_registry(args: &ServeArgs) -> anyhow::Result<(Arc<ModelRegistry>, WorkerHandle)> {
+    let load = args.device.load_options();
+    let on_gpu = load.device.resolve().is_ok_and(|d| d.is_cuda());
+    let settings = RegistrySettings {
+        load,
+        limits: WorkerLimits {
+            max_prompt_tokens: args.max_prompt_tokens,
+            prefix_cache_tokens: args.prefix_cache_tokens,
+        },
+        queue: args.max_queue as usize,
+        max_loaded: args
+            .max_loaded_models
+            .map_or(if on_gpu { 4 } else { 1 }, |n| n as usize),
+        max_memory_mb: args.max_memory,
+        autoload: args.autoload,
+        models_dir: args.models_dir.clone(),
+    };
+    if let Some(dir) = &args.models_dir {
+        if !dir.is_dir() {
+            anyhow::bail!("--models-dir {} is not a directory", dir.display());
+        }
+    }
+    let registry = Arc::new(ModelRegistry::new(settings));
+    let named: Vec<Option<&str>> = if args.models.is_empty() && args.models_dir.is_none() {
+        vec![None]
+    } else {
+        args.models.iter().map(|m| Some(m.as_str())).collect()
+    };
+    for (i, name) in named.into_iter().enumerate() {
+        match model::resolve_source(name) {
+            Ok(source) => {
+                registry.add(source, Origin::Configured);
+            }
+            // The default model's failure is reported on /health (the service stays up to say
+            // why); another one's is a start-up error.
+            Err(e) if i == 0 => registry.add_unresolvable(name.unwrap_or("default"), e.to_string()),
+            Err(e) => anyhow::bail!("--model {}: {e}", name.unwrap_or_default()),
+        }
+    }
+    registry.scan_models_dir();
+    if let Some(id) = registry.default_id() {
+        if let Err(e) = registry.load(&id) {
+            tracing::warn!("default model {id}: {e}");
+        }
+    } else {
+        tracing::warn!("no model: --models-dir is empty and no --model was given");
+    }
+    let default_worker = registry.default_handle();
+    Ok((registry, default_worker))
+}
+
+/// The state database and the training-job runner.
+fn training_jobs(args: &ServeArgs, models: Arc<ModelRegistry>) -> anyhow::Result<Arc<JobManager>> {
+    let store = Store::open(&args.state_dir).with_context(|| {
+        format!(
+            "opening the state directory {} (--state-dir)",
+            args.state_dir.display()
+        )
+    })?;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let settings = JobSettings {
+        state_dir: args.state_dir.clone(),
+        data_dir: args.data_dir.clone(),
+        train_threads: args
+            .train_threads
+            .map_or((cores / 2).max(1), |n| n as usize),
+        max_upload_bytes: args.max_upload_bytes,
+        device: match args.device.device {
+            DeviceChoice::Auto => "auto".into(),
+            DeviceChoice::Cpu => "cpu".into(),
+            DeviceChoice::Cuda(n) => format!("cuda:{n}"),
+        },
+    };
+    tracing::info!(
+        "training jobs: state in {}, {} training thread(s) of {cores}",
+        args.state_dir.display(),
+        settings.train_threads
+    );
+    Ok(JobManager::start(settings, Arc::new(store), models)?)
 }
 
 /// Resolves when a model that was serving fails for good (its thread panicked too often to

@@ -34,7 +34,10 @@ same bytes.",
     paths(
         routes::generate, super::lens::lens, routes::health, routes::live, routes::status, routes::root,
         completions::create, chat::create, openai::models, tokenize::tokenize,
-        tokenize::detokenize, tokenize::tokenizer_info
+        tokenize::detokenize, tokenize::tokenizer_info,
+        super::models::list, super::models::get, super::models::load, super::models::unload,
+        super::jobs::upload, super::jobs::create, super::jobs::list, super::jobs::get,
+        super::jobs::pause, super::jobs::resume, super::jobs::cancel
     ),
     components(schemas(
         GenerateRequest, GenerateResponse, TokenProbability, Step, Metadata, FinishReason,
@@ -51,7 +54,12 @@ same bytes.",
         openai::error::OpenAiErrorInfo, tokenize::TokenizeRequest, tokenize::TokenizePrompt, tokenize::TokenizeChat,
         tokenize::TokenizeResponse, oai::ServerSentEvent,
         tokenize::DetokenizeRequest, tokenize::DetokenizeResponse,
-        tokenize::TokenizerInfoResponse
+        tokenize::TokenizerInfoResponse,
+        crate::engine::registry::ModelView, crate::engine::registry::ModelStatus,
+        crate::engine::registry::Origin,
+        crate::train::jobs::JobSpec, crate::train::jobs::JobView, crate::train::jobs::DataSpec,
+        crate::train::jobs::TextData, crate::train::jobs::UploadData, crate::train::jobs::PathData,
+        crate::train::store::HistoryPoint, crate::train::store::UploadRow
     )),
     modifiers(&BearerScheme),
     tags(
@@ -59,6 +67,8 @@ same bytes.",
         (name = "service", description = "Health, status and overview"),
         (name = "openai", description = "OpenAI-compatible completions, chat and models"),
         (name = "tokenizer", description = "vLLM-compatible tokenizer endpoints"),
+        (name = "models", description = "The models this server offers; loading and unloading them"),
+        (name = "training", description = "Training jobs: uploads, queue, progress, pause/resume/cancel"),
     )
 )]
 pub struct ApiDoc;
@@ -115,7 +125,7 @@ pub async fn openapi_handler(
     axum::extract::State(state): axum::extract::State<super::AppState>,
 ) -> Response {
     let mut doc = openapi_json();
-    if let crate::engine::worker::ModelState::Ready(info) = state.worker.state() {
+    if let crate::engine::worker::ModelState::Ready(info) = state.worker().state() {
         if let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&doc) {
             let token_id = &mut value["components"]["schemas"]["TokenId"];
             if token_id.is_object() {

@@ -94,6 +94,24 @@ impl ApiError {
     pub fn not_loaded(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "MODEL_NOT_LOADED", detail).retry_after(5)
     }
+    pub fn model_not_found(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "MODEL_NOT_FOUND",
+            if name.is_empty() {
+                "This server offers no model".to_string()
+            } else {
+                format!("Model `{name}` not found; GET /models lists the models this server offers")
+            },
+        )
+    }
+    pub fn model_unloaded(id: &str) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "MODEL_NOT_LOADED",
+            format!("Model `{id}` is not loaded; load it with POST /models/{id}/load (or start the server with --autoload)"),
+        )
+    }
     pub fn overloaded() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -152,5 +170,25 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
+    }
+}
+
+impl From<crate::engine::registry::RegistryError> for ApiError {
+    fn from(e: crate::engine::registry::RegistryError) -> Self {
+        use crate::engine::registry::RegistryError as E;
+        match &e {
+            E::NotFound(name) => Self::model_not_found(name),
+            E::NotLoaded(id) => Self::model_unloaded(id),
+            E::TooManyLoaded { .. } => {
+                Self::new(StatusCode::CONFLICT, "TOO_MANY_MODELS", e.to_string())
+            }
+            E::MemoryLimit { .. } => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "INSUFFICIENT_MEMORY",
+                e.to_string(),
+            ),
+            E::NoSource(_) => Self::new(StatusCode::CONFLICT, "MODEL_NOT_LOADABLE", e.to_string()),
+            E::Exists(_) => Self::new(StatusCode::CONFLICT, "MODEL_EXISTS", e.to_string()),
+        }
     }
 }

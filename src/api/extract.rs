@@ -20,6 +20,8 @@ pub enum FieldType {
     Number,
     Integer,
     OptionalUnsigned,
+    /// A string or null.
+    OptionalString,
     Boolean,
     StringList,
     Enum(&'static [&'static str]),
@@ -47,6 +49,7 @@ impl BodySchema for super::types::GenerateRequest {
         ),
         ("prompt_logprobs", FieldType::Boolean, false),
         ("targets", FieldType::StringList, false),
+        ("model", FieldType::OptionalString, false),
     ];
     fn range_code(field: &str) -> Option<&'static str> {
         match field {
@@ -206,6 +209,9 @@ fn check_types<T: BodySchema>(obj: &Map<String, Value>) -> Vec<FieldError> {
         let bad = |msg: &str, kind: &str| Some(err(&loc, msg, kind));
         let problem = match ty {
             FieldType::String if !v.is_string() => bad("str type expected", "type_error.str"),
+            FieldType::OptionalString if !(v.is_string() || v.is_null()) => {
+                bad("str type expected", "type_error.str")
+            }
             FieldType::Number if !v.is_number() => {
                 bad("value is not a valid float", "type_error.float")
             }

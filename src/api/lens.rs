@@ -39,6 +39,10 @@ pub struct LensRequest {
     #[validate(length(max = 16))]
     #[schema(schema_with = super::types::targets_schema)]
     pub targets: Vec<String>,
+    /// The model to ask (an id from GET /models; default: the server's default model).
+    #[serde(default)]
+    #[schema(example = json!(null))]
+    pub model: Option<String>,
 }
 
 fn default_top_k() -> i64 {
@@ -50,6 +54,7 @@ impl BodySchema for LensRequest {
         ("prompt", FieldType::String, true),
         ("top_k", FieldType::Integer, false),
         ("targets", FieldType::StringList, false),
+        ("model", FieldType::OptionalString, false),
     ];
     fn range_code(field: &str) -> Option<&'static str> {
         match field {
@@ -99,6 +104,7 @@ pub async fn lens(
     ValidJson(req): ValidJson<LensRequest>,
 ) -> Result<Json<LensResponse>, ApiError> {
     check_prompt_and_targets(&req.prompt, &req.targets)?;
+    let state = state.select(req.model.as_deref()).await?;
     let _in_flight = super::metrics::InFlight::start();
     // Greedy: the one token the job also picks is not reported, and greedy needs no seed (the
     // lens itself is always the model's own distribution, T = 1).

@@ -162,12 +162,12 @@ pub async fn handler(State(state): State<AppState>) -> Response {
     let Some(m) = metrics() else {
         return super::ApiError::generation_failed().into_response();
     };
-    m.queue_depth.set(state.worker.queue_depth() as i64);
-    m.queue_capacity.set(state.worker.queue_capacity() as i64);
+    m.queue_depth.set(state.worker().queue_depth() as i64);
+    m.queue_capacity.set(state.worker().queue_capacity() as i64);
     // The worker keeps the totals; the counters catch up to them (they only ever grow).
-    catch_up(&m.cancelled, state.worker.cancelled_jobs());
-    catch_up(&m.restarts, state.worker.restarts());
-    match state.worker.state() {
+    catch_up(&m.cancelled, state.worker().cancelled_jobs());
+    catch_up(&m.restarts, state.worker().restarts());
+    match state.worker().state() {
         ModelState::Ready(info) => {
             m.model_loaded.set(1);
             m.model_load_seconds.set(info.load_seconds);

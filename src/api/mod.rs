@@ -5,8 +5,10 @@ pub mod auth;
 pub mod docs;
 pub mod error;
 pub mod extract;
+pub mod jobs;
 pub mod lens;
 pub mod metrics;
+pub mod models;
 pub mod openai;
 pub mod request_id;
 pub mod routes;
@@ -25,6 +27,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 pub use error::ApiError;
 
+use crate::engine::registry::ModelRegistry;
 use crate::engine::worker::WorkerHandle;
 
 /// Settings the HTTP layer needs (the model's own settings live with the worker).
@@ -63,18 +66,96 @@ impl Default for ServeConfig {
 
 #[derive(Clone)]
 pub struct AppState {
-    pub worker: WorkerHandle,
+    pub models: Arc<ModelRegistry>,
+    /// Training jobs (absent in the router tests that serve one in-process model).
+    pub jobs: Option<Arc<crate::train::jobs::JobManager>>,
     pub config: Arc<ServeConfig>,
     pub started: Instant,
+    /// The model a request named (see [`AppState::select`]); else the default one.
+    selected: Option<(String, WorkerHandle)>,
 }
 
 impl AppState {
+    /// One model, already running (the router tests and benches).
     pub fn new(worker: WorkerHandle, config: ServeConfig) -> Self {
+        let id = match worker.state() {
+            crate::engine::worker::ModelState::Ready(info) => info.name.clone(),
+            _ => config.model_name.clone(),
+        };
+        Self::with_models(Arc::new(ModelRegistry::single(&id, worker)), None, config)
+    }
+
+    pub fn with_models(
+        models: Arc<ModelRegistry>,
+        jobs: Option<Arc<crate::train::jobs::JobManager>>,
+        config: ServeConfig,
+    ) -> Self {
         Self {
-            worker,
+            models,
+            jobs,
             config: Arc::new(config),
             started: Instant::now(),
+            selected: None,
         }
+    }
+
+    /// The worker of the selected model, or of the default model.
+    pub fn worker(&self) -> WorkerHandle {
+        match &self.selected {
+            Some((_, w)) => w.clone(),
+            None => self.models.default_handle(),
+        }
+    }
+
+    /// The id of the selected (or default) model.
+    pub fn model_id(&self) -> String {
+        match &self.selected {
+            Some((id, _)) => id.clone(),
+            None => self.models.default_id().unwrap_or_default(),
+        }
+    }
+
+    /// This state with the model a request names (`None`: the default model). An unknown
+    /// name is 404 MODEL_NOT_FOUND; an unloaded model is 409 MODEL_NOT_LOADED, or, with
+    /// `--autoload`, loaded first (the wait counts against the request timeout).
+    pub async fn select(&self, name: Option<&str>) -> Result<AppState, ApiError> {
+        let id = match name {
+            None => self
+                .models
+                .default_id()
+                .ok_or_else(|| ApiError::model_not_found(""))?,
+            Some(n) => self
+                .models
+                .find(n)
+                .ok_or_else(|| ApiError::model_not_found(n))?,
+        };
+        let mut worker = self.models.handle(&id);
+        if matches!(worker.state(), crate::engine::worker::ModelState::Unloaded) {
+            if !self.models.settings().autoload {
+                return Err(ApiError::model_unloaded(&id));
+            }
+            self.models.load(&id).map_err(ApiError::from)?;
+            worker = self.models.handle(&id);
+            let mut state = worker.subscribe();
+            let loaded = tokio::time::timeout(self.config.request_timeout, async {
+                while matches!(
+                    &*state.borrow_and_update(),
+                    crate::engine::worker::ModelState::Loading
+                ) {
+                    if state.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if loaded.is_err() {
+                return Err(ApiError::timeout(self.config.request_timeout.as_secs_f64()));
+            }
+        }
+        Ok(AppState {
+            selected: Some((id, worker)),
+            ..self.clone()
+        })
     }
 }
 
@@ -90,6 +171,16 @@ pub fn router(state: AppState) -> Router {
         .route("/status", get(routes::status))
         .route("/live", get(routes::live))
         .route("/metrics", get(metrics::handler))
+        .route("/models", get(models::list))
+        .route("/models/{id}", get(models::get))
+        .route("/models/{id}/load", post(models::load))
+        .route("/models/{id}/unload", post(models::unload))
+        .route("/train/uploads", post(jobs::upload))
+        .route("/train/jobs", post(jobs::create).get(jobs::list))
+        .route("/train/jobs/{id}", get(jobs::get))
+        .route("/train/jobs/{id}/pause", post(jobs::pause))
+        .route("/train/jobs/{id}/resume", post(jobs::resume))
+        .route("/train/jobs/{id}/cancel", post(jobs::cancel))
         .route("/", get(routes::root))
         .route("/openapi.json", get(docs::openapi_handler))
         .route(
@@ -185,6 +276,11 @@ fn route_label(path: &str) -> &'static str {
         "/tokenize" => "/tokenize",
         "/detokenize" => "/detokenize",
         "/tokenizer_info" => "/tokenizer_info",
+        "/models" => "/models",
+        "/train/uploads" => "/train/uploads",
+        "/train/jobs" => "/train/jobs",
+        p if p.starts_with("/models/") => "/models/{id}",
+        p if p.starts_with("/train/jobs/") => "/train/jobs/{id}",
         p if auth::is_docs_path(p) => "/docs",
         _ => "unmatched",
     }

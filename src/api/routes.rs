@@ -40,6 +40,7 @@ pub async fn generate(
     ValidJson(req): ValidJson<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
     check_prompt_and_targets(&req.prompt, &req.targets)?;
+    let state = state.select(req.model.as_deref()).await?;
     let _in_flight = super::metrics::InFlight::start();
     let params = req.params();
     let resp = run_job(&state, req.prompt, params).await?;
@@ -85,7 +86,7 @@ pub(crate) async fn run_job(
 ) -> Result<GenerateResponse, ApiError> {
     let timeout = state.config.request_timeout;
     let work = async {
-        let rx = state.worker.submit(prompt, params).await?;
+        let rx = state.worker().submit(prompt, params).await?;
         rx.await.map_err(|_| WorkerError::Stopped)?
     };
     match tokio::time::timeout(timeout, work).await {
@@ -115,7 +116,8 @@ pub(crate) fn worker_error(state: &AppState, e: WorkerError) -> ApiError {
             ApiError::new(StatusCode::BAD_REQUEST, "PROMPT_TOO_LONG", capitalize(&e.to_string()))
         }
         WorkerError::Overloaded => ApiError::overloaded(),
-        WorkerError::NotLoaded => match state.worker.state() {
+        WorkerError::Unloaded => ApiError::model_unloaded(&state.model_id()),
+        WorkerError::NotLoaded => match state.worker().state() {
             ModelState::Failed(_) => ApiError::not_loaded(
                 "Model failed to load; see GET /health for the reason and the service log for details.",
             ),
@@ -157,8 +159,15 @@ fn now_rfc3339() -> String {
     )
 )]
 pub async fn health(State(state): State<AppState>) -> Response {
-    let (code, status, reason) = match state.worker.state() {
+    let (code, status, reason) = match state.worker().state() {
         ModelState::Ready(_) => (StatusCode::OK, "healthy", None),
+        // Unloaded on purpose (or to make room): healthy while another model serves.
+        ModelState::Unloaded if any_loaded(&state) => (StatusCode::OK, "healthy", None),
+        ModelState::Unloaded => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy",
+            Some("no model is loaded; load one with POST /models/{id}/load".to_string()),
+        ),
         ModelState::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading", None),
         ModelState::Failed(r) | ModelState::Restarting(r) => {
             (StatusCode::SERVICE_UNAVAILABLE, "unhealthy", Some(r))
@@ -170,6 +179,15 @@ pub async fn health(State(state): State<AppState>) -> Response {
         reason,
     };
     (code, Json(body)).into_response()
+}
+
+/// True when some model is ready to serve.
+fn any_loaded(state: &AppState) -> bool {
+    state
+        .models
+        .loaded()
+        .iter()
+        .any(|(_, w)| matches!(w.state(), ModelState::Ready(_)))
 }
 
 /// Service, model and machine status.
@@ -185,7 +203,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
     security((), ("bearer" = []))
 )]
 pub async fn status(State(state): State<AppState>) -> Response {
-    let model_state = state.worker.state();
+    let model_state = state.worker().state();
     let body = tokio::task::spawn_blocking(move || status_body(&state, &model_state))
         .await
         .ok();
@@ -213,6 +231,7 @@ fn status_body(state: &AppState, model_state: &ModelState) -> (StatusCode, Statu
     let (loaded, info, error): (bool, Option<Arc<ModelInfo>>, Option<String>) = match model_state {
         ModelState::Ready(i) => (true, Some(i.clone()), None),
         ModelState::Loading => (false, None, None),
+        ModelState::Unloaded => (any_loaded(state), None, None),
         ModelState::Failed(r) | ModelState::Restarting(r) => (false, None, Some(r.clone())),
     };
     let gpu = crate::system::gpu();
@@ -253,8 +272,8 @@ fn status_body(state: &AppState, model_state: &ModelState) -> (StatusCode, Statu
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: state.started.elapsed().as_secs(),
             memory_usage_mb: crate::system::process_rss_mb(),
-            queue_depth: state.worker.queue_depth(),
-            queue_capacity: state.worker.queue_capacity(),
+            queue_depth: state.worker().queue_depth(),
+            queue_capacity: state.worker().queue_capacity(),
             auth_enabled: !state.config.api_keys.is_empty(),
         },
         model,
@@ -295,9 +314,10 @@ pub async fn root(State(state): State<AppState>, headers: axum::http::HeaderMap)
 }
 
 fn overview(state: &AppState) -> Json<RootResponse> {
-    let (status, model) = match state.worker.state() {
+    let (status, model) = match state.worker().state() {
         ModelState::Ready(i) => ("ready", i.name.clone()),
         ModelState::Loading => ("loading", state.config.model_name.clone()),
+        ModelState::Unloaded => ("unloaded", state.model_id()),
         ModelState::Restarting(_) => ("restarting", state.config.model_name.clone()),
         ModelState::Failed(_) => ("failed", state.config.model_name.clone()),
     };

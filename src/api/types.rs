@@ -86,6 +86,10 @@ pub struct GenerateRequest {
     #[validate(length(max = 16))]
     #[schema(schema_with = targets_schema)]
     pub targets: Vec<String>,
+    /// The model to ask (an id from GET /models; default: the server's default model).
+    #[serde(default)]
+    #[schema(example = json!(null))]
+    pub model: Option<String>,
 }
 
 /// Up to 16 strings of 1 to 256 characters, not all control characters.

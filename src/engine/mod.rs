@@ -6,6 +6,7 @@ pub mod generate;
 pub mod lens;
 pub mod output;
 pub mod prefix_cache;
+pub mod registry;
 pub mod scoring;
 pub mod worker;
 

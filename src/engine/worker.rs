@@ -36,6 +36,11 @@ pub struct ModelInfo {
     pub context_length: usize,
     pub vocab_size: usize,
     pub load_seconds: f64,
+    /// Resident memory the load added (MiB; loads run one at a time, so the difference is this
+    /// model's), `None` for a model loaded outside the worker.
+    pub memory_mb: Option<f64>,
+    /// When the load finished (RFC 3339).
+    pub loaded_at: String,
     /// The model's tokenizer: prompts are tokenized before they are queued.
     pub tokenizer: Arc<TextTokenizer>,
 }
@@ -45,6 +50,8 @@ pub struct ModelInfo {
 pub enum ModelState {
     Loading,
     Ready(Arc<ModelInfo>),
+    /// Not loaded (never asked for, or unloaded): a registry entry without a worker.
+    Unloaded,
     /// The model thread panicked and is being restarted (the reason says why).
     Restarting(String),
     /// The model failed to load, or its thread died too often to keep restarting it.
@@ -82,6 +89,8 @@ pub enum WorkerError {
     Overloaded,
     #[error("the model is not loaded")]
     NotLoaded,
+    #[error("the model is unloaded")]
+    Unloaded,
     #[error("the worker stopped")]
     Stopped,
     #[error("cancelled: nobody waits for the answer any more")]
@@ -249,6 +258,13 @@ impl WorkerHandle {
         }
     }
 
+    /// A handle for a model that is not loaded: every submission is `Unloaded`.
+    pub fn unloaded() -> Self {
+        let (tx, _) = mpsc::channel(1);
+        let (_, state) = watch::channel(ModelState::Unloaded);
+        Self::new(tx, state, 1, Arc::default(), WorkerLimits::default())
+    }
+
     pub fn state(&self) -> ModelState {
         self.state.borrow().clone()
     }
@@ -275,6 +291,7 @@ impl WorkerHandle {
     fn ready_info(&self) -> Result<Arc<ModelInfo>, WorkerError> {
         match &*self.state.borrow() {
             ModelState::Ready(info) => Ok(info.clone()),
+            ModelState::Unloaded => Err(WorkerError::Unloaded),
             _ => Err(WorkerError::NotLoaded),
         }
     }
@@ -465,7 +482,7 @@ pub fn spawn(
 
 /// A worker for an already-loaded model (tests, benches).
 pub fn spawn_loaded(model: LoadedModel, limits: WorkerLimits, queue: usize) -> WorkerHandle {
-    let info = Arc::new(info_of(&model, 0.0));
+    let info = Arc::new(info_of(&model, 0.0, None));
     let ready = ModelState::Ready(info.clone());
     start(limits, queue, ready, move |state, rx, stats| {
         supervise(&model, &info, limits, rx, &state, stats)
@@ -492,7 +509,7 @@ fn start(
     WorkerHandle::new(tx, state_rx, capacity, stats, limits)
 }
 
-fn info_of(m: &LoadedModel, load_seconds: f64) -> ModelInfo {
+fn info_of(m: &LoadedModel, load_seconds: f64, memory_mb: Option<f64>) -> ModelInfo {
     ModelInfo {
         name: m.name.clone(),
         architecture: m.architecture.clone(),
@@ -501,9 +518,14 @@ fn info_of(m: &LoadedModel, load_seconds: f64) -> ModelInfo {
         context_length: m.context_length(),
         vocab_size: m.model.config().vocab_size,
         load_seconds,
+        memory_mb,
+        loaded_at: super::registry::now_rfc3339(),
         tokenizer: m.tokenizer.clone(),
     }
 }
+
+/// Held while a model loads (see [`run`]).
+static LOAD_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn run(
     source: Result<ModelSource, String>,
@@ -513,13 +535,21 @@ fn run(
     state: watch::Sender<ModelState>,
     stats: &WorkerStats,
 ) {
+    // One load at a time: two loads would share the cores and blur each other's memory figure.
+    let load_turn = LOAD_TURN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let started = Instant::now();
+    let rss_before = crate::system::process_rss_bytes();
     let loaded = source.and_then(|s| {
         tracing::info!(model = %s.display_name(), "loading model");
         std::panic::catch_unwind(AssertUnwindSafe(|| model::load(&s, &options)))
             .map_err(|_| "the model loader panicked".to_string())?
             .map_err(|e| e.to_string())
     });
+    let added_mb =
+        crate::system::process_rss_bytes().saturating_sub(rss_before) as f64 / (1024.0 * 1024.0);
+    drop(load_turn);
     match loaded {
         Ok(m) => {
             let secs = started.elapsed().as_secs_f64();
@@ -527,7 +557,7 @@ fn run(
                 model = %m.name, device = %m.device_label, dtype = %m.dtype_label,
                 "model loaded in {secs:.2}s"
             );
-            let info = Arc::new(info_of(&m, secs));
+            let info = Arc::new(info_of(&m, secs, Some((added_mb * 10.0).round() / 10.0)));
             let _ = state.send(ModelState::Ready(info.clone()));
             supervise(&m, &info, limits, rx, &state, stats);
         }

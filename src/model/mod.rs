@@ -17,6 +17,7 @@ pub mod llama;
 pub mod mistral;
 pub mod packed;
 pub mod phi3;
+pub mod probe;
 pub mod quant;
 pub mod qwen2;
 pub mod source;

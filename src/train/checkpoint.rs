@@ -48,10 +48,16 @@ pub fn save(
         tmp.join("state.json"),
         serde_json::to_string_pretty(state).map_err(|e| TrainError::Config(e.to_string()))?,
     )?;
+    // On disk before the rename, so that a power cut cannot leave a renamed directory whose
+    // files are still only in the page cache.
+    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        std::fs::File::open(tmp.join(f))?.sync_all()?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     // Written under a temporary name and renamed, so a crash never leaves a half checkpoint
     // that --resume would pick.
     std::fs::rename(&tmp, &dir)?;
+    sync_dir(&root);
     // Keep the two newest.
     let mut all = list(output);
     while all.len() > 2 {
@@ -93,4 +99,11 @@ pub fn load_latest(output: &Path, device: &Device) -> Result<Option<Checkpoint>,
         weights,
         optimizer,
     }))
+}
+
+/// Makes a rename in `dir` durable (a no-op where directories cannot be opened).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }

@@ -3,7 +3,9 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod jobs;
 pub mod optim;
+pub mod store;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -117,6 +119,41 @@ pub struct TrainSummary {
     /// Per step: forward, backward and optimizer seconds, and tokens/s.
     pub timings: Vec<(f64, f64, f64, f64)>,
 }
+
+/// One optimizer step, as an observer sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+    pub seconds: f64,
+}
+
+/// Who watches a run: the terminal (progress bar, Ctrl-C) or a training job (the database).
+pub trait TrainObserver {
+    /// After every optimizer step.
+    fn step(&self, _report: &StepReport) {}
+    /// After every evaluation.
+    fn eval(&self, _step: usize, _loss: f64) {}
+    /// Checked after every step: true stops the run with a checkpoint, as Ctrl-C does.
+    fn should_stop(&self) -> bool {
+        false
+    }
+    /// A line of news ("resuming from …", "eval @ step …").
+    fn say(&self, message: &str) {
+        eprintln!("{message}");
+    }
+    /// Whether the run owns the terminal: a progress bar, and Ctrl-C stops it.
+    fn console(&self) -> bool {
+        true
+    }
+}
+
+/// The terminal: what `tokenscope train` uses.
+pub struct Console;
+impl TrainObserver for Console {}
 
 /// Set by Ctrl-C: the loop checkpoints and stops at the next step boundary.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -362,8 +399,16 @@ impl Log {
     }
 }
 
-/// Runs training as configured.
+/// Runs training as configured, on the terminal.
 pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
+    run_observed(o, &Console)
+}
+
+/// Runs training as configured, reporting to `observer`.
+pub fn run_observed(
+    o: &TrainOptions,
+    observer: &dyn TrainObserver,
+) -> Result<TrainSummary, TrainError> {
     validate(o)?;
     let started = Instant::now();
     let (device, dtype) = resolve_device(o)?;
@@ -414,19 +459,19 @@ pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
                         ck.state.seed
                     )));
                 }
-                eprintln!(
+                observer.say(&format!(
                     "resuming from {} (step {})",
                     ck.dir.display(),
                     ck.state.step
-                );
+                ));
                 tensors = ck.weights;
                 opt_state = Some(ck.optimizer);
                 state = ck.state;
             }
-            None => eprintln!(
+            None => observer.say(&format!(
                 "--resume: no checkpoint in {}; starting fresh",
                 o.output.display()
-            ),
+            )),
         }
     }
 
@@ -472,8 +517,10 @@ pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
         serde_json::to_string_pretty(&config_record).unwrap_or_default() + "\n",
     )?;
 
-    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
-    INTERRUPTED.store(false, Ordering::SeqCst);
+    if observer.console() {
+        let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+        INTERRUPTED.store(false, Ordering::SeqCst);
+    }
 
     let mut summary = TrainSummary {
         total_steps,
@@ -488,7 +535,11 @@ pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
                     log.record(
                     serde_json::json!({"step": step, "eval_loss": l, "eval_perplexity": l.exp()}),
                 )?;
-                    eprintln!("eval @ step {step}: loss {l:.4}, perplexity {:.2}", l.exp());
+                    observer.say(&format!(
+                        "eval @ step {step}: loss {l:.4}, perplexity {:.2}",
+                        l.exp()
+                    ));
+                    observer.eval(step, l);
                     summary.evals.push((step, l));
                 }
             }
@@ -498,7 +549,7 @@ pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
         eval_now(state.step, &mut log, &mut summary)?;
     }
 
-    let bar = progress_bar(o.progress, total_steps, state.step);
+    let bar = progress_bar(o.progress && observer.console(), total_steps, state.step);
     let save_checkpoint = |state: &TrainState, opt: &AdamW| -> Result<PathBuf, TrainError> {
         let weights: HashMap<String, Tensor> = named
             .iter()
@@ -553,6 +604,14 @@ pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
             "tokens_per_s": tps, "seconds": secs,
             "forward_s": fwd_s, "backward_s": bwd_s, "optimizer_s": opt_s,
         }))?;
+        observer.step(&StepReport {
+            step: state.step,
+            total_steps,
+            loss: step_loss,
+            lr,
+            tokens_per_s: tps,
+            seconds: secs,
+        });
         summary.timings.push((fwd_s, bwd_s, opt_s, tps));
         summary.losses.push((state.step, step_loss));
         bar.set_position(state.step as u64);
@@ -567,12 +626,13 @@ pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
         {
             bar.suspend(|| eval_now(state.step, &mut log, &mut summary))?;
         }
-        let interrupted = INTERRUPTED.load(Ordering::SeqCst)
+        let interrupted = (observer.console() && INTERRUPTED.load(Ordering::SeqCst))
+            || observer.should_stop()
             || o.stop_after
                 .is_some_and(|n| steps_this_run >= n && state.step < total_steps);
         if (o.save_every > 0 && state.step.is_multiple_of(o.save_every)) || interrupted {
             let dir = save_checkpoint(&state, &opt)?;
-            bar.suspend(|| eprintln!("checkpoint: {}", dir.display()));
+            bar.suspend(|| observer.say(&format!("checkpoint: {}", dir.display())));
         }
         if interrupted {
             bar.abandon_with_message("interrupted; continue with --resume");
@@ -600,13 +660,13 @@ pub fn run(o: &TrainOptions) -> Result<TrainSummary, TrainError> {
     hf_dir::save(&o.output, &cfg, &final_weights, &tokenizer, dtype)?;
     summary.steps_done = state.step;
     summary.seconds = started.elapsed().as_secs_f64();
-    eprintln!(
+    observer.say(&format!(
         "wrote {} ({} steps in {:.1}s); try: tokenscope inspect --model {} \"...\"",
         o.output.display(),
         state.step,
         summary.seconds,
         o.output.display()
-    );
+    ));
     Ok(summary)
 }
 

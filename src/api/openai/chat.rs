@@ -42,6 +42,7 @@ pub async fn create(
     State(state): State<AppState>,
     OpenAiJson(req): OpenAiJson<ChatRequest>,
 ) -> Result<Response, OpenAiError> {
+    let state = state.select(req.model.as_deref()).await?;
     let deadline = run::deadline(&state);
     let info = ready(&state)?;
     let sampling = Sampling::check(
@@ -95,7 +96,7 @@ pub async fn create(
     let shape = ChatShape {
         id: run::new_id("chatcmpl"),
         created: run::now_unix(),
-        model: info.name.clone(),
+        model: state.model_id(),
         n: sampling.n as usize,
         logprobs: req.logprobs.then_some(k as usize),
     };

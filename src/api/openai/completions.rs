@@ -44,6 +44,7 @@ pub async fn create(
     State(state): State<AppState>,
     OpenAiJson(req): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, OpenAiError> {
+    let state = state.select(req.model.as_deref()).await?;
     let deadline = run::deadline(&state);
     let info = ready(&state)?;
     let prompts = prompts(req.prompt.clone())?;
@@ -83,7 +84,7 @@ pub async fn create(
     let shape = Shape {
         id: run::new_id("cmpl"),
         created: run::now_unix(),
-        model: info.name.clone(),
+        model: state.model_id(),
         n: sampling.n as usize,
         echo: req.echo,
         logprobs: req.logprobs.map(|k| k as usize),
@@ -110,7 +111,7 @@ pub async fn create(
 
 /// The loaded model's info, or 503.
 pub fn ready(state: &AppState) -> Result<std::sync::Arc<ModelInfo>, OpenAiError> {
-    match state.worker.state() {
+    match state.worker().state() {
         ModelState::Ready(info) => Ok(info),
         _ => Err(run::worker_error(state, WorkerError::NotLoaded)),
     }

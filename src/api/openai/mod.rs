@@ -50,28 +50,36 @@ pub fn is_openai_path(path: &str) -> bool {
         || matches!(path, "/tokenize" | "/detokenize" | "/tokenizer_info")
 }
 
-/// The served model.
+/// The models this server offers (the same ids as GET /models; requests name one in `model`).
 #[utoipa::path(
     get,
     path = "/v1/models",
     tag = "openai",
     responses(
-        (status = 200, description = "The model this server serves", body = ModelList),
+        (status = 200, description = "The models this server offers, the default first", body = ModelList),
         (status = 401, description = "Missing or wrong bearer key", body = error::OpenAiErrorBody),
     ),
     security((), ("bearer" = []))
 )]
 pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
-    let data = match state.worker.state() {
-        ModelState::Ready(info) => vec![ModelCard {
-            id: info.name.clone(),
+    let models = state.models.clone();
+    let views = tokio::task::spawn_blocking(move || models.list())
+        .await
+        .unwrap_or_default();
+    let data = views
+        .into_iter()
+        .map(|v| ModelCard {
+            max_model_len: match state.models.model_state(&v.id) {
+                ModelState::Ready(info) => Some(info.context_length),
+                _ => None,
+            },
+            id: v.id,
             object: "model".into(),
             created: run::created_at(&state),
             owned_by: "tokenscope".into(),
-            max_model_len: Some(info.context_length),
-        }],
-        _ => Vec::new(),
-    };
+            status: v.status,
+        })
+        .collect();
     Json(ModelList {
         object: "list".into(),
         data,

@@ -129,6 +129,7 @@ pub async fn submit_all(
 ) -> Result<Vec<Reply>, OpenAiError> {
     let mut replies = Vec::with_capacity(jobs.len());
     let window = std::sync::Arc::new(tokio::sync::Semaphore::new(REQUEST_WINDOW));
+    let worker = state.worker();
     for (i, (prompt, params)) in jobs.into_iter().enumerate() {
         let when_full = if i == 0 {
             WhenFull::Refuse
@@ -140,7 +141,7 @@ pub async fn submit_all(
             .await
             .map_err(|_| timeout(state))?
             .map_err(|_| worker_error(state, WorkerError::Stopped))?;
-        let submit = state.worker.submit_input(
+        let submit = worker.submit_input(
             prompt,
             params,
             stream.map(|tx| (i, tx.clone())),

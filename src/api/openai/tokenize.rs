@@ -21,6 +21,16 @@ pub enum TokenizeRequest {
     Chat(TokenizeChat),
 }
 
+impl TokenizeRequest {
+    /// The model it names (default: the server's default model).
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            Self::Prompt(p) => p.model.as_deref(),
+            Self::Chat(c) => c.model.as_deref(),
+        }
+    }
+}
+
 /// Exactly one of the two shapes, as the schema's `oneOf` says: a body that is both (a
 /// `prompt` and `messages`) is refused rather than read as whichever comes first.
 impl<'de> Deserialize<'de> for TokenizeRequest {
@@ -113,6 +123,7 @@ pub async fn tokenize(
     State(state): State<AppState>,
     OpenAiJson(req): OpenAiJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, OpenAiError> {
+    let state = state.select(req.model()).await?;
     let info = ready(&state)?;
     let (text, add_special, want_strs) = match req {
         TokenizeRequest::Prompt(p) => (
@@ -206,6 +217,7 @@ pub async fn detokenize(
     State(state): State<AppState>,
     OpenAiJson(req): OpenAiJson<DetokenizeRequest>,
 ) -> Result<Json<DetokenizeResponse>, OpenAiError> {
+    let state = state.select(req.model.as_deref()).await?;
     let info = ready(&state)?;
     let vocab = info.vocab_size;
     if let Some(&id) = req.tokens.iter().find(|&&id| id as usize >= vocab) {

@@ -442,9 +442,11 @@ pub struct ModelCard {
     /// Unix seconds when the server started.
     pub created: u64,
     pub owned_by: String,
-    /// Context length in tokens (vLLM's field).
+    /// Context length in tokens (vLLM's field; while the model is loaded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_model_len: Option<usize>,
+    /// loaded | loading | unloaded | failed (tokenscope's field: GET /models has the rest).
+    pub status: crate::engine::registry::ModelStatus,
 }
 
 /// Response of GET /v1/models.

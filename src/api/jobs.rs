@@ -1,0 +1,312 @@
+//! /train: training data uploads and training jobs (queued, run one at a time, paused,
+//! resumed, cancelled; persisted in the state database). Jobs are visible to every API key:
+//! the service is single-tenant.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::error::{ApiError, ErrorBody, FieldError};
+use super::AppState;
+use crate::train::jobs::{JobError, JobManager, JobSpec, JobView};
+use crate::train::store::UploadRow;
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::NotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, "JOB_NOT_FOUND", e.to_string())
+            }
+            JobError::Invalid(msg, field) => Self::validation(
+                vec![FieldError {
+                    loc: vec!["body".into(), field.into()],
+                    msg,
+                    kind: "value_error".into(),
+                }],
+                None,
+            ),
+            JobError::Conflict(msg) => Self::new(StatusCode::CONFLICT, "JOB_CONFLICT", msg),
+            JobError::TooLarge(_) => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                e.to_string(),
+            ),
+            JobError::Store(_) | JobError::Io(_) => {
+                tracing::error!("training jobs: {e}");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "INTERNAL_ERROR",
+                    "The job store failed; see the service log",
+                )
+            }
+        }
+    }
+}
+
+fn manager(state: &AppState) -> Result<Arc<JobManager>, ApiError> {
+    state.jobs.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "TRAINING_UNAVAILABLE",
+            "This server runs no training jobs",
+        )
+    })
+}
+
+/// Runs job-store work off the async runtime (SQLite and file writes block).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, JobError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError::generation_failed())?
+        .map_err(ApiError::from)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct UploadQuery {
+    /// `text` (the whole file is one document) or `jsonl` (one JSON object with a `text` field
+    /// per line). Default: from the Content-Type (`application/jsonl`, `application/x-ndjson`
+    /// → jsonl), else text.
+    pub format: Option<String>,
+}
+
+/// Uploads training data for a later job (`data: {"upload_id": ...}`): the raw body, UTF-8
+/// text or JSONL, at most `--max-upload-bytes`.
+#[utoipa::path(
+    post,
+    path = "/train/uploads",
+    tag = "training",
+    params(UploadQuery),
+    request_body(content(
+        (String = "text/plain"),
+        (String = "application/jsonl"),
+    ), description = "The training text, or JSONL with a `text` field per line"),
+    responses(
+        (status = 201, description = "Stored", body = UploadRow),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
+        (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = ErrorBody),
+        (status = 422, description = "VALIDATION_ERROR: not UTF-8 text, empty, or a JSONL line without `text`", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn upload(
+    State(state): State<AppState>,
+    Query(query): Query<UploadQuery>,
+    req: Request<Body>,
+) -> Result<Response, ApiError> {
+    let jobs = manager(&state)?;
+    let media = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let jsonl_media = matches!(
+        media.as_str(),
+        "application/jsonl"
+            | "application/x-ndjson"
+            | "application/x-jsonlines"
+            | "application/jsonlines"
+    );
+    let text_media = media.starts_with("text/") || media == "application/octet-stream";
+    if !jsonl_media && !text_media {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "Content-Type must be text/plain or application/jsonl",
+        ));
+    }
+    let jsonl = match query.format.as_deref() {
+        None => jsonl_media,
+        Some("jsonl") => true,
+        Some("text") => false,
+        Some(other) => {
+            return Err(ApiError::validation(
+                vec![FieldError {
+                    loc: vec!["query".into(), "format".into()],
+                    msg: format!("format must be text or jsonl, not {other:?}"),
+                    kind: "value_error".into(),
+                }],
+                None,
+            ))
+        }
+    };
+    let limit = jobs.settings().max_upload_bytes;
+    let bytes = axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::from(JobError::TooLarge(limit)))?;
+    let row = blocking(move || jobs.upload(&bytes, jsonl)).await?;
+    Ok((StatusCode::CREATED, Json(row)).into_response())
+}
+
+/// Queues a training job: fine-tunes `base_model` on the data and registers the result as the
+/// model `output_name`. Jobs run one at a time on `--train-threads` threads.
+#[utoipa::path(
+    post,
+    path = "/train/jobs",
+    tag = "training",
+    request_body = JobSpec,
+    responses(
+        (status = 202, description = "Queued", body = JobView),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 409, description = "JOB_CONFLICT: output_name is taken by a model or another job", body = ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
+        (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = ErrorBody),
+        (status = 422, description = "VALIDATION_ERROR: unknown base model, bad settings, data outside --data-dir", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    req: Request<Body>,
+) -> Result<Response, ApiError> {
+    let jobs = manager(&state)?;
+    let bytes = super::extract::json_body_bytes(req, state.config.max_body_bytes).await?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::validation(
+            vec![FieldError {
+                loc: vec!["body".into()],
+                msg: format!("JSON decode error: {e}"),
+                kind: "value_error.jsondecode".into(),
+            }],
+            None,
+        )
+    })?;
+    let spec: JobSpec = serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut loc: Vec<serde_json::Value> = vec!["body".into()];
+        loc.extend(
+            e.path()
+                .to_string()
+                .split('.')
+                .filter(|p| !p.is_empty() && *p != "?")
+                .map(|p| serde_json::Value::from(p.to_string())),
+        );
+        let msg = e.inner().to_string();
+        let msg = if msg.contains("did not match any variant") {
+            "data must be {\"text\": ...}, {\"upload_id\": ...} or {\"path\": ...}".into()
+        } else {
+            msg
+        };
+        ApiError::validation(
+            vec![FieldError {
+                loc,
+                msg,
+                kind: "value_error".into(),
+            }],
+            None,
+        )
+    })?;
+    let view = blocking(move || jobs.create(spec)).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)).into_response())
+}
+
+/// Every job, oldest first (without the loss history; GET /train/jobs/{id} has it).
+#[utoipa::path(
+    get,
+    path = "/train/jobs",
+    tag = "training",
+    responses(
+        (status = 200, description = "The jobs", body = Vec<JobView>),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<JobView>>, ApiError> {
+    let jobs = manager(&state)?;
+    blocking(move || jobs.list()).await.map(Json)
+}
+
+/// One job, with its loss history.
+#[utoipa::path(
+    get,
+    path = "/train/jobs/{id}",
+    tag = "training",
+    params(("id" = String, Path, description = "A job id")),
+    responses(
+        (status = 200, description = "The job", body = JobView),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 404, description = "JOB_NOT_FOUND", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let jobs = manager(&state)?;
+    blocking(move || jobs.get(&id)).await.map(Json)
+}
+
+/// Pauses a job: a running one checkpoints and stops after its current step.
+#[utoipa::path(
+    post,
+    path = "/train/jobs/{id}/pause",
+    tag = "training",
+    params(("id" = String, Path, description = "A job id")),
+    responses(
+        (status = 200, description = "Pausing (a running job shows `running` until its step ends) or paused", body = JobView),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 404, description = "JOB_NOT_FOUND", body = ErrorBody),
+        (status = 409, description = "JOB_CONFLICT: the job has ended", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn pause(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let jobs = manager(&state)?;
+    blocking(move || jobs.pause(&id)).await.map(Json)
+}
+
+/// Queues a paused or interrupted job again: it continues from its last checkpoint.
+#[utoipa::path(
+    post,
+    path = "/train/jobs/{id}/resume",
+    tag = "training",
+    params(("id" = String, Path, description = "A job id")),
+    responses(
+        (status = 200, description = "Queued again", body = JobView),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 404, description = "JOB_NOT_FOUND", body = ErrorBody),
+        (status = 409, description = "JOB_CONFLICT: the job has ended", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn resume(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let jobs = manager(&state)?;
+    blocking(move || jobs.resume(&id)).await.map(Json)
+}
+
+/// Cancels a job (a running one stops after its current step).
+#[utoipa::path(
+    post,
+    path = "/train/jobs/{id}/cancel",
+    tag = "training",
+    params(("id" = String, Path, description = "A job id")),
+    responses(
+        (status = 200, description = "Cancelled (a running job shows `running` until its step ends)", body = JobView),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 404, description = "JOB_NOT_FOUND", body = ErrorBody),
+        (status = 409, description = "JOB_CONFLICT: the job has ended", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let jobs = manager(&state)?;
+    blocking(move || jobs.cancel(&id)).await.map(Json)
+}

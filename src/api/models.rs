@@ -1,0 +1,110 @@
+//! /models: the models this server offers, and loading and unloading them at run time.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::error::{ApiError, ErrorBody};
+use super::AppState;
+use crate::engine::registry::{ModelStatus, ModelView};
+
+fn view(state: &AppState, id: &str) -> Result<ModelView, ApiError> {
+    state
+        .models
+        .view(id)
+        .ok_or_else(|| ApiError::model_not_found(id))
+}
+
+/// Every model this server offers, loaded or not (the first is the default model).
+#[utoipa::path(
+    get,
+    path = "/models",
+    tag = "models",
+    responses(
+        (status = 200, description = "The models: `--model`, `--models-dir` and trained ones", body = Vec<ModelView>),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn list(State(state): State<AppState>) -> Json<Vec<ModelView>> {
+    let models = state.models.clone();
+    // Listing reads --models-dir (new files appear) and probes their headers: off the runtime.
+    let list = tokio::task::spawn_blocking(move || models.list())
+        .await
+        .unwrap_or_default();
+    Json(list)
+}
+
+/// One model.
+#[utoipa::path(
+    get,
+    path = "/models/{id}",
+    tag = "models",
+    params(("id" = String, Path, description = "A model id from GET /models")),
+    responses(
+        (status = 200, description = "The model", body = ModelView),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 404, description = "MODEL_NOT_FOUND", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelView>, ApiError> {
+    view(&state, &id).map(Json)
+}
+
+/// Loads a model in the background: 202 while it loads (poll GET /models/{id} until `status`
+/// is `loaded` or `failed`), 200 when it was loaded already. When `--max-loaded-models` or
+/// `--max-memory` leave no room, idle models are unloaded first, least recently used first.
+#[utoipa::path(
+    post,
+    path = "/models/{id}/load",
+    tag = "models",
+    params(("id" = String, Path, description = "A model id from GET /models")),
+    responses(
+        (status = 200, description = "Loaded already", body = ModelView),
+        (status = 202, description = "Loading", body = ModelView),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 404, description = "MODEL_NOT_FOUND", body = ErrorBody),
+        (status = 409, description = "TOO_MANY_MODELS: every loaded model is busy; MODEL_NOT_LOADABLE", body = ErrorBody),
+        (status = 507, description = "INSUFFICIENT_MEMORY: the load would exceed --max-memory", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn load(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.models.load(&id)?;
+    let v = view(&state, &id)?;
+    let code = match v.status {
+        ModelStatus::Loaded => StatusCode::OK,
+        _ => StatusCode::ACCEPTED,
+    };
+    Ok((code, Json(v)).into_response())
+}
+
+/// Unloads a model: it takes no new requests; its memory is freed when the requests it is
+/// running finish.
+#[utoipa::path(
+    post,
+    path = "/models/{id}/unload",
+    tag = "models",
+    params(("id" = String, Path, description = "A model id from GET /models")),
+    responses(
+        (status = 200, description = "Unloaded (or it was not loaded)", body = ModelView),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 404, description = "MODEL_NOT_FOUND", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn unload(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelView>, ApiError> {
+    state.models.unload(&id)?;
+    view(&state, &id).map(Json)
+}

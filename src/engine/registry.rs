@@ -1,0 +1,592 @@
+//! The models a server offers: those named with `--model`, those found in `--models-dir`, and
+//! those training jobs produced. Each has a stable id; a loaded one has its own worker (thread,
+//! queue, prefix cache). Loading is bounded by `--max-loaded-models` and `--max-memory`: the
+//! least recently used idle model is unloaded to make room, and a load that still does not fit
+//! is refused.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::worker::{self, ModelState, WorkerHandle, WorkerLimits};
+use crate::model::probe::{probe, ModelCard};
+use crate::model::{LoadOptions, ModelSource};
+
+/// How models are loaded and how many may be.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    pub load: LoadOptions,
+    pub limits: WorkerLimits,
+    pub queue: usize,
+    /// Models loaded (or loading) at once.
+    pub max_loaded: usize,
+    /// Resident memory the loaded models may take together (MiB).
+    pub max_memory_mb: Option<u64>,
+    /// Load an unloaded model when a request names it (instead of 409 MODEL_NOT_LOADED).
+    pub autoload: bool,
+    /// Every `.gguf` file and Hugging Face directory in it is offered.
+    pub models_dir: Option<PathBuf>,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            load: LoadOptions::default(),
+            limits: WorkerLimits::default(),
+            queue: 64,
+            max_loaded: 1,
+            max_memory_mb: None,
+            autoload: false,
+            models_dir: None,
+        }
+    }
+}
+
+/// Where a model entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// `--model`.
+    Configured,
+    /// Found in `--models-dir`.
+    ModelsDir,
+    /// Written by a training job.
+    Trained,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelStatus {
+    Loaded,
+    Loading,
+    Unloaded,
+    Failed,
+}
+
+/// One model as `GET /models` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelView {
+    /// Stable, URL-safe name (from the file or directory name); what `model` fields take.
+    #[schema(example = "SmolLM2-135M-Instruct.Q4_1")]
+    pub id: String,
+    /// The file, directory or hub id it loads from.
+    pub source: String,
+    /// Family (`llama`, `qwen2`, `gemma3`, …) when the source could be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<u64>,
+    /// Storage type of most weights (`Q4_1`, `Q8_0`, `F32`, `BF16`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
+    pub status: ModelStatus,
+    /// Resident memory the load added (0 when not loaded).
+    pub memory_mb: f64,
+    /// Size of the weight files: the memory guard's estimate before a load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file_mb: Option<f64>,
+    /// When the current load finished (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loaded_at: Option<String>,
+    /// Why the last load failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The model requests without `model` use.
+    pub default: bool,
+    pub origin: Origin,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("model `{0}` not found")]
+    NotFound(String),
+    #[error("model `{0}` is not loaded")]
+    NotLoaded(String),
+    #[error("{max} model(s) are loaded already (--max-loaded-models) and none can be unloaded to make room: each is busy")]
+    TooManyLoaded { max: usize },
+    #[error("loading `{id}` needs about {need_mb:.0} MiB but only {free_mb:.0} MiB of --max-memory {max_mb} MiB is free (loaded models that are busy are not unloaded)")]
+    MemoryLimit {
+        id: String,
+        need_mb: f64,
+        free_mb: f64,
+        max_mb: u64,
+    },
+    #[error("model `{0}` has no source to load it from")]
+    NoSource(String),
+    #[error("a model with id `{0}` exists already")]
+    Exists(String),
+}
+
+struct Entry {
+    id: String,
+    source: Option<ModelSource>,
+    card: ModelCard,
+    origin: Origin,
+    worker: Option<WorkerHandle>,
+    last_used: Instant,
+}
+
+impl Entry {
+    fn state(&self) -> ModelState {
+        self.worker
+            .as_ref()
+            .map_or(ModelState::Unloaded, |w| w.state())
+    }
+
+    /// Holds (or will hold) memory: loading, loaded or restarting.
+    fn occupies(&self) -> bool {
+        matches!(
+            self.state(),
+            ModelState::Loading | ModelState::Ready(_) | ModelState::Restarting(_)
+        )
+    }
+
+    fn memory_mb(&self) -> f64 {
+        match self.state() {
+            ModelState::Ready(info) => info.memory_mb.unwrap_or(0.0),
+            _ => 0.0,
+        }
+    }
+
+    /// What the guard counts for it: the measured figure, else the size on disk.
+    fn charged_mb(&self) -> f64 {
+        match self.state() {
+            ModelState::Ready(info) if info.memory_mb.is_some() => self.memory_mb(),
+            _ => self.file_mb().unwrap_or(0.0),
+        }
+    }
+
+    fn file_mb(&self) -> Option<f64> {
+        self.card.file_bytes.map(|b| b as f64 / (1024.0 * 1024.0))
+    }
+
+    fn idle(&self) -> bool {
+        match (&self.worker, self.state()) {
+            (Some(w), ModelState::Ready(_)) => w.queue_depth() == 0,
+            _ => false,
+        }
+    }
+
+    fn view(&self, default: bool) -> ModelView {
+        let (status, error) = match self.state() {
+            ModelState::Ready(_) | ModelState::Restarting(_) => (ModelStatus::Loaded, None),
+            ModelState::Loading => (ModelStatus::Loading, None),
+            ModelState::Unloaded => (ModelStatus::Unloaded, None),
+            ModelState::Failed(reason) => (ModelStatus::Failed, Some(reason)),
+        };
+        let round = |x: f64| (x * 10.0).round() / 10.0;
+        ModelView {
+            id: self.id.clone(),
+            source: self.source.as_ref().map_or_else(String::new, source_label),
+            architecture: self.card.architecture.clone(),
+            parameters: self.card.parameters,
+            quantization: self.card.quantization.clone(),
+            status,
+            memory_mb: round(self.memory_mb()),
+            file_mb: self.file_mb().map(round),
+            loaded_at: match self.state() {
+                ModelState::Ready(info) => Some(info.loaded_at.clone()),
+                _ => None,
+            },
+            error,
+            default,
+            origin: self.origin,
+        }
+    }
+}
+
+fn source_label(s: &ModelSource) -> String {
+    match s {
+        ModelSource::Gguf(p) | ModelSource::HfDir(p) => p.display().to_string(),
+        ModelSource::Hub { .. } => s.display_name(),
+    }
+}
+
+/// A URL-safe id from a file or directory name: `.gguf` dropped, anything but letters, digits,
+/// `.`, `_` and `-` turned into `-`.
+pub fn id_from_name(name: &str) -> String {
+    let stem = name.strip_suffix(".gguf").unwrap_or(name);
+    let id: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let id = id.trim_matches(|c| c == '-' || c == '.').to_string();
+    if id.is_empty() {
+        "model".into()
+    } else {
+        id
+    }
+}
+
+/// True when `s` is a valid id as [`id_from_name`] makes them.
+pub fn is_valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && id_from_name(s) == s
+}
+
+pub struct ModelRegistry {
+    entries: Mutex<Vec<Entry>>,
+    settings: RegistrySettings,
+}
+
+impl ModelRegistry {
+    pub fn new(settings: RegistrySettings) -> Self {
+        Self {
+            entries: Mutex::new(Vec::new()),
+            settings: RegistrySettings {
+                max_loaded: settings.max_loaded.max(1),
+                ..settings
+            },
+        }
+    }
+
+    /// A registry holding one model that is already running (the router tests, benches).
+    pub fn single(id: &str, worker: WorkerHandle) -> Self {
+        let registry = Self::new(RegistrySettings::default());
+        registry.lock().push(Entry {
+            id: id_from_name(id),
+            source: None,
+            card: ModelCard::default(),
+            origin: Origin::Configured,
+            worker: Some(worker),
+            last_used: Instant::now(),
+        });
+        registry
+    }
+
+    pub fn settings(&self) -> &RegistrySettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Entry>> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Offers `source` under an id derived from its name (made unique with `-2`, `-3`, …). A
+    /// source offered already keeps its id.
+    pub fn add(&self, source: ModelSource, origin: Origin) -> String {
+        let name = match &source {
+            ModelSource::Gguf(p) | ModelSource::HfDir(p) => file_name(p),
+            ModelSource::Hub { repo, .. } => repo.rsplit('/').next().unwrap_or(repo).to_string(),
+        };
+        let card = probe(&source);
+        let mut entries = self.lock();
+        if let Some(e) = entries.iter().find(|e| e.source.as_ref() == Some(&source)) {
+            return e.id.clone();
+        }
+        let base = id_from_name(&name);
+        let mut id = base.clone();
+        let mut n = 2;
+        while entries.iter().any(|e| e.id == id) {
+            id = format!("{base}-{n}");
+            n += 1;
+        }
+        entries.push(Entry {
+            id: id.clone(),
+            source: Some(source),
+            card,
+            origin,
+            worker: None,
+            last_used: Instant::now(),
+        });
+        id
+    }
+
+    /// An entry for a `--model` that cannot be resolved: it shows as failed with `reason`.
+    pub fn add_unresolvable(&self, name: &str, reason: String) {
+        let worker = worker::spawn(
+            Err(reason),
+            self.settings.load.clone(),
+            self.settings.limits,
+            1,
+        );
+        self.lock().push(Entry {
+            id: id_from_name(
+                Path::new(name)
+                    .file_name()
+                    .map_or(name, |n| n.to_str().unwrap_or(name)),
+            ),
+            source: None,
+            card: ModelCard::default(),
+            origin: Origin::Configured,
+            worker: Some(worker),
+            last_used: Instant::now(),
+        });
+    }
+
+    /// Offers `source` under exactly `id` (a trained model: its id is the job's output name).
+    pub fn add_named(
+        &self,
+        id: &str,
+        source: ModelSource,
+        origin: Origin,
+    ) -> Result<(), RegistryError> {
+        let card = probe(&source);
+        let mut entries = self.lock();
+        if let Some(e) = entries.iter_mut().find(|e| e.id == id) {
+            if e.source.as_ref() == Some(&source) {
+                e.card = card;
+                return Ok(());
+            }
+            return Err(RegistryError::Exists(id.into()));
+        }
+        entries.push(Entry {
+            id: id.into(),
+            source: Some(source),
+            card,
+            origin,
+            worker: None,
+            last_used: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Adds what `--models-dir` holds now that is not offered yet (called on every listing, so
+    /// a file copied in appears without a restart).
+    pub fn scan_models_dir(&self) {
+        let Some(dir) = &self.settings.models_dir else {
+            return;
+        };
+        for source in models_in(dir) {
+            let known = self
+                .lock()
+                .iter()
+                .any(|e| e.source.as_ref() == Some(&source));
+            if !known {
+                self.add(source, Origin::ModelsDir);
+            }
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.find(id).is_some()
+    }
+
+    /// The id `name` refers to: an id, or a model's display name (what earlier versions listed
+    /// in /v1/models), or nothing.
+    pub fn find(&self, name: &str) -> Option<String> {
+        let entries = self.lock();
+        entries
+            .iter()
+            .find(|e| e.id == name)
+            .or_else(|| {
+                entries
+                    .iter()
+                    .find(|e| e.source.as_ref().is_some_and(|s| s.display_name() == name))
+            })
+            .map(|e| e.id.clone())
+    }
+
+    /// The model requests without `model` use: the first one offered.
+    pub fn default_id(&self) -> Option<String> {
+        self.lock().first().map(|e| e.id.clone())
+    }
+
+    /// The worker of `id` (an unloaded handle when it is not loaded), marking it used.
+    pub fn handle(&self, id: &str) -> WorkerHandle {
+        let mut entries = self.lock();
+        match entries.iter_mut().find(|e| e.id == id) {
+            Some(e) => {
+                e.last_used = Instant::now();
+                e.worker.clone().unwrap_or_else(WorkerHandle::unloaded)
+            }
+            None => WorkerHandle::unloaded(),
+        }
+    }
+
+    /// The state of `id`'s worker, without marking it used.
+    pub fn model_state(&self, id: &str) -> ModelState {
+        self.lock()
+            .iter()
+            .find(|e| e.id == id)
+            .map_or(ModelState::Unloaded, |e| e.state())
+    }
+
+    /// The default model's worker (an unloaded handle when there is none).
+    pub fn default_handle(&self) -> WorkerHandle {
+        let entries = self.lock();
+        entries
+            .first()
+            .and_then(|e| e.worker.clone())
+            .unwrap_or_else(WorkerHandle::unloaded)
+    }
+
+    /// Every loaded model's id and worker, in listing order.
+    pub fn loaded(&self) -> Vec<(String, WorkerHandle)> {
+        self.lock()
+            .iter()
+            .filter_map(|e| e.worker.clone().map(|w| (e.id.clone(), w)))
+            .collect()
+    }
+
+    pub fn list(&self) -> Vec<ModelView> {
+        self.scan_models_dir();
+        let entries = self.lock();
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| e.view(i == 0))
+            .collect()
+    }
+
+    pub fn view(&self, id: &str) -> Option<ModelView> {
+        let entries = self.lock();
+        entries
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.id == id)
+            .map(|(i, e)| e.view(i == 0))
+    }
+
+    pub fn source_of(&self, id: &str) -> Option<ModelSource> {
+        self.lock()
+            .iter()
+            .find(|e| e.id == id)
+            .and_then(|e| e.source.clone())
+    }
+
+    /// Starts loading `id` in the background (unloading idle models, least recently used
+    /// first, when the limits ask for room). Returns false when it was loaded or loading
+    /// already. A model whose last load failed is tried again.
+    pub fn load(&self, id: &str) -> Result<bool, RegistryError> {
+        let mut entries = self.lock();
+        let index = entries
+            .iter()
+            .position(|e| e.id == id)
+            .ok_or_else(|| RegistryError::NotFound(id.into()))?;
+        if entries[index].occupies() {
+            entries[index].last_used = Instant::now();
+            return Ok(false);
+        }
+        let source = entries[index]
+            .source
+            .clone()
+            .ok_or_else(|| RegistryError::NoSource(id.into()))?;
+        self.make_room(&mut entries, index)?;
+        let entry = &mut entries[index];
+        let worker = worker::spawn(
+            Ok(source),
+            self.settings.load.clone(),
+            self.settings.limits,
+            self.settings.queue,
+        );
+        entry.worker = Some(worker);
+        entry.last_used = Instant::now();
+        Ok(true)
+    }
+
+    /// Unloads `id` (its thread ends when the requests it is running finish). Returns false
+    /// when it was not loaded.
+    pub fn unload(&self, id: &str) -> Result<bool, RegistryError> {
+        let mut entries = self.lock();
+        let entry = entries
+            .iter_mut()
+            .find(|e| e.id == id)
+            .ok_or_else(|| RegistryError::NotFound(id.into()))?;
+        let was = entry.worker.take().is_some();
+        if was {
+            tracing::info!(model = %id, "model unloaded");
+        }
+        Ok(was)
+    }
+
+    /// Frees what loading `entries[index]` needs, unloading idle models least recently used
+    /// first; refuses when that is not enough.
+    fn make_room(&self, entries: &mut [Entry], index: usize) -> Result<(), RegistryError> {
+        let over = |entries: &[Entry]| {
+            let loaded = entries.iter().filter(|e| e.occupies()).count();
+            let count_over = loaded + 1 > self.settings.max_loaded;
+            let memory_over = self.settings.max_memory_mb.is_some_and(|max| {
+                let used: f64 = entries
+                    .iter()
+                    .filter(|e| e.occupies())
+                    .map(|e| e.charged_mb())
+                    .sum();
+                used + entries[index].file_mb().unwrap_or(0.0) > max as f64
+            });
+            (count_over, memory_over)
+        };
+        loop {
+            let (count_over, memory_over) = over(entries);
+            if !count_over && !memory_over {
+                return Ok(());
+            }
+            let victim = entries
+                .iter()
+                .enumerate()
+                .filter(|(i, e)| *i != index && e.idle())
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(i, _)| i);
+            match victim {
+                Some(v) => {
+                    tracing::info!(
+                        model = %entries[v].id, "unloading the least recently used model to make room for {}",
+                        entries[index].id
+                    );
+                    entries[v].worker = None;
+                }
+                None if count_over => {
+                    return Err(RegistryError::TooManyLoaded {
+                        max: self.settings.max_loaded,
+                    })
+                }
+                None => {
+                    let max = self.settings.max_memory_mb.unwrap_or(0);
+                    let used: f64 = entries
+                        .iter()
+                        .filter(|e| e.occupies())
+                        .map(|e| e.charged_mb())
+                        .sum();
+                    return Err(RegistryError::MemoryLimit {
+                        id: entries[index].id.clone(),
+                        need_mb: entries[index].file_mb().unwrap_or(0.0),
+                        free_mb: (max as f64 - used).max(0.0),
+                        max_mb: max,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    std::fs::canonicalize(p)
+        .ok()
+        .and_then(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .or_else(|| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// The `.gguf` files and Hugging Face directories (with a `config.json`) in `dir`, sorted.
+pub fn models_in(dir: &Path) -> Vec<ModelSource> {
+    let mut found: Vec<ModelSource> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter_map(|p| {
+                    if p.is_file() && p.extension().is_some_and(|e| e == "gguf") {
+                        Some(ModelSource::Gguf(p))
+                    } else if p.is_dir() && p.join("config.json").is_file() {
+                        Some(ModelSource::HfDir(p))
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort_by_key(source_label);
+    found
+}
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}

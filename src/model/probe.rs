@@ -1,0 +1,109 @@
+//! What a model source is, read without loading it: architecture, parameter count, storage
+//! type and size on disk (GGUF header and tensor table; config.json and safetensors headers).
+//! The model list shows this for models that are not loaded, and the memory guard uses the
+//! size on disk as its estimate before a load.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::gguf::GgufFile;
+use super::{hf_dir, ModelSource};
+
+/// A model's description before (or without) loading it. Fields are `None` when the source
+/// cannot be read (the load then reports why) or is a hub id not yet in the local cache.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelCard {
+    pub architecture: Option<String>,
+    pub parameters: Option<u64>,
+    /// The storage type holding most of the weights: `Q4_1`, `Q8_0`, `F16`, `BF16`, `F32`, …
+    pub quantization: Option<String>,
+    /// Bytes of the weight files.
+    pub file_bytes: Option<u64>,
+}
+
+/// Reads what `source` holds. Never fails: what cannot be read stays `None`.
+pub fn probe(source: &ModelSource) -> ModelCard {
+    match source {
+        ModelSource::Gguf(path) => probe_gguf(path).unwrap_or_default(),
+        ModelSource::HfDir(dir) => probe_hf_dir(dir).unwrap_or_default(),
+        ModelSource::Hub { .. } => ModelCard::default(),
+    }
+}
+
+fn probe_gguf(path: &Path) -> Option<ModelCard> {
+    let file = GgufFile::open(path).ok()?;
+    let mut parameters = 0u64;
+    let mut bytes_by_type: BTreeMap<String, u64> = BTreeMap::new();
+    for info in file.content.tensor_infos.values() {
+        let elems = info.shape.elem_count() as u64;
+        parameters += elems;
+        let dtype = info.ggml_dtype;
+        let bytes = elems / dtype.block_size() as u64 * dtype.type_size() as u64;
+        *bytes_by_type.entry(format!("{dtype:?}")).or_default() += bytes;
+    }
+    Some(ModelCard {
+        architecture: file.architecture().ok(),
+        parameters: Some(parameters),
+        quantization: dominant(bytes_by_type).map(|t| t.to_uppercase()),
+        file_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
+    })
+}
+
+fn probe_hf_dir(dir: &Path) -> Option<ModelCard> {
+    let parts = hf_dir::inspect(dir).ok()?;
+    let mut parameters = 0u64;
+    let mut file_bytes = 0u64;
+    let mut bytes_by_type: BTreeMap<String, u64> = BTreeMap::new();
+    for f in &parts.weights {
+        file_bytes += std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+        for (dtype, shape) in safetensors_header(f).unwrap_or_default() {
+            let elems: u64 = shape.iter().product();
+            parameters += elems;
+            *bytes_by_type.entry(dtype).or_default() += elems;
+        }
+    }
+    Some(ModelCard {
+        architecture: Some(parts.config.family.arch.name().to_string()),
+        parameters: Some(parameters),
+        quantization: dominant(bytes_by_type),
+        file_bytes: Some(file_bytes),
+    })
+}
+
+/// (dtype, shape) of every tensor in a safetensors file, from its JSON header alone.
+fn safetensors_header(path: &PathBuf) -> Option<Vec<(String, Vec<u64>)>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    // The format caps the header at 100 MB; anything larger is not a safetensors file.
+    if len > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).ok()?;
+    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).ok()?;
+    Some(
+        json.iter()
+            .filter(|(k, _)| k.as_str() != "__metadata__")
+            .filter_map(|(_, v)| {
+                let dtype = v.get("dtype")?.as_str()?.to_string();
+                let shape = v
+                    .get("shape")?
+                    .as_array()?
+                    .iter()
+                    .map(|d| d.as_u64())
+                    .collect::<Option<Vec<u64>>>()?;
+                Some((dtype, shape))
+            })
+            .collect(),
+    )
+}
+
+fn dominant(bytes_by_type: BTreeMap<String, u64>) -> Option<String> {
+    bytes_by_type
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .map(|(t, _)| t)
+}

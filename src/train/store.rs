@@ -1,0 +1,366 @@
+//! The service's persistent state in SQLite (`--state-dir`/state.db, compiled in: nothing to
+//! install): training jobs, their loss history, uploaded training data and the models that
+//! jobs produced. WAL mode, so that readers (the HTTP handlers) never wait for the trainer's
+//! writes; every write is one short statement.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("state directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A job row (its settings are kept as JSON: they are read back whole, never queried).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub spec: String,
+    pub status: String,
+    pub step: u64,
+    pub total_steps: u64,
+    pub train_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+}
+
+/// One point of a job's loss curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HistoryPoint {
+    pub step: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+}
+
+/// An uploaded training file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UploadRow {
+    pub id: String,
+    /// `text` or `jsonl`.
+    pub format: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub created_at: String,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    train_loss REAL,
+    eval_loss REAL,
+    tokens_per_s REAL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS history (
+    job_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    train_loss REAL,
+    eval_loss REAL,
+    PRIMARY KEY (job_id, step)
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    format TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS models (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    job_id TEXT,
+    created_at TEXT NOT NULL
+);
+";
+
+impl Store {
+    /// Opens (creating) `dir/state.db`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join("state.db");
+        let fail = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(fail)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(fail)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(fail)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(fail)?;
+        conn.execute_batch(SCHEMA).map_err(fail)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn insert_job(&self, job: &JobRow) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO jobs (id, spec, status, step, total_steps, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    job.id,
+                    job.spec,
+                    job.status,
+                    job.step,
+                    job.total_steps,
+                    job.created_at
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Writes every field that changes as a job runs.
+    pub fn update_job(&self, job: &JobRow) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE jobs SET status = ?2, step = ?3, total_steps = ?4, train_loss = ?5, \
+                 eval_loss = ?6, tokens_per_s = ?7, started_at = ?8, finished_at = ?9, error = ?10 \
+                 WHERE id = ?1",
+                params![
+                    job.id,
+                    job.status,
+                    job.step,
+                    job.total_steps,
+                    job.train_loss,
+                    job.eval_loss,
+                    job.tokens_per_s,
+                    job.started_at,
+                    job.finished_at,
+                    job.error
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    const JOB_COLUMNS: &'static str = "id, spec, status, step, total_steps, train_loss, \
+        eval_loss, tokens_per_s, created_at, started_at, finished_at, error";
+
+    fn job_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+        Ok(JobRow {
+            id: row.get(0)?,
+            spec: row.get(1)?,
+            status: row.get(2)?,
+            step: row.get(3)?,
+            total_steps: row.get(4)?,
+            train_loss: row.get(5)?,
+            eval_loss: row.get(6)?,
+            tokens_per_s: row.get(7)?,
+            created_at: row.get(8)?,
+            started_at: row.get(9)?,
+            finished_at: row.get(10)?,
+            error: row.get(11)?,
+        })
+    }
+
+    /// Every job, oldest first.
+    pub fn jobs(&self) -> Result<Vec<JobRow>, StoreError> {
+        let conn = self.conn();
+        let sql = format!("SELECT {} FROM jobs ORDER BY seq", Self::JOB_COLUMNS);
+        let mut stmt = conn.prepare(&sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], Self::job_of)
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
+        let sql = format!("SELECT {} FROM jobs WHERE id = ?1", Self::JOB_COLUMNS);
+        self.conn()
+            .query_row(&sql, [id], Self::job_of)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The oldest job with status `queued`.
+    pub fn next_queued(&self) -> Result<Option<JobRow>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1",
+            Self::JOB_COLUMNS
+        );
+        self.conn()
+            .query_row(&sql, [], Self::job_of)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Jobs that were running when the process stopped become `interrupted`. Returns how many.
+    pub fn mark_interrupted(&self) -> Result<usize, StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE jobs SET status = 'interrupted', \
+                 error = 'the server stopped while this job ran; resume it to continue from its last checkpoint' \
+                 WHERE status = 'running'",
+                [],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Sets a training loss (and keeps an evaluation loss recorded at the same step).
+    pub fn record_train_loss(&self, id: &str, step: u64, loss: f64) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO history (job_id, step, train_loss) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (job_id, step) DO UPDATE SET train_loss = excluded.train_loss",
+                params![id, step, loss],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn record_eval_loss(&self, id: &str, step: u64, loss: f64) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO history (job_id, step, eval_loss) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (job_id, step) DO UPDATE SET eval_loss = excluded.eval_loss",
+                params![id, step, loss],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Forgets the history from `step` on (a resumed job recomputes those steps).
+    pub fn truncate_history(&self, id: &str, step: u64) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "DELETE FROM history WHERE job_id = ?1 AND step >= ?2",
+                params![id, step],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn history(&self, id: &str) -> Result<Vec<HistoryPoint>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT step, train_loss, eval_loss FROM history WHERE job_id = ?1 ORDER BY step",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([id], |r| {
+                Ok(HistoryPoint {
+                    step: r.get(0)?,
+                    train_loss: r.get(1)?,
+                    eval_loss: r.get(2)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    pub fn insert_upload(&self, u: &UploadRow) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO uploads (id, format, bytes, sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![u.id, u.format, u.bytes, u.sha256, u.created_at],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT id, format, bytes, sha256, created_at FROM uploads WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(UploadRow {
+                        id: r.get(0)?,
+                        format: r.get(1)?,
+                        bytes: r.get(2)?,
+                        sha256: r.get(3)?,
+                        created_at: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn insert_model(
+        &self,
+        id: &str,
+        path: &Path,
+        job_id: &str,
+        created_at: &str,
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO models (id, path, job_id, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, path.to_string_lossy(), job_id, created_at],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Trained models (id, directory), oldest first.
+    pub fn models(&self) -> Result<Vec<(String, PathBuf)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, path FROM models ORDER BY created_at, id")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    PathBuf::from(r.get::<_, String>(1)?),
+                ))
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.err(e));
+        rows
+    }
+}
