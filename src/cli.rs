@@ -27,8 +27,110 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Fine-tune (or train from scratch) the model; writes a directory `serve --model DIR` loads.
     Train(TrainArgs),
+    /// Drive a running server: status, models, load/unload, generate, training jobs.
+    Client(ClientArgs),
     /// Print the OpenAPI document of the HTTP API.
     Openapi,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The server's base URL.
+    #[arg(
+        long,
+        env = "TOKENSCOPE_URL",
+        default_value = "http://127.0.0.1:8000",
+        global = true
+    )]
+    pub url: String,
+    /// Bearer key, when the server asks for one.
+    #[arg(
+        long,
+        env = "TOKENSCOPE_API_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    pub api_key: Option<String>,
+    /// Print the server's JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: ClientCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Service, models and machine.
+    Status,
+    /// The models the server offers.
+    Models,
+    /// Load a model (`--wait`: until it is loaded or failed).
+    Load {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Unload a model.
+    Unload { id: String },
+    /// The next-token table for a prompt.
+    Generate {
+        prompt: String,
+        #[arg(short = 'k', long, default_value_t = 5)]
+        top_k: u32,
+        #[arg(short = 't', long, default_value_t = 1.0)]
+        temperature: f64,
+        #[arg(short = 'n', long, default_value_t = 1)]
+        max_tokens: u32,
+        /// A model id (default: the server's default model).
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Upload a file and start a training job.
+    Train(ClientTrainArgs),
+    /// Training jobs (`ID`: one job with its history; `--follow`: until it ends).
+    Jobs {
+        id: Option<String>,
+        #[arg(long, requires = "id")]
+        follow: bool,
+    },
+    /// Pause a training job (it checkpoints).
+    Pause { id: String },
+    /// Resume a paused or interrupted job from its last checkpoint.
+    Resume { id: String },
+    /// Cancel a training job.
+    Cancel { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ClientTrainArgs {
+    /// The model to start from (an id from `client models`).
+    #[arg(long)]
+    pub base: String,
+    /// Training text (.txt) or JSONL with a `text` field per line (.jsonl).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Id of the model the job produces.
+    #[arg(long)]
+    pub name: String,
+    #[arg(long, default_value_t = 100)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: u64,
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: u64,
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: u64,
+    #[arg(long, default_value_t = 50)]
+    pub save_every: u64,
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Show progress until the job ends.
+    #[arg(long)]
+    pub follow: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]

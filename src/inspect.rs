@@ -59,6 +59,38 @@ fn table(out: &mut String, rows: &[TokenProbability]) {
     }
 }
 
+/// A plain table: a header row and columns padded to their widest cell (the client's lists of
+/// models and jobs).
+pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| -> String {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("  {}", padded.join("  ").trim_end())
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", line(headers.to_vec()));
+    for row in rows {
+        let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// A progress bar of `width` cells for a fraction in [0, 1].
+pub fn progress_cells(fraction: f64, width: usize) -> String {
+    let s = bar(fraction, width);
+    let used = s.chars().count();
+    format!("{s}{}", "·".repeat(width.saturating_sub(used)))
+}
+
 /// Renders a response as readable text.
 pub fn render(prompt: &str, resp: &GenerateResponse) -> String {
     let m = &resp.metadata;

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Train(args) => tokenscope::train::run(&args.options())
             .map(|_| ())
             .map_err(anyhow::Error::from),
+        Command::Client(args) => tokenscope::client::run(&args),
         Command::Openapi => {
             println!("{}", tokenscope::api::docs::openapi_json());
             Ok(())

@@ -110,7 +110,7 @@ async fn echo_scores_every_prompt_token_then_the_generated_one() {
     let b = ok(
         &app,
         "/v1/completions",
-        json!({"model": "anything", "prompt": PROMPT, "max_tokens": 1, "logprobs": 3, "echo": true, "temperature": 0}),
+        json!({"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": PROMPT, "max_tokens": 1, "logprobs": 3, "echo": true, "temperature": 0}),
     )
     .await;
     assert_eq!(b["object"], "text_completion");

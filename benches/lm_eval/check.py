@@ -522,7 +522,7 @@ def main() -> int:
     ap.add_argument("--break-echo", action="store_true", help="strip 'echo' via a proxy (must fail)")
     ap.add_argument("--tasks", default=DEFAULT_TASKS)
     ap.add_argument("--include-path", default="benches/lm_eval", help="lm_eval --include_path (relative to the repo root)")
-    ap.add_argument("--model", default="smollm2", help="model name lm_eval sends")
+    ap.add_argument("--model", default=None, help="model id lm_eval sends (default: the server's default model, from /v1/models)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--tolerance", type=float, default=1e-6)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed for lm_eval")
@@ -537,6 +537,8 @@ def main() -> int:
     try:
         ts.health()
         ts.tokenizer_info()
+        if args.model is None:
+            args.model = ts._request("GET", "/v1/models")["data"][0]["id"]
     except ServerError as e:
         print(f"FAIL: tokenscope at {base} is not usable: {e}")
         return 1

@@ -42,7 +42,7 @@ same bytes.",
     components(schemas(
         GenerateRequest, GenerateResponse, TokenProbability, Step, Metadata, FinishReason,
         LogprobsMode, HealthResponse, StatusResponse, ServiceStatus, ModelStatus, SystemStatus,
-        RootResponse, EndpointInfo, ErrorBody, ErrorDetail, FieldError, LiveResponse,
+        RootResponse, EndpointInfo, ModelRuntime, ErrorBody, ErrorDetail, FieldError, LiveResponse,
         PromptToken, TargetScore, super::lens::LensRequest, super::lens::LensResponse,
         crate::engine::lens::LensLayer, crate::engine::lens::LensTarget,
         oai::CompletionRequest, oai::CompletionResponse, oai::CompletionChoice,

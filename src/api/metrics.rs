@@ -8,8 +8,8 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use super::AppState;
@@ -30,6 +30,12 @@ pub struct Metrics {
     memory_bytes: IntGauge,
     cancelled: IntCounter,
     restarts: IntCounter,
+    /// Per model: 1 when loaded, its queue and the memory its load added.
+    models_loaded: IntGaugeVec,
+    models_queue_depth: IntGaugeVec,
+    models_memory_bytes: IntGaugeVec,
+    /// Training jobs by status.
+    training_jobs: IntGaugeVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -87,7 +93,40 @@ fn build() -> Result<Metrics, prometheus::Error> {
     registry.register(Box::new(model_loaded.clone()))?;
     registry.register(Box::new(model_load_seconds.clone()))?;
     registry.register(Box::new(memory_bytes.clone()))?;
+    let models_loaded = IntGaugeVec::new(
+        Opts::new(
+            "model_loaded_by_id",
+            "1 when the model is loaded, per model id",
+        ),
+        &["model"],
+    )?;
+    let models_queue_depth = IntGaugeVec::new(
+        Opts::new(
+            "model_queue_depth",
+            "Requests waiting for the model, per model id",
+        ),
+        &["model"],
+    )?;
+    let models_memory_bytes = IntGaugeVec::new(
+        Opts::new(
+            "model_memory_bytes",
+            "Resident memory the model's load added, per model id",
+        ),
+        &["model"],
+    )?;
+    let training_jobs = IntGaugeVec::new(
+        Opts::new("training_jobs", "Training jobs by status"),
+        &["status"],
+    )?;
+    registry.register(Box::new(models_loaded.clone()))?;
+    registry.register(Box::new(models_queue_depth.clone()))?;
+    registry.register(Box::new(models_memory_bytes.clone()))?;
+    registry.register(Box::new(training_jobs.clone()))?;
     Ok(Metrics {
+        models_loaded,
+        models_queue_depth,
+        models_memory_bytes,
+        training_jobs,
         registry,
         requests,
         latency,
@@ -174,10 +213,42 @@ pub async fn handler(State(state): State<AppState>) -> Response {
         }
         _ => m.model_loaded.set(0),
     }
-    let rss = tokio::task::spawn_blocking(crate::system::process_rss_bytes)
-        .await
-        .unwrap_or(0);
+    let models = state.models.clone();
+    let jobs = state.jobs.clone();
+    let (rss, views, job_list) = tokio::task::spawn_blocking(move || {
+        let jobs = jobs.and_then(|j| j.list().ok()).unwrap_or_default();
+        (crate::system::process_rss_bytes(), models.list(), jobs)
+    })
+    .await
+    .unwrap_or_default();
     m.memory_bytes.set(rss as i64);
+    let loaded = state.models.loaded();
+    for v in &views {
+        let worker = loaded.iter().find(|(id, _)| *id == v.id).map(|(_, w)| w);
+        let is_loaded = matches!(v.status, crate::engine::registry::ModelStatus::Loaded);
+        m.models_loaded
+            .with_label_values(&[v.id.as_str()])
+            .set(i64::from(is_loaded));
+        m.models_queue_depth
+            .with_label_values(&[v.id.as_str()])
+            .set(worker.map_or(0, |w| w.queue_depth() as i64));
+        m.models_memory_bytes
+            .with_label_values(&[v.id.as_str()])
+            .set((v.memory_mb * 1024.0 * 1024.0) as i64);
+    }
+    m.training_jobs.reset();
+    for status in [
+        "queued",
+        "running",
+        "paused",
+        "completed",
+        "failed",
+        "cancelled",
+        "interrupted",
+    ] {
+        let n = job_list.iter().filter(|j| j.status == status).count();
+        m.training_jobs.with_label_values(&[status]).set(n as i64);
+    }
     let mut buf = Vec::new();
     if TextEncoder::new()
         .encode(&m.registry.gather(), &mut buf)

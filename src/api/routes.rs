@@ -277,6 +277,26 @@ fn status_body(state: &AppState, model_state: &ModelState) -> (StatusCode, Statu
             auth_enabled: !state.config.api_keys.is_empty(),
         },
         model,
+        models: state
+            .models
+            .list()
+            .into_iter()
+            .map(|v| {
+                let w = state
+                    .models
+                    .loaded()
+                    .into_iter()
+                    .find(|(id, _)| *id == v.id);
+                ModelRuntime {
+                    queue_depth: w.as_ref().map_or(0, |(_, w)| w.queue_depth()),
+                    queue_capacity: w.as_ref().map_or(0, |(_, w)| w.queue_capacity()),
+                    jobs_received: w.as_ref().map_or(0, |(_, w)| w.jobs_received()),
+                    id: v.id,
+                    status: v.status,
+                    memory_mb: v.memory_mb,
+                }
+            })
+            .collect(),
         system: SystemStatus {
             gpu_available: gpu.is_some(),
             gpu_name: gpu.as_ref().map(|g| g.name.clone()),

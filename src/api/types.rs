@@ -229,8 +229,24 @@ pub struct SystemStatus {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StatusResponse {
     pub service: ServiceStatus,
+    /// The default model.
     pub model: ModelStatus,
     pub system: SystemStatus,
+    /// Every model the server offers, with its queue.
+    pub models: Vec<ModelRuntime>,
+}
+
+/// A model's load state and queue (one entry per model in /status).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelRuntime {
+    pub id: String,
+    pub status: crate::engine::registry::ModelStatus,
+    pub memory_mb: f64,
+    /// Requests waiting for this model (not counting the one running).
+    pub queue_depth: usize,
+    pub queue_capacity: usize,
+    /// Jobs the model thread has taken since it loaded.
+    pub jobs_received: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -500,61 +500,58 @@ impl ModelRegistry {
     }
 
     /// Frees what loading `entries[index]` needs, unloading idle models least recently used
-    /// first; refuses when that is not enough.
+    /// first; refuses (unloading nothing) when even that would not be enough.
     fn make_room(&self, entries: &mut [Entry], index: usize) -> Result<(), RegistryError> {
-        let over = |entries: &[Entry]| {
-            let loaded = entries.iter().filter(|e| e.occupies()).count();
-            let count_over = loaded + 1 > self.settings.max_loaded;
-            let memory_over = self.settings.max_memory_mb.is_some_and(|max| {
-                let used: f64 = entries
-                    .iter()
-                    .filter(|e| e.occupies())
-                    .map(|e| e.charged_mb())
-                    .sum();
-                used + entries[index].file_mb().unwrap_or(0.0) > max as f64
-            });
-            (count_over, memory_over)
+        let need = entries[index].file_mb().unwrap_or(0.0);
+        let mut occupying: Vec<usize> = (0..entries.len())
+            .filter(|&i| i != index && entries[i].occupies())
+            .collect();
+        // Least recently used first, idle ones only: the order they would go in.
+        let mut candidates: Vec<usize> = occupying
+            .iter()
+            .copied()
+            .filter(|&i| entries[i].idle())
+            .collect();
+        candidates.sort_by_key(|&i| entries[i].last_used);
+        let used = |set: &[usize]| -> f64 { set.iter().map(|&i| entries[i].charged_mb()).sum() };
+        let fits = |set: &[usize]| {
+            set.len() < self.settings.max_loaded
+                && self
+                    .settings
+                    .max_memory_mb
+                    .is_none_or(|max| used(set) + need <= max as f64)
         };
-        loop {
-            let (count_over, memory_over) = over(entries);
-            if !count_over && !memory_over {
-                return Ok(());
+        let mut victims = Vec::new();
+        for v in candidates {
+            if fits(&occupying) {
+                break;
             }
-            let victim = entries
-                .iter()
-                .enumerate()
-                .filter(|(i, e)| *i != index && e.idle())
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(i, _)| i);
-            match victim {
-                Some(v) => {
-                    tracing::info!(
-                        model = %entries[v].id, "unloading the least recently used model to make room for {}",
-                        entries[index].id
-                    );
-                    entries[v].worker = None;
-                }
-                None if count_over => {
-                    return Err(RegistryError::TooManyLoaded {
-                        max: self.settings.max_loaded,
-                    })
-                }
-                None => {
-                    let max = self.settings.max_memory_mb.unwrap_or(0);
-                    let used: f64 = entries
-                        .iter()
-                        .filter(|e| e.occupies())
-                        .map(|e| e.charged_mb())
-                        .sum();
-                    return Err(RegistryError::MemoryLimit {
-                        id: entries[index].id.clone(),
-                        need_mb: entries[index].file_mb().unwrap_or(0.0),
-                        free_mb: (max as f64 - used).max(0.0),
-                        max_mb: max,
-                    });
-                }
-            }
+            occupying.retain(|&i| i != v);
+            victims.push(v);
         }
+        if !fits(&occupying) {
+            if occupying.len() >= self.settings.max_loaded {
+                return Err(RegistryError::TooManyLoaded {
+                    max: self.settings.max_loaded,
+                });
+            }
+            let max = self.settings.max_memory_mb.unwrap_or(0);
+            return Err(RegistryError::MemoryLimit {
+                id: entries[index].id.clone(),
+                need_mb: need,
+                free_mb: (max as f64 - used(&occupying)).max(0.0),
+                max_mb: max,
+            });
+        }
+        for v in victims {
+            tracing::info!(
+                model = %entries[v].id,
+                "unloading the least recently used model to make room for {}",
+                entries[index].id
+            );
+            entries[v].worker = None;
+        }
+        Ok(())
     }
 }
 

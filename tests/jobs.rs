@@ -1,0 +1,596 @@
+//! Several models in one server and training jobs over the API, with the real binary over real
+//! HTTP: load/unload moves status and memory, a job trains to falling loss and its model then
+//! answers, pause/resume/cancel, a SIGKILL mid-job is resumed to the same loss as an
+//! uninterrupted run, and `tokenscope client` drives it all.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const FOX: &str = "The quick brown fox jumps over the lazy";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A tiny random llama with the default model's tokenizer, as an HF directory (what
+/// `tokenscope train --from-scratch --steps 0` writes).
+fn tiny_model(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny");
+    let o = tokenscope::train::TrainOptions {
+        model: Some(common::default_gguf().to_string_lossy().into()),
+        output: out.clone(),
+        from_scratch: true,
+        config: Some("tiny".into()),
+        steps: Some(0),
+        progress: false,
+        seed: 3,
+        ..Default::default()
+    };
+    tokenscope::train::run(&o).unwrap();
+    out
+}
+
+fn corpus() -> String {
+    "The quick brown fox jumps over the lazy dog. ".repeat(40)
+        + &"Pack my box with five dozen liquor jugs. ".repeat(40)
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    log: PathBuf,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    fn start(state: &Path, args: &[&str]) -> Self {
+        let port = free_port();
+        let log = state.with_extension(format!("{port}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_tokenscope"))
+            .args(["serve", "--port", &port.to_string(), "--state-dir"])
+            .arg(state)
+            .args(["--train-threads", "1"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let server = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(120)))
+                .build()
+                .into(),
+        };
+        server.wait(Duration::from_secs(120), "healthy", |s| {
+            s.get("/health").0 == 200
+        });
+        server
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        match self.agent.get(&format!("{}{path}", self.base)).call() {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_json().unwrap_or(Value::Null),
+            ),
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let mut r = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .send_json(body)
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.body_mut().read_json().unwrap_or(Value::Null),
+        )
+    }
+
+    fn upload(&self, text: &str) -> String {
+        let mut r = self
+            .agent
+            .post(&format!("{}/train/uploads", self.base))
+            .content_type("text/plain")
+            .send(text.as_bytes())
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let v: Value = r.body_mut().read_json().unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    fn wait(&self, limit: Duration, what: &str, mut done: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if done(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out waiting for {what}; server log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    fn job(&self, id: &str) -> Value {
+        let (code, job) = self.get(&format!("/train/jobs/{id}"));
+        assert_eq!(code, 200, "{job}");
+        job
+    }
+
+    fn wait_job(&self, id: &str, status: &str) -> Value {
+        self.wait(
+            Duration::from_secs(300),
+            &format!("job {id} {status}"),
+            |s| {
+                let job = s.job(id);
+                assert!(
+                    job["status"] != "failed" || status == "failed",
+                    "job failed: {job}"
+                );
+                job["status"] == status
+            },
+        );
+        self.job(id)
+    }
+
+    fn model(&self, id: &str) -> Value {
+        let (code, m) = self.get(&format!("/models/{id}"));
+        assert_eq!(code, 200, "{m}");
+        m
+    }
+
+    fn client(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_tokenscope"))
+            .args(["client", "--url", &self.base])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn job_spec(base: &str, upload: &str, name: &str, steps: u64) -> Value {
+    json!({
+        "base_model": base, "data": {"upload_id": upload}, "output_name": name,
+        "steps": steps, "lr": 0.01, "batch_size": 4, "seq_len": 32, "eval_every": 10,
+        "save_every": 5, "warmup": 3, "seed": 7,
+    })
+}
+
+/// The top token of `/generate` for `prompt` on `model`.
+fn top_token(server: &Server, model: &str, prompt: &str) -> String {
+    let (code, r) = server.post(
+        "/generate",
+        json!({"prompt": prompt, "model": model, "temperature": 0, "top_k": 1}),
+    );
+    assert_eq!(code, 200, "{r}");
+    r["generated_text"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn two_models_load_unload_and_answer_each_for_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let default = common::default_gguf();
+    let server = Server::start(
+        &dir.path().join("state"),
+        &[
+            "--model",
+            default.to_str().unwrap(),
+            "--model",
+            tiny.to_str().unwrap(),
+            "--max-loaded-models",
+            "2",
+        ],
+    );
+    let (_, models) = server.get("/models");
+    let ids: Vec<&str> = models
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["SmolLM2-135M-Instruct.Q4_1", "tiny"]);
+    let smol = &models[0];
+    assert_eq!(smol["status"], "loaded");
+    assert_eq!(smol["default"], true);
+    assert_eq!(smol["architecture"], "llama");
+    assert_eq!(smol["quantization"], "Q4_1");
+    assert!(smol["parameters"].as_u64().unwrap() > 100_000_000);
+    assert!(smol["memory_mb"].as_f64().unwrap() > 50.0, "{smol}");
+    assert_eq!(models[1]["status"], "unloaded");
+    assert_eq!(models[1]["memory_mb"], 0.0);
+
+    // /v1/models lists the same ids.
+    let (_, v1) = server.get("/v1/models");
+    let v1_ids: Vec<&str> = v1["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(v1_ids, ids);
+
+    // Not loaded: 409 with a hint; unknown: 404.
+    let (code, e) = server.post("/generate", json!({"prompt": FOX, "model": "tiny"}));
+    assert_eq!(
+        (code, e["error_code"].as_str()),
+        (409, Some("MODEL_NOT_LOADED"))
+    );
+    assert!(e["detail"].as_str().unwrap().contains("/models/tiny/load"));
+    let (code, e) = server.post("/generate", json!({"prompt": FOX, "model": "nope"}));
+    assert_eq!(
+        (code, e["error_code"].as_str()),
+        (404, Some("MODEL_NOT_FOUND"))
+    );
+    let (code, e) = server.post(
+        "/v1/completions",
+        json!({"prompt": FOX, "model": "nope", "max_tokens": 1}),
+    );
+    assert_eq!(code, 404, "{e}");
+    assert_eq!(e["error"]["code"], "MODEL_NOT_FOUND");
+
+    // Load: 202, then loaded with its memory.
+    let (code, m) = server.post("/models/tiny/load", json!({}));
+    assert!(code == 202 || code == 200, "{code} {m}");
+    server.wait(Duration::from_secs(60), "tiny loaded", |s| {
+        s.model("tiny")["status"] == "loaded"
+    });
+    let m = server.model("tiny");
+    assert!(m["memory_mb"].as_f64().unwrap() > 0.0, "{m}");
+    assert!(m["loaded_at"].is_string());
+    let (code, _) = server.post("/models/tiny/load", json!({}));
+    assert_eq!(code, 200, "loading a loaded model is a no-op");
+
+    // Both answer at once, each with its own distribution.
+    let smol_says = top_token(&server, "SmolLM2-135M-Instruct.Q4_1", FOX);
+    assert_eq!(smol_says, " dog");
+    let (code, r) = server.post(
+        "/generate",
+        json!({"prompt": FOX, "model": "tiny", "temperature": 0, "top_k": 5}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let (code, default_r) = server.post(
+        "/generate",
+        json!({"prompt": FOX, "temperature": 0, "top_k": 5}),
+    );
+    assert_eq!(code, 200);
+    assert_ne!(
+        r["tokens"][0]["logprob"], default_r["tokens"][0]["logprob"],
+        "the tiny random model must not answer like the default one"
+    );
+    let (code, c) = server.post(
+        "/v1/completions",
+        json!({"prompt": FOX, "model": "tiny", "max_tokens": 1, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{c}");
+    assert_eq!(c["model"], "tiny");
+    let (code, t) = server.post("/tokenize", json!({"prompt": FOX, "model": "tiny"}));
+    assert_eq!(code, 200, "{t}");
+
+    // /status reports per model.
+    let (_, status) = server.get("/status");
+    let per_model = status["models"].as_array().unwrap();
+    assert_eq!(per_model.len(), 2);
+    assert!(per_model.iter().all(|m| m["status"] == "loaded"));
+    let (_, metrics) = {
+        let mut r = server
+            .agent
+            .get(&format!("{}/metrics", server.base))
+            .call()
+            .unwrap();
+        (0, r.body_mut().read_to_string().unwrap())
+    };
+    assert!(metrics.contains("tokenscope_model_loaded_by_id{model=\"tiny\"} 1"));
+
+    // Unload: status and memory move; requests get 409 again; health stays 200.
+    let (code, m) = server.post("/models/tiny/unload", json!({}));
+    assert_eq!(code, 200);
+    assert_eq!(m["status"], "unloaded");
+    assert_eq!(m["memory_mb"], 0.0);
+    let (code, _) = server.post("/generate", json!({"prompt": FOX, "model": "tiny"}));
+    assert_eq!(code, 409);
+    assert_eq!(server.get("/health").0, 200);
+
+    // The client sees the same.
+    let (ok, out) = server.client(&["models"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("tiny") && out.contains("unloaded"), "{out}");
+    let (ok, out) = server.client(&["load", "tiny", "--wait"]);
+    assert!(ok && out.contains("tiny: loaded"), "{out}");
+    let (ok, out) = server.client(&["generate", FOX, "--model", "tiny", "-k", "3"]);
+    assert!(ok && out.contains("rank"), "{out}");
+    let (ok, out) = server.client(&["status", "--json"]);
+    assert!(ok, "{out}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["models"][1]["status"], "loaded");
+    let (ok, out) = server.client(&["unload", "tiny"]);
+    assert!(ok && out.contains("tiny: unloaded"), "{out}");
+}
+
+#[test]
+fn the_memory_guard_unloads_the_least_recently_used_model_or_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let models_dir = dir.path().join("more");
+    std::fs::create_dir_all(&models_dir).unwrap();
+    let default = common::default_gguf();
+    std::fs::copy(&default, models_dir.join("copy-of-smol.gguf")).unwrap();
+    // Room for the default model (~94 MiB on disk, ~120 MiB resident) or the tiny one, not both.
+    let server = Server::start(
+        &dir.path().join("state"),
+        &[
+            "--model",
+            tiny.to_str().unwrap(),
+            "--models-dir",
+            models_dir.to_str().unwrap(),
+            "--max-loaded-models",
+            "3",
+            "--max-memory",
+            "100",
+        ],
+    );
+    assert_eq!(server.model("tiny")["status"], "loaded");
+    assert_eq!(server.model("copy-of-smol")["status"], "unloaded");
+    assert_eq!(server.model("copy-of-smol")["origin"], "models_dir");
+    // Loading the big one unloads the tiny one (idle, least recently used).
+    let (code, m) = server.post("/models/copy-of-smol/load", json!({}));
+    assert!(code == 202 || code == 200, "{m}");
+    server.wait(Duration::from_secs(60), "copy loaded", |s| {
+        s.model("copy-of-smol")["status"] == "loaded"
+    });
+    assert_eq!(server.model("tiny")["status"], "unloaded");
+    // Requests without `model` use the default (tiny): 409 now.
+    let (code, _) = server.post("/generate", json!({"prompt": FOX}));
+    assert_eq!(code, 409);
+    assert_eq!(top_token(&server, "copy-of-smol", FOX), " dog");
+}
+
+#[test]
+fn a_memory_limit_below_the_model_refuses_the_load_and_unloads_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let default = common::default_gguf();
+    let server = Server::start(
+        &dir.path().join("state"),
+        &[
+            "--model",
+            tiny.to_str().unwrap(),
+            "--model",
+            default.to_str().unwrap(),
+            "--max-loaded-models",
+            "2",
+            "--max-memory",
+            "60",
+        ],
+    );
+    let (code, e) = server.post("/models/SmolLM2-135M-Instruct.Q4_1/load", json!({}));
+    assert_eq!(code, 507, "{e}");
+    assert_eq!(e["error_code"], "INSUFFICIENT_MEMORY");
+    assert_eq!(server.model("tiny")["status"], "loaded", "nothing unloaded");
+}
+
+#[test]
+fn a_training_job_learns_registers_its_model_and_can_be_paused_resumed_and_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let server = Server::start(
+        &dir.path().join("state"),
+        &["--model", tiny.to_str().unwrap()],
+    );
+    let upload = server.upload(&corpus());
+    let (code, job) = server.post("/train/jobs", job_spec("tiny", &upload, "fox", 30));
+    assert_eq!(code, 202, "{job}");
+    assert_eq!(job["status"], "queued");
+    let id = job["id"].as_str().unwrap().to_string();
+
+    // Bad jobs are refused clearly.
+    let (code, e) = server.post("/train/jobs", job_spec("nope", &upload, "x", 5));
+    assert_eq!(code, 422, "{e}");
+    let (code, e) = server.post("/train/jobs", job_spec("tiny", &upload, "fox", 5));
+    assert_eq!(
+        (code, e["error_code"].as_str()),
+        (409, Some("JOB_CONFLICT"))
+    );
+    let (code, e) = server.post(
+        "/train/jobs",
+        json!({"base_model": "tiny", "data": {"path": "../../etc/passwd"}, "output_name": "evil"}),
+    );
+    assert_eq!(code, 422, "{e}");
+
+    let done = server.wait_job(&id, "completed");
+    assert_eq!(done["step"], 30);
+    let history = done["history"].as_array().unwrap();
+    let train: Vec<f64> = history
+        .iter()
+        .filter_map(|p| p["train_loss"].as_f64())
+        .collect();
+    assert_eq!(train.len(), 30);
+    let evals: Vec<f64> = history
+        .iter()
+        .filter_map(|p| p["eval_loss"].as_f64())
+        .collect();
+    assert!(evals.len() >= 3, "{history:?}");
+    assert!(train[29] < train[0] / 3.0, "loss fell: {train:?}");
+    assert!(
+        evals.last().unwrap() < &(evals[0] / 3.0),
+        "eval fell: {evals:?}"
+    );
+    assert!(done["eval_perplexity"].as_f64().unwrap() > 1.0);
+    assert!(done["finished_at"].is_string());
+
+    // The output is a model now: load it and ask.
+    assert_eq!(server.model("fox")["origin"], "trained");
+    server.post("/models/fox/load", json!({}));
+    server.wait(Duration::from_secs(60), "fox loaded", |s| {
+        s.model("fox")["status"] == "loaded"
+    });
+    assert_eq!(top_token(&server, "fox", FOX), " dog");
+
+    // Pause, resume and cancel a longer job.
+    let (_, long) = server.post("/train/jobs", job_spec("tiny", &upload, "long", 100_000));
+    let long = long["id"].as_str().unwrap().to_string();
+    server.wait(Duration::from_secs(60), "long job steps", |s| {
+        s.job(&long)["step"].as_u64().unwrap() >= 2
+    });
+    let (code, _) = server.post(&format!("/train/jobs/{long}/pause"), json!({}));
+    assert_eq!(code, 200);
+    let paused = server.wait_job(&long, "paused");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        server.job(&long)["step"],
+        paused["step"],
+        "a paused job does not move"
+    );
+    let (code, _) = server.post(&format!("/train/jobs/{long}/resume"), json!({}));
+    assert_eq!(code, 200);
+    let before = paused["step"].as_u64().unwrap();
+    server.wait(Duration::from_secs(60), "resumed job steps", |s| {
+        let j = s.job(&long);
+        j["status"] == "running" && j["step"].as_u64().unwrap() > before + 1
+    });
+    let (code, _) = server.post(&format!("/train/jobs/{long}/cancel"), json!({}));
+    assert_eq!(code, 200);
+    server.wait_job(&long, "cancelled");
+    let (code, e) = server.post(&format!("/train/jobs/{long}/resume"), json!({}));
+    assert_eq!(code, 409, "{e}");
+    let (code, _) = server.post("/train/jobs/job-none/pause", json!({}));
+    assert_eq!(code, 404);
+
+    // The client: a job from a file, followed to the end; the job list.
+    let data = dir.path().join("corpus.txt");
+    std::fs::write(&data, corpus()).unwrap();
+    let (ok, out) = server.client(&[
+        "train",
+        "--base",
+        "tiny",
+        "--data",
+        data.to_str().unwrap(),
+        "--name",
+        "fox2",
+        "--steps",
+        "5",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--follow",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("completed"), "{out}");
+    let (ok, out) = server.client(&["jobs", "--json"]);
+    assert!(ok, "{out}");
+    let jobs: Value = serde_json::from_str(&out).unwrap();
+    let statuses: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["completed", "cancelled", "completed"]);
+    let (ok, out) = server.client(&["jobs"]);
+    assert!(
+        ok && out.contains("fox2") && out.contains("cancelled"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_job_killed_mid_run_is_interrupted_and_resumes_to_the_same_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let state = dir.path().join("state");
+    let args = ["--model", tiny.to_str().unwrap()];
+    let steps = 60;
+
+    let server = Server::start(&state, &args);
+    let upload = server.upload(&corpus());
+    let (_, job) = server.post("/train/jobs", job_spec("tiny", &upload, "killed", steps));
+    let killed = job["id"].as_str().unwrap().to_string();
+    server.wait(Duration::from_secs(120), "past two checkpoints", |s| {
+        s.job(&killed)["step"].as_u64().unwrap() >= 12
+    });
+    server.kill(); // SIGKILL: no chance to clean up.
+
+    let server = Server::start(&state, &args);
+    let (_, jobs) = server.get("/train/jobs");
+    assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
+    let job = server.job(&killed);
+    assert_eq!(job["status"], "interrupted", "{job}");
+    let (code, _) = server.post(&format!("/train/jobs/{killed}/resume"), json!({}));
+    assert_eq!(code, 200);
+    let resumed = server.wait_job(&killed, "completed");
+
+    // The same job, never interrupted.
+    let (_, job) = server.post("/train/jobs", job_spec("tiny", &upload, "straight", steps));
+    let straight = server.wait_job(job["id"].as_str().unwrap(), "completed");
+    let curve = |j: &Value| -> Vec<f64> {
+        j["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["train_loss"].as_f64())
+            .collect()
+    };
+    let (a, b) = (curve(&resumed), curve(&straight));
+    assert_eq!(a.len(), steps as usize);
+    assert_eq!(b.len(), steps as usize);
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst <= 1e-5,
+        "resumed vs uninterrupted loss differ by {worst}"
+    );
+    let final_diff =
+        (resumed["train_loss"].as_f64().unwrap() - straight["train_loss"].as_f64().unwrap()).abs();
+    assert!(final_diff <= 1e-5, "final loss differs by {final_diff}");
+    assert_eq!(
+        top_token_after_load(&server, "killed"),
+        top_token_after_load(&server, "straight")
+    );
+}
+
+fn top_token_after_load(server: &Server, id: &str) -> String {
+    server.post(&format!("/models/{id}/load"), json!({}));
+    server.wait(Duration::from_secs(60), "loaded", |s| {
+        s.model(id)["status"] == "loaded"
+    });
+    top_token(server, id, FOX)
+}
