@@ -11,9 +11,11 @@ start_test_server() {
   local bin="${CARGO_TARGET_DIR:-target}/debug/tokenscope"
   PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   LOG="$(mktemp -t "tokenscope-$name.XXXXXX.log")"
-  "$bin" serve --host 127.0.0.1 --port "$PORT" "$@" >"$LOG" 2>&1 &
+  # Its own job database and uploads, gone with it.
+  STATE_DIR="$(mktemp -d -t "tokenscope-$name-state.XXXXXX")"
+  "$bin" serve --host 127.0.0.1 --port "$PORT" --state-dir "$STATE_DIR" "$@" >"$LOG" 2>&1 &
   SERVER=$!
-  trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
+  trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; rm -rf "$STATE_DIR"' EXIT
   for _ in $(seq 1 600); do
     if test_server_healthy; then return 0; fi
     if ! kill -0 "$SERVER" 2>/dev/null; then

@@ -55,11 +55,12 @@ same bytes.",
         tokenize::TokenizeResponse, oai::ServerSentEvent,
         tokenize::DetokenizeRequest, tokenize::DetokenizeResponse,
         tokenize::TokenizerInfoResponse,
-        crate::engine::registry::ModelView, crate::engine::registry::ModelStatus,
+        crate::engine::registry::ModelView, crate::engine::registry::LoadStatus,
         crate::engine::registry::Origin,
         crate::train::jobs::JobSpec, crate::train::jobs::JobView, crate::train::jobs::DataSpec,
         crate::train::jobs::TextData, crate::train::jobs::UploadData, crate::train::jobs::PathData,
-        crate::train::store::HistoryPoint, crate::train::store::UploadRow
+        crate::train::store::HistoryPoint, crate::train::store::UploadRow,
+        super::jobs::UploadText
     )),
     modifiers(&BearerScheme),
     tags(

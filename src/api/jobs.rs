@@ -2,6 +2,7 @@
 //! resumed, cancelled; persisted in the state database). Jobs are visible to every API key:
 //! the service is single-tenant.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -9,7 +10,6 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
 
 use super::error::{ApiError, ErrorBody, FieldError};
 use super::AppState;
@@ -22,6 +22,8 @@ impl From<JobError> for ApiError {
             JobError::NotFound(_) => {
                 Self::new(StatusCode::NOT_FOUND, "JOB_NOT_FOUND", e.to_string())
             }
+            JobError::Missing(code, msg) => Self::new(StatusCode::NOT_FOUND, code, msg),
+            JobError::Forbidden(msg) => Self::new(StatusCode::FORBIDDEN, "PATH_NOT_ALLOWED", msg),
             JobError::Invalid(msg, field) => Self::validation(
                 vec![FieldError {
                     loc: vec!["body".into(), field.into()],
@@ -48,6 +50,11 @@ impl From<JobError> for ApiError {
     }
 }
 
+/// An upload's body: UTF-8 text with at least one non-space character and no NUL.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, pattern = r"^[^\x00]*\S[^\x00]*$")]
+pub struct UploadText(#[allow(dead_code)] String);
+
 fn manager(state: &AppState) -> Result<Arc<JobManager>, ApiError> {
     state.jobs.clone().ok_or_else(|| {
         ApiError::new(
@@ -68,25 +75,17 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct UploadQuery {
-    /// `text` (the whole file is one document) or `jsonl` (one JSON object with a `text` field
-    /// per line). Default: from the Content-Type (`application/jsonl`, `application/x-ndjson`
-    /// → jsonl), else text.
-    pub format: Option<String>,
-}
-
 /// Uploads training data for a later job (`data: {"upload_id": ...}`): the raw body, UTF-8
-/// text or JSONL, at most `--max-upload-bytes`.
+/// text, at most `--max-upload-bytes`. JSONL (one object with a `text` field per line) is
+/// accepted too: send it as `Content-Type: application/jsonl` (or `application/x-ndjson`), or
+/// add `?format=jsonl` (`?format=text` forces text).
 #[utoipa::path(
     post,
     path = "/train/uploads",
     tag = "training",
-    params(UploadQuery),
     request_body(content(
-        (String = "text/plain"),
-        (String = "application/jsonl"),
-    ), description = "The training text, or JSONL with a `text` field per line"),
+        (UploadText = "text/plain"),
+    ), description = "The training text (UTF-8)"),
     responses(
         (status = 201, description = "Stored", body = UploadRow),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
@@ -98,7 +97,7 @@ pub struct UploadQuery {
 )]
 pub async fn upload(
     State(state): State<AppState>,
-    Query(query): Query<UploadQuery>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     req: Request<Body>,
 ) -> Result<Response, ApiError> {
     let jobs = manager(&state)?;
@@ -124,7 +123,8 @@ pub async fn upload(
             "Content-Type must be text/plain or application/jsonl",
         ));
     }
-    let jsonl = match query.format.as_deref() {
+    let format = query.ok().and_then(|Query(q)| q.get("format").cloned());
+    let jsonl = match format.as_deref() {
         None => jsonl_media,
         Some("jsonl") => true,
         Some("text") => false,
@@ -158,9 +158,11 @@ pub async fn upload(
         (status = 202, description = "Queued", body = JobView),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 409, description = "JOB_CONFLICT: output_name is taken by a model or another job", body = ErrorBody),
+        (status = 403, description = "PATH_NOT_ALLOWED: data.path outside --data-dir, or no --data-dir", body = ErrorBody),
+        (status = 404, description = "MODEL_NOT_FOUND, UPLOAD_NOT_FOUND or DATA_NOT_FOUND", body = ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
         (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = ErrorBody),
-        (status = 422, description = "VALIDATION_ERROR: unknown base model, bad settings, data outside --data-dir", body = ErrorBody),
+        (status = 422, description = "VALIDATION_ERROR: settings out of range, malformed body", body = ErrorBody),
     ),
     security((), ("bearer" = []))
 )]
@@ -180,6 +182,8 @@ pub async fn create(
             None,
         )
     })?;
+    // JSON Schema's integers include 5.0: so do ours (steps, batch_size, ...).
+    let value = super::openai::error::integral_floats_as_integers(value);
     let spec: JobSpec = serde_path_to_error::deserialize(value).map_err(|e| {
         let mut loc: Vec<serde_json::Value> = vec!["body".into()];
         loc.extend(

@@ -225,7 +225,7 @@ pub async fn handler(State(state): State<AppState>) -> Response {
     let loaded = state.models.loaded();
     for v in &views {
         let worker = loaded.iter().find(|(id, _)| *id == v.id).map(|(_, w)| w);
-        let is_loaded = matches!(v.status, crate::engine::registry::ModelStatus::Loaded);
+        let is_loaded = matches!(v.status, crate::engine::registry::LoadStatus::Loaded);
         m.models_loaded
             .with_label_values(&[v.id.as_str()])
             .set(i64::from(is_loaded));

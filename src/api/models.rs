@@ -7,7 +7,7 @@ use axum::Json;
 
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
-use crate::engine::registry::{ModelStatus, ModelView};
+use crate::engine::registry::{LoadStatus, ModelView};
 
 fn view(state: &AppState, id: &str) -> Result<ModelView, ApiError> {
     state
@@ -81,7 +81,7 @@ pub async fn load(
     state.models.load(&id)?;
     let v = view(&state, &id)?;
     let code = match v.status {
-        ModelStatus::Loaded => StatusCode::OK,
+        LoadStatus::Loaded => StatusCode::OK,
         _ => StatusCode::ACCEPTED,
     };
     Ok((code, Json(v)).into_response())

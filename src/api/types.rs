@@ -240,7 +240,7 @@ pub struct StatusResponse {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ModelRuntime {
     pub id: String,
-    pub status: crate::engine::registry::ModelStatus,
+    pub status: crate::engine::registry::LoadStatus,
     pub memory_mb: f64,
     /// Requests waiting for this model (not counting the one running).
     pub queue_depth: usize,

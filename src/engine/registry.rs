@@ -59,7 +59,7 @@ pub enum Origin {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum ModelStatus {
+pub enum LoadStatus {
     Loaded,
     Loading,
     Unloaded,
@@ -82,7 +82,7 @@ pub struct ModelView {
     /// Storage type of most weights (`Q4_1`, `Q8_0`, `F32`, `BF16`, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization: Option<String>,
-    pub status: ModelStatus,
+    pub status: LoadStatus,
     /// Resident memory the load added (0 when not loaded).
     pub memory_mb: f64,
     /// Size of the weight files: the memory guard's estimate before a load.
@@ -172,10 +172,10 @@ impl Entry {
 
     fn view(&self, default: bool) -> ModelView {
         let (status, error) = match self.state() {
-            ModelState::Ready(_) | ModelState::Restarting(_) => (ModelStatus::Loaded, None),
-            ModelState::Loading => (ModelStatus::Loading, None),
-            ModelState::Unloaded => (ModelStatus::Unloaded, None),
-            ModelState::Failed(reason) => (ModelStatus::Failed, Some(reason)),
+            ModelState::Ready(_) | ModelState::Restarting(_) => (LoadStatus::Loaded, None),
+            ModelState::Loading => (LoadStatus::Loading, None),
+            ModelState::Unloaded => (LoadStatus::Unloaded, None),
+            ModelState::Failed(reason) => (LoadStatus::Failed, Some(reason)),
         };
         let round = |x: f64| (x * 10.0).round() / 10.0;
         ModelView {
@@ -227,9 +227,15 @@ pub fn id_from_name(name: &str) -> String {
     }
 }
 
-/// True when `s` is a valid id as [`id_from_name`] makes them.
+/// True when `s` is a valid id: 1 to 128 letters, digits, `.`, `_` and `-`, neither starting
+/// nor ending with `.` or `-` (what [`id_from_name`] makes).
 pub fn is_valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && id_from_name(s) == s
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    s.len() <= 128
+        && edge_ok(s.chars().next())
+        && edge_ok(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 pub struct ModelRegistry {

@@ -45,8 +45,8 @@ pub enum DataSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TextData {
-    /// The training text itself.
-    #[schema(min_length = 1)]
+    /// The training text itself (at least one character that is not whitespace).
+    #[schema(min_length = 1, pattern = r"\S")]
     pub text: String,
 }
 
@@ -74,7 +74,10 @@ pub struct JobSpec {
     pub base_model: String,
     pub data: DataSpec,
     /// Id of the model the job produces (letters, digits, `.`, `_`, `-`).
-    #[schema(pattern = r"^[A-Za-z0-9_][A-Za-z0-9._-]*$", max_length = 128)]
+    #[schema(
+        pattern = r"^[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_])?$",
+        max_length = 128
+    )]
     pub output_name: String,
     /// Optimizer steps.
     #[serde(default = "default_steps")]
@@ -93,18 +96,18 @@ pub struct JobSpec {
     pub seq_len: u64,
     /// Evaluate on the held-out windows every this many steps (0: only at the start and end).
     #[serde(default = "default_eval_every")]
-    #[schema(default = 10, minimum = 0)]
+    #[schema(default = 10, minimum = 0, maximum = 1000000)]
     pub eval_every: u64,
     /// Checkpoint every this many steps (what a resume continues from).
     #[serde(default = "default_save_every")]
-    #[schema(default = 50, minimum = 1)]
+    #[schema(default = 50, minimum = 1, maximum = 1000000)]
     pub save_every: u64,
     /// Warm-up steps (default: a tenth of the steps, at most 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 1000000)]
     pub warmup: Option<u64>,
     #[serde(default)]
-    #[schema(default = 0, minimum = 0)]
+    #[schema(default = 0, minimum = 0, maximum = 9223372036854775807_i64)]
     pub seed: u64,
 }
 
@@ -166,6 +169,12 @@ pub struct JobView {
 pub enum JobError {
     #[error("job `{0}` not found")]
     NotFound(String),
+    /// A model, upload or data path the request names does not exist.
+    #[error("{1}")]
+    Missing(&'static str, String),
+    /// A data path the server will not read.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Invalid(String, &'static str),
     #[error("{0}")]
@@ -351,9 +360,9 @@ impl JobManager {
     fn check(&self, spec: &JobSpec) -> Result<(), JobError> {
         let inv = |field: &'static str, msg: &str| JobError::invalid(field, msg);
         if self.registry.find(&spec.base_model).is_none() {
-            return Err(inv(
-                "base_model",
-                &format!(
+            return Err(JobError::Missing(
+                "MODEL_NOT_FOUND",
+                format!(
                     "base_model `{}` is not a model of this server (GET /models lists them)",
                     spec.base_model
                 ),
@@ -377,11 +386,20 @@ impl JobManager {
         if !(2..=8192).contains(&spec.seq_len) {
             return Err(inv("seq_len", "seq_len must be between 2 and 8192"));
         }
-        if spec.save_every == 0 {
-            return Err(inv("save_every", "save_every must be at least 1"));
+        if !(1..=1_000_000).contains(&spec.save_every) {
+            return Err(inv(
+                "save_every",
+                "save_every must be between 1 and 1000000",
+            ));
         }
-        if spec.warmup.is_some_and(|w| w > spec.steps) {
-            return Err(inv("warmup", "warmup must be at most steps"));
+        if spec.eval_every > 1_000_000 {
+            return Err(inv("eval_every", "eval_every must be at most 1000000"));
+        }
+        if spec.warmup.is_some_and(|w| w > 1_000_000) {
+            return Err(inv("warmup", "warmup must be at most 1000000"));
+        }
+        if spec.seed > i64::MAX as u64 {
+            return Err(inv("seed", &format!("seed must be at most {}", i64::MAX)));
         }
         match &spec.data {
             DataSpec::Text(t) if t.text.trim().is_empty() => {
@@ -392,7 +410,10 @@ impl JobManager {
             }
             DataSpec::Upload(u) => {
                 if self.store.upload(&u.upload_id)?.is_none() {
-                    return Err(inv("data", &format!("upload `{}` not found", u.upload_id)));
+                    return Err(JobError::Missing(
+                        "UPLOAD_NOT_FOUND",
+                        format!("upload `{}` not found (POST /train/uploads)", u.upload_id),
+                    ));
                 }
             }
             DataSpec::Path(p) => {
@@ -422,7 +443,7 @@ impl JobManager {
     /// `path` under `--data-dir`, refusing anything that leaves it (`..`, absolute paths,
     /// symbolic links pointing out).
     fn data_path(&self, path: &str) -> Result<PathBuf, JobError> {
-        let inv = |m: String| JobError::invalid("data", m);
+        let inv = JobError::Forbidden;
         let Some(root) = &self.settings.data_dir else {
             return Err(inv(
                 "data.path needs a server started with --data-dir; upload the data (POST /train/uploads) or send it as data.text".into(),
@@ -439,9 +460,13 @@ impl JobManager {
             )));
         }
         let root = std::fs::canonicalize(root)
-            .map_err(|e| inv(format!("--data-dir is not readable: {e}")))?;
-        let full = std::fs::canonicalize(root.join(rel))
-            .map_err(|_| inv(format!("data.path `{path}` does not exist in --data-dir")))?;
+            .map_err(|e| JobError::Io(format!("--data-dir is not readable: {e}")))?;
+        let full = std::fs::canonicalize(root.join(rel)).map_err(|_| {
+            JobError::Missing(
+                "DATA_NOT_FOUND",
+                format!("data.path `{path}` does not exist in --data-dir"),
+            )
+        })?;
         if !full.starts_with(&root) {
             return Err(inv(format!("data.path `{path}` leads outside --data-dir")));
         }
@@ -733,7 +758,9 @@ impl JobManager {
             batch_size: spec.batch_size as usize,
             seq_len: spec.seq_len as usize,
             lr: spec.lr,
-            warmup: spec.warmup.map_or((steps / 10).min(10), |w| w as usize),
+            warmup: spec
+                .warmup
+                .map_or((steps / 10).min(10), |w| (w as usize).min(steps)),
             eval_every: spec.eval_every as usize,
             save_every: spec.save_every as usize,
             resume: true,

@@ -31,6 +31,9 @@ pub const DEFAULT_MAX_TOKENS: u32 = 16;
         )),
         (status = 400, description = "EMPTY_PROMPT or PROMPT_TOO_LONG", body = super::error::OpenAiErrorBody),
         (status = 401, description = "Missing or wrong bearer key", body = super::error::OpenAiErrorBody),
+        (status = 404, description = "MODEL_NOT_FOUND: `model` names no model of this server", body = super::error::OpenAiErrorBody),
+        (status = 409, description = "MODEL_NOT_LOADED: the model is unloaded (POST /models/{id}/load); TOO_MANY_MODELS (--autoload)", body = super::error::OpenAiErrorBody),
+        (status = 507, description = "INSUFFICIENT_MEMORY (--autoload under --max-memory)", body = super::error::OpenAiErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::OpenAiErrorBody),
         (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = super::error::OpenAiErrorBody),
         (status = 422, description = "A field out of range or of the wrong type (`param` names it)", body = super::error::OpenAiErrorBody),
@@ -113,6 +116,7 @@ pub async fn create(
 pub fn ready(state: &AppState) -> Result<std::sync::Arc<ModelInfo>, OpenAiError> {
     match state.worker().state() {
         ModelState::Ready(info) => Ok(info),
+        ModelState::Unloaded => Err(run::worker_error(state, WorkerError::Unloaded)),
         _ => Err(run::worker_error(state, WorkerError::NotLoaded)),
     }
 }

@@ -167,7 +167,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
 }
 
 /// Every float with no fractional part (and in u64/i64 range) as an integer.
-fn integral_floats_as_integers(value: serde_json::Value) -> serde_json::Value {
+pub(crate) fn integral_floats_as_integers(value: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match value {
         Value::Number(n) if n.is_f64() => {

@@ -112,6 +112,9 @@ pub struct TokenizeResponse {
         (status = 200, description = "The token ids", body = TokenizeResponse),
         (status = 400, description = "NO_CHAT_TEMPLATE or CHAT_TEMPLATE_ERROR", body = super::error::OpenAiErrorBody),
         (status = 401, description = "Missing or wrong bearer key", body = super::error::OpenAiErrorBody),
+        (status = 404, description = "MODEL_NOT_FOUND: `model` names no model of this server", body = super::error::OpenAiErrorBody),
+        (status = 409, description = "MODEL_NOT_LOADED: the model is unloaded (POST /models/{id}/load); TOO_MANY_MODELS (--autoload)", body = super::error::OpenAiErrorBody),
+        (status = 507, description = "INSUFFICIENT_MEMORY (--autoload under --max-memory)", body = super::error::OpenAiErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::OpenAiErrorBody),
         (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = super::error::OpenAiErrorBody),
         (status = 422, description = "Neither or both of prompt and messages, or a wrong type", body = super::error::OpenAiErrorBody),
@@ -206,6 +209,9 @@ pub struct DetokenizeResponse {
     responses(
         (status = 200, description = "The text", body = DetokenizeResponse),
         (status = 401, description = "Missing or wrong bearer key", body = super::error::OpenAiErrorBody),
+        (status = 404, description = "MODEL_NOT_FOUND: `model` names no model of this server", body = super::error::OpenAiErrorBody),
+        (status = 409, description = "MODEL_NOT_LOADED: the model is unloaded (POST /models/{id}/load); TOO_MANY_MODELS (--autoload)", body = super::error::OpenAiErrorBody),
+        (status = 507, description = "INSUFFICIENT_MEMORY (--autoload under --max-memory)", body = super::error::OpenAiErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::OpenAiErrorBody),
         (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = super::error::OpenAiErrorBody),
         (status = 422, description = "A token id outside the vocabulary", body = super::error::OpenAiErrorBody),
@@ -259,6 +265,7 @@ pub struct TokenizerInfoResponse {
     responses(
         (status = 200, description = "Special tokens, BOS rule, context length, chat template", body = TokenizerInfoResponse),
         (status = 401, description = "Missing or wrong bearer key", body = super::error::OpenAiErrorBody),
+        (status = 409, description = "MODEL_NOT_LOADED: the default model is unloaded", body = super::error::OpenAiErrorBody),
         (status = 503, description = "MODEL_NOT_LOADED", body = super::error::OpenAiErrorBody),
     ),
     security((), ("bearer" = []))

@@ -446,7 +446,7 @@ pub struct ModelCard {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_model_len: Option<usize>,
     /// loaded | loading | unloaded | failed (tokenscope's field: GET /models has the rest).
-    pub status: crate::engine::registry::ModelStatus,
+    pub status: crate::engine::registry::LoadStatus,
 }
 
 /// Response of GET /v1/models.
