@@ -10,6 +10,7 @@ setting; prints p50/p95 latency of a short next-token request and the job's toke
 
 import argparse
 import json
+import random
 import socket
 import statistics
 import subprocess
@@ -17,7 +18,8 @@ import tempfile
 import time
 import urllib.request
 
-PROMPT = "The capital of France is"
+WORDS = ("river stone music garden winter coffee planet silver engine doctor forest "
+         "market window island candle letter summer mountain pocket thunder").split()
 CORPUS = " ".join(
     f"Recipe {i}: mix flour, water and a pinch of cardamom, then bake for {10 + i % 20} minutes."
     for i in range(400)
@@ -36,10 +38,13 @@ def call(base, method, path, body=None, content_type="application/json"):
 
 
 def latencies(base, n):
+    """Each prompt starts differently (a short sentence of random words), so the prefix cache
+    cannot answer from memory: every request runs the model on ~10 tokens."""
     out = []
     for _ in range(n):
+        prompt = " ".join(random.choice(WORDS) for _ in range(8)).capitalize() + " is"
         t = time.perf_counter()
-        call(base, "POST", "/generate", {"prompt": PROMPT, "top_k": 5, "temperature": 0})
+        call(base, "POST", "/generate", {"prompt": prompt, "top_k": 5, "temperature": 0})
         out.append((time.perf_counter() - t) * 1000)
     return out
 

@@ -45,8 +45,8 @@ pub enum DataSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TextData {
-    /// The training text itself (at least one character that is not whitespace).
-    #[schema(min_length = 1, pattern = r"\S")]
+    /// The training text itself (at least one character that is not whitespace; no NUL).
+    #[schema(min_length = 1, pattern = r"^[^\x00]*\S[^\x00]*$")]
     pub text: String,
 }
 
