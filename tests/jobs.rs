@@ -406,9 +406,16 @@ fn a_memory_limit_below_the_model_refuses_the_load_and_unloads_nothing() {
 fn a_training_job_learns_registers_its_model_and_can_be_paused_resumed_and_cancelled() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = tiny_model(dir.path());
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
     let server = Server::start(
         &dir.path().join("state"),
-        &["--model", tiny.to_str().unwrap()],
+        &[
+            "--model",
+            tiny.to_str().unwrap(),
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ],
     );
     let upload = server.upload(&corpus());
     let (code, job) = server.post("/train/jobs", job_spec("tiny", &upload, "fox", 30));
@@ -418,17 +425,39 @@ fn a_training_job_learns_registers_its_model_and_can_be_paused_resumed_and_cance
 
     // Bad jobs are refused clearly.
     let (code, e) = server.post("/train/jobs", job_spec("nope", &upload, "x", 5));
-    assert_eq!(code, 422, "{e}");
+    assert_eq!(
+        (code, e["error_code"].as_str()),
+        (404, Some("MODEL_NOT_FOUND"))
+    );
+    let (code, e) = server.post("/train/jobs", job_spec("tiny", "upload-none", "x", 5));
+    assert_eq!(
+        (code, e["error_code"].as_str()),
+        (404, Some("UPLOAD_NOT_FOUND"))
+    );
     let (code, e) = server.post("/train/jobs", job_spec("tiny", &upload, "fox", 5));
     assert_eq!(
         (code, e["error_code"].as_str()),
         (409, Some("JOB_CONFLICT"))
     );
+    for path in ["../../etc/passwd", "/etc/passwd"] {
+        let (code, e) = server.post(
+            "/train/jobs",
+            json!({"base_model": "tiny", "data": {"path": path}, "output_name": "evil"}),
+        );
+        assert_eq!(
+            (code, e["error_code"].as_str()),
+            (403, Some("PATH_NOT_ALLOWED")),
+            "{path}"
+        );
+    }
     let (code, e) = server.post(
         "/train/jobs",
-        json!({"base_model": "tiny", "data": {"path": "../../etc/passwd"}, "output_name": "evil"}),
+        json!({"base_model": "tiny", "data": {"path": "missing.txt"}, "output_name": "evil"}),
     );
-    assert_eq!(code, 422, "{e}");
+    assert_eq!(
+        (code, e["error_code"].as_str()),
+        (404, Some("DATA_NOT_FOUND"))
+    );
 
     let done = server.wait_job(&id, "completed");
     assert_eq!(done["step"], 30);
