@@ -13,14 +13,6 @@ use serde_json::{json, Value};
 
 const FOX: &str = "The quick brown fox jumps over the lazy";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A tiny random llama with the default model's tokenizer, as an HF directory (what
 /// `tokenscope train --from-scratch --steps 0` writes).
 fn tiny_model(dir: &Path) -> PathBuf {
@@ -53,7 +45,7 @@ struct Server {
 
 impl Server {
     fn start(state: &Path, args: &[&str]) -> Self {
-        let port = free_port();
+        let port = common::free_port();
         let log = state.with_extension(format!("{port}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_tokenscope"))
             .args(["serve", "--port", &port.to_string(), "--state-dir"])

@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Server {
     child: Child,
     base: String,
@@ -26,7 +18,7 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Self {
-        let port = free_port();
+        let port = common::free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_tokenscope"))
             .args(["serve", "--port", &port.to_string()])
             .args(extra)

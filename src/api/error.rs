@@ -178,7 +178,6 @@ impl From<crate::engine::registry::RegistryError> for ApiError {
         use crate::engine::registry::RegistryError as E;
         match &e {
             E::NotFound(name) => Self::model_not_found(name),
-            E::NotLoaded(id) => Self::model_unloaded(id),
             E::TooManyLoaded { .. } => {
                 Self::new(StatusCode::CONFLICT, "TOO_MANY_MODELS", e.to_string())
             }

@@ -11,6 +11,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::ValidJson;
 use super::types::*;
 use super::AppState;
+use crate::engine::registry::now_rfc3339;
 use crate::engine::worker::{ModelInfo, ModelState, WorkerError};
 use crate::engine::GenerateResponse;
 
@@ -146,10 +147,6 @@ fn capitalize(s: &str) -> String {
         .unwrap_or_default()
 }
 
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
 /// Liveness and readiness: 200 once the model is loaded, 503 before or after a failed load.
 #[utoipa::path(
     get,
@@ -262,6 +259,7 @@ fn status_body(state: &AppState, model_state: &ModelState) -> (StatusCode, Statu
             error,
         },
     };
+    let workers = state.models.loaded();
     let body = StatusResponse {
         service: ServiceStatus {
             status: if loaded {
@@ -285,11 +283,7 @@ fn status_body(state: &AppState, model_state: &ModelState) -> (StatusCode, Statu
             .list()
             .into_iter()
             .map(|v| {
-                let w = state
-                    .models
-                    .loaded()
-                    .into_iter()
-                    .find(|(id, _)| *id == v.id);
+                let w = workers.iter().find(|(id, _)| *id == v.id);
                 ModelRuntime {
                     queue_depth: w.as_ref().map_or(0, |(_, w)| w.queue_depth()),
                     queue_capacity: w.as_ref().map_or(0, |(_, w)| w.queue_capacity()),

@@ -103,8 +103,6 @@ pub struct ModelView {
 pub enum RegistryError {
     #[error("model `{0}` not found")]
     NotFound(String),
-    #[error("model `{0}` is not loaded")]
-    NotLoaded(String),
     #[error("{max} model(s) are loaded already (--max-loaded-models) and none can be unloaded to make room: each is busy")]
     TooManyLoaded { max: usize },
     #[error("loading `{id}` needs about {need_mb:.0} MiB but only {free_mb:.0} MiB of --max-memory {max_mb} MiB is free (loaded models that are busy are not unloaded)")]
@@ -130,6 +128,23 @@ struct Entry {
 }
 
 impl Entry {
+    fn new(
+        id: String,
+        source: Option<ModelSource>,
+        card: ModelCard,
+        origin: Origin,
+        worker: Option<WorkerHandle>,
+    ) -> Self {
+        Self {
+            id,
+            source,
+            card,
+            origin,
+            worker,
+            last_used: Instant::now(),
+        }
+    }
+
     fn state(&self) -> ModelState {
         self.worker
             .as_ref()
@@ -171,7 +186,12 @@ impl Entry {
     }
 
     fn view(&self, default: bool) -> ModelView {
-        let (status, error) = match self.state() {
+        let state = self.state();
+        let loaded_at = match &state {
+            ModelState::Ready(info) => Some(info.loaded_at.clone()),
+            _ => None,
+        };
+        let (status, error) = match state {
             ModelState::Ready(_) | ModelState::Restarting(_) => (LoadStatus::Loaded, None),
             ModelState::Loading => (LoadStatus::Loading, None),
             ModelState::Unloaded => (LoadStatus::Unloaded, None),
@@ -187,10 +207,7 @@ impl Entry {
             status,
             memory_mb: round(self.memory_mb()),
             file_mb: self.file_mb().map(round),
-            loaded_at: match self.state() {
-                ModelState::Ready(info) => Some(info.loaded_at.clone()),
-                _ => None,
-            },
+            loaded_at,
             error,
             default,
             origin: self.origin,
@@ -257,14 +274,13 @@ impl ModelRegistry {
     /// A registry holding one model that is already running (the router tests, benches).
     pub fn single(id: &str, worker: WorkerHandle) -> Self {
         let registry = Self::new(RegistrySettings::default());
-        registry.lock().push(Entry {
-            id: id_from_name(id),
-            source: None,
-            card: ModelCard::default(),
-            origin: Origin::Configured,
-            worker: Some(worker),
-            last_used: Instant::now(),
-        });
+        registry.lock().push(Entry::new(
+            id_from_name(id),
+            None,
+            ModelCard::default(),
+            Origin::Configured,
+            Some(worker),
+        ));
         registry
     }
 
@@ -281,7 +297,7 @@ impl ModelRegistry {
     /// source offered already keeps its id.
     pub fn add(&self, source: ModelSource, origin: Origin) -> String {
         let name = match &source {
-            ModelSource::Gguf(p) | ModelSource::HfDir(p) => file_name(p),
+            ModelSource::Gguf(_) | ModelSource::HfDir(_) => source.display_name(),
             ModelSource::Hub { repo, .. } => repo.rsplit('/').next().unwrap_or(repo).to_string(),
         };
         let card = probe(&source);
@@ -296,14 +312,7 @@ impl ModelRegistry {
             id = format!("{base}-{n}");
             n += 1;
         }
-        entries.push(Entry {
-            id: id.clone(),
-            source: Some(source),
-            card,
-            origin,
-            worker: None,
-            last_used: Instant::now(),
-        });
+        entries.push(Entry::new(id.clone(), Some(source), card, origin, None));
         id
     }
 
@@ -315,18 +324,18 @@ impl ModelRegistry {
             self.settings.limits,
             1,
         );
-        self.lock().push(Entry {
-            id: id_from_name(
-                Path::new(name)
-                    .file_name()
-                    .map_or(name, |n| n.to_str().unwrap_or(name)),
-            ),
-            source: None,
-            card: ModelCard::default(),
-            origin: Origin::Configured,
-            worker: Some(worker),
-            last_used: Instant::now(),
-        });
+        let id = id_from_name(
+            Path::new(name)
+                .file_name()
+                .map_or(name, |n| n.to_str().unwrap_or(name)),
+        );
+        self.lock().push(Entry::new(
+            id,
+            None,
+            ModelCard::default(),
+            Origin::Configured,
+            Some(worker),
+        ));
     }
 
     /// Offers `source` under exactly `id` (a trained model: its id is the job's output name).
@@ -345,14 +354,7 @@ impl ModelRegistry {
             }
             return Err(RegistryError::Exists(id.into()));
         }
-        entries.push(Entry {
-            id: id.into(),
-            source: Some(source),
-            card,
-            origin,
-            worker: None,
-            last_used: Instant::now(),
-        });
+        entries.push(Entry::new(id.into(), Some(source), card, origin, None));
         Ok(())
     }
 
@@ -559,14 +561,6 @@ impl ModelRegistry {
         }
         Ok(())
     }
-}
-
-fn file_name(p: &Path) -> String {
-    std::fs::canonicalize(p)
-        .ok()
-        .and_then(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .or_else(|| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| p.display().to_string())
 }
 
 /// The `.gguf` files and Hugging Face directories (with a `config.json`) in `dir`, sorted.

@@ -51,41 +51,46 @@ pub fn read_documents(path: &Path) -> Result<(Vec<String>, Vec<PathBuf>, String)
     for file in &files {
         let bytes = std::fs::read(file)?;
         hasher.update(&bytes);
-        if bytes.contains(&0) {
-            return Err(bad(format!(
-                "{} looks binary (it contains NUL bytes)",
-                file.display()
-            )));
-        }
-        let text = String::from_utf8(bytes)
-            .map_err(|e| bad(format!("{} is not UTF-8 text ({e})", file.display())))?;
-        if file.extension().is_some_and(|e| e == "jsonl") {
-            for (i, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-                    bad(format!("{} line {}: not JSON ({e})", file.display(), i + 1))
-                })?;
-                let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
-                    bad(format!(
-                        "{} line {}: no string field `text`",
-                        file.display(),
-                        i + 1
-                    ))
-                })?;
-                if !t.trim().is_empty() {
-                    docs.push(t.to_string());
-                }
-            }
-        } else if !text.trim().is_empty() {
-            docs.push(text);
-        }
+        let jsonl = file.extension().is_some_and(|e| e == "jsonl");
+        docs.extend(documents(&bytes, jsonl, &file.display().to_string()).map_err(bad)?);
     }
     if docs.is_empty() {
         return Err(bad(format!("{} contains no text", path.display())));
     }
     Ok((docs, files, format!("{:x}", hasher.finalize())))
+}
+
+/// The documents in one file's bytes: the whole text, or (JSONL) each line's `text` field;
+/// blank ones are left out. Refuses binary (NUL), non-UTF-8 and malformed JSONL, naming
+/// `name` in the message. Also what checks an upload before it is stored.
+pub fn documents(bytes: &[u8], jsonl: bool, name: &str) -> Result<Vec<String>, String> {
+    if bytes.contains(&0) {
+        return Err(format!("{name} looks binary (it contains NUL bytes)"));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("{name} is not UTF-8 text ({e})"))?;
+    if !jsonl {
+        return Ok(if text.trim().is_empty() {
+            Vec::new()
+        } else {
+            vec![text.to_string()]
+        });
+    }
+    let mut docs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| format!("{name} line {}: not JSON ({e})", i + 1))?;
+        let t = v
+            .get("text")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| format!("{name} line {}: no string field `text`", i + 1))?;
+        if !t.trim().is_empty() {
+            docs.push(t.to_string());
+        }
+    }
+    Ok(docs)
 }
 
 /// Tokenizes and windows the documents.

@@ -285,26 +285,10 @@ impl JobManager {
         if bytes.len() > self.settings.max_upload_bytes {
             return Err(JobError::TooLarge(self.settings.max_upload_bytes));
         }
-        let bad = |m: String| JobError::invalid("body", m);
-        if bytes.contains(&0) {
-            return Err(bad("the upload looks binary (it contains NUL bytes)".into()));
-        }
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| bad(format!("the upload is not UTF-8 ({e})")))?;
-        if text.trim().is_empty() {
-            return Err(bad("the upload contains no text".into()));
-        }
-        if jsonl {
-            for (i, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let v: serde_json::Value = serde_json::from_str(line)
-                    .map_err(|e| bad(format!("line {}: not JSON ({e})", i + 1)))?;
-                if !v.get("text").is_some_and(|t| t.is_string()) {
-                    return Err(bad(format!("line {}: no string field `text`", i + 1)));
-                }
-            }
+        let docs = super::data::documents(bytes, jsonl, "the upload")
+            .map_err(|m| JobError::invalid("body", m))?;
+        if docs.is_empty() {
+            return Err(JobError::invalid("body", "the upload contains no text"));
         }
         let row = UploadRow {
             id: new_id("upload"),

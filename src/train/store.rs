@@ -141,46 +141,47 @@ impl Store {
         }
     }
 
+    /// One statement; the number of rows it changed.
+    fn execute(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize, StoreError> {
+        self.conn().execute(sql, params).map_err(|e| self.err(e))
+    }
+
     pub fn insert_job(&self, job: &JobRow) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO jobs (id, spec, status, step, total_steps, created_at) \
+        self.execute(
+            "INSERT INTO jobs (id, spec, status, step, total_steps, created_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    job.id,
-                    job.spec,
-                    job.status,
-                    job.step,
-                    job.total_steps,
-                    job.created_at
-                ],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            params![
+                job.id,
+                job.spec,
+                job.status,
+                job.step,
+                job.total_steps,
+                job.created_at
+            ],
+        )
+        .map(|_| ())
     }
 
     /// Writes every field that changes as a job runs.
     pub fn update_job(&self, job: &JobRow) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "UPDATE jobs SET status = ?2, step = ?3, total_steps = ?4, train_loss = ?5, \
+        self.execute(
+            "UPDATE jobs SET status = ?2, step = ?3, total_steps = ?4, train_loss = ?5, \
                  eval_loss = ?6, tokens_per_s = ?7, started_at = ?8, finished_at = ?9, error = ?10 \
                  WHERE id = ?1",
-                params![
-                    job.id,
-                    job.status,
-                    job.step,
-                    job.total_steps,
-                    job.train_loss,
-                    job.eval_loss,
-                    job.tokens_per_s,
-                    job.started_at,
-                    job.finished_at,
-                    job.error
-                ],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            params![
+                job.id,
+                job.status,
+                job.step,
+                job.total_steps,
+                job.train_loss,
+                job.eval_loss,
+                job.tokens_per_s,
+                job.started_at,
+                job.finished_at,
+                job.error
+            ],
+        )
+        .map(|_| ())
     }
 
     const JOB_COLUMNS: &'static str = "id, spec, status, step, total_steps, train_loss, \
@@ -237,48 +238,40 @@ impl Store {
 
     /// Jobs that were running when the process stopped become `interrupted`. Returns how many.
     pub fn mark_interrupted(&self) -> Result<usize, StoreError> {
-        self.conn()
-            .execute(
+        self.execute(
                 "UPDATE jobs SET status = 'interrupted', \
                  error = 'the server stopped while this job ran; resume it to continue from its last checkpoint' \
                  WHERE status = 'running'",
                 [],
-            )
-            .map_err(|e| self.err(e))
+        )
     }
 
     /// Sets a training loss (and keeps an evaluation loss recorded at the same step).
     pub fn record_train_loss(&self, id: &str, step: u64, loss: f64) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO history (job_id, step, train_loss) VALUES (?1, ?2, ?3) \
+        self.execute(
+            "INSERT INTO history (job_id, step, train_loss) VALUES (?1, ?2, ?3) \
                  ON CONFLICT (job_id, step) DO UPDATE SET train_loss = excluded.train_loss",
-                params![id, step, loss],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            params![id, step, loss],
+        )
+        .map(|_| ())
     }
 
     pub fn record_eval_loss(&self, id: &str, step: u64, loss: f64) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO history (job_id, step, eval_loss) VALUES (?1, ?2, ?3) \
+        self.execute(
+            "INSERT INTO history (job_id, step, eval_loss) VALUES (?1, ?2, ?3) \
                  ON CONFLICT (job_id, step) DO UPDATE SET eval_loss = excluded.eval_loss",
-                params![id, step, loss],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            params![id, step, loss],
+        )
+        .map(|_| ())
     }
 
     /// Forgets the history from `step` on (a resumed job recomputes those steps).
     pub fn truncate_history(&self, id: &str, step: u64) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "DELETE FROM history WHERE job_id = ?1 AND step >= ?2",
-                params![id, step],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        self.execute(
+            "DELETE FROM history WHERE job_id = ?1 AND step >= ?2",
+            params![id, step],
+        )
+        .map(|_| ())
     }
 
     pub fn history(&self, id: &str) -> Result<Vec<HistoryPoint>, StoreError> {
@@ -302,13 +295,10 @@ impl Store {
     }
 
     pub fn insert_upload(&self, u: &UploadRow) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
+        self.execute(
                 "INSERT INTO uploads (id, format, bytes, sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![u.id, u.format, u.bytes, u.sha256, u.created_at],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        ).map(|_| ())
     }
 
     pub fn upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError> {
@@ -337,13 +327,11 @@ impl Store {
         job_id: &str,
         created_at: &str,
     ) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT OR REPLACE INTO models (id, path, job_id, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![id, path.to_string_lossy(), job_id, created_at],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        self.execute(
+            "INSERT OR REPLACE INTO models (id, path, job_id, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, path.to_string_lossy(), job_id, created_at],
+        )
+        .map(|_| ())
     }
 
     /// Trained models (id, directory), oldest first.

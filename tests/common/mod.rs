@@ -110,3 +110,12 @@ pub fn logprobs_of(logits: candle_core::Tensor) -> Vec<f32> {
     let logits: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
     tokenscope::engine::distribution::log_softmax(&logits)
 }
+
+/// A loopback port nobody listens on (for the tests that start the real binary).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
