@@ -52,7 +52,7 @@ impl From<JobError> for ApiError {
 
 /// An upload's body: UTF-8 text with at least one non-space character and no NUL.
 #[derive(utoipa::ToSchema)]
-#[schema(value_type = String, pattern = r"^[^\x00]*\S[^\x00]*$")]
+#[schema(value_type = String, pattern = r"^[^\x00]*[^\s\x00][^\x00]*$")]
 pub struct UploadText(#[allow(dead_code)] String);
 
 fn manager(state: &AppState) -> Result<Arc<JobManager>, ApiError> {

@@ -46,7 +46,7 @@ pub enum DataSpec {
 #[serde(deny_unknown_fields)]
 pub struct TextData {
     /// The training text itself (at least one character that is not whitespace; no NUL).
-    #[schema(min_length = 1, pattern = r"^[^\x00]*\S[^\x00]*$")]
+    #[schema(min_length = 1, pattern = r"^[^\x00]*[^\s\x00][^\x00]*$")]
     pub text: String,
 }
 
