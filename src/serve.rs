@@ -13,7 +13,7 @@ use crate::engine::registry::{ModelRegistry, Origin, RegistrySettings};
 use crate::engine::worker::{self, WorkerHandle, WorkerLimits};
 use crate::model::{self, DeviceChoice};
 use crate::train::jobs::{JobManager, JobSettings};
-use crate::train::store::Store;
+use crate::train::jobs::store::Store;
 
 /// Keys from --api-key / TOKENSCOPE_API_KEYS and --api-key-file, blanks dropped.
 pub fn collect_keys(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
@@ -87,6 +87,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_new_tokens.map(|n| n as usize),
     };
     let worker_died = worker_gave_up(default_worker.subscribe());
+    // Held no longer than that: a held handle counts as a request in use, and would keep the
+    // default model from ever being unloaded to make room.
+    drop(default_worker);
     let app = api::router(AppState::with_models(models, Some(jobs), config));
     let addr = SocketAddr::new(ip, args.port);
     let listener = tokio::net::TcpListener::bind(addr)

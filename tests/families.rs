@@ -17,8 +17,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
 
-const FAMILIES: &[&str] = &["llama3", "llama2", "mistral", "phi3", "gemma2", "gpt2"];
-
 fn family_dir(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/families")
@@ -94,14 +92,6 @@ fn all_logprobs(m: &LoadedModel, ids: &[u32]) -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// The largest |Δ log-prob| against llama.cpp over every position and the whole vocabulary.
 fn gguf_against_llama_cpp(name: &str) -> f32 {
     let dir = family_dir(name);
@@ -114,7 +104,7 @@ fn gguf_against_llama_cpp(name: &str) -> f32 {
         let ours = all_logprobs(&m, &r.ids);
         for (pos, row) in ours.iter().enumerate() {
             let theirs = &r.logprobs[pos * r.vocab..(pos + 1) * r.vocab];
-            let d = max_diff(row, theirs);
+            let d = common::max_abs_diff(row, theirs);
             assert!(
                 d <= 1e-4,
                 "{name}: position {pos} of {} differs from llama.cpp by {d}",
@@ -128,7 +118,7 @@ fn gguf_against_llama_cpp(name: &str) -> f32 {
         m.model.next_logits(&r.ids[..half], &mut cache).unwrap();
         for (pos, &id) in r.ids.iter().enumerate().skip(half) {
             let l = m.model.next_logits(&[id], &mut cache).unwrap();
-            let d = max_diff(
+            let d = common::max_abs_diff(
                 &tokenscope::engine::distribution::log_softmax(&l),
                 &ours[pos],
             );
@@ -303,14 +293,6 @@ macro_rules! family_tests {
 
 family_tests!(llama3, llama2, mistral, phi3, gemma2, gpt2);
 
-#[test]
-fn every_family_is_tested() {
-    assert_eq!(FAMILIES.len(), 6);
-    for f in FAMILIES {
-        family_dir(f);
-    }
-}
-
 /// Quantized fused tensors (GPT-2's `attn_qkv`, Phi-3's `attn_qkv` and gate+up `ffn_up`, in
 /// Q8_0) are split by rows into packed matrices: the packed model gives the logits of the
 /// same file with every weight dequantized to a dense f32 copy.
@@ -333,7 +315,7 @@ fn quantized_fused_tensors_split_exactly() {
         let d = a
             .iter()
             .zip(&b)
-            .map(|(x, y)| max_diff(x, y))
+            .map(|(x, y)| common::max_abs_diff(x, y))
             .fold(0.0, f32::max);
         assert!(d <= 1e-4, "{name}: packed Q8_0 differs from dense by {d}");
         eprintln!("{name}: Q8_0 packed vs dense {d:.2e}");

@@ -24,18 +24,7 @@ use std::sync::OnceLock;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
-
-fn gemma_path() -> std::path::PathBuf {
-    common::test_asset("gemma-3-270m-q4_k_m.gguf")
-}
-
-fn gemma() -> &'static LoadedModel {
-    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        model::load(&ModelSource::Gguf(gemma_path()), &LoadOptions::default()).unwrap()
-    })
-}
+use tokenscope::model;
 
 /// llama.cpp's GGUF names → HF's, for Gemma 3 (gguf-py/gguf/tensor_mapping.py).
 fn hf_name(gguf: &str) -> String {
@@ -72,7 +61,7 @@ struct Reference {
 fn reference() -> &'static std::sync::Mutex<Reference> {
     static R: OnceLock<std::sync::Mutex<Reference>> = OnceLock::new();
     R.get_or_init(|| {
-        let path = gemma_path();
+        let path = common::gemma3_path();
         let mut file = std::fs::File::open(&path).unwrap();
         let content = gguf_file::Content::read(&mut file).unwrap();
         let mut tensors = HashMap::new();
@@ -130,7 +119,7 @@ const STORY: &str = "The lighthouse keeper climbed the spiral stairs every eveni
 
 #[test]
 fn matches_candle_transformers_gemma3() {
-    let m = gemma();
+    let m = common::gemma3();
     assert_eq!(m.architecture, "gemma3");
     let short = m.tokenizer.encode("The capital of France is").unwrap();
     assert_eq!(short[0], 2, "Gemma adds BOS");
@@ -153,9 +142,9 @@ fn matches_candle_transformers_gemma3() {
 #[test]
 fn the_sliding_window_matters_on_long_prompts() {
     use tokenscope::model::Decoder;
-    let m = gemma();
+    let m = common::gemma3();
     let long = m.tokenizer.encode(&STORY.repeat(22)).unwrap();
-    let mut file = model::gguf::GgufFile::open(&gemma_path()).unwrap();
+    let mut file = model::gguf::GgufFile::open(&common::gemma3_path()).unwrap();
     let mut cfg = file.config().unwrap();
     let (tensors, _) = file.tensors(&cfg, DType::F32, &Device::Cpu, false).unwrap();
     cfg.family.sliding = None;
@@ -179,7 +168,7 @@ fn the_sliding_window_matters_on_long_prompts() {
 #[test]
 fn chunked_prefill_and_decoding_agree_with_one_pass() {
     use tokenscope::engine::{self, GenerateParams};
-    let m = gemma();
+    let m = common::gemma3();
     let long = m.tokenizer.encode(&STORY.repeat(22)).unwrap();
     let params = GenerateParams {
         temperature: 0.0,
@@ -202,7 +191,7 @@ fn chunked_prefill_and_decoding_agree_with_one_pass() {
 /// the raw text, as llama.cpp's tokenizer_st_partition does before the SPM merges.
 #[test]
 fn tokenizes_like_llama_cpp_spm() {
-    let tk = &gemma().tokenizer;
+    let tk = &common::gemma3().tokenizer;
     let ids = tk.encode("Hello  world\n\nThe end").unwrap();
     assert_eq!(ids[0], 2, "<bos>");
     assert!(

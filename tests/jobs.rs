@@ -61,11 +61,7 @@ impl Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
             log,
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(120)))
-                .build()
-                .into(),
+            agent: common::http_agent(Some(Duration::from_secs(120))),
         };
         server.wait(Duration::from_secs(120), "healthy", |s| {
             s.get("/health").0 == 200
@@ -489,6 +485,8 @@ fn a_training_job_learns_registers_its_model_and_can_be_paused_resumed_and_cance
     let (code, _) = server.post(&format!("/train/jobs/{long}/pause"), json!({}));
     assert_eq!(code, 200);
     let paused = server.wait_job(&long, "paused");
+    // Half a second in which a running job would take steps: this sleep waits for nothing, it
+    // lets time pass.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         server.job(&long)["step"],

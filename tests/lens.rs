@@ -10,34 +10,15 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use tokenscope::api::{self, AppState, ServeConfig};
+use common::http::post;
+use tokenscope::api::ServeConfig;
 use tokenscope::engine::lens;
 use tokenscope::engine::scoring::Target;
-use tokenscope::engine::worker::{self, WorkerLimits};
-use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
+use tokenscope::engine::worker::WorkerLimits;
+use tokenscope::model::LoadedModel;
 
 fn app(model: &LoadedModel, limits: WorkerLimits) -> Router {
-    let worker = worker::spawn_loaded(model.clone(), limits, 8);
-    api::router(AppState::new(worker, ServeConfig::default()))
-}
-
-async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
-    let req = Request::post(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap())
-}
-
-fn gemma() -> &'static LoadedModel {
-    static MODEL: std::sync::OnceLock<LoadedModel> = std::sync::OnceLock::new();
-    MODEL.get_or_init(|| {
-        let path = common::test_asset("gemma-3-270m-q4_k_m.gguf");
-        model::load(&ModelSource::Gguf(path), &LoadOptions::default()).unwrap()
-    })
+    common::http::router(model, limits, 8, ServeConfig::default()).0
 }
 
 /// The lens's last layer against /generate's distribution (T = 1) for the same prompt: every
@@ -113,7 +94,7 @@ async fn last_layer_is_the_models_distribution() {
 
 #[tokio::test]
 async fn gemma3_last_layer_is_the_models_distribution() {
-    let app = app(gemma(), WorkerLimits::default());
+    let app = app(common::gemma3(), WorkerLimits::default());
     last_layer_equals_generate(&app, "The capital of France is", 18).await;
 }
 
@@ -121,7 +102,7 @@ async fn gemma3_last_layer_is_the_models_distribution() {
 /// two implementations of the same layers: their lens agrees on every layer.
 #[test]
 fn fused_and_candle_paths_agree_on_every_layer() {
-    for m in [common::smollm(), gemma()] {
+    for m in [common::smollm(), common::gemma3()] {
         let ids = tokenscope::engine::tokenize(m, "The capital of France is").unwrap();
         let targets = [Target {
             text: " Paris".into(),

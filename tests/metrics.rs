@@ -5,29 +5,17 @@ mod common;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
-use http_body_util::BodyExt;
-use tower::ServiceExt;
 
-use tokenscope::api::{self, AppState, ServeConfig};
-use tokenscope::engine::worker::{self, WorkerLimits};
+use common::http::send;
+use tokenscope::api::ServeConfig;
+use tokenscope::engine::worker::WorkerLimits;
 
 fn app(config: ServeConfig) -> Router {
-    let worker = worker::spawn_loaded(
-        common::smollm().clone(),
-        WorkerLimits {
-            max_prompt_tokens: None,
-            ..Default::default()
-        },
-        8,
-    );
-    api::router(AppState::new(worker, config))
-}
-
-async fn call(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let (s, h) = (resp.status(), resp.headers().clone());
-    let b = resp.into_body().collect().await.unwrap().to_bytes();
-    (s, h, String::from_utf8_lossy(&b).into_owned())
+    let limits = WorkerLimits {
+        max_prompt_tokens: None,
+        ..Default::default()
+    };
+    common::http::router(common::smollm(), limits, 8, config).0
 }
 
 /// The value of a sample line `name{labels} value` (labels matched as a substring).
@@ -42,7 +30,7 @@ fn sample(text: &str, name: &str, labels: &str) -> f64 {
 }
 
 async fn scrape(app: &Router) -> String {
-    let (s, h, text) = call(app, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let (s, h, text) = send(app, Request::get("/metrics").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::OK);
     assert!(h[header::CONTENT_TYPE]
         .to_str()
@@ -52,10 +40,7 @@ async fn scrape(app: &Router) -> String {
 }
 
 fn generate(body: &str) -> Request<Body> {
-    Request::post("/generate")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap()
+    common::http::post_json("/generate", body)
 }
 
 #[tokio::test]
@@ -80,15 +65,15 @@ async fn metrics_move_with_requests() {
     let gen_before = sample(&before, "tokenscope_generated_tokens_total", "");
     let prompt_before = sample(&before, "tokenscope_prompt_tokens_total", "");
 
-    let (s, _, _) = call(
+    let (s, _, _) = send(
         &app,
         generate(r#"{"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}"#),
     )
     .await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _, _) = call(&app, generate(r#"{"prompt": "hi", "top_k": 99}"#)).await;
+    let (s, _, _) = send(&app, generate(r#"{"prompt": "hi", "top_k": 99}"#)).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    call(
+    send(
         &app,
         Request::get("/no/such/path/123")
             .body(Body::empty())
@@ -144,7 +129,7 @@ async fn metrics_need_the_key_unless_public() {
         api_keys: keys.clone(),
         ..Default::default()
     });
-    let (s, _, _) = call(
+    let (s, _, _) = send(
         &private,
         Request::get("/metrics").body(Body::empty()).unwrap(),
     )
@@ -155,14 +140,14 @@ async fn metrics_need_the_key_unless_public() {
         public_metrics: true,
         ..Default::default()
     });
-    let (s, _, _) = call(
+    let (s, _, _) = send(
         &public,
         Request::get("/metrics").body(Body::empty()).unwrap(),
     )
     .await;
     assert_eq!(s, StatusCode::OK);
     // Liveness never needs a key and never depends on the model.
-    let (s, _, body) = call(&public, Request::get("/live").body(Body::empty()).unwrap()).await;
+    let (s, _, body) = send(&public, Request::get("/live").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::OK);
     assert!(body.contains("alive"));
 }
@@ -174,9 +159,9 @@ async fn request_ids_are_echoed_and_reported_in_errors() {
         .header("x-request-id", "trace-abc-123")
         .body(Body::empty())
         .unwrap();
-    let (_, h, _) = call(&app, req).await;
+    let (_, h, _) = send(&app, req).await;
     assert_eq!(h["x-request-id"], "trace-abc-123");
-    let (_, h, _) = call(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
+    let (_, h, _) = send(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
     let generated = h["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(generated.len(), 32);
     // An unusable incoming id (too long / odd characters) is replaced.
@@ -184,12 +169,12 @@ async fn request_ids_are_echoed_and_reported_in_errors() {
         .header("x-request-id", "x".repeat(500))
         .body(Body::empty())
         .unwrap();
-    let (_, h, _) = call(&app, req).await;
+    let (_, h, _) = send(&app, req).await;
     assert_ne!(h["x-request-id"].to_str().unwrap().len(), 500);
     let mut req = generate(r#"{"prompt": ""}"#);
     req.headers_mut()
         .insert("x-request-id", "req-42".parse().unwrap());
-    let (s, h, body) = call(&app, req).await;
+    let (s, h, body) = send(&app, req).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(h["x-request-id"], "req-42");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();

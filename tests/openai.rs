@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+use common::http::{post, post_json, send};
 use tokenscope::api::{self, AppState, ServeConfig};
 use tokenscope::engine::worker::{self, WorkerHandle, WorkerLimits};
 
@@ -21,36 +22,11 @@ const PROMPT: &str = "The capital of France is";
 const ENDS_WITH_EOS: &str = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.";
 
 fn app_with(config: ServeConfig) -> (Router, WorkerHandle) {
-    let worker = worker::spawn_loaded(common::smollm().clone(), WorkerLimits::default(), 64);
-    (api::router(AppState::new(worker.clone(), config)), worker)
+    common::http::router(common::smollm(), WorkerLimits::default(), 64, config)
 }
 
 fn app() -> Router {
     app_with(ServeConfig::default()).0
-}
-
-async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        headers,
-        String::from_utf8_lossy(&bytes).into_owned(),
-    )
-}
-
-async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
-    let req = Request::post(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let (s, _, text) = send(app, req).await;
-    (
-        s,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
 }
 
 async fn ok(app: &Router, path: &str, body: Value) -> Value {
@@ -61,11 +37,7 @@ async fn ok(app: &Router, path: &str, body: Value) -> Value {
 
 /// The `data:` payloads of a server-sent event stream.
 async fn stream(app: &Router, path: &str, body: Value) -> Vec<String> {
-    let req = Request::post(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let (s, headers, text) = send(app, req).await;
+    let (s, headers, text) = send(app, post_json(path, &body.to_string())).await;
     assert_eq!(s, StatusCode::OK, "{text}");
     assert!(headers[header::CONTENT_TYPE]
         .to_str()
@@ -515,16 +487,12 @@ async fn a_stream_whose_client_leaves_stops_generating() {
     assert!(first.is_data());
     drop(body);
     let before = worker.cancelled_jobs();
-    for _ in 0..200 {
-        if worker.cancelled_jobs() > before {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(
-        worker.cancelled_jobs() > before,
-        "the job should have been cancelled"
-    );
+    common::wait_until_async(
+        "the job of the stream nobody reads to be cancelled",
+        std::time::Duration::from_secs(60),
+        || async { worker.cancelled_jobs() > before },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -791,7 +759,7 @@ async fn tokenizer_endpoints_speak_vllms_shapes() {
 /// arrives while it runs is served in between instead of after all of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_many_choices_does_not_hold_up_others() {
-    let app = app();
+    let (app, worker) = app_with(ServeConfig::default());
     let big = {
         let app = app.clone();
         tokio::spawn(async move {
@@ -804,8 +772,13 @@ async fn a_request_with_many_choices_does_not_hold_up_others() {
             std::time::Instant::now()
         })
     };
-    // Let the big request queue its first window.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Ask once the big request is under way: the model thread has taken its first job.
+    common::wait_until_async(
+        "the big request to start",
+        std::time::Duration::from_secs(60),
+        || async { worker.jobs_received() > 0 },
+    )
+    .await;
     let (status, v) = post(
         &app,
         "/generate",

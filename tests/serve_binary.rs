@@ -14,6 +14,8 @@ struct Server {
     child: Child,
     base: String,
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Copies the process's stderr into `log`; ends when the process closes it (exits).
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -31,7 +33,7 @@ impl Server {
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -40,26 +42,19 @@ impl Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
             log,
+            reader: Some(reader),
         }
     }
 
     fn get(&self, path: &str) -> Option<(u16, Value)> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
+        let agent = common::http_agent(Some(Duration::from_secs(60)));
         let mut resp = agent.get(&format!("{}{path}", self.base)).call().ok()?;
         let status = resp.status().as_u16();
         Some((status, resp.body_mut().read_json().unwrap_or(Value::Null)))
     }
 
     fn post(&self, body: &Value) -> (u16, Value) {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build()
-            .into();
+        let agent = common::http_agent(Some(Duration::from_secs(120)));
         let mut resp = agent
             .post(&format!("{}/generate", self.base))
             .send_json(body)
@@ -97,6 +92,35 @@ impl Server {
         assert!(ok);
     }
 
+    /// Jobs the model threads have taken (`GET /status`, with `auth` as the Authorization
+    /// header); 0 while the server cannot say.
+    fn jobs_received(&self, auth: &str) -> u64 {
+        let agent = common::http_agent(Some(Duration::from_secs(60)));
+        let Ok(mut resp) = agent
+            .get(&format!("{}/status", self.base))
+            .header("Authorization", auth)
+            .call()
+        else {
+            return 0;
+        };
+        let status: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
+        status["models"].as_array().map_or(0, |models| {
+            models
+                .iter()
+                .filter_map(|m| m["jobs_received"].as_u64())
+                .sum()
+        })
+    }
+
+    /// Waits for the process to exit and for the last of its log to be read.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().unwrap();
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        status
+    }
+
     fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
@@ -123,10 +147,7 @@ fn serves_after_loading_and_drains_on_sigterm() {
     // Real HTTP: auth is on, so /generate without the key is 401.
     let (s, b) = server.post(&json!({"prompt": "The capital of France is"}));
     assert_eq!(s, 401, "{b}");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = common::http_agent(None);
     let mut resp = agent
         .post(&format!("{}/generate", server.base))
         .header("Authorization", "Bearer binary-test-key-123")
@@ -139,10 +160,7 @@ fn serves_after_loading_and_drains_on_sigterm() {
     // A long request in flight when SIGTERM arrives still completes.
     let base = server.base.clone();
     let inflight = std::thread::spawn(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = common::http_agent(None);
         let mut resp = agent
             .post(&format!("{base}/generate"))
             .header("Authorization", "Bearer binary-test-key-123")
@@ -153,12 +171,17 @@ fn serves_after_loading_and_drains_on_sigterm() {
             resp.body_mut().read_json::<Value>().unwrap(),
         )
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // SIGTERM once the model thread has taken it (the request above was its first job).
+    common::wait_until(
+        "the long request to reach the model",
+        Duration::from_secs(60),
+        || server.jobs_received("Bearer binary-test-key-123") >= 2,
+    );
     server.signal("-TERM");
     let (s, b) = inflight.join().unwrap();
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["steps"].as_array().unwrap().len(), 40);
-    let status = server.child.wait().unwrap();
+    let status = server.wait_exit();
     assert!(status.success(), "exit status {status:?}");
 
     let log = server.log_text();
@@ -198,10 +221,7 @@ fn json_logs_parse_line_by_line() {
     common::default_gguf();
     let mut server = Server::start(&["--log-format", "json"]);
     server.wait_healthy();
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = common::http_agent(None);
     let resp = agent
         .post(&format!("{}/generate", server.base))
         .header("x-request-id", "json-log-test-1")
@@ -210,8 +230,7 @@ fn json_logs_parse_line_by_line() {
     assert_eq!(resp.status().as_u16(), 400);
     assert_eq!(resp.headers()["x-request-id"], "json-log-test-1");
     server.signal("-TERM");
-    server.child.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    server.wait_exit();
     let lines = server.log.lock().unwrap().clone();
     assert!(!lines.is_empty());
     let records: Vec<Value> = lines

@@ -76,11 +76,11 @@ pub struct LensResponse {
 /// The logit lens: for each layer, the next-token distribution its residual stream gives.
 ///
 /// After each decoder layer, the residual stream at the last prompt position goes through the
-/// model's own final RMS norm and LM head (with any final logit processing the family has),
-/// then softmax at T = 1. Nothing else is applied: the layer's own output norms (Gemma's
-/// post-norms) are part of the residual stream already, and no extra norm is trained. The
-/// last layer's entry is the model's output itself. One forward pass, queued and bounded like
-/// /generate.
+/// model's own final norm (RMS norm, or LayerNorm for GPT-2) and LM head (with any final logit
+/// processing the family has), then softmax at T = 1. Nothing else is applied: the layer's own
+/// output norms (Gemma's post-norms) are part of the residual stream already, and no extra
+/// norm is trained. The last layer's entry is the model's output itself. One forward pass,
+/// queued and bounded like /generate.
 #[utoipa::path(
     post,
     path = "/lens",

@@ -237,17 +237,11 @@ pub async fn handler(State(state): State<AppState>) -> Response {
             .set((v.memory_mb * 1024.0 * 1024.0) as i64);
     }
     m.training_jobs.reset();
-    for status in [
-        "queued",
-        "running",
-        "paused",
-        "completed",
-        "failed",
-        "cancelled",
-        "interrupted",
-    ] {
+    for status in crate::train::jobs::JobStatus::ALL {
         let n = job_list.iter().filter(|j| j.status == status).count();
-        m.training_jobs.with_label_values(&[status]).set(n as i64);
+        m.training_jobs
+            .with_label_values(&[status.as_str()])
+            .set(n as i64);
     }
     let mut buf = Vec::new();
     if TextEncoder::new()

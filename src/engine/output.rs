@@ -97,7 +97,9 @@ pub struct Metadata {
     /// Prompt length in tokens.
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
-    /// Wall time of tokenization, the forward passes and the maths, in milliseconds.
+    /// Wall time on the model thread, in milliseconds: the forward passes and the maths from
+    /// the job's start (a batched prompt's: its batch's) to its last token. Tokenization and
+    /// the wait in the queue come before and are not included.
     pub generation_time_ms: f64,
     /// The request's temperature, echoed.
     pub temperature_used: f64,

@@ -178,9 +178,12 @@ impl Entry {
         self.card.file_bytes.map(|b| b as f64 / (1024.0 * 1024.0))
     }
 
+    /// Loaded and serving no request: the only kind of model that may be unloaded to make
+    /// room (a request holds the model's handle from choosing it until its answer is sent,
+    /// and each job counts until the model thread is done with it).
     fn idle(&self) -> bool {
         match (&self.worker, self.state()) {
-            (Some(w), ModelState::Ready(_)) => w.queue_depth() == 0,
+            (Some(w), ModelState::Ready(_)) => !w.in_use_elsewhere(),
             _ => false,
         }
     }
@@ -411,6 +414,15 @@ impl ModelRegistry {
         }
     }
 
+    /// Whether `id` is loaded and serving a request (so not unloadable to make room).
+    pub fn in_use(&self, id: &str) -> bool {
+        self.lock()
+            .iter()
+            .find(|e| e.id == id)
+            .and_then(|e| e.worker.as_ref())
+            .is_some_and(|w| w.in_use_elsewhere())
+    }
+
     /// The state of `id`'s worker, without marking it used.
     pub fn model_state(&self, id: &str) -> ModelState {
         self.lock()
@@ -464,7 +476,9 @@ impl ModelRegistry {
 
     /// Starts loading `id` in the background (unloading idle models, least recently used
     /// first, when the limits ask for room). Returns false when it was loaded or loading
-    /// already. A model whose last load failed is tried again.
+    /// already: a second load of the same id joins the first (decided under the registry's
+    /// lock, so concurrent loads start one worker). A model whose last load failed is tried
+    /// again.
     pub fn load(&self, id: &str) -> Result<bool, RegistryError> {
         let mut entries = self.lock();
         let index = entries

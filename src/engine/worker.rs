@@ -1,20 +1,23 @@
-//! The model's own thread (the text-embeddings-inference pattern): it loads the model, then
-//! loops on a bounded channel of already-tokenized jobs, each carrying a oneshot for its reply.
-//! HTTP handlers never touch the model: they tokenize on a small blocking pool, check the
-//! length limits, enqueue token ids and await the reply with a timeout. Jobs that wait
-//! together are run as one batch (see [`super::batch`]). Health is published on a watch
-//! channel.
+//! One model's own thread (the text-embeddings-inference pattern; the registry starts one per
+//! loaded model): it loads the model (one load at a time in the process), then loops on a
+//! bounded channel of already-tokenized jobs, each carrying a oneshot for its reply. HTTP
+//! handlers never touch the model: they tokenize on a small blocking pool, check the length
+//! limits, enqueue token ids and await the reply with a timeout. Jobs that wait together are
+//! run as one batch where they can be (short prompts that are not scored: see
+//! [`super::batch`]); the rest run one after another. The model's state is published on a
+//! watch channel ([`ModelState`]), which /health and /status read.
 //!
-//! A supervisor keeps the thread alive: a panic that escapes a job (they each run under
-//! `catch_unwind`) flips the state to `Restarting` (health 503, with the reason), and the serve
-//! loop restarts on the already-loaded weights with a fresh prefix cache; queued jobs wait for
-//! it. More than [`MAX_RESTARTS`] within [`RESTART_WINDOW`] is a broken process: the state
-//! becomes `Failed` for good and `tokenscope serve` exits non-zero so that an orchestrator
-//! restarts it.
+//! A supervisor keeps the thread alive. Each job runs under `catch_unwind`, so a job's panic
+//! fails only that job; a panic in the serve loop itself is counted, published as
+//! `Restarting` with the reason, and the serve loop restarts at once on the already-loaded
+//! weights with a fresh prefix cache (the state goes back to `Ready`); queued jobs are served
+//! after it. More than [`MAX_RESTARTS`] within [`RESTART_WINDOW`] is a broken process: the
+//! state becomes `Failed` for good, queued and later jobs are refused, and when this is the
+//! default model's thread `tokenscope serve` exits non-zero so that an orchestrator restarts it.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -146,6 +149,25 @@ pub struct WorkerStats {
     pub restarts: AtomicU64,
     /// Jobs the model thread has received (prompts refused before queueing never count).
     pub received: AtomicU64,
+    /// Jobs submitted and not yet finished (queued or running): see [`InFlight`].
+    pub in_flight: AtomicUsize,
+}
+
+/// Counts a job among its model's in-flight jobs for as long as the job exists (it is dropped
+/// when the model thread is done with it, answered or not).
+struct InFlight(Arc<WorkerStats>);
+
+impl InFlight {
+    fn new(stats: &Arc<WorkerStats>) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self(stats.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One request for the model thread: a prompt already tokenized and checked against the limits.
@@ -160,6 +182,8 @@ pub struct Job {
     pub stream: Option<(usize, EventSender)>,
     /// Its place in its request's window, given back when the job is dropped (done).
     _window: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Keeps the model busy (not unloadable) until the job is done.
+    _in_flight: InFlight,
 }
 
 impl Job {
@@ -237,6 +261,9 @@ pub struct WorkerHandle {
     /// Tokenizations running at once on tokio's blocking pool (a 1 MB prompt takes a while;
     /// this keeps a burst of them from taking every core).
     tokenize_permits: Arc<Semaphore>,
+    /// One count per clone of this handle: a request holds one from choosing the model until
+    /// its answer is sent, so more than the registry's own means the model is in use.
+    holders: Arc<()>,
 }
 
 impl WorkerHandle {
@@ -255,7 +282,20 @@ impl WorkerHandle {
             stats,
             limits,
             tokenize_permits: Arc::new(Semaphore::new(cores.max(2))),
+            holders: Arc::new(()),
         }
+    }
+
+    /// Whether a request is using the model: another handle than this one exists (a request
+    /// between choosing the model and its answer), or a job is queued or running. The
+    /// registry, which holds one handle per loaded model, never unloads a model in use.
+    pub fn in_use_elsewhere(&self) -> bool {
+        Arc::strong_count(&self.holders) > 1 || self.stats.in_flight.load(Ordering::SeqCst) > 0
+    }
+
+    /// Whether two handles lead to the same model thread.
+    pub fn same_worker(&self, other: &WorkerHandle) -> bool {
+        Arc::ptr_eq(&self.stats, &other.stats)
     }
 
     /// A handle for a model that is not loaded: every submission is `Unloaded`.
@@ -421,6 +461,7 @@ impl WorkerHandle {
             enqueued: Instant::now(),
             stream,
             _window: None,
+            _in_flight: InFlight::new(&self.stats),
         };
         Ok((job, rx))
     }

@@ -1,12 +1,14 @@
 //! The decoder-only transformer every supported family runs on (llama's layers, with the
-//! family switches of [`Family`]), written for both inference and training.
+//! family switches of [`Family`](super::config::Family)), written for both inference and
+//! training.
 //!
 //! candle-transformers' stock models cannot train: their fused rms_norm, softmax and rope have
 //! no backward pass (gradients silently reach only the embeddings) and they return logits for
 //! the last position only. This file keeps one set of weights and two forward paths:
 //! - [`Decoder::forward`]: fused kernels, a KV cache, logits only for the positions asked for
-//!   (and, for plain llama layers with packed GGUF weights, the fused CPU path of
-//!   [`super::fused`]);
+//!   (and, for short inputs, the fused CPU path of [`super::fused`] when every projection is
+//!   packed from a GGUF and the model runs in f32 on the CPU: every family but Gemma 2 and
+//!   GPT-2, whose soft-capping and LayerNorm it lacks);
 //! - [`Decoder::forward_train`]: every op differentiable, logits for every position.
 //!
 //! A test proves that both paths give the same logits.
@@ -299,8 +301,8 @@ impl Decoder {
 
     /// Like [`Self::load`], with packed matrices (GGUF blocks, f32 on the CPU) in place of the
     /// dense weights of the same names: `vb` then holds only the rest (norms, biases, weights
-    /// in formats without a packed kernel). With every projection packed, plain llama layers
-    /// also get the fused short-input path.
+    /// in formats without a packed kernel). With every projection packed (and f32 on the CPU),
+    /// the families the fused short-input path implements also get it (see `build_fused`).
     pub fn load_packed(
         vb: VarBuilder,
         cfg: &Config,
@@ -402,9 +404,12 @@ impl Decoder {
         self
     }
 
-    /// The fused short-input path needs every projection packed (biases only on q/k/v) and
-    /// f32 on the CPU; it runs every family's extras (biases, q/k norms, sandwich norms, GELU,
-    /// embedding scale, sliding windows, attention scalar).
+    /// The fused short-input path needs f32 on the CPU, a family it implements
+    /// ([`Family::fused_supported`](super::config::Family::fused_supported): no soft-capping,
+    /// none of GPT-2's LayerNorm, learned positions, dense biases or ungated MLP) and every
+    /// projection packed (biases only on q/k/v); within that it runs the families' extras
+    /// (q/k/v biases, q/k norms, sandwich norms, GELU, embedding scale, sliding windows,
+    /// attention scalar).
     fn build_fused(&self) -> Option<super::fused::Fused> {
         use super::fused::{Fused, FusedLayer, LocalAttention};
         if self.dtype != DType::F32 || !self.device.is_cpu() || !self.cfg.family.fused_supported() {

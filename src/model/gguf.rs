@@ -1,4 +1,7 @@
-//! Reading llama-architecture GGUF files into HF-named tensors and a [`Config`].
+//! Reading GGUF files of every supported architecture ([`SUPPORTED_GGUF_ARCHITECTURES`]) into
+//! a [`Config`] (the family's switches from `general.architecture` and its metadata) and
+//! HF-named tensors: llama's q/k rows un-permuted, fused q/k/v and gate/up tensors split, and
+//! matrices either dequantized, kept as [`QMatMul`]s, or kept packed in the file's own blocks.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek};
@@ -107,7 +110,7 @@ impl GgufFile {
             .ok_or_else(|| self.corrupt(format!("metadata `{key}` is missing")))
     }
 
-    /// The HF-style config implied by `llama.*` metadata.
+    /// The HF-style config implied by the `{arch}.*` metadata, with the family's switches.
     pub fn config(&self) -> Result<Config> {
         let arch = self.architecture()?;
         let k = |s: &str| format!("{arch}.{s}");
@@ -199,9 +202,10 @@ impl GgufFile {
     }
 
     /// Gemma 3's switches. (Its norm weights need nothing: llama.cpp's converter stores
-    /// Gemma's `1 + w` in the file, so they multiply as they are.) llama.cpp's defaults where the file is silent: every 6th layer
-    /// global, local rope base 10 000 (`rope.freq_base_swa`), scores scaled by 1/√head_dim
-    /// except on the 62-layer 27B model, whose `query_pre_attn_scalar` is hidden / heads.
+    /// Gemma's `1 + w` in the file, so they multiply as they are.) llama.cpp's defaults where
+    /// the file is silent: every 6th layer global, local rope base 10 000
+    /// (`rope.freq_base_swa`), scores scaled by 1/√head_dim except on the 62-layer 27B model,
+    /// whose `query_pre_attn_scalar` is hidden / heads.
     fn gemma3_family(&self, cfg: &Config) -> Result<Family> {
         let window = self
             .md_u32("gemma3.attention.sliding_window")?

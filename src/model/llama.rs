@@ -1,6 +1,8 @@
-//! The llama family (Llama 2/3, SmolLM, TinyLlama, ...): plain [`Decoder`] layers. What is
-//! llama-specific lives here: its parameter names and shapes (for training and saving), and
-//! its fresh initialisation.
+//! The llama family (Llama 2/3, SmolLM, TinyLlama, ...): plain
+//! [`Decoder`](super::decoder::Decoder) layers, every switch of
+//! [`Family`](super::config::Family) off, so its layers need nothing here. What this file
+//! holds is [`random_weights`], the fresh initialisation training from scratch starts from:
+//! HF's llama scheme, used for every family (names and shapes from [`parameter_shapes`]).
 
 use candle_core::{Device, Tensor};
 

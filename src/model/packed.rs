@@ -360,9 +360,10 @@ fn rows_format<const FMA: bool, const F16C: bool, const F: usize>(
     }
 }
 
-/// Hand-written AVX-512 kernel for the 32-weight formats (Q4_0, Q4_1, Q5_0, Q8_0: the default
-/// model's, and most of Gemma 3's and Qwen2.5's Q4_K_M files): each block is converted once
-/// to f32 (rounded as ggml rounds it) and multiplied with every input row.
+/// Hand-written AVX-512 kernel for four of the 32-weight formats (Q4_0, Q4_1, Q5_0, Q8_0, not
+/// Q5_1: the default model's, and most of Gemma 3's and Qwen2.5's Q4_K_M files): each block is
+/// converted once to f32 (rounded as ggml rounds it) and multiplied with every input row. The
+/// other formats take the portable kernel, compiled with AVX-512 enabled.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Format, PackedMatrix, BLOCK, MAX_ROWS};
@@ -557,7 +558,8 @@ mod avx512 {
     }
 }
 
-/// Weights per block of the two formats the AVX-512 kernel reads.
+/// Weights per block of every format the AVX-512 kernel reads (`avx512::reads`: Q4_0, Q4_1,
+/// Q5_0 and Q8_0, all 32-weight blocks).
 #[cfg(target_arch = "x86_64")]
 const BLOCK: usize = 32;
 

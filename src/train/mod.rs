@@ -5,7 +5,6 @@ pub mod checkpoint;
 pub mod data;
 pub mod jobs;
 pub mod optim;
-pub mod store;
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -1,8 +1,12 @@
-//! Shared helpers for integration tests: the real default model, loaded once per test binary.
+//! Shared helpers for integration tests: the real models, loaded once per test binary; waits
+//! on a condition with a deadline; the router in-process ([`http`]).
 #![allow(dead_code)]
+
+pub mod http;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
 
@@ -97,6 +101,19 @@ pub fn test_asset(name: &str) -> PathBuf {
     path
 }
 
+/// Gemma 3 270M (Q4_K_M), a `--test-assets` file.
+pub fn gemma3_path() -> PathBuf {
+    test_asset("gemma-3-270m-q4_k_m.gguf")
+}
+
+/// Gemma 3 270M in f32 on CPU, shared by the tests of one binary.
+pub fn gemma3() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        model::load(&ModelSource::Gguf(gemma3_path()), &LoadOptions::default()).unwrap()
+    })
+}
+
 /// A (1, t) batch of token ids, as the reference implementations take them.
 pub fn batch(ids: &[u32]) -> candle_core::Tensor {
     candle_core::Tensor::new(ids, &candle_core::Device::Cpu)
@@ -118,4 +135,48 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A blocking HTTP client that returns every status as a response (for the tests that start
+/// the real binary), with a limit on each whole request when `timeout` is given.
+pub fn http_agent(timeout: Option<Duration>) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(timeout)
+        .build()
+        .into()
+}
+
+/// How often [`wait_until`] and [`wait_until_async`] look again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Blocks until `cond` holds, looking every 20 ms; panics naming `what` once `timeout` has
+/// passed without it. Tests wait on what they need this way, not with a sleep that hopes to
+/// be long enough (too short on a loaded machine, too long everywhere else).
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// [`wait_until`] for async tests: `cond` is awaited, and the runtime runs between looks
+/// (a blocking sleep would stall a single-threaded test runtime).
+pub async fn wait_until_async<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }

@@ -12,7 +12,6 @@ use crate::engine::worker::{
 };
 use crate::engine::{GenerateParams, GenerateResponse, LogprobsMode};
 
-/// Most choices per prompt.
 /// Most choices per prompt. Choices decode one after another (no batched decoding yet), so
 /// the bound keeps the largest request (64 prompts × 4 choices, each scored with `echo`) to
 /// tens of seconds on 2 cores; with 16 it took 145 s in a debug build.

@@ -170,7 +170,7 @@ impl TryFrom<JsonObject> for StreamOptions {
 #[schema(example = json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 1,
     "logprobs": 5, "echo": true, "temperature": 0}))]
 pub struct CompletionRequest {
-    /// Accepted and ignored: this server serves one model (`GET /v1/models`).
+    /// The model to ask (an id from `GET /v1/models`; default: the server's default model).
     #[serde(default)]
     pub model: Option<String>,
     pub prompt: PromptField,
@@ -186,7 +186,9 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f64>,
-    /// Choices per prompt, 1 to 16.
+    /// Choices per prompt, 1 to 4.
+    // 4 is `super::run::MAX_N`, the bound `Sampling::check` enforces (the schema needs it as
+    // a literal): keep the doc, this `maximum` and the chat request's in step with it.
     #[serde(default)]
     #[schema(minimum = 1, maximum = 4)]
     pub n: Option<u32>,
@@ -317,7 +319,7 @@ impl TryFrom<JsonObject> for ChatMessageIn {
 #[schema(example = json!({"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
     "max_tokens": 8, "logprobs": true, "top_logprobs": 3, "temperature": 0}))]
 pub struct ChatRequest {
-    /// Accepted and ignored: this server serves one model.
+    /// The model to ask (an id from `GET /v1/models`; default: the server's default model).
     #[serde(default)]
     pub model: Option<String>,
     /// Rendered with the model's own chat template.

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
+
+use super::status::JobStatus;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +30,7 @@ pub enum StoreError {
 pub struct JobRow {
     pub id: String,
     pub spec: String,
-    pub status: String,
+    pub status: JobStatus,
     pub step: u64,
     pub total_steps: u64,
     pub train_loss: Option<f64>,
@@ -153,7 +155,7 @@ impl Store {
             params![
                 job.id,
                 job.spec,
-                job.status,
+                job.status.as_str(),
                 job.step,
                 job.total_steps,
                 job.created_at
@@ -170,7 +172,7 @@ impl Store {
                  WHERE id = ?1",
             params![
                 job.id,
-                job.status,
+                job.status.as_str(),
                 job.step,
                 job.total_steps,
                 job.train_loss,
@@ -191,7 +193,16 @@ impl Store {
         Ok(JobRow {
             id: row.get(0)?,
             spec: row.get(1)?,
-            status: row.get(2)?,
+            status: {
+                let text: String = row.get(2)?;
+                text.parse().map_err(|e: String| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        2,
+                        rusqlite::types::Type::Text,
+                        e.into(),
+                    )
+                })?
+            },
             step: row.get(3)?,
             total_steps: row.get(4)?,
             train_loss: row.get(5)?,

@@ -1,0 +1,459 @@
+//! Training jobs over the API: queued in SQLite, run one at a time on a thread of their own
+//! inside a dedicated rayon pool (`--train-threads`, so that inference keeps the other cores),
+//! with pause / resume / cancel at step boundaries. A job's run is `tokenscope train` itself
+//! ([`super::run_observed`]) writing into `<state-dir>/models/<output_name>`, always with
+//! `--resume`: a job that was paused, or interrupted by a crash, continues from its last
+//! checkpoint, bit for bit as if it had not stopped. A completed job's directory is registered
+//! as a model.
+//!
+//! The rooms: [`status`] (the state machine: every status, and what each command does in
+//! each), `spec` (the API's bodies, views and errors), this file (the manager: checks, queue,
+//! commands), `runner` (the thread that runs jobs and reports their progress) and `store`
+//! (their SQLite database).
+
+mod runner;
+mod spec;
+pub mod status;
+pub mod store;
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+pub use spec::*;
+pub use status::JobStatus;
+use status::{Command, Effect, StopRequest};
+
+use store::{JobRow, Store, UploadRow};
+use crate::engine::registry::{self, now_rfc3339, ModelRegistry, Origin};
+use crate::model::ModelSource;
+
+/// Where jobs keep their files and how they run.
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    pub state_dir: PathBuf,
+    /// Server-side training data a job may name by relative path (nothing outside it).
+    pub data_dir: Option<PathBuf>,
+    /// Threads of the training pool.
+    pub train_threads: usize,
+    pub max_upload_bytes: usize,
+    /// `--device` of the server (jobs train where inference runs).
+    pub device: String,
+}
+
+struct Running {
+    id: String,
+    /// The pending [`StopRequest`], read by the training loop at each step boundary.
+    stop: Arc<AtomicU8>,
+    /// When this run started, and the step it started from (for the ETA).
+    since: Instant,
+    first_step: Option<u64>,
+    last_step: u64,
+}
+
+#[derive(Default)]
+struct Live {
+    running: Option<Running>,
+    shutdown: bool,
+}
+
+pub struct JobManager {
+    store: Arc<Store>,
+    registry: Arc<ModelRegistry>,
+    settings: JobSettings,
+    live: Mutex<Live>,
+    wake: Condvar,
+}
+
+impl JobManager {
+    /// Opens the state, marks jobs that were running as interrupted, offers the models jobs
+    /// produced, and starts the runner thread.
+    pub fn start(
+        settings: JobSettings,
+        store: Arc<Store>,
+        registry: Arc<ModelRegistry>,
+    ) -> Result<Arc<Self>, JobError> {
+        let interrupted = store.mark_interrupted()?;
+        if interrupted > 0 {
+            tracing::warn!(
+                "{interrupted} training job(s) were running when the server stopped: marked interrupted (POST /train/jobs/{{id}}/resume continues them)"
+            );
+        }
+        for (id, path) in store.models()? {
+            if path.join("config.json").is_file() {
+                if let Err(e) = registry.add_named(&id, ModelSource::HfDir(path), Origin::Trained) {
+                    tracing::warn!("trained model {id}: {e}");
+                }
+            }
+        }
+        for dir in [
+            uploads_dir(&settings.state_dir),
+            models_dir(&settings.state_dir),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|e| JobError::Io(e.to_string()))?;
+        }
+        let manager = Arc::new(Self {
+            store,
+            registry,
+            settings,
+            live: Mutex::new(Live::default()),
+            wake: Condvar::new(),
+        });
+        let runner = manager.clone();
+        std::thread::Builder::new()
+            .name("tokenscope-train".into())
+            .spawn(move || runner.run_loop())
+            .map_err(|e| JobError::Io(format!("cannot start the training thread: {e}")))?;
+        Ok(manager)
+    }
+
+    pub fn settings(&self) -> &JobSettings {
+        &self.settings
+    }
+
+    fn live(&self) -> MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops the runner after the current job's step (tests; the process exit does it too).
+    pub fn shutdown(&self) {
+        let mut live = self.live();
+        live.shutdown = true;
+        if let Some(r) = &live.running {
+            r.stop.store(StopRequest::Pause as u8, Ordering::SeqCst);
+        }
+        self.wake.notify_all();
+    }
+
+    /// Stores an uploaded training file (UTF-8 text, or JSONL with a `text` field per line).
+    pub fn upload(&self, bytes: &[u8], jsonl: bool) -> Result<UploadRow, JobError> {
+        if bytes.len() > self.settings.max_upload_bytes {
+            return Err(JobError::TooLarge(self.settings.max_upload_bytes));
+        }
+        let docs = super::data::documents(bytes, jsonl, "the upload")
+            .map_err(|m| JobError::invalid("body", m))?;
+        if docs.is_empty() {
+            return Err(JobError::invalid("body", "the upload contains no text"));
+        }
+        let row = UploadRow {
+            id: new_id("upload"),
+            format: if jsonl { "jsonl" } else { "text" }.into(),
+            bytes: bytes.len() as u64,
+            sha256: format!("{:x}", Sha256::digest(bytes)),
+            created_at: now_rfc3339(),
+        };
+        let path = upload_path(&self.settings.state_dir, &row);
+        write_atomically(&path, bytes).map_err(|e| JobError::Io(e.to_string()))?;
+        self.store.insert_upload(&row)?;
+        Ok(row)
+    }
+
+    /// Checks and queues a job.
+    pub fn create(&self, mut spec: JobSpec) -> Result<JobView, JobError> {
+        self.check(&spec)?;
+        if let DataSpec::Text(t) = &spec.data {
+            // Kept as an upload, so that the job's settings stay small and the text is read
+            // back exactly on resume.
+            let upload = self.upload(t.text.as_bytes(), false)?;
+            spec.data = DataSpec::Upload(UploadData {
+                upload_id: upload.id,
+            });
+        }
+        let out = models_dir(&self.settings.state_dir).join(&spec.output_name);
+        if out.exists() {
+            // Left by an earlier job of this name that failed or was cancelled (active ones
+            // were refused by `check`): its checkpoints must not seed this one.
+            std::fs::remove_dir_all(&out).map_err(|e| JobError::Io(e.to_string()))?;
+        }
+        let row = JobRow {
+            id: new_id("job"),
+            spec: serde_json::to_string(&spec).map_err(|e| JobError::Io(e.to_string()))?,
+            status: JobStatus::Queued,
+            step: 0,
+            total_steps: spec.steps,
+            train_loss: None,
+            eval_loss: None,
+            tokens_per_s: None,
+            created_at: now_rfc3339(),
+            started_at: None,
+            finished_at: None,
+            error: None,
+        };
+        self.store.insert_job(&row)?;
+        tracing::info!(job = %row.id, output = %spec.output_name, "training job queued");
+        let _live = self.live();
+        self.wake.notify_all();
+        self.view(&row, false)
+    }
+
+    fn check(&self, spec: &JobSpec) -> Result<(), JobError> {
+        let inv = |field: &'static str, msg: &str| JobError::invalid(field, msg);
+        if self.registry.find(&spec.base_model).is_none() {
+            return Err(JobError::Missing(
+                "MODEL_NOT_FOUND",
+                format!(
+                    "base_model `{}` is not a model of this server (GET /models lists them)",
+                    spec.base_model
+                ),
+            ));
+        }
+        if !registry::is_valid_id(&spec.output_name) {
+            return Err(inv(
+                "output_name",
+                "output_name must be 1 to 128 letters, digits, `.`, `_` or `-`, not starting or ending with `.` or `-`",
+            ));
+        }
+        if !(1..=1_000_000).contains(&spec.steps) {
+            return Err(inv("steps", "steps must be between 1 and 1000000"));
+        }
+        if !(spec.lr > 0.0 && spec.lr <= 1.0) {
+            return Err(inv("lr", "lr must be greater than 0 and at most 1"));
+        }
+        if !(1..=256).contains(&spec.batch_size) {
+            return Err(inv("batch_size", "batch_size must be between 1 and 256"));
+        }
+        if !(2..=8192).contains(&spec.seq_len) {
+            return Err(inv("seq_len", "seq_len must be between 2 and 8192"));
+        }
+        if !(1..=1_000_000).contains(&spec.save_every) {
+            return Err(inv(
+                "save_every",
+                "save_every must be between 1 and 1000000",
+            ));
+        }
+        if spec.eval_every > 1_000_000 {
+            return Err(inv("eval_every", "eval_every must be at most 1000000"));
+        }
+        if spec.warmup.is_some_and(|w| w > 1_000_000) {
+            return Err(inv("warmup", "warmup must be at most 1000000"));
+        }
+        if spec.seed > i64::MAX as u64 {
+            return Err(inv("seed", &format!("seed must be at most {}", i64::MAX)));
+        }
+        match &spec.data {
+            DataSpec::Text(t) if t.text.trim().is_empty() => {
+                return Err(inv("data", "data.text contains no text"))
+            }
+            DataSpec::Text(t) if t.text.len() > self.settings.max_upload_bytes => {
+                return Err(JobError::TooLarge(self.settings.max_upload_bytes))
+            }
+            DataSpec::Upload(u) => {
+                if self.store.upload(&u.upload_id)?.is_none() {
+                    return Err(JobError::Missing(
+                        "UPLOAD_NOT_FOUND",
+                        format!("upload `{}` not found (POST /train/uploads)", u.upload_id),
+                    ));
+                }
+            }
+            DataSpec::Path(p) => {
+                self.data_path(&p.path)?;
+            }
+            DataSpec::Text(_) => {}
+        }
+        if self.registry.contains(&spec.output_name) {
+            return Err(JobError::Conflict(format!(
+                "a model named `{}` exists already; choose another output_name",
+                spec.output_name
+            )));
+        }
+        for row in self.store.jobs()? {
+            let other: Option<JobSpec> = serde_json::from_str(&row.spec).ok();
+            let active = !matches!(row.status, JobStatus::Failed | JobStatus::Cancelled);
+            if active && other.is_some_and(|o| o.output_name == spec.output_name) {
+                return Err(JobError::Conflict(format!(
+                    "job {} already writes `{}`; choose another output_name",
+                    row.id, spec.output_name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `path` under `--data-dir`, refusing anything that leaves it (`..`, absolute paths,
+    /// symbolic links pointing out).
+    fn data_path(&self, path: &str) -> Result<PathBuf, JobError> {
+        let inv = JobError::Forbidden;
+        let Some(root) = &self.settings.data_dir else {
+            return Err(inv(
+                "data.path needs a server started with --data-dir; upload the data (POST /train/uploads) or send it as data.text".into(),
+            ));
+        };
+        let rel = Path::new(path);
+        if path.is_empty()
+            || rel
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(inv(format!(
+                "data.path `{path}` must be a relative path inside --data-dir (no `..`, no absolute path)"
+            )));
+        }
+        let root = std::fs::canonicalize(root)
+            .map_err(|e| JobError::Io(format!("--data-dir is not readable: {e}")))?;
+        let full = std::fs::canonicalize(root.join(rel)).map_err(|_| {
+            JobError::Missing(
+                "DATA_NOT_FOUND",
+                format!("data.path `{path}` does not exist in --data-dir"),
+            )
+        })?;
+        if !full.starts_with(&root) {
+            return Err(inv(format!("data.path `{path}` leads outside --data-dir")));
+        }
+        Ok(full)
+    }
+
+    pub fn list(&self) -> Result<Vec<JobView>, JobError> {
+        self.store
+            .jobs()?
+            .iter()
+            .map(|row| self.view(row, false))
+            .collect()
+    }
+
+    pub fn get(&self, id: &str) -> Result<JobView, JobError> {
+        let row = self
+            .store
+            .job(id)?
+            .ok_or_else(|| JobError::NotFound(id.into()))?;
+        self.view(&row, true)
+    }
+
+    fn view(&self, row: &JobRow, history: bool) -> Result<JobView, JobError> {
+        let spec: JobSpec = serde_json::from_str(&row.spec)
+            .map_err(|e| JobError::Io(format!("job {}: unreadable settings ({e})", row.id)))?;
+        let eta_s = if row.status == JobStatus::Running {
+            let live = self.live();
+            live.running
+                .as_ref()
+                .filter(|r| r.id == row.id)
+                .and_then(|r| {
+                    let done = r.last_step.saturating_sub(r.first_step?.saturating_sub(1));
+                    (done > 0).then(|| {
+                        let per_step = r.since.elapsed().as_secs_f64() / done as f64;
+                        (row.total_steps.saturating_sub(row.step) as f64 * per_step).round()
+                    })
+                })
+        } else {
+            None
+        };
+        Ok(JobView {
+            id: row.id.clone(),
+            status: row.status,
+            base_model: spec.base_model.clone(),
+            output_name: spec.output_name.clone(),
+            step: row.step,
+            total_steps: row.total_steps,
+            train_loss: row.train_loss.filter(|x| x.is_finite()),
+            eval_loss: row.eval_loss.filter(|x| x.is_finite()),
+            eval_perplexity: row.eval_loss.map(f64::exp).filter(|x| x.is_finite()),
+            tokens_per_s: row.tokens_per_s.filter(|x| x.is_finite()),
+            eta_s,
+            created_at: row.created_at.clone(),
+            started_at: row.started_at.clone(),
+            finished_at: row.finished_at.clone(),
+            error: row.error.clone(),
+            settings: spec,
+            history: if history {
+                Some(
+                    self.store
+                        .history(&row.id)?
+                        .into_iter()
+                        .map(|mut p| {
+                            p.train_loss = p.train_loss.filter(|x| x.is_finite());
+                            p.eval_loss = p.eval_loss.filter(|x| x.is_finite());
+                            p
+                        })
+                        .collect(),
+                )
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Pauses a job: a running one checkpoints and stops at its next step boundary (its status
+    /// says `running` until then); a queued or interrupted one is simply held.
+    pub fn pause(&self, id: &str) -> Result<JobView, JobError> {
+        self.control(id, Command::Pause)
+    }
+
+    /// Queues a paused or interrupted job again; it continues from its last checkpoint. A
+    /// running job's pause that has not taken effect yet is withdrawn.
+    pub fn resume(&self, id: &str) -> Result<JobView, JobError> {
+        self.control(id, Command::Resume)
+    }
+
+    /// Cancels a job (a running one stops at its next step boundary; this overrides a pause).
+    pub fn cancel(&self, id: &str) -> Result<JobView, JobError> {
+        self.control(id, Command::Cancel)
+    }
+
+    /// Applies a command by the transition table ([`status::decide`]). The decision is made
+    /// and applied under the live lock, which the runner also holds when it takes a job and
+    /// when it settles one: no other command or runner step can act on a stale status.
+    fn control(&self, id: &str, command: Command) -> Result<JobView, JobError> {
+        let live = self.live();
+        let mut row = self
+            .store
+            .job(id)?
+            .ok_or_else(|| JobError::NotFound(id.into()))?;
+        let running = live.running.as_ref().filter(|r| r.id == id);
+        let pending = running.map_or(StopRequest::None, |r| {
+            StopRequest::from_u8(r.stop.load(Ordering::SeqCst))
+        });
+        match status::decide(row.status, pending, command).map_err(JobError::Conflict)? {
+            Effect::Nothing => {}
+            Effect::Become(next) => {
+                row.status = next;
+                if next == JobStatus::Cancelled {
+                    row.finished_at = Some(now_rfc3339());
+                }
+                if next == JobStatus::Queued {
+                    row.error = None;
+                }
+                self.store.update_job(&row)?;
+                self.wake.notify_all();
+            }
+            Effect::Request(stop) => {
+                if let Some(r) = running {
+                    r.stop.store(stop as u8, Ordering::SeqCst);
+                }
+            }
+        }
+        drop(live);
+        self.view(&row, false)
+    }
+}
+
+fn uploads_dir(state: &Path) -> PathBuf {
+    state.join("uploads")
+}
+
+/// Where jobs write their models.
+pub fn models_dir(state: &Path) -> PathBuf {
+    state.join("models")
+}
+
+fn upload_path(state: &Path, u: &UploadRow) -> PathBuf {
+    let ext = if u.format == "jsonl" { "jsonl" } else { "txt" };
+    uploads_dir(state).join(format!("{}.{ext}", u.id))
+}
+
+fn new_id(prefix: &str) -> String {
+    use rand::Rng;
+    let n: u64 = rand::rng().random();
+    format!("{prefix}-{n:016x}")
+}
+
+/// Write, fsync, rename: a crash leaves the old file or the new one, never half of one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,165 @@
+//! What the API says about jobs: the body that creates one, the view of one, and the errors.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::status::JobStatus;
+use super::store::{HistoryPoint, StoreError};
+
+/// Training data: text in the request, an earlier upload, or a file under `--data-dir`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum DataSpec {
+    Text(TextData),
+    Upload(UploadData),
+    Path(PathData),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TextData {
+    /// The training text itself (at least one character that is not whitespace; no NUL).
+    #[schema(min_length = 1, pattern = r"^[^\x00]*[^\s\x00][^\x00]*$")]
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UploadData {
+    /// An id from POST /train/uploads.
+    pub upload_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PathData {
+    /// A `.txt` or `.jsonl` file (or a folder of them) relative to the server's `--data-dir`.
+    pub path: String,
+}
+
+/// Body of POST /train/jobs: what to train and how (the `tokenscope train` flags of the same
+/// names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"base_model": "SmolLM2-135M-Instruct.Q4_1", "data": {"text": "The quick brown fox jumps over the lazy dog."}, "output_name": "smollm2-fox", "steps": 20}))]
+pub struct JobSpec {
+    /// The model to start from (an id from GET /models).
+    pub base_model: String,
+    pub data: DataSpec,
+    /// Id of the model the job produces (letters, digits, `.`, `_`, `-`).
+    #[schema(
+        pattern = r"^[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_])?$",
+        max_length = 128
+    )]
+    pub output_name: String,
+    /// Optimizer steps.
+    #[serde(default = "default_steps")]
+    #[schema(default = 100, minimum = 1, maximum = 1000000)]
+    pub steps: u64,
+    /// Peak learning rate (linear warm-up, cosine decay).
+    #[serde(default = "default_lr")]
+    #[schema(default = 0.0001, exclusive_minimum = 0, maximum = 1)]
+    pub lr: f64,
+    #[serde(default = "default_batch_size")]
+    #[schema(default = 4, minimum = 1, maximum = 256)]
+    pub batch_size: u64,
+    /// Tokens per training window.
+    #[serde(default = "default_seq_len")]
+    #[schema(default = 128, minimum = 2, maximum = 8192)]
+    pub seq_len: u64,
+    /// Evaluate on the held-out windows every this many steps (0: only at the start and end).
+    #[serde(default = "default_eval_every")]
+    #[schema(default = 10, minimum = 0, maximum = 1000000)]
+    pub eval_every: u64,
+    /// Checkpoint every this many steps (what a resume continues from).
+    #[serde(default = "default_save_every")]
+    #[schema(default = 50, minimum = 1, maximum = 1000000)]
+    pub save_every: u64,
+    /// Warm-up steps (default: a tenth of the steps, at most 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 1000000)]
+    pub warmup: Option<u64>,
+    #[serde(default)]
+    #[schema(default = 0, minimum = 0, maximum = 9223372036854775807_i64)]
+    pub seed: u64,
+}
+
+fn default_steps() -> u64 {
+    100
+}
+fn default_lr() -> f64 {
+    1e-4
+}
+fn default_batch_size() -> u64 {
+    4
+}
+fn default_seq_len() -> u64 {
+    128
+}
+fn default_eval_every() -> u64 {
+    10
+}
+fn default_save_every() -> u64 {
+    50
+}
+
+/// A job as the API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    pub id: String,
+    pub status: JobStatus,
+    pub base_model: String,
+    pub output_name: String,
+    pub step: u64,
+    pub total_steps: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_perplexity: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    /// Seconds left at the current speed (while running).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub settings: JobSpec,
+    /// Loss per step (GET /train/jobs/{id} only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<HistoryPoint>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job `{0}` not found")]
+    NotFound(String),
+    /// A model, upload or data path the request names does not exist.
+    #[error("{1}")]
+    Missing(&'static str, String),
+    /// A data path the server will not read.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Invalid(String, &'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("upload exceeds the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl JobError {
+    pub(super) fn invalid(field: &'static str, msg: impl Into<String>) -> Self {
+        Self::Invalid(msg.into(), field)
+    }
+}
