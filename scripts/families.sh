@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The reference for the family tests (tests/families.rs): builds llama-cpp-python into the
 # machine's cache (scripts/lib/cache.sh: once, ~4 min on 2 cores, reused by every clone), then
-# runs scripts/families/generate.py, which writes a tiny random-weight model per family (GGUF + HF directory) and llama.cpp's log-probs for it
+# runs scripts/families/generate.py, which writes a tiny random-weight model per family (GGUF
+# + HF directory) and llama.cpp's log-probs for it
 # into target/families/. Re-run only when the script, the vocabularies or llama.cpp change.
 #
 # One patch to llama.cpp, and why: its CPU backend evaluates GELU through an f16 lookup
