@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 
 LM_EVAL_VERSION=0.4.13
 OPENAI_VERSION=3.54.0
-VENV=.venv-clients
+. scripts/lib/cache.sh
+VENV="$TOKENSCOPE_CACHE/venv-clients"
+cache_lock "$(basename "$VENV")"
 KEY="clients-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
 
 ./scripts/setup.sh >/dev/null

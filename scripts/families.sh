@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The reference for the family tests (tests/families.rs): builds llama-cpp-python into
-# .venv-ref (once, ~4 min on 2 cores), then runs scripts/families/generate.py, which writes a
-# tiny random-weight model per family (GGUF + HF directory) and llama.cpp's log-probs for it
+# The reference for the family tests (tests/families.rs): builds llama-cpp-python into the
+# machine's cache (scripts/lib/cache.sh: once, ~4 min on 2 cores, reused by every clone), then
+# runs scripts/families/generate.py, which writes a tiny random-weight model per family (GGUF
+# + HF directory) and llama.cpp's log-probs for it
 # into target/families/. Re-run only when the script, the vocabularies or llama.cpp change.
 #
 # One patch to llama.cpp, and why: its CPU backend evaluates GELU through an f16 lookup
@@ -15,14 +16,18 @@ cd "$(dirname "$0")/.."
 
 LCP_VERSION=0.3.36
 LCP_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
-VENV=.venv-ref
+. scripts/lib/cache.sh
+VENV="$TOKENSCOPE_CACHE/venv-ref"
+cache_lock "$(basename "$VENV")"
 OUT=target/families
 STAMP="$OUT/.stamp"
 
 sha256() { python3 -c 'import hashlib,sys; h=hashlib.sha256(); f=open(sys.argv[1],"rb"); [h.update(c) for c in iter(lambda: f.read(1<<20), b"")]; print(h.hexdigest())' "$1"; }
 
+# The stamp names the llama.cpp build, so that a changed pin rebuilds the cached venv.
+BUILD="llama-cpp-python $LCP_VERSION $LCP_SHA256, GGML_GELU_FP16 removed"
 if ! "$VENV/bin/python" -c "import llama_cpp, gguf, numpy, safetensors" 2>/dev/null ||
-   [ ! -f "$VENV/.gelu-f32" ]; then
+   [ "$(cat "$VENV/.gelu-f32" 2>/dev/null)" != "$BUILD" ]; then
   echo "families: building llama-cpp-python $LCP_VERSION (GELU in f32) into $VENV ..."
   rm -rf "$VENV"
   python3 -m venv "$VENV"
@@ -52,7 +57,7 @@ PY
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
     CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "$VENV/bin/pip" install --quiet "$src"
-  touch "$VENV/.gelu-f32"
+  echo "$BUILD" > "$VENV/.gelu-f32"
 fi
 
 want="$(cat scripts/families/generate.py models/vocab/*.gguf "$VENV/.gelu-f32" | sha256 /dev/stdin)"

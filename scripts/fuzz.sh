@@ -12,7 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SCHEMATHESIS_VERSION=4.32.5
-VENV=.venv-fuzz
+. scripts/lib/cache.sh
+VENV="$TOKENSCOPE_CACHE/venv-fuzz"
+cache_lock "$(basename "$VENV")"
 SEED="${FUZZ_SEED:-20261123}"
 MAX_EXAMPLES="${FUZZ_MAX_EXAMPLES:-60}"
 MAX_TIME="${FUZZ_MAX_TIME:-240}"

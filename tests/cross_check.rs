@@ -1,7 +1,8 @@
 //! Independent check of the maths: our llama (dequantized GGUF, un-permuted q/k, HF-style rope)
 //! against candle-transformers' `quantized_llama` on the same file with every weight
 //! dequantized (`CANDLE_DEQUANTIZE_ALL=1`, interleaved rope on the permuted weights).
-//! Full-vocabulary log-probs must agree within 1e-4.
+//! Full-vocabulary log-probs must agree within what f32 rounding explains in two f32
+//! evaluations (`common::f32_logprob_bound`).
 
 mod common;
 
@@ -47,10 +48,13 @@ fn matches_candle_quantized_llama_dequantized() {
         let reference = reference_logprobs(ids);
         let ours = ours_logprobs(ids);
         assert_eq!(ours.len(), 49152);
-        let diff = common::max_abs_diff(&ours, &reference);
+        let diff = common::max_abs_diff(&ours, &reference) as f64;
+        eprintln!("smollm2, {} tokens: max |Δ logprob| = {diff:e}", ids.len());
+        let cfg = common::smollm().model.config();
+        let bound = common::f32_logprob_bound(common::pass_of(cfg, ids.len()), &reference, 2);
         assert!(
-            diff <= 1e-4,
-            "{} tokens: max |Δ logprob| = {diff}",
+            diff <= bound,
+            "{} tokens: max |Δ logprob| = {diff} > {bound}",
             ids.len()
         );
         // Same winner, and a real distribution (not a degenerate one that trivially agrees).

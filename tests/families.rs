@@ -5,8 +5,9 @@
 //! llama-cpp-python's log-probabilities at every position (`logits_all=True`).
 //!
 //! Checked here, per family: our tokenizer gives llama.cpp's ids; the GGUF's full-vocabulary
-//! log-probs at every position match llama.cpp's within 1e-4 (on a short prompt and one longer
-//! than the sliding window); the HF directory gives the GGUF path's logits within 1e-5; and
+//! log-probs at every position match llama.cpp's within what f32 rounding explains in two f32
+//! evaluations (`common::f32_logprob_bound`; on a short prompt and one longer than the sliding
+//! window); the HF directory gives the GGUF path's logits within 1e-5; and
 //! training works on each (differentiable path = inference path, gradients everywhere, loss
 //! falls, the output directory is in the family's HF layout and loads back).
 
@@ -102,12 +103,17 @@ fn gguf_against_llama_cpp(name: &str) -> f32 {
         let ours_ids = m.tokenizer.encode(&r.prompt).unwrap();
         assert_eq!(ours_ids, r.ids, "{name}: tokens of {:?}", r.prompt);
         let ours = all_logprobs(&m, &r.ids);
+        let bound = |pos: usize, logprobs: &[f32]| {
+            let pass = common::pass_of(m.model.config(), pos + 1);
+            common::f32_logprob_bound(pass, logprobs, 2) as f32
+        };
         for (pos, row) in ours.iter().enumerate() {
             let theirs = &r.logprobs[pos * r.vocab..(pos + 1) * r.vocab];
             let d = common::max_abs_diff(row, theirs);
+            let b = bound(pos, theirs);
             assert!(
-                d <= 1e-4,
-                "{name}: position {pos} of {} differs from llama.cpp by {d}",
+                d <= b,
+                "{name}: position {pos} of {} differs from llama.cpp by {d} > {b}",
                 r.ids.len()
             );
             worst = worst.max(d);
@@ -122,7 +128,8 @@ fn gguf_against_llama_cpp(name: &str) -> f32 {
                 &tokenscope::engine::distribution::log_softmax(&l),
                 &ours[pos],
             );
-            assert!(d <= 1e-4, "{name}: decode step at {pos} differs by {d}");
+            let b = bound(pos, &ours[pos]);
+            assert!(d <= b, "{name}: decode step at {pos} differs by {d} > {b}");
         }
     }
     eprintln!("{name}: GGUF vs llama.cpp, max |Δ log-prob| = {worst:.2e}");
@@ -312,12 +319,13 @@ fn quantized_fused_tensors_split_exactly() {
         let r = references(&family_dir(name)).pop().unwrap();
         let a = all_logprobs(&packed, &r.ids);
         let b = all_logprobs(&dense, &r.ids);
-        let d = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| common::max_abs_diff(x, y))
-            .fold(0.0, f32::max);
-        assert!(d <= 1e-4, "{name}: packed Q8_0 differs from dense by {d}");
-        eprintln!("{name}: Q8_0 packed vs dense {d:.2e}");
+        for (pos, (x, y)) in a.iter().zip(&b).enumerate() {
+            common::assert_f32_close(
+                &format!("{name}: packed Q8_0 vs dense at {pos}"),
+                x,
+                y,
+                common::pass_of(dense.model.config(), pos + 1),
+            );
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! Gemma 3 270M (Q4_K_M GGUF: Q8_0 tied embedding, Q5_0, Q4_K, Q6_K, F32 norms) against
 //! candle-transformers' independent `gemma3` (the Hugging Face-style model) run on the same
-//! weights, dequantized: full-vocabulary log-probs within 1e-4, on a short prompt and on one
-//! longer than the 512-token sliding window.
+//! weights, dequantized, in float64: full-vocabulary log-probs within what f32 rounding
+//! explains (`common::f32_logprob_bound`: derived from depth, width, length and the logits'
+//! spread, so it holds on any CPU), on a short prompt and on one longer than the 512-token
+//! sliding window. Against float64 the whole difference is our own rounding: an f32 reference
+//! would add its own, which depends on the CPU's kernels as much as ours does.
 //!
 //! Two facts about the references, checked against HF's modeling_gemma3.py and llama.cpp:
 //! - candle-transformers' `quantized_gemma3` (the GGUF reader) uses SiLU in the MLP where
@@ -102,16 +105,17 @@ fn reference() -> &'static std::sync::Mutex<Reference> {
                 "max_position_embeddings": 2048,
             }))
             .unwrap();
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        // The dequantized weights are exact in f32; the reference computes with them in f64.
+        let vb = VarBuilder::from_tensors(tensors, DType::F64, &Device::Cpu);
         let model = candle_transformers::models::gemma3::Model::new(false, &cfg, vb).unwrap();
         std::sync::Mutex::new(Reference { model })
     })
 }
 
-fn reference_logprobs(ids: &[u32]) -> Vec<f32> {
+fn reference_logprobs(ids: &[u32]) -> Vec<f64> {
     let mut r = reference().lock().unwrap();
     r.model.clear_kv_cache();
-    common::logprobs_of(r.model.forward(&common::batch(ids), 0).unwrap())
+    common::logprobs_of_f64(r.model.forward(&common::batch(ids), 0).unwrap())
 }
 
 const STORY: &str = "The lighthouse keeper climbed the spiral stairs every evening at dusk, \
@@ -125,15 +129,17 @@ fn matches_candle_transformers_gemma3() {
     assert_eq!(short[0], 2, "Gemma adds BOS");
     let long = m.tokenizer.encode(&STORY.repeat(22)).unwrap();
     assert!(long.len() > 560, "long prompt has {} tokens", long.len());
+    let cfg = m.model.config();
     for ids in [&short, &long] {
         let ours = common::next_logprobs(&m.model, ids);
-        let want = reference_logprobs(ids);
-        let diff = common::max_abs_diff(&ours, &want);
+        let exact = reference_logprobs(ids);
+        let diff = common::max_abs_diff_f64(&ours, &exact);
         eprintln!(
-            "gemma3, {} tokens: max |Δ logprob| vs candle gemma3 = {diff:e}",
+            "gemma3, {} tokens: max |Δ logprob| vs candle gemma3 in f64 = {diff:e}",
             ids.len()
         );
-        assert!(diff <= 1e-4, "{} tokens: {diff}", ids.len());
+        let bound = common::f32_logprob_bound(common::pass_of(cfg, ids.len()), &ours, 1);
+        assert!(diff <= bound, "{} tokens: {diff} > {bound}", ids.len());
     }
 }
 

@@ -613,3 +613,68 @@ fn top_token_after_load(server: &Server, id: &str) -> String {
     });
     top_token(server, id, FOX)
 }
+
+/// Two commands sent at once to a running job, every pair: whatever order the server takes
+/// them in, the job ends where the job state machine says (a cancel wins; a pause and a
+/// resume end paused or running, never stuck with a withdrawn pause), and no command is
+/// answered with anything but 200 or 409.
+#[test]
+fn concurrent_commands_on_a_running_job_settle_as_the_state_machine_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let server = Server::start(
+        &dir.path().join("state"),
+        &["--model", tiny.to_str().unwrap()],
+    );
+    let upload = server.upload(&corpus());
+    let commands = ["pause", "resume", "cancel"];
+    for (i, a) in commands.iter().enumerate() {
+        for b in &commands[i..] {
+            let name = format!("pair-{a}-{b}");
+            let (code, job) = server.post("/train/jobs", job_spec("tiny", &upload, &name, 100_000));
+            assert_eq!(code, 202, "{job}");
+            let id = job["id"].as_str().unwrap().to_string();
+            server.wait(Duration::from_secs(60), "the job running", |s| {
+                let j = s.job(&id);
+                j["status"] == "running" && j["step"].as_u64().unwrap() >= 1
+            });
+            let barrier = std::sync::Barrier::new(2);
+            let codes: Vec<u16> = std::thread::scope(|s| {
+                let send = |c: &'static str| {
+                    let (server, id, barrier) = (&server, &id, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        server.post(&format!("/train/jobs/{id}/{c}"), json!({})).0
+                    })
+                };
+                let (ha, hb) = (send(a), send(b));
+                vec![ha.join().unwrap(), hb.join().unwrap()]
+            });
+            let what = format!("{a} + {b}: {codes:?}");
+            assert!(codes.iter().all(|c| *c == 200 || *c == 409), "{what}");
+            let wanted: &[&str] = match (*a, *b) {
+                (_, "cancel") | ("cancel", _) => &["cancelled"],
+                ("pause", "pause") => &["paused"],
+                ("resume", "resume") => &["running"],
+                _ => &["paused", "running"],
+            };
+            // Settled: a final or paused status, or running past the step it was at.
+            let at = server.job(&id)["step"].as_u64().unwrap();
+            server.wait(Duration::from_secs(60), &format!("{what} settled"), |s| {
+                let j = s.job(&id);
+                match j["status"].as_str().unwrap() {
+                    "running" => j["step"].as_u64().unwrap() > at + 2,
+                    "queued" => false,
+                    _ => true,
+                }
+            });
+            let end = server.job(&id)["status"].as_str().unwrap().to_string();
+            assert!(wanted.contains(&end.as_str()), "{what} ended {end}");
+            if end != "cancelled" {
+                let (code, _) = server.post(&format!("/train/jobs/{id}/cancel"), json!({}));
+                assert_eq!(code, 200);
+                server.wait_job(&id, "cancelled");
+            }
+        }
+    }
+}

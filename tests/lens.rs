@@ -129,7 +129,10 @@ fn fused_and_candle_paths_agree_on_every_layer() {
             "{}: fused vs candle lens, max |Δ logprob| = {worst:e}",
             m.name
         );
-        assert!(worst <= 1e-4, "{worst}");
+        // Two f32 orders of the same layers: within what rounding explains after the prompt.
+        let pass = common::pass_of(m.model.config(), ids.len());
+        let bound = common::f32_logprob_bound(pass, &common::next_logprobs(&m.model, &ids), 2);
+        assert!(worst <= bound, "{worst} > {bound}");
     }
 }
 

@@ -1,6 +1,7 @@
 //! Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF: Q4_K, Q5_0, Q6_K, Q8_0 and F32 tensors, q/k/v
 //! biases, untied head) against candle-transformers' independent `quantized_qwen2` run on the
-//! same file with every weight dequantized: full-vocabulary log-probs within 1e-4.
+//! same file with every weight dequantized: full-vocabulary log-probs within what f32
+//! rounding explains in two f32 evaluations (`common::f32_logprob_bound`).
 
 mod common;
 
@@ -58,9 +59,11 @@ fn matches_candle_quantized_qwen2_dequantized() {
     for ids in [&short, &long] {
         let ours = common::next_logprobs(&m.model, ids);
         let reference = reference_logprobs(ids);
-        let diff = common::max_abs_diff(&ours, &reference);
+        let diff = common::max_abs_diff(&ours, &reference) as f64;
         eprintln!("qwen2, {} tokens: max |Δ logprob| = {diff:e}", ids.len());
-        assert!(diff <= 1e-4, "{} tokens: {diff}", ids.len());
+        let pass = common::pass_of(m.model.config(), ids.len());
+        let bound = common::f32_logprob_bound(pass, &reference, 2);
+        assert!(diff <= bound, "{} tokens: {diff} > {bound}", ids.len());
     }
 }
 
@@ -146,18 +149,18 @@ fn hf_directory_matches_candle_qwen2() {
     let rcfg: reference::Config = serde_json::from_value(config).unwrap();
     let weights = dir.path().join("model.safetensors");
     // SAFETY: a temporary file this test wrote and nobody modifies.
+    // f32: candle's RmsNorm has no f64 kernel.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) }
         .unwrap();
     let mut r = reference::ModelForCausalLM::new(&rcfg, vb).unwrap();
-    let diff = common::max_abs_diff(
-        &got,
-        &common::logprobs_of(r.forward(&common::batch(ids.as_slice()), 0).unwrap()),
-    );
+    let want = common::logprobs_of(r.forward(&common::batch(ids.as_slice()), 0).unwrap());
+    let diff = common::max_abs_diff(&got, &want) as f64;
     eprintln!(
         "qwen2 HF directory, {} tokens: max |Δ logprob| vs candle qwen2 = {diff:e}",
         ids.len()
     );
-    assert!(diff <= 1e-4, "{diff}");
+    let bound = common::f32_logprob_bound(common::pass_of(&cfg, ids.len()), &want, 2);
+    assert!(diff <= bound, "{diff} > {bound}");
 
     // Qwen2's sliding window is refused rather than ignored.
     let mut sliding = serde_json::from_str::<serde_json::Value>(

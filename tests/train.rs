@@ -194,8 +194,8 @@ fn steps_zero_converts_the_default_gguf_exactly() {
         assert_eq!(converted.tokenizer.encode(prompt).unwrap(), ids);
         let lp = |m: &tokenscope::model::LoadedModel| common::next_logprobs(&m.model, &ids);
         let (a, b) = (lp(base), lp(&converted));
-        let diff = common::max_abs_diff(&a, &b);
-        assert!(diff <= 1e-4, "{prompt:?}: {diff}");
+        // The packed file's kernels vs the converted dense weights through candle's matmul.
+        common::assert_smollm_close(prompt, &a, &b, ids.len());
     }
     assert_eq!(converted.eos_ids, base.eos_ids);
 }

@@ -17,6 +17,7 @@ use super::config::Activation;
 use super::kv_cache::Cache;
 use super::layers::{gated, RotaryEmbedding};
 use super::packed::{matmul_many, PackedMatrix, MAX_ROWS};
+use super::simd;
 
 /// One decoder layer's weights for the fused path, with the family's extras.
 #[derive(Debug, Clone)]
@@ -519,20 +520,22 @@ fn head_attention(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-        // SAFETY (both arms): the CPU supports AVX-512F and FMA (checked just above); the
-        // head dimension is 16 · H.
-        match at.len {
-            64 => return unsafe { head_attention_avx512::<4>(q, k, v, at, seen, scale, out) },
-            128 => return unsafe { head_attention_avx512::<8>(q, k, v, at, seen, scale, out) },
-            _ => {}
+    {
+        let level = simd::level();
+        if level >= simd::Level::Avx512 {
+            // SAFETY (both arms): the CPU supports AVX-512F and FMA (the level is never above
+            // what it detected); the head dimension is 16 · H.
+            match at.len {
+                64 => return unsafe { head_attention_avx512::<4>(q, k, v, at, seen, scale, out) },
+                128 => return unsafe { head_attention_avx512::<8>(q, k, v, at, seen, scale, out) },
+                _ => {}
+            }
         }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { head_attention_avx2(q, k, v, at, seen, scale, out) };
-        return;
+        if level >= simd::Level::Avx2 {
+            // SAFETY: the CPU supports AVX2 and FMA (as above).
+            unsafe { head_attention_avx2(q, k, v, at, seen, scale, out) };
+            return;
+        }
     }
     head_attention_generic(q, k, v, at, seen, scale, out);
 }

@@ -20,6 +20,7 @@ pub mod phi3;
 pub mod probe;
 pub mod quant;
 pub mod qwen2;
+pub mod simd;
 pub mod source;
 pub mod tokenizer;
 

@@ -16,6 +16,7 @@
 use rayon::prelude::*;
 
 use super::quant::Format;
+use super::simd;
 
 /// Up to this many input rows go through the streaming kernels; more through the tiled GEMM.
 pub const MAX_ROWS: usize = 16;
@@ -93,8 +94,8 @@ impl PackedMatrix {
     /// Dequantized row `r` into `out` (`cols` values), exactly as ggml dequantizes it.
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
-            // SAFETY: the CPU has the features (checked just above).
+        if simd::level() >= simd::Level::Avx2 {
+            // SAFETY: the CPU has AVX2 and F16C (the level is never above what it detected).
             unsafe { self.dequantize_row_avx2(r, out) };
             return;
         }
@@ -242,13 +243,27 @@ pub fn matmul_many(parts: &mut [(&PackedMatrix, &mut [f32])], x: &[f32], n: usiz
 }
 
 /// Weight rows r0.. (out.len() / n of them) times the n input rows, written row-major
-/// (row, input): the best kernel this CPU has for the matrix's format.
+/// (row, input): the best kernel the process's [`simd::level`] allows for the matrix's format.
 fn rows_kernel(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
+    rows_kernel_at(simd::level(), m, x, n, r0, out)
+}
+
+/// [`rows_kernel`] at a given level (the tests run every level the CPU has). A level above
+/// what the CPU detected runs the best one it has instead.
+fn rows_kernel_at(
+    level: simd::Level,
+    m: &PackedMatrix,
+    x: &[f32],
+    n: usize,
+    r0: usize,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if avx512::available() {
+    match level.min(simd::detected()) {
+        simd::Level::Avx512 => {
             if avx512::reads(m.format) {
-                // SAFETY: the CPU supports the features the kernel is compiled for (checked).
+                // SAFETY: the CPU supports AVX-512 F/BW/VL, FMA and F16C (the level is capped
+                // by what it detected).
                 unsafe { avx512::rows(m, x, n, r0, out) };
             } else {
                 // SAFETY: as above.
@@ -256,15 +271,15 @@ fn rows_kernel(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]
             }
             return;
         }
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
+        simd::Level::Avx2 => {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (as above).
             unsafe { rows_avx2(m, x, n, r0, out) };
             return;
         }
+        simd::Level::Portable => {}
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = level;
     rows_generic::<false, false>(m, x, n, r0, out);
 }
 
@@ -380,19 +395,11 @@ mod avx512 {
         )
     }
 
-    pub fn available() -> bool {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-
     /// Dispatches on the number of input rows so that each variant keeps its accumulators in
     /// registers.
     ///
     /// # Safety
-    /// The CPU must support AVX-512 F/BW/VL, FMA and F16C ([`available`]); the matrix is in a
+    /// The CPU must support AVX-512 F/BW/VL, FMA and F16C (the `avx512` level); the matrix is in a
     /// format the kernel [`reads`].
     pub unsafe fn rows(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
         // SAFETY (all arms): the caller guarantees the CPU features.
@@ -581,8 +588,8 @@ mod tests {
 
     use crate::model::quant::GGML_TYPES as ALL;
 
-    /// Every kernel (the one this CPU dispatches to, the hand-written AVX-512 one where the CPU
-    /// has it, the portable one, the tiled GEMM) against f64 dot products with the dequantized
+    /// Every kernel (the one this process dispatches to, and the one of every SIMD level this
+    /// CPU can run: the hand-written AVX-512 one, AVX2, portable) against f64 dot products with the dequantized
     /// rows, for every format, every input-row count up to the kernels' limit and beyond, row
     /// counts that are odd or not a multiple of the task size, and several block counts.
     #[test]
@@ -617,15 +624,10 @@ mod tests {
                     if n > MAX_ROWS {
                         continue;
                     }
-                    let mut yt = vec![0f32; rows * n];
-                    rows_generic::<false, false>(&m, &x, n, 0, &mut yt);
-                    check(&yt, true, "portable");
-                    #[cfg(target_arch = "x86_64")]
-                    if avx512::available() && avx512::reads(m.format) {
+                    for level in simd::runnable() {
                         let mut yt = vec![0f32; rows * n];
-                        // SAFETY: the CPU has the features (checked).
-                        unsafe { avx512::rows(&m, &x, n, 0, &mut yt) };
-                        check(&yt, true, "avx512");
+                        rows_kernel_at(level, &m, &x, n, 0, &mut yt);
+                        check(&yt, true, level.name());
                     }
                 }
             }
@@ -647,6 +649,23 @@ mod tests {
                     batched[t * rows..(t + 1) * rows],
                     "{dtype:?} row {t}"
                 );
+            }
+            // The same at every level this CPU can run, kernel by kernel (output row-major
+            // (weight row, input)).
+            for level in simd::runnable() {
+                let mut batched = vec![0f32; rows * 4];
+                rows_kernel_at(level, &m, &x, 4, 0, &mut batched);
+                for t in 0..4 {
+                    let mut alone = vec![0f32; rows];
+                    rows_kernel_at(level, &m, &x[t * cols..(t + 1) * cols], 1, 0, &mut alone);
+                    for r in 0..rows {
+                        assert_eq!(
+                            alone[r].to_bits(),
+                            batched[r * 4 + t].to_bits(),
+                            "{level} {dtype:?} row {r} input {t}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -180,3 +180,108 @@ where
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// f32's unit roundoff, 2⁻²⁴: the largest relative error of one correctly rounded operation.
+pub const F32_UNIT_ROUNDOFF: f64 = 1.0 / 16_777_216.0;
+
+/// The shape of a forward pass, as far as rounding is concerned.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass {
+    pub layers: usize,
+    pub hidden: usize,
+    /// The MLP's inner width.
+    pub ffn: usize,
+    /// Tokens the last position attends to (the attention's weighted sum runs over them).
+    pub tokens: usize,
+}
+
+impl Pass {
+    /// The number of additions, summed over every stage, that a value of the last position's
+    /// residual stream goes through on its way to the logits. One block is a chain of sums:
+    /// its first norm (over `hidden`), a q/k/v projection (over `hidden`), the scores (over
+    /// the head dimension, at most `hidden`), the attention's weighted sum (over `tokens`),
+    /// the output projection and the second norm (over `hidden` each), gate/up (over
+    /// `hidden`) and down (over `ffn`); the head adds one more sum over `hidden`.
+    pub fn sums(&self) -> usize {
+        self.layers * (6 * self.hidden + self.ffn + self.tokens) + self.hidden
+    }
+}
+
+/// The largest |Δ log-prob| that f32 rounding explains in `pass`, derived, not tuned on a
+/// machine, so that it holds whatever order a CPU's kernels sum in (AVX-512, AVX2, portable,
+/// gemm's cache-dependent blocking):
+/// - each of the `pass.sums()` additions a value goes through adds an independent relative
+///   error of at most u = 2⁻²⁴; independent errors grow like their count's square root (the
+///   probabilistic rounding bound of Higham & Mary, SIAM J. Sci. Comput. 2019, with λ = 1),
+///   so the logits are off by about u·√sums relative to their size;
+/// - the logits' size is their spread (max − min, which the vocabulary's log-probs show as
+///   `-min(logprob)`), as they are a shift-invariant quantity;
+/// - log-softmax at most doubles an absolute logit error (the token's own, and the
+///   normaliser's weighted mean of the others);
+/// - `f32_sides`: 1 against a float64 reference, 2 between two f32 evaluations (their errors
+///   add).
+///
+/// Length, depth, width and vocabulary (through the spread) all enter; a real error in the
+/// maths (a mask one position off, a norm's epsilon, f16 rounding of an activation) moves
+/// log-probs by 1e-3 to 1e-1 and stays far above it.
+pub fn f32_logprob_bound(pass: Pass, logprobs: &[f32], f32_sides: u32) -> f64 {
+    let spread = logprobs
+        .iter()
+        .filter(|l| l.is_finite())
+        .fold(0f64, |m, &l| m.max(-(l as f64)));
+    let bound = 2.0 * f32_sides as f64 * F32_UNIT_ROUNDOFF * (pass.sums() as f64).sqrt() * spread;
+    eprintln!(
+        "  f32 bound: {} sums, logit spread {spread:.1}, {f32_sides} f32 side(s) → {bound:.2e}",
+        pass.sums()
+    );
+    bound
+}
+
+/// Log-probs of a float64 reference's last-position logits, computed in f64.
+pub fn logprobs_of_f64(logits: candle_core::Tensor) -> Vec<f64> {
+    let z: Vec<f64> = logits
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+    z.iter().map(|v| v - lse).collect()
+}
+
+/// Largest difference between f32 log-probs and a float64 reference's.
+pub fn max_abs_diff_f64(ours: &[f32], exact: &[f64]) -> f64 {
+    assert_eq!(ours.len(), exact.len());
+    ours.iter()
+        .zip(exact)
+        .map(|(&a, &b)| (a as f64 - b).abs())
+        .fold(0.0, f64::max)
+}
+
+/// The [`Pass`] of a model of ours over `tokens` tokens.
+pub fn pass_of(cfg: &tokenscope::model::Config, tokens: usize) -> Pass {
+    Pass {
+        layers: cfg.num_hidden_layers,
+        hidden: cfg.hidden_size,
+        ffn: cfg.intermediate_size,
+        tokens,
+    }
+}
+
+/// Asserts that two f32 evaluations of the same network's next-token log-probs (through
+/// different kernels or orders of work) agree within [`f32_logprob_bound`] with two f32
+/// sides; returns the difference.
+pub fn assert_f32_close(what: &str, a: &[f32], b: &[f32], pass: Pass) -> f64 {
+    let diff = max_abs_diff(a, b) as f64;
+    let bound = f32_logprob_bound(pass, b, 2);
+    eprintln!("{what}: max |Δ logprob| = {diff:.2e} (bound {bound:.2e})");
+    assert!(diff <= bound, "{what}: max |Δ logprob| = {diff} > {bound}");
+    diff
+}
+
+/// [`assert_f32_close`] on the default model after `tokens` tokens.
+pub fn assert_smollm_close(what: &str, a: &[f32], b: &[f32], tokens: usize) -> f64 {
+    assert_f32_close(what, a, b, pass_of(smollm().model.config(), tokens))
+}
