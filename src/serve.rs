@@ -12,8 +12,8 @@ use crate::cli::{read_key_file, ServeArgs};
 use crate::engine::registry::{ModelRegistry, Origin, RegistrySettings};
 use crate::engine::worker::{self, WorkerHandle, WorkerLimits};
 use crate::model::{self, DeviceChoice};
-use crate::train::jobs::{JobManager, JobSettings};
 use crate::train::jobs::store::Store;
+use crate::train::jobs::{JobManager, JobSettings};
 
 /// Keys from --api-key / TOKENSCOPE_API_KEYS and --api-key-file, blanks dropped.
 pub fn collect_keys(args: &ServeArgs) -> anyhow::Result<Vec<String>> {

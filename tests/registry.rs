@@ -20,13 +20,15 @@ fn tiny_dir(dir: &Path) -> std::path::PathBuf {
 }
 
 fn wait_loaded(registry: &ModelRegistry, id: &str) {
-    common::wait_until(&format!("{id} loaded"), Duration::from_secs(120), || {
-        match registry.model_state(id) {
+    common::wait_until(
+        &format!("{id} loaded"),
+        Duration::from_secs(120),
+        || match registry.model_state(id) {
             ModelState::Ready(_) => true,
             ModelState::Failed(e) => panic!("{id} failed to load: {e}"),
             _ => false,
-        }
-    });
+        },
+    );
 }
 
 fn one_model_at_a_time() -> (tempfile::TempDir, ModelRegistry, String, String) {
@@ -35,7 +37,10 @@ fn one_model_at_a_time() -> (tempfile::TempDir, ModelRegistry, String, String) {
         max_loaded: 1,
         ..Default::default()
     });
-    let smol = registry.add(ModelSource::Gguf(common::default_gguf()), Origin::Configured);
+    let smol = registry.add(
+        ModelSource::Gguf(common::default_gguf()),
+        Origin::Configured,
+    );
     let tiny = registry.add(ModelSource::HfDir(tiny_dir(dir.path())), Origin::Configured);
     (dir, registry, smol, tiny)
 }
@@ -56,7 +61,10 @@ fn a_model_in_use_is_not_unloaded_to_make_room() {
     assert!(matches!(registry.model_state(&smol), ModelState::Ready(_)));
 
     // A job queued or running keeps it too, even once the request's handle is gone.
-    let ids = common::smollm().tokenizer.encode("One, two, three,").unwrap();
+    let ids = common::smollm()
+        .tokenizer
+        .encode("One, two, three,")
+        .unwrap();
     let params = GenerateParams {
         max_tokens: 64,
         temperature: 0.0,
@@ -100,5 +108,8 @@ fn concurrent_loads_of_one_model_start_one_worker() {
     assert!(a.same_worker(&b));
     drop((a, b));
     wait_loaded(&registry, &tiny);
-    assert!(!registry.load(&tiny).unwrap(), "loaded already: nothing to start");
+    assert!(
+        !registry.load(&tiny).unwrap(),
+        "loaded already: nothing to start"
+    );
 }

@@ -13,8 +13,8 @@ use axum::Json;
 
 use super::error::{ApiError, ErrorBody, FieldError};
 use super::AppState;
-use crate::train::jobs::{JobError, JobManager, JobSpec, JobView};
 use crate::train::jobs::store::UploadRow;
+use crate::train::jobs::{JobError, JobManager, JobSpec, JobView};
 
 impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {

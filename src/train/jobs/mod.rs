@@ -27,9 +27,9 @@ pub use spec::*;
 pub use status::JobStatus;
 use status::{Command, Effect, StopRequest};
 
-use store::{JobRow, Store, UploadRow};
 use crate::engine::registry::{self, now_rfc3339, ModelRegistry, Origin};
 use crate::model::ModelSource;
+use store::{JobRow, Store, UploadRow};
 
 /// Where jobs keep their files and how they run.
 #[derive(Debug, Clone)]

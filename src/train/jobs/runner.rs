@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::status::{self, RunEnd, StopRequest};
+use super::store::JobRow;
 use super::{models_dir, upload_path, DataSpec, JobManager, JobSpec, JobStatus, Running};
 use crate::engine::registry::{now_rfc3339, Origin};
 use crate::model::ModelSource;
-use super::store::JobRow;
 use crate::train::{StepReport, TrainObserver, TrainOptions};
 
 impl JobManager {
-    fn run_loop(self: Arc<Self>) {
+    pub(super) fn run_loop(self: Arc<Self>) {
         let pool = match rayon::ThreadPoolBuilder::new()
             .num_threads(self.settings.train_threads.max(1))
             .thread_name(|i| format!("tokenscope-train-{i}"))

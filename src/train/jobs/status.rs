@@ -283,7 +283,11 @@ mod tests {
         for (s, p) in states() {
             for c in Command::ALL {
                 if let Some(once) = apply(s, p, c) {
-                    assert_eq!(apply(once.0, once.1, c), Some(once), "{s}/{p:?} {c:?} twice");
+                    assert_eq!(
+                        apply(once.0, once.1, c),
+                        Some(once),
+                        "{s}/{p:?} {c:?} twice"
+                    );
                 }
             }
         }
@@ -292,12 +296,21 @@ mod tests {
     #[test]
     fn a_run_settles_by_the_request_pending_when_it_stops() {
         use StopRequest as R;
-        assert_eq!(settle(RunEnd::Stopped, R::Cancel, true), JobStatus::Cancelled);
+        assert_eq!(
+            settle(RunEnd::Stopped, R::Cancel, true),
+            JobStatus::Cancelled
+        );
         assert_eq!(settle(RunEnd::Stopped, R::Pause, false), JobStatus::Paused);
-        assert_eq!(settle(RunEnd::Stopped, R::Pause, true), JobStatus::Interrupted);
+        assert_eq!(
+            settle(RunEnd::Stopped, R::Pause, true),
+            JobStatus::Interrupted
+        );
         // Paused, then resumed before the runner settled: it runs again.
         assert_eq!(settle(RunEnd::Stopped, R::None, false), JobStatus::Queued);
-        assert_eq!(settle(RunEnd::Finished, R::Cancel, false), JobStatus::Completed);
+        assert_eq!(
+            settle(RunEnd::Finished, R::Cancel, false),
+            JobStatus::Completed
+        );
         assert_eq!(settle(RunEnd::Error, R::None, false), JobStatus::Failed);
     }
 }
