@@ -495,6 +495,53 @@ async fn a_stream_whose_client_leaves_stops_generating() {
     .await;
 }
 
+/// A stream of a request with more jobs than its window (here 16 prompts × 4 choices = 64)
+/// starts as soon as its first token exists: its first event arrives while most of its jobs
+/// have not reached the model yet (before, the response waited until all but the last window
+/// of jobs were done). Then every choice arrives, in full.
+#[tokio::test]
+async fn a_many_choice_stream_starts_with_its_first_token() {
+    let (app, worker) = app_with(ServeConfig::default());
+    let prompts: Vec<String> = (0..16).map(|i| format!("{PROMPT} number {i}")).collect();
+    let req = Request::post("/v1/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"prompt": prompts, "n": 4, "max_tokens": 8, "stream": true, "temperature": 0})
+                .to_string(),
+        ))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    loop {
+        let frame = body.frame().await.unwrap().unwrap();
+        text.push_str(std::str::from_utf8(frame.data_ref().unwrap()).unwrap());
+        if text.contains("\"text\"") {
+            break;
+        }
+    }
+    let received = worker.jobs_received();
+    assert!(
+        received < 32,
+        "{received} of 64 jobs reached the model before the first token"
+    );
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            text.push_str(std::str::from_utf8(&data).unwrap());
+        }
+    }
+    let finished = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter(|v| v["choices"][0]["finish_reason"].is_string())
+        .count();
+    assert_eq!(finished, 64, "every choice ends");
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+}
+
 #[tokio::test]
 async fn n_choices_with_a_seed_are_reproducible_and_indexed() {
     let app = app();

@@ -232,3 +232,50 @@ fn vocabularies_without_a_pre_type_split_as_llama_cpp_does() {
     );
     assert!(extended > 2000);
 }
+
+/// Streaming detokenization (one id at a time, in linear time) gives exactly the text of
+/// decoding every id at once, on every vocabulary the suite has (byte-level BPE and
+/// SentencePiece, with byte fallback): on llama.cpp's test strings (accents, CJK, emoji,
+/// runs of spaces and newlines), and on random id sequences that split characters between
+/// tokens and hold special tokens.
+#[test]
+fn incremental_detokenization_equals_decoding_all_at_once() {
+    use candle_core::quantized::gguf_file;
+    use rand::{Rng, SeedableRng};
+    use tokenscope::engine::detokenize::IncrementalText;
+    use tokenscope::model::TextTokenizer;
+
+    let dir = common::default_gguf().parent().unwrap().join("vocab");
+    let mut tokenizers: Vec<(String, TextTokenizer)> = Vec::new();
+    for vocab in ["gpt-2", "llama-bpe", "qwen2", "llama-spm", "phi-3"] {
+        let mut file = std::fs::File::open(dir.join(format!("ggml-vocab-{vocab}.gguf"))).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        tokenizers.push((
+            vocab.into(),
+            TextTokenizer::from_gguf(&content.metadata).unwrap(),
+        ));
+    }
+    tokenizers.push(("smollm2".into(), (*common::smollm().tokenizer).clone()));
+    tokenizers.push(("gemma3".into(), (*common::gemma3().tokenizer).clone()));
+    let text = std::fs::read_to_string(dir.join("ggml-vocab-llama-spm.gguf.inp")).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for (name, tk) in &tokenizers {
+        let mut sequences = vec![tk.encode(&text).unwrap()];
+        for _ in 0..20 {
+            let n = tk.vocab_size() as u32;
+            sequences.push((0..300).map(|_| rng.random_range(0..n)).collect());
+        }
+        for ids in &sequences {
+            let mut inc = IncrementalText::new();
+            let whole = tk.decode(ids, true).unwrap();
+            for &id in ids {
+                let so_far = inc.push(tk, id).unwrap();
+                assert!(
+                    whole.starts_with(so_far),
+                    "{name}: {so_far:?} is not a prefix"
+                );
+            }
+            assert_eq!(inc.finish(tk).unwrap(), whole, "{name}");
+        }
+    }
+}

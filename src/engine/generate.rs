@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
+use super::detokenize::IncrementalText;
 use super::distribution::{self, Distribution, NonFiniteLogits, MIN_TEMPERATURE};
 use super::lens;
 use super::output::{
@@ -283,10 +284,19 @@ pub fn decode_from(
     // whose logits come from the prompt).
     let mut last: Option<u32> = None;
     let temperature = params.temperature;
-    let mut generated: Vec<u32> = Vec::new();
     let mut steps: Vec<Step> = Vec::new();
     let mut finish = FinishReason::Length;
-    let mut text = String::new();
+    let mut text = IncrementalText::new();
+    // Stop strings are looked for in the text each step added, plus the longest stop's length
+    // before it (a stop may straddle steps): linear in the generation, like the decoding.
+    let stops: Vec<&str> = params
+        .stop
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let longest_stop = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut cut: Option<usize> = None;
 
     while steps.len() < params.max_tokens {
         if cancelled() {
@@ -304,23 +314,29 @@ pub fn decode_from(
             Distribution::from_logits(&logits, temperature)?.sample_top_p(params.top_p, &mut rng)
         };
         steps.push(make_step(model, &reported, next, params.top_k));
-        generated.push(next);
 
-        text = decode(model, &generated)?;
+        let searched = text.text().len();
+        let now = text
+            .push(&model.tokenizer, next)
+            .map_err(EngineError::Tokenizer)?;
         if model.eos_ids.contains(&next) {
             finish = FinishReason::Eos;
-        } else if let Some(cut) = params
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            text.truncate(cut);
-            finish = FinishReason::Stop;
+        } else if !stops.is_empty() && now.len() > searched {
+            let mut from = searched.saturating_sub(longest_stop).min(now.len());
+            while !now.is_char_boundary(from) {
+                from -= 1;
+            }
+            cut = stops
+                .iter()
+                .filter_map(|s| now[from..].find(s).map(|at| from + at))
+                .min();
+            if cut.is_some() {
+                finish = FinishReason::Stop;
+            }
         }
         if let Some(step) = steps.last() {
-            observer(Event::Step { step, text: &text });
+            let shown = &now[..cut.unwrap_or(now.len())];
+            observer(Event::Step { step, text: shown });
         }
         if finish != FinishReason::Length {
             break;
@@ -328,6 +344,12 @@ pub fn decode_from(
         last = Some(next);
     }
 
+    let text = match cut {
+        Some(at) => text.text()[..at].to_string(),
+        None => text
+            .finish(&model.tokenizer)
+            .map_err(EngineError::Tokenizer)?,
+    };
     let tokens = steps.first().map(|s| s.top.clone()).unwrap_or_default();
     Ok(GenerateResponse {
         generated_text: text,
@@ -357,13 +379,6 @@ pub fn decode_from(
         targets: None,
         lens: None,
     })
-}
-
-fn decode(model: &LoadedModel, ids: &[u32]) -> Result<String, EngineError> {
-    model
-        .tokenizer
-        .decode(ids, true)
-        .map_err(|e| EngineError::Tokenizer(e.to_string()))
 }
 
 /// A ranked candidate as reported to the user.

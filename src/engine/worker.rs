@@ -128,8 +128,10 @@ pub enum StreamEvent {
     Step {
         index: usize,
         step: Box<Step>,
-        /// The whole generated text so far (a matched stop string cut off).
-        text: String,
+        /// The text this step added to the generated text (the events' pieces in order are
+        /// the text so far; a step that cut a stop string off adds nothing: the response's
+        /// `generated_text` is the final word).
+        appended: String,
     },
 }
 
@@ -184,6 +186,8 @@ pub struct Job {
     _window: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Keeps the model busy (not unloadable) until the job is done.
     _in_flight: InFlight,
+    /// Bytes of the generated text already sent as stream events.
+    reported: AtomicUsize,
 }
 
 impl Job {
@@ -208,11 +212,18 @@ impl Job {
                 index,
                 tokens: tokens.to_vec(),
             },
-            Event::Step { step, text } => StreamEvent::Step {
-                index,
-                step: Box::new(step.clone()),
-                text: text.to_string(),
-            },
+            Event::Step { step, text } => {
+                // Only what is new since the last event: copying the whole text at every step
+                // would make a long stream quadratic.
+                let from = self.reported.load(Ordering::Relaxed);
+                let appended = text.get(from..).unwrap_or_default().to_string();
+                self.reported.store(from.max(text.len()), Ordering::Relaxed);
+                StreamEvent::Step {
+                    index,
+                    step: Box::new(step.clone()),
+                    appended,
+                }
+            }
         });
     }
 }
@@ -462,6 +473,7 @@ impl WorkerHandle {
             stream,
             _window: None,
             _in_flight: InFlight::new(&self.stats),
+            reported: AtomicUsize::new(0),
         };
         Ok((job, rx))
     }

@@ -107,7 +107,7 @@ pub async fn create(
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         return super::stream::chat(state, info, jobs, shape, include_usage, deadline).await;
     }
-    let replies = run::submit_all(&state, jobs, None, deadline).await?;
+    let replies = run::submit_all(&state, jobs, deadline).await?;
     let responses = run::await_all(&state, replies, deadline).await?;
     let choices = responses
         .iter()

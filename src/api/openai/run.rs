@@ -117,41 +117,70 @@ impl Sampling {
     }
 }
 
-/// Queues one job per (prompt, params). A full queue refuses the request's first job
-/// (`OVERLOADED`); the others wait for room, so a request with more choices than the queue
-/// holds is served in turn. With `stream`, job i reports its events under index i.
-pub async fn submit_all(
-    state: &AppState,
-    jobs: Vec<(PromptInput, GenerateParams)>,
-    stream: Option<&EventSender>,
+/// Queues a request's jobs one by one: the first is refused at once when the queue is full
+/// (`OVERLOADED`); each later one waits for room, and — past the request's window of
+/// [`REQUEST_WINDOW`] jobs — for one of its earlier jobs to finish, so that a request with
+/// many choices is served in turn with other requests.
+pub struct Submitter {
+    state: AppState,
+    worker: crate::engine::worker::WorkerHandle,
+    window: std::sync::Arc<tokio::sync::Semaphore>,
     deadline: Instant,
-) -> Result<Vec<Reply>, OpenAiError> {
-    let mut replies = Vec::with_capacity(jobs.len());
-    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(REQUEST_WINDOW));
-    let worker = state.worker();
-    for (i, (prompt, params)) in jobs.into_iter().enumerate() {
+}
+
+impl Submitter {
+    pub fn new(state: &AppState, deadline: Instant) -> Self {
+        Self {
+            state: state.clone(),
+            worker: state.worker(),
+            window: std::sync::Arc::new(tokio::sync::Semaphore::new(REQUEST_WINDOW)),
+            deadline,
+        }
+    }
+
+    /// Queues job `i` of the request; with `stream`, it reports its events under index i.
+    pub async fn submit(
+        &self,
+        i: usize,
+        prompt: PromptInput,
+        params: GenerateParams,
+        stream: Option<&EventSender>,
+    ) -> Result<Reply, OpenAiError> {
         let when_full = if i == 0 {
             WhenFull::Refuse
         } else {
             WhenFull::Wait
         };
-        // Past the window, the request's next job waits for one of its earlier ones to finish.
-        let permit = tokio::time::timeout_at(deadline.into(), window.clone().acquire_owned())
-            .await
-            .map_err(|_| timeout(state))?
-            .map_err(|_| worker_error(state, WorkerError::Stopped))?;
-        let submit = worker.submit_input(
+        let state = &self.state;
+        let permit =
+            tokio::time::timeout_at(self.deadline.into(), self.window.clone().acquire_owned())
+                .await
+                .map_err(|_| timeout(state))?
+                .map_err(|_| worker_error(state, WorkerError::Stopped))?;
+        let submit = self.worker.submit_input(
             prompt,
             params,
             stream.map(|tx| (i, tx.clone())),
             when_full,
             Some(permit),
         );
-        let reply = tokio::time::timeout_at(deadline.into(), submit)
+        tokio::time::timeout_at(self.deadline.into(), submit)
             .await
             .map_err(|_| timeout(state))?
-            .map_err(|e| worker_error(state, e))?;
-        replies.push(reply);
+            .map_err(|e| worker_error(state, e))
+    }
+}
+
+/// Queues one job per (prompt, params) through a [`Submitter`].
+pub async fn submit_all(
+    state: &AppState,
+    jobs: Vec<(PromptInput, GenerateParams)>,
+    deadline: Instant,
+) -> Result<Vec<Reply>, OpenAiError> {
+    let submitter = Submitter::new(state, deadline);
+    let mut replies = Vec::with_capacity(jobs.len());
+    for (i, (prompt, params)) in jobs.into_iter().enumerate() {
+        replies.push(submitter.submit(i, prompt, params, None).await?);
     }
     Ok(replies)
 }

@@ -37,38 +37,44 @@ trait Render: Send + 'static {
 /// start of a stop string (the engine cuts a matched stop string off).
 #[derive(Default)]
 struct Sent {
-    text: String,
+    /// The generated text as the job's events brought it.
+    received: String,
+    /// How much of it has been sent.
+    sent: usize,
 }
 
 impl Sent {
-    fn delta(&mut self, cumulative: &str, stop: &[String]) -> String {
-        let Some(rest) = cumulative.strip_prefix(self.text.as_str()) else {
-            return String::new();
-        };
+    /// Takes a step's new text; returns what may be sent now: everything received and not yet
+    /// sent, except a trailing incomplete character and a trailing prefix of a stop string
+    /// (held back until the next steps show whether the stop string completes). Linear in the
+    /// new text and the stop strings.
+    fn delta(&mut self, appended: &str, stop: &[String]) -> String {
+        self.received.push_str(appended);
+        let rest = &self.received[self.sent..];
         let mut keep = rest.trim_end_matches('\u{fffd}').len();
         for s in stop {
-            // The longest proper prefix of `s` that `cumulative` ends with.
+            // The longest proper prefix of `s` that the text ends with.
             let held = s
                 .char_indices()
                 .map(|(i, _)| i)
                 .skip(1)
-                .filter(|&i| cumulative.ends_with(&s[..i]))
+                .filter(|&i| self.received.ends_with(&s[..i]))
                 .max()
                 .unwrap_or(0);
             keep = keep.min(rest.len().saturating_sub(held));
         }
+        while !rest.is_char_boundary(keep) {
+            keep -= 1;
+        }
         let out = rest[..keep].to_string();
-        self.text.push_str(&out);
+        self.sent += keep;
         out
     }
 
     /// Whatever of the final text has not been sent.
     fn rest(&mut self, final_text: &str) -> String {
-        let out = final_text
-            .strip_prefix(self.text.as_str())
-            .unwrap_or_default()
-            .to_string();
-        self.text.push_str(&out);
+        let out = final_text.get(self.sent..).unwrap_or_default().to_string();
+        self.sent = final_text.len().max(self.sent);
         out
     }
 }
@@ -139,13 +145,17 @@ impl Render for CompletionRender {
                 let text = self.echo_text(index);
                 vec![self.chunk(index, text, Some(b.out), None)]
             }
-            StreamEvent::Step { index, step, text } => {
+            StreamEvent::Step {
+                index,
+                step,
+                appended,
+            } => {
                 let logprobs = self.shape.logprobs.map(|k| {
                     let mut b = LegacyBuilder::starting_at(naming, self.chars[index]);
                     b.step(&step, k);
                     b.out
                 });
-                let delta = self.sent[index].delta(&text, &self.stop);
+                let delta = self.sent[index].delta(&appended, &self.stop);
                 self.chars[index] += delta.chars().count();
                 vec![self.chunk(index, delta, logprobs, None)]
             }
@@ -238,10 +248,15 @@ impl Render for ChatRender {
     }
 
     fn event(&mut self, event: StreamEvent) -> Vec<String> {
-        let StreamEvent::Step { index, step, text } = event else {
+        let StreamEvent::Step {
+            index,
+            step,
+            appended,
+        } = event
+        else {
             return Vec::new();
         };
-        let delta = self.sent[index].delta(&text, &self.stop);
+        let delta = self.sent[index].delta(&appended, &self.stop);
         let logprobs = self.shape.logprobs.map(|k| ChatLogprobs {
             content: vec![chat_token(&self.info.tokenizer, &step, k)],
         });
@@ -313,7 +328,8 @@ enum Phase {
 struct Streaming<R> {
     state: AppState,
     rx: mpsc::UnboundedReceiver<StreamEvent>,
-    replies: VecDeque<(usize, Reply)>,
+    /// Each job's reply, in order, as it is queued (or why queueing it failed).
+    replies: mpsc::UnboundedReceiver<Result<(usize, Reply), OpenAiError>>,
     responses: Vec<GenerateResponse>,
     render: R,
     pending: VecDeque<String>,
@@ -340,8 +356,9 @@ impl<R: Render> Streaming<R> {
                         Err(_) => self.fail(run::timeout(&self.state)),
                     }
                 }
-                Phase::Finals => match self.replies.pop_front() {
-                    Some((index, rx)) => {
+                Phase::Finals => match self.replies.recv().await {
+                    Some(Err(e)) => self.fail(e),
+                    Some(Ok((index, rx))) => {
                         let result = tokio::time::timeout_at(self.deadline.into(), rx).await;
                         match result {
                             Ok(Ok(Ok(resp))) => {
@@ -399,14 +416,38 @@ async fn start<R: Render>(
     deadline: Instant,
 ) -> Result<Response, OpenAiError> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let replies = run::submit_all(&state, jobs, Some(&tx), deadline).await?;
-    // From here on only the jobs hold senders: the channel closes when the last one is done.
-    drop(tx);
+    let (replies_tx, replies) = mpsc::unbounded_channel();
+    let submitter = run::Submitter::new(&state, deadline);
+    let mut jobs = jobs.into_iter().enumerate();
+    // The first job is queued before the response starts, so that a full queue is an HTTP
+    // error (503 OVERLOADED) as without `stream`; the others are queued while the stream
+    // runs, so that its first token is sent as soon as it exists, not once every job of a
+    // many-choice request has found room in the queue.
+    if let Some((i, (prompt, params))) = jobs.next() {
+        let reply = submitter.submit(i, prompt, params, Some(&tx)).await?;
+        let _ = replies_tx.send(Ok((i, reply)));
+    }
+    let later = tx;
+    tokio::spawn(async move {
+        for (i, (prompt, params)) in jobs {
+            let queued = submitter
+                .submit(i, prompt, params, Some(&later))
+                .await
+                .map(|reply| (i, reply));
+            let failed = queued.is_err();
+            // A closed channel: the client has gone, and the stream with it.
+            if replies_tx.send(queued).is_err() || failed {
+                return;
+            }
+        }
+    });
+    // From here on only the jobs and the task queueing them hold senders: the channel closes
+    // when the last job is done.
     let streaming = Streaming {
         pending: render.start().into(),
         state,
         rx,
-        replies: replies.into_iter().enumerate().collect(),
+        replies,
         responses: Vec::new(),
         render,
         phase: Phase::Events,
