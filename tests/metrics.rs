@@ -110,6 +110,25 @@ async fn metrics_move_with_requests() {
         after.contains(r#"route="unmatched""#),
         "unknown paths share one label"
     );
+    // Every route is labelled by its pattern, from the router itself: the page, the lens, and
+    // a route with a parameter (one label, whatever the id).
+    for req in [
+        Request::get("/ui").body(Body::empty()).unwrap(),
+        common::http::post_json("/lens", r#"{"prompt": "Hi", "top_k": 2}"#),
+        Request::get("/models/no-such-model")
+            .body(Body::empty())
+            .unwrap(),
+    ] {
+        send(&app, req).await;
+    }
+    let labelled = scrape(&app).await;
+    for route in ["/ui", "/lens", "/models/{id}"] {
+        assert!(
+            labelled.contains(&format!(r#"route="{route}""#)),
+            "{route} has no label"
+        );
+    }
+    assert!(!labelled.contains("no-such-model"));
     assert!(!after.contains("/no/such/path"));
     assert!(sample(&after, "tokenscope_generated_tokens_total", "") >= gen_before + 3.0);
     assert!(sample(&after, "tokenscope_prompt_tokens_total", "") >= prompt_before + 5.0);

@@ -1,4 +1,8 @@
-//! The one error type of the HTTP API: `{"detail": ..., "error_code": ...}` with a status.
+//! The one error type of the HTTP API. [`ErrorCode`] names every error the API answers with
+//! and states, once each, its HTTP status, its `error_code` and the `type` OpenAI clients see;
+//! [`ApiError`] is an error of that kind with its message. The native routes write it as
+//! `{"detail": ..., "error_code": ...}` (here), the OpenAI routes as `{"error": {...}}`
+//! (`openai/error.rs`): one conversion each.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -49,19 +53,160 @@ fn loc_schema() -> utoipa::openapi::schema::Array {
         .build()
 }
 
+/// Every error the API answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    EmptyPrompt,
+    PromptTooLong,
+    /// A request field out of its schema (422, FastAPI's shape).
+    Validation,
+    InvalidTemperature,
+    InvalidTopK,
+    InvalidMaxTokens,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    Unauthorized,
+    NotFound,
+    MethodNotAllowed,
+    ModelNotFound,
+    /// The model is loading (or restarting): retry shortly.
+    ModelLoading,
+    /// The model is not loaded: load it first (POST /models/{id}/load).
+    ModelUnloaded,
+    ModelNotLoadable,
+    ModelExists,
+    TooManyModels,
+    InsufficientMemory,
+    /// The request queue is full: retry shortly.
+    Overloaded,
+    Timeout,
+    GenerationFailed,
+    Internal,
+    NoChatTemplate,
+    ChatTemplateError,
+    JobNotFound,
+    JobConflict,
+    PathNotAllowed,
+    UploadNotFound,
+    DataNotFound,
+    TrainingUnavailable,
+}
+
+impl ErrorCode {
+    /// (HTTP status, `error_code`, OpenAI `type`): the one table.
+    const fn spec(self) -> (StatusCode, &'static str, &'static str) {
+        use ErrorCode::*;
+        const INVALID: &str = "invalid_request_error";
+        match self {
+            EmptyPrompt => (StatusCode::BAD_REQUEST, "EMPTY_PROMPT", INVALID),
+            PromptTooLong => (StatusCode::BAD_REQUEST, "PROMPT_TOO_LONG", INVALID),
+            Validation => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "VALIDATION_ERROR",
+                INVALID,
+            ),
+            InvalidTemperature => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_TEMPERATURE",
+                INVALID,
+            ),
+            InvalidTopK => (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_TOP_K", INVALID),
+            InvalidMaxTokens => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_MAX_TOKENS",
+                INVALID,
+            ),
+            PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", INVALID),
+            UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED_MEDIA_TYPE",
+                INVALID,
+            ),
+            Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "authentication_error",
+            ),
+            NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND", "not_found_error"),
+            MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+                INVALID,
+            ),
+            ModelNotFound => (StatusCode::NOT_FOUND, "MODEL_NOT_FOUND", "not_found_error"),
+            ModelLoading => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "MODEL_NOT_LOADED",
+                "server_error",
+            ),
+            ModelUnloaded => (StatusCode::CONFLICT, "MODEL_NOT_LOADED", INVALID),
+            ModelNotLoadable => (StatusCode::CONFLICT, "MODEL_NOT_LOADABLE", INVALID),
+            ModelExists => (StatusCode::CONFLICT, "MODEL_EXISTS", INVALID),
+            TooManyModels => (StatusCode::CONFLICT, "TOO_MANY_MODELS", INVALID),
+            InsufficientMemory => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                "INSUFFICIENT_MEMORY",
+                "server_error",
+            ),
+            Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "OVERLOADED",
+                "rate_limit_error",
+            ),
+            Timeout => (StatusCode::GATEWAY_TIMEOUT, "TIMEOUT", "timeout_error"),
+            GenerationFailed => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "GENERATION_FAILED",
+                "server_error",
+            ),
+            Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL_ERROR",
+                "server_error",
+            ),
+            NoChatTemplate => (StatusCode::BAD_REQUEST, "NO_CHAT_TEMPLATE", INVALID),
+            ChatTemplateError => (StatusCode::BAD_REQUEST, "CHAT_TEMPLATE_ERROR", INVALID),
+            JobNotFound => (StatusCode::NOT_FOUND, "JOB_NOT_FOUND", "not_found_error"),
+            JobConflict => (StatusCode::CONFLICT, "JOB_CONFLICT", INVALID),
+            PathNotAllowed => (
+                StatusCode::FORBIDDEN,
+                "PATH_NOT_ALLOWED",
+                "permission_error",
+            ),
+            UploadNotFound => (StatusCode::NOT_FOUND, "UPLOAD_NOT_FOUND", "not_found_error"),
+            DataNotFound => (StatusCode::NOT_FOUND, "DATA_NOT_FOUND", "not_found_error"),
+            TrainingUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "TRAINING_UNAVAILABLE",
+                "server_error",
+            ),
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        self.spec().0
+    }
+    /// The native API's `error_code` (OpenAI's `code`).
+    pub fn as_str(self) -> &'static str {
+        self.spec().1
+    }
+    /// The `type` of OpenAI's error shape.
+    pub fn openai_type(self) -> &'static str {
+        self.spec().2
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub detail: ErrorDetail,
     pub retry_after: Option<u64>,
     pub www_authenticate: bool,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
         Self {
-            status,
             code,
             detail: ErrorDetail::Message(detail.into()),
             retry_after: None,
@@ -74,10 +219,9 @@ impl ApiError {
     }
 
     /// 422 with a list of field errors; the code names the first offending known field.
-    pub fn validation(errors: Vec<FieldError>, range_code: Option<&'static str>) -> Self {
+    pub fn validation(errors: Vec<FieldError>, range_code: Option<ErrorCode>) -> Self {
         Self {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            code: range_code.unwrap_or("VALIDATION_ERROR"),
+            code: range_code.unwrap_or(ErrorCode::Validation),
             detail: ErrorDetail::Fields(errors),
             retry_after: None,
             www_authenticate: false,
@@ -85,19 +229,14 @@ impl ApiError {
     }
 
     pub fn empty_prompt() -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "EMPTY_PROMPT",
-            "Prompt cannot be empty",
-        )
+        Self::new(ErrorCode::EmptyPrompt, "Prompt cannot be empty")
     }
     pub fn not_loaded(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "MODEL_NOT_LOADED", detail).retry_after(5)
+        Self::new(ErrorCode::ModelLoading, detail).retry_after(5)
     }
     pub fn model_not_found(name: &str) -> Self {
         Self::new(
-            StatusCode::NOT_FOUND,
-            "MODEL_NOT_FOUND",
+            ErrorCode::ModelNotFound,
             if name.is_empty() {
                 "This server offers no model".to_string()
             } else {
@@ -106,61 +245,52 @@ impl ApiError {
         )
     }
     pub fn model_unloaded(id: &str) -> Self {
-        Self::new(
-            StatusCode::CONFLICT,
-            "MODEL_NOT_LOADED",
+        Self::new(ErrorCode::ModelUnloaded,
             format!("Model `{id}` is not loaded; load it with POST /models/{id}/load (or start the server with --autoload)"),
         )
     }
     pub fn overloaded() -> Self {
         Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "OVERLOADED",
+            ErrorCode::Overloaded,
             "The request queue is full. Please retry shortly.",
         )
         .retry_after(1)
     }
     pub fn timeout(secs: f64) -> Self {
         Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "TIMEOUT",
+            ErrorCode::Timeout,
             format!("The request did not complete within {secs} seconds"),
         )
     }
     pub fn generation_failed() -> Self {
         Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "GENERATION_FAILED",
+            ErrorCode::GenerationFailed,
             "Token generation failed due to internal error",
         )
     }
     pub fn unauthorized(detail: &str) -> Self {
         Self {
             www_authenticate: true,
-            ..Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", detail)
+            ..Self::new(ErrorCode::Unauthorized, detail)
         }
     }
     pub fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", "Not Found")
+        Self::new(ErrorCode::NotFound, "Not Found")
     }
     pub fn method_not_allowed() -> Self {
-        Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "METHOD_NOT_ALLOWED",
-            "Method Not Allowed",
-        )
+        Self::new(ErrorCode::MethodNotAllowed, "Method Not Allowed")
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        super::metrics::record_error(self.code);
+        super::metrics::record_error(self.code.as_str());
         let body = ErrorBody {
             detail: self.detail,
-            error_code: self.code.to_string(),
+            error_code: self.code.as_str().to_string(),
             request_id: super::request_id::current(),
         };
-        let mut resp = (self.status, axum::Json(body)).into_response();
+        let mut resp = (self.code.status(), axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -178,16 +308,10 @@ impl From<crate::engine::registry::RegistryError> for ApiError {
         use crate::engine::registry::RegistryError as E;
         match &e {
             E::NotFound(name) => Self::model_not_found(name),
-            E::TooManyLoaded { .. } => {
-                Self::new(StatusCode::CONFLICT, "TOO_MANY_MODELS", e.to_string())
-            }
-            E::MemoryLimit { .. } => Self::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "INSUFFICIENT_MEMORY",
-                e.to_string(),
-            ),
-            E::NoSource(_) => Self::new(StatusCode::CONFLICT, "MODEL_NOT_LOADABLE", e.to_string()),
-            E::Exists(_) => Self::new(StatusCode::CONFLICT, "MODEL_EXISTS", e.to_string()),
+            E::TooManyLoaded { .. } => Self::new(ErrorCode::TooManyModels, e.to_string()),
+            E::MemoryLimit { .. } => Self::new(ErrorCode::InsufficientMemory, e.to_string()),
+            E::NoSource(_) => Self::new(ErrorCode::ModelNotLoadable, e.to_string()),
+            E::Exists(_) => Self::new(ErrorCode::ModelExists, e.to_string()),
         }
     }
 }

@@ -5,13 +5,14 @@
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 use validator::{Validate, ValidationErrors, ValidationErrorsKind};
 
 use super::error::{ApiError, FieldError};
 use super::AppState;
+use crate::api::error::ErrorCode;
 
 /// The JSON type each known field must have.
 #[derive(Debug, Clone, Copy)]
@@ -31,7 +32,7 @@ pub enum FieldType {
 pub trait BodySchema: DeserializeOwned + Validate {
     const FIELDS: &'static [(&'static str, FieldType, bool)];
     /// error_code for a range violation on a field.
-    fn range_code(field: &str) -> Option<&'static str>;
+    fn range_code(field: &str) -> Option<ErrorCode>;
 }
 
 impl BodySchema for super::types::GenerateRequest {
@@ -51,11 +52,11 @@ impl BodySchema for super::types::GenerateRequest {
         ("targets", FieldType::StringList, false),
         ("model", FieldType::OptionalString, false),
     ];
-    fn range_code(field: &str) -> Option<&'static str> {
+    fn range_code(field: &str) -> Option<ErrorCode> {
         match field {
-            "temperature" => Some("INVALID_TEMPERATURE"),
-            "max_tokens" => Some("INVALID_MAX_TOKENS"),
-            "top_k" => Some("INVALID_TOP_K"),
+            "temperature" => Some(ErrorCode::InvalidTemperature),
+            "max_tokens" => Some(ErrorCode::InvalidMaxTokens),
+            "top_k" => Some(ErrorCode::InvalidTopK),
             _ => None,
         }
     }
@@ -97,8 +98,7 @@ pub async fn json_body_bytes(
         });
     if !is_json {
         return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UNSUPPORTED_MEDIA_TYPE",
+            ErrorCode::UnsupportedMediaType,
             "Content-Type must be application/json",
         ));
     }
@@ -106,8 +106,7 @@ pub async fn json_body_bytes(
         .await
         .map_err(|_| {
             ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "PAYLOAD_TOO_LARGE",
+                ErrorCode::PayloadTooLarge,
                 format!("Request body exceeds the limit of {limit} bytes"),
             )
         })

@@ -13,17 +13,23 @@ use axum::Json;
 
 use super::error::{ApiError, ErrorBody, FieldError};
 use super::AppState;
+use crate::api::error::ErrorCode;
 use crate::train::jobs::store::UploadRow;
-use crate::train::jobs::{JobError, JobManager, JobSpec, JobView};
+use crate::train::jobs::{JobError, JobManager, JobSpec, JobView, Missing};
 
 impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
         match e {
-            JobError::NotFound(_) => {
-                Self::new(StatusCode::NOT_FOUND, "JOB_NOT_FOUND", e.to_string())
-            }
-            JobError::Missing(code, msg) => Self::new(StatusCode::NOT_FOUND, code, msg),
-            JobError::Forbidden(msg) => Self::new(StatusCode::FORBIDDEN, "PATH_NOT_ALLOWED", msg),
+            JobError::NotFound(_) => Self::new(ErrorCode::JobNotFound, e.to_string()),
+            JobError::Missing(what, msg) => Self::new(
+                match what {
+                    Missing::BaseModel => ErrorCode::ModelNotFound,
+                    Missing::Upload => ErrorCode::UploadNotFound,
+                    Missing::Data => ErrorCode::DataNotFound,
+                },
+                msg,
+            ),
+            JobError::Forbidden(msg) => Self::new(ErrorCode::PathNotAllowed, msg),
             JobError::Invalid(msg, field) => Self::validation(
                 vec![FieldError {
                     loc: vec!["body".into(), field.into()],
@@ -32,17 +38,12 @@ impl From<JobError> for ApiError {
                 }],
                 None,
             ),
-            JobError::Conflict(msg) => Self::new(StatusCode::CONFLICT, "JOB_CONFLICT", msg),
-            JobError::TooLarge(_) => Self::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "PAYLOAD_TOO_LARGE",
-                e.to_string(),
-            ),
+            JobError::Conflict(msg) => Self::new(ErrorCode::JobConflict, msg),
+            JobError::TooLarge(_) => Self::new(ErrorCode::PayloadTooLarge, e.to_string()),
             JobError::Store(_) | JobError::Io(_) => {
                 tracing::error!("training jobs: {e}");
                 Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "INTERNAL_ERROR",
+                    ErrorCode::Internal,
                     "The job store failed; see the service log",
                 )
             }
@@ -58,8 +59,7 @@ pub struct UploadText(#[allow(dead_code)] String);
 fn manager(state: &AppState) -> Result<Arc<JobManager>, ApiError> {
     state.jobs.clone().ok_or_else(|| {
         ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "TRAINING_UNAVAILABLE",
+            ErrorCode::TrainingUnavailable,
             "This server runs no training jobs",
         )
     })
@@ -118,8 +118,7 @@ pub async fn upload(
     let text_media = media.starts_with("text/") || media == "application/octet-stream";
     if !jsonl_media && !text_media {
         return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UNSUPPORTED_MEDIA_TYPE",
+            ErrorCode::UnsupportedMediaType,
             "Content-Type must be text/plain or application/jsonl",
         ));
     }

@@ -11,6 +11,7 @@ use super::error::ApiError;
 use super::extract::{BodySchema, FieldType, ValidJson};
 use super::routes::{check_prompt_and_targets, run_job};
 use super::AppState;
+use crate::api::error::ErrorCode;
 use crate::engine::lens::LensLayer;
 use crate::engine::scoring::Target;
 use crate::engine::{GenerateParams, Metadata};
@@ -56,9 +57,9 @@ impl BodySchema for LensRequest {
         ("targets", FieldType::StringList, false),
         ("model", FieldType::OptionalString, false),
     ];
-    fn range_code(field: &str) -> Option<&'static str> {
+    fn range_code(field: &str) -> Option<ErrorCode> {
         match field {
-            "top_k" => Some("INVALID_TOP_K"),
+            "top_k" => Some(ErrorCode::InvalidTopK),
             _ => None,
         }
     }

@@ -246,6 +246,12 @@ async fn log_request(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // The route's pattern as the router matched it ("/models/{id}"): a bounded set of labels
+    // that follows the route table by itself; anything the router did not match is one label.
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string());
     let resp = next.run(req).await;
     let secs = start.elapsed().as_secs_f64();
     let status = resp.status().as_u16();
@@ -256,32 +262,11 @@ async fn log_request(req: Request, next: Next) -> Response {
         "{method} {path} {status} {:.1}ms",
         secs * 1000.0
     );
-    metrics::record_request(route_label(&path), method.as_str(), status, secs);
+    metrics::record_request(
+        route.as_deref().unwrap_or("unmatched"),
+        method.as_str(),
+        status,
+        secs,
+    );
     resp
-}
-
-/// A bounded set of route labels (unknown paths must not grow the metrics without limit).
-fn route_label(path: &str) -> &'static str {
-    match path {
-        "/generate" => "/generate",
-        "/health" => "/health",
-        "/live" => "/live",
-        "/status" => "/status",
-        "/metrics" => "/metrics",
-        "/" => "/",
-        "/openapi.json" => "/openapi.json",
-        "/v1/completions" => "/v1/completions",
-        "/v1/chat/completions" => "/v1/chat/completions",
-        "/v1/models" => "/v1/models",
-        "/tokenize" => "/tokenize",
-        "/detokenize" => "/detokenize",
-        "/tokenizer_info" => "/tokenizer_info",
-        "/models" => "/models",
-        "/train/uploads" => "/train/uploads",
-        "/train/jobs" => "/train/jobs",
-        p if p.starts_with("/models/") => "/models/{id}",
-        p if p.starts_with("/train/jobs/") => "/train/jobs/{id}",
-        p if auth::is_docs_path(p) => "/docs",
-        _ => "unmatched",
-    }
 }

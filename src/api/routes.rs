@@ -11,6 +11,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::ValidJson;
 use super::types::*;
 use super::AppState;
+use crate::api::error::ErrorCode;
 use crate::engine::registry::now_rfc3339;
 use crate::engine::worker::{ModelInfo, ModelState, WorkerError};
 use crate::engine::GenerateResponse;
@@ -117,7 +118,7 @@ pub(crate) fn worker_error(state: &AppState, e: WorkerError) -> ApiError {
     match e {
         WorkerError::EmptyPrompt => ApiError::empty_prompt(),
         WorkerError::PromptTooLong { .. } => {
-            ApiError::new(StatusCode::BAD_REQUEST, "PROMPT_TOO_LONG", capitalize(&e.to_string()))
+            ApiError::new(ErrorCode::PromptTooLong, capitalize(&e.to_string()))
         }
         WorkerError::Overloaded => ApiError::overloaded(),
         WorkerError::Unloaded => ApiError::model_unloaded(&state.model_id()),
@@ -131,9 +132,7 @@ pub(crate) fn worker_error(state: &AppState, e: WorkerError) -> ApiError {
             _ => ApiError::not_loaded("Model is not loaded. Please wait for model loading to complete."),
         },
         WorkerError::Cancelled => ApiError::timeout(state.config.request_timeout.as_secs_f64()),
-        WorkerError::InvalidTokenId { .. } | WorkerError::EmptyTarget { .. } => ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "VALIDATION_ERROR",
+        WorkerError::InvalidTokenId { .. } | WorkerError::EmptyTarget { .. } => ApiError::new(ErrorCode::Validation,
             capitalize(&e.to_string()),
         ),
         WorkerError::Stopped | WorkerError::Failed(_) => ApiError::generation_failed(),
@@ -209,12 +208,7 @@ pub async fn status(State(state): State<AppState>) -> Response {
         .ok();
     match body {
         Some((code, body)) => (code, Json(body)).into_response(),
-        None => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL_ERROR",
-            "status unavailable",
-        )
-        .into_response(),
+        None => ApiError::new(ErrorCode::Internal, "status unavailable").into_response(),
     }
 }
 

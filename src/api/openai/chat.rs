@@ -12,6 +12,7 @@ use super::logprobs::chat_token;
 use super::run::{self, Sampling};
 use super::stream::ChatShape;
 use super::types::*;
+use crate::api::error::ErrorCode;
 use crate::api::AppState;
 use crate::engine::worker::{ModelInfo, PromptInput};
 use crate::model::chat_template::ChatMessage;
@@ -59,14 +60,14 @@ pub async fn create(
     if k > run::MAX_LOGPROBS {
         return Err(OpenAiError::invalid(
             "top_logprobs",
-            "VALIDATION_ERROR",
+            ErrorCode::Validation,
             format!("top_logprobs must be between 0 and {}", run::MAX_LOGPROBS),
         ));
     }
     if req.top_logprobs.is_some() && !req.logprobs {
         return Err(OpenAiError::invalid(
             "top_logprobs",
-            "VALIDATION_ERROR",
+            ErrorCode::Validation,
             "top_logprobs needs logprobs: true",
         ));
     }
@@ -81,7 +82,7 @@ pub async fn create(
         if value == Some(0) {
             return Err(OpenAiError::invalid(
                 field,
-                "INVALID_MAX_TOKENS",
+                ErrorCode::InvalidMaxTokens,
                 format!("{field} must be at least 1"),
             ));
         }
@@ -151,16 +152,18 @@ pub async fn render(info: &ModelInfo, messages: &[ChatMessageIn]) -> Result<Stri
             .map_or("the model has no chat template".to_string(), |e| {
                 format!("the model's chat template does not compile: {e}")
             });
-        return Err(bad_request("NO_CHAT_TEMPLATE", why));
+        return Err(bad_request(ErrorCode::NoChatTemplate, why));
     };
     tokio::task::spawn_blocking(move || template.render(&messages, true))
         .await
-        .map_err(|e| bad_request("CHAT_TEMPLATE_ERROR", e.to_string()))?
-        .map_err(|e| bad_request("CHAT_TEMPLATE_ERROR", e.to_string()).with_param("messages"))
+        .map_err(|e| bad_request(ErrorCode::ChatTemplateError, e.to_string()))?
+        .map_err(|e| {
+            bad_request(ErrorCode::ChatTemplateError, e.to_string()).with_param("messages")
+        })
 }
 
-fn bad_request(code: &'static str, message: String) -> OpenAiError {
-    crate::api::ApiError::new(StatusCode::BAD_REQUEST, code, message).into()
+fn bad_request(code: ErrorCode, message: String) -> OpenAiError {
+    crate::api::ApiError::new(code, message).into()
 }
 
 /// Messages as the template sees them: content parts joined by newlines; only text parts.
@@ -168,7 +171,7 @@ pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, Ope
     if messages.is_empty() {
         return Err(OpenAiError::invalid(
             "messages",
-            "VALIDATION_ERROR",
+            ErrorCode::Validation,
             "messages must not be empty",
         ));
     }

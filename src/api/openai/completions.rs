@@ -10,6 +10,7 @@ use super::error::{OpenAiError, OpenAiJson};
 use super::logprobs::{LegacyBuilder, Naming};
 use super::run::{self, Sampling};
 use super::types::*;
+use crate::api::error::ErrorCode;
 use crate::api::types::is_blank;
 use crate::api::{ApiError, AppState};
 use crate::engine::worker::{ModelInfo, ModelState, PromptInput, WorkerError};
@@ -64,7 +65,7 @@ pub async fn create(
     if k > run::MAX_LOGPROBS {
         return Err(OpenAiError::invalid(
             "logprobs",
-            "VALIDATION_ERROR",
+            ErrorCode::Validation,
             format!("logprobs must be between 0 and {}", run::MAX_LOGPROBS),
         ));
     }
@@ -132,7 +133,7 @@ fn prompts(field: PromptField) -> Result<Vec<PromptInput>, OpenAiError> {
     if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
         return Err(OpenAiError::invalid(
             "prompt",
-            "VALIDATION_ERROR",
+            ErrorCode::Validation,
             format!("prompt must hold between 1 and {MAX_PROMPTS} prompts"),
         ));
     }

@@ -2,12 +2,13 @@
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::api::error::ErrorCode;
 use crate::api::error::{ApiError, ErrorDetail};
 use crate::api::AppState;
 
@@ -41,9 +42,10 @@ pub struct OpenAiError {
 
 impl OpenAiError {
     /// A 422 naming the request field at fault.
-    pub fn invalid(param: &str, code: &'static str, message: impl Into<String>) -> Self {
+    /// `code` is one of the 422 kinds (Validation or a named range).
+    pub fn invalid(param: &str, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            inner: ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message),
+            inner: ApiError::new(code, message),
             param: Some(param.to_string()),
         }
     }
@@ -59,21 +61,10 @@ impl From<ApiError> for OpenAiError {
     }
 }
 
-fn kind_of(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        401 => "authentication_error",
-        404 => "not_found_error",
-        503 => "rate_limit_error",
-        504 => "timeout_error",
-        s if s >= 500 => "server_error",
-        _ => "invalid_request_error",
-    }
-}
-
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
         let e = self.inner;
-        crate::api::metrics::record_error(e.code);
+        crate::api::metrics::record_error(e.code.as_str());
         let (message, param) = match e.detail {
             ErrorDetail::Message(m) => (m, self.param),
             ErrorDetail::Fields(fields) => {
@@ -104,12 +95,12 @@ impl IntoResponse for OpenAiError {
         let body = OpenAiErrorBody {
             error: OpenAiErrorInfo {
                 message,
-                kind: kind_of(e.status).into(),
+                kind: e.code.openai_type().into(),
                 param,
-                code: e.code.to_string(),
+                code: e.code.as_str().to_string(),
             },
         };
-        let mut resp = (e.status, axum::Json(body)).into_response();
+        let mut resp = (e.code.status(), axum::Json(body)).into_response();
         if let Some(secs) = e.retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -134,14 +125,14 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             OpenAiError::invalid(
                 "body",
-                "VALIDATION_ERROR",
+                ErrorCode::Validation,
                 format!("JSON decode error: {e}"),
             )
         })?;
         if !value.is_object() {
             return Err(OpenAiError::invalid(
                 "body",
-                "VALIDATION_ERROR",
+                ErrorCode::Validation,
                 "the body must be a JSON object",
             ));
         }
@@ -161,7 +152,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
                     (None, Some(name)) => name.to_string(),
                     (None, None) => "body".to_string(),
                 };
-                OpenAiError::invalid(&field, "VALIDATION_ERROR", message)
+                OpenAiError::invalid(&field, ErrorCode::Validation, message)
             })
     }
 }

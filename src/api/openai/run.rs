@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::error::OpenAiError;
 use super::types::{StopField, Usage};
+use crate::api::error::ErrorCode;
 use crate::api::types::{MAX_STOP_CHARS, MAX_STOP_STRINGS};
 use crate::api::AppState;
 use crate::engine::worker::{
@@ -56,7 +57,7 @@ impl Sampling {
         if !(0.0..=2.0).contains(&temperature) {
             return Err(OpenAiError::invalid(
                 "temperature",
-                "INVALID_TEMPERATURE",
+                ErrorCode::InvalidTemperature,
                 "temperature must be between 0 and 2",
             ));
         }
@@ -64,7 +65,7 @@ impl Sampling {
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(OpenAiError::invalid(
                 "top_p",
-                "VALIDATION_ERROR",
+                ErrorCode::Validation,
                 "top_p must be greater than 0 and at most 1",
             ));
         }
@@ -72,7 +73,7 @@ impl Sampling {
         if !(1..=MAX_N).contains(&n) {
             return Err(OpenAiError::invalid(
                 "n",
-                "VALIDATION_ERROR",
+                ErrorCode::Validation,
                 format!("n must be between 1 and {MAX_N}"),
             ));
         }
@@ -84,7 +85,7 @@ impl Sampling {
         {
             return Err(OpenAiError::invalid(
                 "stop",
-                "VALIDATION_ERROR",
+                ErrorCode::Validation,
                 format!(
                     "stop must be at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"
                 ),
@@ -220,7 +221,7 @@ pub fn max_new_tokens(
     if requested.is_some_and(|n| n > i32::MAX as u32) {
         return Err(OpenAiError::invalid(
             "max_tokens",
-            "INVALID_MAX_TOKENS",
+            ErrorCode::InvalidMaxTokens,
             format!("max_tokens must be at most {}", i32::MAX),
         ));
     }

@@ -398,7 +398,7 @@ impl<R: Render> Streaming<R> {
                 message,
                 kind: "server_error".into(),
                 param: e.param,
-                code: inner.code.to_string(),
+                code: inner.code.as_str().to_string(),
             },
         };
         self.pending.push_back(json(&body));

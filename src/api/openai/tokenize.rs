@@ -2,7 +2,6 @@
 //! POST /tokenize, POST /detokenize, GET /tokenizer_info.
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -10,6 +9,7 @@ use utoipa::ToSchema;
 use super::completions::ready;
 use super::error::{OpenAiError, OpenAiJson};
 use super::types::ChatMessageIn;
+use crate::api::error::ErrorCode;
 use crate::api::AppState;
 use crate::engine::worker::WorkerError;
 
@@ -138,8 +138,7 @@ pub async fn tokenize(
             let messages = super::chat::chat_messages(&c.messages)?;
             let Some(template) = info.tokenizer.info.chat_template.clone() else {
                 return Err(crate::api::ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "NO_CHAT_TEMPLATE",
+                    ErrorCode::NoChatTemplate,
                     "the model has no usable chat template",
                 )
                 .into());
@@ -147,8 +146,7 @@ pub async fn tokenize(
             let generation = c.add_generation_prompt.unwrap_or(true);
             let text = template.render(&messages, generation).map_err(|e| {
                 OpenAiError::from(crate::api::ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "CHAT_TEMPLATE_ERROR",
+                    ErrorCode::ChatTemplateError,
                     e.to_string(),
                 ))
             })?;
@@ -230,7 +228,7 @@ pub async fn detokenize(
         let e = WorkerError::InvalidTokenId { id, vocab };
         return Err(OpenAiError::invalid(
             "tokens",
-            "VALIDATION_ERROR",
+            ErrorCode::Validation,
             e.to_string(),
         ));
     }

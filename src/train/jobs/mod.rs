@@ -193,7 +193,7 @@ impl JobManager {
         let inv = |field: &'static str, msg: &str| JobError::invalid(field, msg);
         if self.registry.find(&spec.base_model).is_none() {
             return Err(JobError::Missing(
-                "MODEL_NOT_FOUND",
+                Missing::BaseModel,
                 format!(
                     "base_model `{}` is not a model of this server (GET /models lists them)",
                     spec.base_model
@@ -243,7 +243,7 @@ impl JobManager {
             DataSpec::Upload(u) => {
                 if self.store.upload(&u.upload_id)?.is_none() {
                     return Err(JobError::Missing(
-                        "UPLOAD_NOT_FOUND",
+                        Missing::Upload,
                         format!("upload `{}` not found (POST /train/uploads)", u.upload_id),
                     ));
                 }
@@ -295,7 +295,7 @@ impl JobManager {
             .map_err(|e| JobError::Io(format!("--data-dir is not readable: {e}")))?;
         let full = std::fs::canonicalize(root.join(rel)).map_err(|_| {
             JobError::Missing(
-                "DATA_NOT_FOUND",
+                Missing::Data,
                 format!("data.path `{path}` does not exist in --data-dir"),
             )
         })?;

@@ -136,13 +136,21 @@ pub struct JobView {
     pub history: Option<Vec<HistoryPoint>>,
 }
 
+/// What a job names that does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    BaseModel,
+    Upload,
+    Data,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     #[error("job `{0}` not found")]
     NotFound(String),
     /// A model, upload or data path the request names does not exist.
     #[error("{1}")]
-    Missing(&'static str, String),
+    Missing(Missing, String),
     /// A data path the server will not read.
     #[error("{0}")]
     Forbidden(String),
