@@ -249,6 +249,15 @@ fn two_models_load_unload_and_answer_each_for_itself() {
     );
     assert_eq!(code, 404, "{e}");
     assert_eq!(e["error"]["code"], "MODEL_NOT_FOUND");
+    assert_eq!(e["error"]["type"], "not_found_error");
+    // An unloaded model is the client's to load: a request error, not a rate limit.
+    let (code, e) = server.post(
+        "/v1/completions",
+        json!({"prompt": FOX, "model": "tiny", "max_tokens": 1}),
+    );
+    assert_eq!(code, 409, "{e}");
+    assert_eq!(e["error"]["code"], "MODEL_NOT_LOADED");
+    assert_eq!(e["error"]["type"], "invalid_request_error");
 
     // Load: 202, then loaded with its memory.
     let (code, m) = server.post("/models/tiny/load", json!({}));
