@@ -1,15 +1,16 @@
 //! The service's persistent state in SQLite (`--state-dir`/state.db, compiled in: nothing to
 //! install): training jobs, their loss history, uploaded training data and the models that
-//! jobs produced. WAL mode, so that readers (the HTTP handlers) never wait for the trainer's
-//! writes; every write is one short statement.
+//! jobs produced. One connection behind a mutex, used by the HTTP handlers and the job runner
+//! alike: every statement is short, so a handler waits at most for one statement. WAL with
+//! `synchronous = NORMAL`: a crash loses at most the last steps' progress, never the file.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
 
 use super::status::JobStatus;
-use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
