@@ -8,7 +8,7 @@
 # Each entry is checked before use (a stamp that names its pins, or a checksum), and built
 # under a lock, so two clones testing at once neither race nor reuse a half-built one.
 
-TOKENSCOPE_CACHE="${TOKENSCOPE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tokenscope}"
+TOKENSCOPE_CACHE="${TOKENSCOPE_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/tokenscope}"
 mkdir -p "$TOKENSCOPE_CACHE"
 
 # cache_lock NAME: holds an exclusive lock on NAME until the calling script exits.

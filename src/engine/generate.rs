@@ -346,9 +346,27 @@ pub fn decode_from(
 
     let text = match cut {
         Some(at) => text.text()[..at].to_string(),
-        None => text
-            .finish(&model.tokenizer)
-            .map_err(EngineError::Tokenizer)?,
+        None => {
+            // The end may hold text not yet searched: complete characters before an
+            // incomplete one at the very end (the incremental text waits for it).
+            let committed = text.text().len();
+            let mut full = text
+                .finish(&model.tokenizer)
+                .map_err(EngineError::Tokenizer)?;
+            let mut from = committed.saturating_sub(longest_stop).min(full.len());
+            while !full.is_char_boundary(from) {
+                from -= 1;
+            }
+            let at = stops
+                .iter()
+                .filter_map(|s| full[from..].find(s).map(|at| from + at))
+                .min();
+            if let Some(at) = at {
+                full.truncate(at);
+                finish = FinishReason::Stop;
+            }
+            full
+        }
     };
     let tokens = steps.first().map(|s| s.top.clone()).unwrap_or_default();
     Ok(GenerateResponse {
