@@ -72,8 +72,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model::simd::detected(),
         model::simd::ENV
     );
+    // The state directory first: a second server on it stops here, before loading anything.
+    let store = Store::open(&args.state_dir).with_context(|| {
+        format!(
+            "opening the state directory {} (--state-dir)",
+            args.state_dir.display()
+        )
+    })?;
     let (models, default_worker) = model_registry(&args)?;
-    let jobs = training_jobs(&args, models.clone())?;
+    let jobs = training_jobs(&args, store, models.clone())?;
     let model_name = models.default_id().unwrap_or_default();
     let redoc_bundle = api::docs::find_redoc_bundle()
         .and_then(|p| std::fs::read(&p).ok())
@@ -178,13 +185,11 @@ fn model_registry(args: &ServeArgs) -> anyhow::Result<(Arc<ModelRegistry>, Worke
 }
 
 /// The state database and the training-job runner.
-fn training_jobs(args: &ServeArgs, models: Arc<ModelRegistry>) -> anyhow::Result<Arc<JobManager>> {
-    let store = Store::open(&args.state_dir).with_context(|| {
-        format!(
-            "opening the state directory {} (--state-dir)",
-            args.state_dir.display()
-        )
-    })?;
+fn training_jobs(
+    args: &ServeArgs,
+    store: Store,
+    models: Arc<ModelRegistry>,
+) -> anyhow::Result<Arc<JobManager>> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let settings = JobSettings {
         state_dir: args.state_dir.clone(),

@@ -799,11 +799,58 @@ async fn docs_pages_and_openapi_document() {
         "bearer"
     );
     let req = &doc["components"]["schemas"]["GenerateRequest"]["properties"];
-    assert_eq!(req["temperature"]["maximum"], 2.0);
+    // The bounds validation enforces (src/api/bounds.rs) are the schema's.
+    use api::bounds;
+    assert_eq!(
+        req["temperature"]["maximum"],
+        json!(bounds::TEMPERATURE_MAX)
+    );
     assert_eq!(req["temperature"]["default"], 1.0);
-    assert_eq!(req["max_tokens"]["maximum"], 100);
-    assert_eq!(req["top_k"]["maximum"], 50);
+    assert_eq!(req["max_tokens"]["maximum"], json!(bounds::MAX_TOKENS_MAX));
+    assert_eq!(req["top_k"]["maximum"], json!(bounds::TOP_K_MAX));
     assert_eq!(req["top_k"]["default"], 5);
+    let over = json!({"prompt": "Hi", "top_k": bounds::TOP_K_MAX + 1});
+    let (s, _, e) = send(&app, post_json(&over.to_string())).await;
+    assert_eq!(
+        (s, e["error_code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("INVALID_TOP_K"))
+    );
+    let at = json!({"prompt": "Hi", "top_k": bounds::TOP_K_MAX});
+    let (s, _, _) = send(&app, post_json(&at.to_string())).await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Every operation has its own id (Swagger UI's "Try it out" finds an operation by it: a
+    // shared id sent POST /v1/completions to /train/jobs), and GET / lists every route.
+    let mut ids = std::collections::BTreeMap::new();
+    let (_, _, root) = send(&app, get("/")).await;
+    let listed: Vec<(String, String)> = root["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["method"].as_str().unwrap().to_string(),
+                e["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let id = op["operationId"].as_str().unwrap().to_string();
+            if let Some(other) = ids.insert(id.clone(), format!("{method} {path}")) {
+                panic!("operationId {id} is used by {other} and {method} {path}");
+            }
+            assert!(
+                listed.contains(&(method.to_uppercase(), path.clone())),
+                "GET / lists {method} {path}"
+            );
+        }
+    }
+    for page in ["/ui", "/docs", "/redoc", "/metrics", "/openapi.json"] {
+        assert!(listed.iter().any(|(_, p)| p == page), "GET / lists {page}");
+        let (s, _, _) = send(&app, get(page)).await;
+        assert!(s != StatusCode::NOT_FOUND, "{page} is routed");
+    }
     let responses = &doc["paths"]["/generate"]["post"]["responses"];
     for code in [
         "200", "400", "401", "413", "415", "422", "500", "503", "504",

@@ -431,11 +431,33 @@ fn a_training_job_learns_registers_its_model_and_can_be_paused_resumed_and_cance
         (code, e["error_code"].as_str()),
         (404, Some("UPLOAD_NOT_FOUND"))
     );
-    let (code, e) = server.post("/train/jobs", job_spec("tiny", &upload, "fox", 5));
+    // An output name is reserved by the queued job that writes it, and by every model.
+    for taken in ["fox", "tiny"] {
+        let (code, e) = server.post("/train/jobs", job_spec("tiny", &upload, taken, 5));
+        assert_eq!(
+            (code, e["error_code"].as_str()),
+            (409, Some("OUTPUT_EXISTS")),
+            "{taken}: {e}"
+        );
+    }
+    // A link inside a data folder that leads out of --data-dir: the folder is inside, one of
+    // its files is not.
+    let outside = dir.path().join("secret.txt");
+    std::fs::write(&outside, "not for training\n").unwrap();
+    let folder = data_dir.join("corpus");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("a.txt"), corpus()).unwrap();
+    std::os::unix::fs::symlink(&outside, folder.join("b.txt")).unwrap();
+    let (code, e) = server.post(
+        "/train/jobs",
+        json!({"base_model": "tiny", "data": {"path": "corpus"}, "output_name": "linked"}),
+    );
     assert_eq!(
         (code, e["error_code"].as_str()),
-        (409, Some("JOB_CONFLICT"))
+        (403, Some("PATH_NOT_ALLOWED")),
+        "{e}"
     );
+    assert!(e["detail"].as_str().unwrap().contains("b.txt"), "{e}");
     for path in ["../../etc/passwd", "/etc/passwd"] {
         let (code, e) = server.post(
             "/train/jobs",
@@ -686,4 +708,119 @@ fn concurrent_commands_on_a_running_job_settle_as_the_state_machine_says() {
             }
         }
     }
+}
+
+#[test]
+fn a_second_server_on_the_same_state_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let state = dir.path().join("state");
+    let first = Server::start(&state, &["--model", tiny.to_str().unwrap()]);
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenscope"))
+        .args([
+            "serve",
+            "--port",
+            &common::free_port().to_string(),
+            "--state-dir",
+        ])
+        .arg(&state)
+        .args(["--model", tiny.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the second server must exit: {stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "it exits at once, before loading anything"
+    );
+    assert!(
+        stderr.contains("in use by another tokenscope server")
+            && stderr.contains(&format!("pid {}", first.child.id())),
+        "{stderr}"
+    );
+    // The first one is untouched.
+    assert_eq!(first.get("/health").0, 200);
+    first.kill();
+    // Once it is gone, the directory is free again.
+    let again = Server::start(&state, &["--model", tiny.to_str().unwrap()]);
+    assert_eq!(again.get("/health").0, 200);
+}
+
+#[test]
+fn crafted_files_in_the_models_dir_are_listed_failed_and_the_rest_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let models_dir = dir.path().join("more");
+    std::fs::create_dir_all(&models_dir).unwrap();
+    // A metadata string of 2^40 bytes: reading it used to abort the whole process.
+    let mut huge_string = b"GGUF".to_vec();
+    for v in [
+        3u32.to_le_bytes().to_vec(),
+        0u64.to_le_bytes().to_vec(),
+        1u64.to_le_bytes().to_vec(),
+    ] {
+        huge_string.extend(v);
+    }
+    huge_string.extend(12u64.to_le_bytes());
+    huge_string.extend(b"general.name");
+    huge_string.extend(8u32.to_le_bytes());
+    huge_string.extend((1u64 << 40).to_le_bytes());
+    std::fs::write(models_dir.join("huge-string.gguf"), &huge_string).unwrap();
+    // A tensor count larger than the file: /models used to answer [] and /status 500.
+    let mut many = b"GGUF".to_vec();
+    for v in [
+        3u32.to_le_bytes().to_vec(),
+        (1u64 << 40).to_le_bytes().to_vec(),
+        0u64.to_le_bytes().to_vec(),
+    ] {
+        many.extend(v);
+    }
+    std::fs::write(models_dir.join("many-tensors.gguf"), &many).unwrap();
+    let server = Server::start(
+        &dir.path().join("state"),
+        &[
+            "--model",
+            tiny.to_str().unwrap(),
+            "--models-dir",
+            models_dir.to_str().unwrap(),
+        ],
+    );
+    for id in ["huge-string", "many-tensors"] {
+        let m = server.model(id);
+        assert_eq!(m["status"], "failed", "{m}");
+        assert!(
+            m["error"]
+                .as_str()
+                .unwrap()
+                .contains("not a valid GGUF file"),
+            "{m}"
+        );
+        // Asking to load it is refused at once, with the reason, and unloads nothing.
+        let (code, e) = server.post(&format!("/models/{id}/load"), json!({}));
+        assert_eq!(
+            (code, e["error_code"].as_str()),
+            (409, Some("MODEL_NOT_LOADABLE")),
+            "{e}"
+        );
+        assert!(
+            e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("not a valid GGUF file"),
+            "{e}"
+        );
+        assert_eq!(server.model("tiny")["status"], "loaded");
+    }
+    let (code, status) = server.get("/status");
+    assert_eq!(code, 200, "{status}");
+    let (code, list) = server.get("/models");
+    assert_eq!(code, 200);
+    assert!(list.as_array().unwrap().len() >= 3, "{list}");
+    // The good model still answers (top_token asserts a 200).
+    top_token(&server, "tiny", "The quick brown");
+    assert_eq!(server.get("/health").0, 200);
 }

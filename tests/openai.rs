@@ -25,6 +25,14 @@ fn app_with(config: ServeConfig) -> (Router, WorkerHandle) {
     common::http::router(common::smollm(), WorkerLimits::default(), 64, config)
 }
 
+/// A server whose request timeout is no concern of the test (long generations, debug build).
+fn unhurried() -> ServeConfig {
+    ServeConfig {
+        request_timeout: std::time::Duration::from_secs(600),
+        ..Default::default()
+    }
+}
+
 fn app() -> Router {
     app_with(ServeConfig::default()).0
 }
@@ -501,7 +509,9 @@ async fn a_stream_whose_client_leaves_stops_generating() {
 /// of jobs were done). Then every choice arrives, in full.
 #[tokio::test]
 async fn a_many_choice_stream_starts_with_its_first_token() {
-    let (app, worker) = app_with(ServeConfig::default());
+    // 64 jobs take most of a minute in a debug build on 2 busy cores: the test is about their
+    // order, not the default request timeout.
+    let (app, worker) = app_with(unhurried());
     let prompts: Vec<String> = (0..16).map(|i| format!("{PROMPT} number {i}")).collect();
     let req = Request::post("/v1/completions")
         .header(header::CONTENT_TYPE, "application/json")
@@ -839,4 +849,97 @@ async fn a_request_with_many_choices_does_not_hold_up_others() {
         small_done < big_done,
         "the single request waited for all 24 choices of the big one"
     );
+}
+
+#[tokio::test]
+async fn chat_defaults_are_bounded_and_messages_checked() {
+    // 512 tokens take most of a minute in a debug build on 2 busy cores.
+    let app = app_with(unhurried()).0;
+    // No max_tokens: the documented default bounds the generation (finish_reason `length`)
+    // instead of running to the request timeout.
+    let default = tokenscope::api::bounds::DEFAULT_CHAT_MAX_TOKENS;
+    let doc: Value = serde_json::from_str(&api::docs::openapi_json()).unwrap();
+    assert_eq!(
+        doc["components"]["schemas"]["ChatRequest"]["properties"]["max_tokens"]["default"],
+        json!(default),
+        "the document states the default"
+    );
+    let b = ok(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "List all integers from 1 to 5000, separated by commas."}],
+               "temperature": 0}),
+    )
+    .await;
+    assert_eq!(b["choices"][0]["finish_reason"], "length", "{b}");
+    assert_eq!(b["usage"]["completion_tokens"], json!(default), "{b}");
+
+    // A role no template knows, and content left out where OpenAI requires it: 422 naming
+    // the messages.
+    for (messages, says) in [
+        (
+            json!([{"role": "wizard", "content": "hi"}]),
+            "role `wizard`",
+        ),
+        (
+            json!([{"role": "user", "content": null}]),
+            "needs `content`",
+        ),
+        (json!([{"role": "user"}]), "needs `content`"),
+    ] {
+        let (s, e) = post(
+            &app,
+            "/v1/chat/completions",
+            json!({"messages": messages, "max_tokens": 1}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{messages}: {e}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message}");
+        assert_eq!(e["error"]["param"], "messages", "{e}");
+    }
+    // An assistant's message may leave content out (OpenAI's rule: it may carry tool calls).
+    ok(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": null},
+                            {"role": "user", "content": "Hello?"}], "max_tokens": 1}),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_served_document_requires_the_key_when_keys_are_on() {
+    let security =
+        |doc: &Value, path: &str, method: &str| doc["paths"][path][method]["security"].clone();
+    let get_doc = |app: Router, key: Option<&'static str>| async move {
+        let mut r = Request::get("/openapi.json");
+        if let Some(k) = key {
+            r = r.header(header::AUTHORIZATION, format!("Bearer {k}"));
+        }
+        let (s, _, text) = send(&app, r.body(Body::empty()).unwrap()).await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+        serde_json::from_str::<Value>(&text).unwrap()
+    };
+    let open = get_doc(app(), None).await;
+    assert_eq!(
+        security(&open, "/v1/completions", "post"),
+        json!([{}, {"bearer": []}])
+    );
+    let (keyed, _) = app_with(ServeConfig {
+        api_keys: vec!["k1".into()],
+        ..Default::default()
+    });
+    let doc = get_doc(keyed, Some("k1")).await;
+    for (path, method) in [
+        ("/v1/completions", "post"),
+        ("/generate", "post"),
+        ("/models", "get"),
+    ] {
+        assert_eq!(
+            security(&doc, path, method),
+            json!([{"bearer": []}]),
+            "{path}"
+        );
+    }
 }

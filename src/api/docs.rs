@@ -7,8 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::{ErrorBody, ErrorDetail, FieldError};
-use super::openai::{self, chat, completions, tokenize, types as oai};
-use super::routes;
+use super::openai::{self, tokenize, types as oai};
 use super::types::*;
 use crate::engine::{
     FinishReason, GenerateResponse, LogprobsMode, Metadata, PromptToken, Step, TargetScore,
@@ -30,14 +29,6 @@ exactly as given (no BOS added); `top_logprobs` keys name tokens uniquely: the t
 `bytes:\\xNN...` when its bytes are not UTF-8 on their own, `token_id:N` when a lower id has the \
 same bytes.",
         license(name = "Apache-2.0")
-    ),
-    paths(
-        routes::generate, super::lens::lens, routes::health, routes::live, routes::status, routes::root,
-        completions::create, chat::create, openai::models, tokenize::tokenize,
-        tokenize::detokenize, tokenize::tokenizer_info,
-        super::models::list, super::models::get, super::models::load, super::models::unload,
-        super::jobs::upload, super::jobs::create, super::jobs::list, super::jobs::get,
-        super::jobs::pause, super::jobs::resume, super::jobs::cancel
     ),
     components(schemas(
         GenerateRequest, GenerateResponse, TokenProbability, Step, Metadata, FinishReason,
@@ -98,18 +89,33 @@ impl Modify for BearerScheme {
 
 /// The document as served at /openapi.json and printed by `tokenscope openapi`.
 pub fn openapi_json() -> String {
-    let mut doc = ApiDoc::openapi();
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(build_openapi_json).clone()
+}
+
+fn build_openapi_json() -> String {
+    let mut doc = super::routes().into_openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     let Ok(mut value) = serde_json::to_value(&doc) else {
         return "{}".into();
     };
     add_dependent_schemas(&mut value);
+    super::bounds::apply(&mut value);
     serde_json::to_string_pretty(&value).unwrap_or_else(|_| "{}".into())
 }
 
 /// Rules between fields, which utoipa's schema types cannot state (JSON Schema 2020-12's
 /// `dependentSchemas`): a chat request's `top_logprobs` needs `logprobs: true` (vLLM's rule).
 fn add_dependent_schemas(doc: &mut serde_json::Value) {
+    // A chat message: a known role, and content unless it is the assistant's.
+    let message = &mut doc["components"]["schemas"]["ChatMessageIn"];
+    if message.is_object() {
+        message["properties"]["role"]["enum"] = serde_json::json!(oai::KNOWN_ROLES);
+        message["anyOf"] = serde_json::json!([
+            {"properties": {"role": {"const": "assistant"}}},
+            {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        ]);
+    }
     let chat = &mut doc["components"]["schemas"]["ChatRequest"];
     if chat.is_object() {
         chat["dependentSchemas"] = serde_json::json!({
@@ -121,22 +127,53 @@ fn add_dependent_schemas(doc: &mut serde_json::Value) {
     }
 }
 
-/// The document, with the loaded model's facts a static document cannot know: the largest
-/// token id (`TokenId`'s maximum).
+/// The document as this server runs: the loaded model's largest token id (`TokenId`'s
+/// maximum), and, when keys are configured, operations that need the key say so alone (the
+/// static document's `[{}, bearer]` means "a key if the server has keys").
 pub async fn openapi_handler(
     axum::extract::State(state): axum::extract::State<super::AppState>,
 ) -> Response {
     let mut doc = openapi_json();
-    if let crate::engine::worker::ModelState::Ready(info) = state.worker().state() {
+    let ready = match state.worker().state() {
+        crate::engine::worker::ModelState::Ready(info) => Some(info.vocab_size),
+        _ => None,
+    };
+    let keys_on = !state.config.api_keys.is_empty();
+    if ready.is_some() || keys_on {
         if let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&doc) {
-            let token_id = &mut value["components"]["schemas"]["TokenId"];
-            if token_id.is_object() {
-                token_id["maximum"] = serde_json::json!(info.vocab_size.saturating_sub(1));
-                doc = value.to_string();
+            if let Some(vocab_size) = ready {
+                let token_id = &mut value["components"]["schemas"]["TokenId"];
+                if token_id.is_object() {
+                    token_id["maximum"] = serde_json::json!(vocab_size.saturating_sub(1));
+                }
             }
+            if keys_on {
+                require_bearer(&mut value);
+            }
+            doc = value.to_string();
         }
     }
     ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
+}
+
+/// Every operation that accepts a bearer key requires it (its `{}` alternative dropped).
+fn require_bearer(doc: &mut serde_json::Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(ops) = item.as_object_mut() else {
+            continue;
+        };
+        for op in ops.values_mut() {
+            if let Some(security) = op.get_mut("security").and_then(|s| s.as_array_mut()) {
+                let bearer = security.iter().any(|s| s.get("bearer").is_some());
+                if bearer {
+                    security.retain(|s| s.as_object().is_some_and(|o| !o.is_empty()));
+                }
+            }
+        }
+    }
 }
 
 pub const REDOC_CDN: &str = "https://cdn.redoc.ly/redoc/v2.5.1/bundles/redoc.standalone.js";

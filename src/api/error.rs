@@ -86,6 +86,7 @@ pub enum ErrorCode {
     ChatTemplateError,
     JobNotFound,
     JobConflict,
+    OutputExists,
     PathNotAllowed,
     UploadNotFound,
     DataNotFound,
@@ -168,6 +169,7 @@ impl ErrorCode {
             ChatTemplateError => (StatusCode::BAD_REQUEST, "CHAT_TEMPLATE_ERROR", INVALID),
             JobNotFound => (StatusCode::NOT_FOUND, "JOB_NOT_FOUND", "not_found_error"),
             JobConflict => (StatusCode::CONFLICT, "JOB_CONFLICT", INVALID),
+            OutputExists => (StatusCode::CONFLICT, "OUTPUT_EXISTS", INVALID),
             PathNotAllowed => (
                 StatusCode::FORBIDDEN,
                 "PATH_NOT_ALLOWED",
@@ -208,7 +210,7 @@ impl ApiError {
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
         Self {
             code,
-            detail: ErrorDetail::Message(detail.into()),
+            detail: ErrorDetail::Message(for_clients(&detail.into())),
             retry_after: None,
             www_authenticate: false,
         }
@@ -282,6 +284,56 @@ impl ApiError {
     }
 }
 
+/// A message as a client may see it: without a backtrace (candle appends one to its errors
+/// when `RUST_BACKTRACE` is set; it names the server's source files and is no client's
+/// business). The log keeps the whole error.
+pub fn for_clients(message: &str) -> String {
+    let mut kept = Vec::new();
+    for line in message.lines() {
+        let t = line.trim_start();
+        let frame = t
+            .split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if frame || t.starts_with("stack backtrace:") || t.starts_with("Stack backtrace:") {
+            break;
+        }
+        kept.push(line);
+    }
+    kept.join("\n").trim_end().to_string()
+}
+
+/// `text` with every absolute path cut to its last component: a model's file name says which
+/// model failed; the folders it lives in are the operator's business (for public routes such
+/// as /health).
+pub fn without_paths(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('/') {
+        let starts_token = rest[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| c.is_whitespace() || "\"'`([{=:".contains(c));
+        if !starts_token {
+            out.push_str(&rest[..=i]);
+            rest = &rest[i + 1..];
+            continue;
+        }
+        out.push_str(&rest[..i]);
+        let path_len = rest[i..]
+            .find(|c: char| c.is_whitespace() || "\"'`)]},;".contains(c))
+            .unwrap_or(rest.len() - i);
+        let path = &rest[i..i + path_len];
+        // A trailing colon or full stop ends the sentence, not the path.
+        let trimmed = path.trim_end_matches([':', '.']);
+        let name = trimmed.rsplit('/').next().unwrap_or_default();
+        out.push_str(if name.is_empty() { "/" } else { name });
+        out.push_str(&path[trimmed.len()..]);
+        rest = &rest[i + path_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         super::metrics::record_error(self.code.as_str());
@@ -310,8 +362,42 @@ impl From<crate::engine::registry::RegistryError> for ApiError {
             E::NotFound(name) => Self::model_not_found(name),
             E::TooManyLoaded { .. } => Self::new(ErrorCode::TooManyModels, e.to_string()),
             E::MemoryLimit { .. } => Self::new(ErrorCode::InsufficientMemory, e.to_string()),
-            E::NoSource(_) => Self::new(ErrorCode::ModelNotLoadable, e.to_string()),
+            E::NoSource(_) | E::Unreadable { .. } => {
+                Self::new(ErrorCode::ModelNotLoadable, e.to_string())
+            }
             E::Exists(_) => Self::new(ErrorCode::ModelExists, e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{for_clients, without_paths};
+
+    #[test]
+    fn backtraces_stay_on_the_server() {
+        let candle = "shape mismatch in matmul, lhs: [1, 2], rhs: [3, 4]\n   0: candle_core::error::Error::bt\n             at /root/.cargo/registry/src/candle-core/src/error.rs:253:25\n   1: main";
+        assert_eq!(
+            for_clients(candle),
+            "shape mismatch in matmul, lhs: [1, 2], rhs: [3, 4]"
+        );
+        let std_bt = "failed\nstack backtrace:\n   0: std::backtrace";
+        assert_eq!(for_clients(std_bt), "failed");
+        let plain = "Model `x` not found; GET /models lists the models\nsecond line: kept";
+        assert_eq!(for_clients(plain), plain);
+    }
+
+    #[test]
+    fn absolute_paths_become_file_names() {
+        assert_eq!(
+            without_paths("loading /srv/models/secret/here.gguf: No such file or directory"),
+            "loading here.gguf: No such file or directory"
+        );
+        assert_eq!(
+            without_paths("cannot read `/home/me/m.gguf` (tensor blk.0)"),
+            "cannot read `m.gguf` (tensor blk.0)"
+        );
+        assert_eq!(without_paths("a/b and 3/4 stay"), "a/b and 3/4 stay");
+        assert_eq!(without_paths("nothing here"), "nothing here");
     }
 }

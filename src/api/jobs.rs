@@ -39,6 +39,7 @@ impl From<JobError> for ApiError {
                 None,
             ),
             JobError::Conflict(msg) => Self::new(ErrorCode::JobConflict, msg),
+            JobError::OutputExists(msg) => Self::new(ErrorCode::OutputExists, msg),
             JobError::TooLarge(_) => Self::new(ErrorCode::PayloadTooLarge, e.to_string()),
             JobError::Store(_) | JobError::Io(_) => {
                 tracing::error!("training jobs: {e}");
@@ -82,6 +83,7 @@ async fn blocking<T: Send + 'static>(
 #[utoipa::path(
     post,
     path = "/train/uploads",
+    operation_id = "upload_training_data",
     tag = "training",
     request_body(content(
         (UploadText = "text/plain"),
@@ -151,6 +153,7 @@ pub async fn upload(
 #[utoipa::path(
     post,
     path = "/train/jobs",
+    operation_id = "create_training_job",
     tag = "training",
     request_body = JobSpec,
     responses(
@@ -215,6 +218,7 @@ pub async fn create(
 #[utoipa::path(
     get,
     path = "/train/jobs",
+    operation_id = "list_training_jobs",
     tag = "training",
     responses(
         (status = 200, description = "The jobs", body = Vec<JobView>),
@@ -231,6 +235,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<JobView>>, A
 #[utoipa::path(
     get,
     path = "/train/jobs/{id}",
+    operation_id = "get_training_job",
     tag = "training",
     params(("id" = String, Path, description = "A job id")),
     responses(
@@ -252,6 +257,7 @@ pub async fn get(
 #[utoipa::path(
     post,
     path = "/train/jobs/{id}/pause",
+    operation_id = "pause_training_job",
     tag = "training",
     params(("id" = String, Path, description = "A job id")),
     responses(
@@ -274,6 +280,7 @@ pub async fn pause(
 #[utoipa::path(
     post,
     path = "/train/jobs/{id}/resume",
+    operation_id = "resume_training_job",
     tag = "training",
     params(("id" = String, Path, description = "A job id")),
     responses(
@@ -296,6 +303,7 @@ pub async fn resume(
 #[utoipa::path(
     post,
     path = "/train/jobs/{id}/cancel",
+    operation_id = "cancel_training_job",
     tag = "training",
     params(("id" = String, Path, description = "A job id")),
     responses(

@@ -31,13 +31,13 @@ pub struct LensRequest {
     pub prompt: String,
     /// Tokens listed per layer.
     #[serde(default = "default_top_k")]
-    #[validate(range(min = 1, max = 50))]
-    #[schema(default = 5, minimum = 1, maximum = 50, example = 5)]
+    #[validate(range(min = 1, max = crate::api::bounds::TOP_K_MAX))]
+    #[schema(default = 5, minimum = 1, example = 5)]
     pub top_k: i64,
     /// Continuations whose first token is looked up in every layer's distribution (each
     /// tokenized on its own, without special tokens).
     #[serde(default)]
-    #[validate(length(max = 16))]
+    #[validate(length(max = crate::api::bounds::MAX_TARGETS_LEN))]
     #[schema(schema_with = super::types::targets_schema)]
     pub targets: Vec<String>,
     /// The model to ask (an id from GET /models; default: the server's default model).
@@ -85,6 +85,7 @@ pub struct LensResponse {
 #[utoipa::path(
     post,
     path = "/lens",
+    operation_id = "logit_lens",
     tag = "generation",
     request_body = LensRequest,
     responses(

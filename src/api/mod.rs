@@ -2,6 +2,7 @@
 //! never touched here — handlers talk to the engine's worker thread.
 
 pub mod auth;
+pub mod bounds;
 pub mod docs;
 pub mod error;
 pub mod extract;
@@ -21,8 +22,10 @@ use std::time::{Duration, Instant};
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::{Html, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, MethodRouter};
 use axum::Router;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use error::ApiError;
@@ -159,44 +162,102 @@ impl AppState {
     }
 }
 
+/// Every API route with its OpenAPI operation, listed once: the router and the document
+/// (`/openapi.json`, and the endpoint list of `GET /`) both come from this table. A path
+/// with several methods is one `routes!` call (utoipa-axum routes each call's paths to all
+/// of its handlers).
+pub fn routes() -> OpenApiRouter<AppState> {
+    use openai::{chat, completions, tokenize};
+    OpenApiRouter::with_openapi(docs::ApiDoc::openapi())
+        .routes(utoipa_axum::routes!(routes::generate))
+        .routes(utoipa_axum::routes!(lens::lens))
+        .routes(utoipa_axum::routes!(routes::health))
+        .routes(utoipa_axum::routes!(routes::live))
+        .routes(utoipa_axum::routes!(routes::status))
+        .routes(utoipa_axum::routes!(routes::root))
+        .routes(utoipa_axum::routes!(models::list))
+        .routes(utoipa_axum::routes!(models::get))
+        .routes(utoipa_axum::routes!(models::load))
+        .routes(utoipa_axum::routes!(models::unload))
+        .routes(utoipa_axum::routes!(jobs::upload))
+        .routes(utoipa_axum::routes!(jobs::create, jobs::list))
+        .routes(utoipa_axum::routes!(jobs::get))
+        .routes(utoipa_axum::routes!(jobs::pause))
+        .routes(utoipa_axum::routes!(jobs::resume))
+        .routes(utoipa_axum::routes!(jobs::cancel))
+        .routes(utoipa_axum::routes!(completions::create))
+        .routes(utoipa_axum::routes!(chat::create))
+        .routes(utoipa_axum::routes!(openai::models))
+        .routes(utoipa_axum::routes!(tokenize::tokenize))
+        .routes(utoipa_axum::routes!(tokenize::detokenize))
+        .routes(utoipa_axum::routes!(tokenize::tokenizer_info))
+}
+
+/// Where Swagger UI is served (its routes come from utoipa-swagger-ui).
+pub const SWAGGER_PATH: &str = "/docs";
+
+/// A page outside the OpenAPI document (HTML, the document itself, Prometheus text): its
+/// path, what `GET /` says of it, and its handler (`None`: routed by Swagger UI's router).
+pub struct Page {
+    pub path: &'static str,
+    pub about: &'static str,
+    route: Option<MethodRouter<AppState>>,
+}
+
+/// The pages, listed once: routed by [`router`] and listed by `GET /`.
+fn pages(redoc: Option<Arc<Vec<u8>>>) -> Vec<Page> {
+    let local_redoc = redoc.is_some();
+    let page = |path, about, route| Page { path, about, route };
+    vec![
+        page(
+            "/ui",
+            "Inspector: a web page to explore the distributions",
+            Some(get(ui::page)),
+        ),
+        page(
+            "/metrics",
+            "Prometheus metrics",
+            Some(get(metrics::handler)),
+        ),
+        page(SWAGGER_PATH, "Swagger UI", None),
+        page(
+            "/redoc",
+            "ReDoc",
+            Some(get(
+                move || async move { Html(docs::redoc_page(local_redoc)) },
+            )),
+        ),
+        page(
+            "/redoc/redoc.standalone.js",
+            "ReDoc's bundle (served by this process, for offline use)",
+            Some(get(move || docs::redoc_bundle(redoc.clone()))),
+        ),
+        page(
+            "/openapi.json",
+            "OpenAPI document",
+            Some(get(docs::openapi_handler)),
+        ),
+    ]
+}
+
+/// Path and description of every page outside the OpenAPI document (for `GET /`).
+pub fn page_list() -> Vec<(&'static str, &'static str)> {
+    pages(None).iter().map(|p| (p.path, p.about)).collect()
+}
+
 /// The whole application.
 pub fn router(state: AppState) -> Router {
-    let local_redoc = state.config.redoc_bundle.is_some();
-    let bundle = state.config.redoc_bundle.clone();
-    let api = Router::new()
-        .route("/generate", post(routes::generate))
-        .route("/lens", post(lens::lens))
-        .route("/ui", get(ui::page))
-        .route("/health", get(routes::health))
-        .route("/status", get(routes::status))
-        .route("/live", get(routes::live))
-        .route("/metrics", get(metrics::handler))
-        .route("/models", get(models::list))
-        .route("/models/{id}", get(models::get))
-        .route("/models/{id}/load", post(models::load))
-        .route("/models/{id}/unload", post(models::unload))
-        .route("/train/uploads", post(jobs::upload))
-        .route("/train/jobs", post(jobs::create).get(jobs::list))
-        .route("/train/jobs/{id}", get(jobs::get))
-        .route("/train/jobs/{id}/pause", post(jobs::pause))
-        .route("/train/jobs/{id}/resume", post(jobs::resume))
-        .route("/train/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/", get(routes::root))
-        .route("/openapi.json", get(docs::openapi_handler))
-        .route(
-            "/redoc",
-            get(move || async move { Html(docs::redoc_page(local_redoc)) }),
-        )
-        .route(
-            "/redoc/redoc.standalone.js",
-            get(move || docs::redoc_bundle(bundle.clone())),
-        )
-        .merge(openai::tokenizer_router())
-        .nest("/v1", openai::v1_router())
+    let (mut api, _) = routes().split_for_parts();
+    for page in pages(state.config.redoc_bundle.clone()) {
+        if let Some(route) = page.route {
+            api = api.route(page.path, route);
+        }
+    }
+    let api = api
         .method_not_allowed_fallback(routes::method_not_allowed)
         .fallback(routes::not_found);
     // Swagger UI's own routes (vendored assets, no network) point at our /openapi.json.
-    let swagger: Router = SwaggerUi::new("/docs")
+    let swagger: Router = SwaggerUi::new(SWAGGER_PATH)
         .config(utoipa_swagger_ui::Config::from("/openapi.json"))
         .into();
     let cors = cors_layer(&state.config.cors_origins);

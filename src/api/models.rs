@@ -20,6 +20,7 @@ fn view(state: &AppState, id: &str) -> Result<ModelView, ApiError> {
 #[utoipa::path(
     get,
     path = "/models",
+    operation_id = "list_models",
     tag = "models",
     responses(
         (status = 200, description = "The models: `--model`, `--models-dir` and trained ones", body = Vec<ModelView>),
@@ -40,6 +41,7 @@ pub async fn list(State(state): State<AppState>) -> Json<Vec<ModelView>> {
 #[utoipa::path(
     get,
     path = "/models/{id}",
+    operation_id = "get_model",
     tag = "models",
     params(("id" = String, Path, description = "A model id from GET /models")),
     responses(
@@ -62,6 +64,7 @@ pub async fn get(
 #[utoipa::path(
     post,
     path = "/models/{id}/load",
+    operation_id = "load_model",
     tag = "models",
     params(("id" = String, Path, description = "A model id from GET /models")),
     responses(
@@ -92,6 +95,7 @@ pub async fn load(
 #[utoipa::path(
     post,
     path = "/models/{id}/unload",
+    operation_id = "unload_model",
     tag = "models",
     params(("id" = String, Path, description = "A model id from GET /models")),
     responses(

@@ -20,6 +20,7 @@ use crate::engine::GenerateResponse;
 #[utoipa::path(
     post,
     path = "/generate",
+    operation_id = "generate",
     tag = "generation",
     request_body = GenerateRequest,
     responses(
@@ -105,6 +106,7 @@ pub(crate) async fn run_job(
 #[utoipa::path(
     get,
     path = "/live",
+    operation_id = "live",
     tag = "service",
     responses((status = 200, description = "The process is up", body = LiveResponse))
 )]
@@ -150,6 +152,7 @@ fn capitalize(s: &str) -> String {
 #[utoipa::path(
     get,
     path = "/health",
+    operation_id = "health",
     tag = "service",
     responses(
         (status = 200, description = "The model is loaded and serving", body = HealthResponse),
@@ -168,9 +171,12 @@ pub async fn health(State(state): State<AppState>) -> Response {
             Some("no model is loaded; load one with POST /models/{id}/load".to_string()),
         ),
         ModelState::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading", None),
-        ModelState::Failed(r) | ModelState::Restarting(r) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "unhealthy", Some(r))
-        }
+        // /health answers without a key: the reason names the model's file, not where it is.
+        ModelState::Failed(r) | ModelState::Restarting(r) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy",
+            Some(super::error::without_paths(&r)),
+        ),
     };
     let body = HealthResponse {
         status: status.into(),
@@ -193,6 +199,7 @@ fn any_loaded(state: &AppState) -> bool {
 #[utoipa::path(
     get,
     path = "/status",
+    operation_id = "status",
     tag = "service",
     responses(
         (status = 200, description = "Status retrieved", body = StatusResponse),
@@ -309,6 +316,7 @@ fn status_body(state: &AppState, model_state: &ModelState) -> (StatusCode, Statu
 #[utoipa::path(
     get,
     path = "/",
+    operation_id = "overview",
     tag = "service",
     responses(
         (status = 200, description = "Name, version, model, status and endpoints", body = RootResponse),
@@ -332,49 +340,68 @@ fn overview(state: &AppState) -> Json<RootResponse> {
         ModelState::Restarting(_) => ("restarting", state.config.model_name.clone()),
         ModelState::Failed(_) => ("failed", state.config.model_name.clone()),
     };
-    let ep = |m: &str, p: &str, d: &str| EndpointInfo {
-        method: m.into(),
-        path: p.into(),
-        description: d.into(),
-    };
     Json(RootResponse {
         name: "tokenscope".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         description: "Next-token distributions of a causal language model".into(),
         model,
         status: status.into(),
-        docs: "/docs".into(),
-        endpoints: vec![
-            ep(
-                "POST",
-                "/generate",
-                "Top-k next tokens with probabilities; optional generation",
-            ),
-            ep(
-                "POST",
-                "/lens",
-                "Logit lens: the next-token distribution after every layer",
-            ),
-            ep(
-                "GET",
-                "/ui",
-                "Inspector: a web page to explore the distributions",
-            ),
-            ep("GET", "/health", "Readiness: 200 once the model is loaded"),
-            ep("GET", "/status", "Service, model and system status"),
-            ep("GET", "/live", "Liveness: 200 while the process runs"),
-            ep("GET", "/metrics", "Prometheus metrics"),
-            ep("GET", "/docs", "Swagger UI"),
-            ep("GET", "/redoc", "ReDoc"),
-            ep("GET", "/openapi.json", "OpenAPI document"),
-        ],
+        docs: super::SWAGGER_PATH.into(),
+        endpoints: endpoints(),
     })
 }
 
-pub async fn not_found() -> ApiError {
-    ApiError::not_found()
+/// Every operation of the OpenAPI document (its summary as the description), then the pages
+/// outside it: the list follows the route table by itself.
+fn endpoints() -> Vec<EndpointInfo> {
+    static LIST: std::sync::OnceLock<Vec<EndpointInfo>> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| {
+        let doc = super::routes().into_openapi();
+        let mut list = Vec::new();
+        for (path, item) in &doc.paths.paths {
+            let ops = [
+                ("GET", &item.get),
+                ("POST", &item.post),
+                ("PUT", &item.put),
+                ("PATCH", &item.patch),
+                ("DELETE", &item.delete),
+            ];
+            for (name, op) in ops {
+                if let Some(op) = op {
+                    list.push(EndpointInfo {
+                        method: name.into(),
+                        path: path.clone(),
+                        description: op.summary.clone().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        for (path, about) in super::page_list() {
+            list.push(EndpointInfo {
+                method: "GET".into(),
+                path: path.into(),
+                description: about.into(),
+            });
+        }
+        list
+    })
+    .clone()
 }
 
-pub async fn method_not_allowed() -> ApiError {
-    ApiError::method_not_allowed()
+/// 404 for a path no route matches, in OpenAI's shape under the OpenAI paths.
+pub async fn not_found(uri: axum::http::Uri) -> Response {
+    in_shape_for(&uri, ApiError::not_found())
+}
+
+/// 405 for a method a route does not have, in OpenAI's shape under the OpenAI paths.
+pub async fn method_not_allowed(uri: axum::http::Uri) -> Response {
+    in_shape_for(&uri, ApiError::method_not_allowed())
+}
+
+fn in_shape_for(uri: &axum::http::Uri, err: ApiError) -> Response {
+    if super::openai::is_openai_path(uri.path()) {
+        super::openai::OpenAiError::from(err).into_response()
+    } else {
+        err.into_response()
+    }
 }

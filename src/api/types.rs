@@ -8,7 +8,10 @@ use validator::Validate;
 use crate::engine::scoring::Target;
 use crate::engine::{GenerateParams, LogprobsMode};
 
-pub const MAX_STOP_STRINGS: usize = 4;
+pub use super::bounds::{MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TARGETS};
+use super::bounds::{
+    MAX_STOP_STRINGS_LEN, MAX_TARGETS_LEN, MAX_TOKENS_MAX, TEMPERATURE_MAX, TOP_K_MAX,
+};
 
 /// True when `s` has no character that carries text (EMPTY_PROMPT): every character is
 /// whitespace or a control character (C0/C1: byte-level vocabularies may have no token for
@@ -27,11 +30,6 @@ pub const PROMPT_PATTERN: &str = r"[^\s\x00-\x1f\x7f-\x9f\ufeff]";
 /// (byte-level vocabularies may have no token for those: see [`is_blank`]).
 pub const TARGET_PATTERN: &str = r"[^\x00-\x1f\x7f-\x9f]";
 
-/// Longest stop string or target, in characters.
-pub const MAX_STOP_CHARS: usize = 256;
-/// Most targets scored per request.
-pub const MAX_TARGETS: usize = 16;
-
 /// Body of POST /generate.
 #[derive(Debug, Clone, Deserialize, ToSchema, Validate)]
 #[serde(deny_unknown_fields)]
@@ -47,18 +45,18 @@ pub struct GenerateRequest {
     pub prompt: String,
     /// Sampling temperature; 0 = greedy decoding.
     #[serde(default = "default_temperature")]
-    #[validate(range(min = 0.0, max = 2.0))]
-    #[schema(default = 1.0, minimum = 0.0, maximum = 2.0, example = 1.0)]
+    #[validate(range(min = 0.0, max = TEMPERATURE_MAX))]
+    #[schema(default = 1.0, minimum = 0.0, example = 1.0)]
     pub temperature: f64,
     /// Tokens to generate.
     #[serde(default = "default_max_tokens")]
-    #[validate(range(min = 1, max = 100))]
-    #[schema(default = 1, minimum = 1, maximum = 100, example = 1)]
+    #[validate(range(min = 1, max = MAX_TOKENS_MAX))]
+    #[schema(default = 1, minimum = 1, example = 1)]
     pub max_tokens: i64,
     /// Alternatives returned per position.
     #[serde(default = "default_top_k")]
-    #[validate(range(min = 1, max = 50))]
-    #[schema(default = 5, minimum = 1, maximum = 50, example = 5)]
+    #[validate(range(min = 1, max = TOP_K_MAX))]
+    #[schema(default = 5, minimum = 1, example = 5)]
     pub top_k: i64,
     /// Seed that makes sampling reproducible (ignored when greedy): 0 to 2^64 − 1.
     #[serde(default)]
@@ -66,7 +64,7 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     /// Generation stops after any of these strings appears (not included in generated_text).
     #[serde(default)]
-    #[validate(length(max = 4))]
+    #[validate(length(max = MAX_STOP_STRINGS_LEN))]
     #[schema(schema_with = stop_schema)]
     pub stop: Vec<String>,
     /// `processed` reports softmax(logits / T); `raw` reports softmax(logits).
@@ -83,7 +81,7 @@ pub struct GenerateRequest {
     /// its own without special tokens: total log-probability teacher-forced (T = 1), and the
     /// full-vocabulary rank of its first token.
     #[serde(default)]
-    #[validate(length(max = 16))]
+    #[validate(length(max = MAX_TARGETS_LEN))]
     #[schema(schema_with = targets_schema)]
     pub targets: Vec<String>,
     /// The model to ask (an id from GET /models; default: the server's default model).

@@ -17,7 +17,11 @@ pub async fn page(State(state): State<AppState>) -> Response {
     } else {
         "data-auth=\"required\""
     };
-    let page = PAGE.replacen("data-auth=\"\"", auth, 1);
+    let mut page = PAGE.replacen("data-auth=\"\"", auth, 1);
+    // The inputs' bounds are the API's (src/api/bounds.rs), not numbers of the page's own.
+    for (placeholder, value) in super::bounds::page_values() {
+        page = page.replace(placeholder, &value);
+    }
     (
         [
             (header::CACHE_CONTROL, "no-cache"),

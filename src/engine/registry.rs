@@ -114,6 +114,8 @@ pub enum RegistryError {
     },
     #[error("model `{0}` has no source to load it from")]
     NoSource(String),
+    #[error("model `{id}` cannot be loaded: {reason}")]
+    Unreadable { id: String, reason: String },
     #[error("a model with id `{0}` exists already")]
     Exists(String),
 }
@@ -197,7 +199,11 @@ impl Entry {
         let (status, error) = match state {
             ModelState::Ready(_) | ModelState::Restarting(_) => (LoadStatus::Loaded, None),
             ModelState::Loading => (LoadStatus::Loading, None),
-            ModelState::Unloaded => (LoadStatus::Unloaded, None),
+            // A file that cannot even be read is failed before anyone tries to load it.
+            ModelState::Unloaded => match &self.card.error {
+                Some(reason) => (LoadStatus::Failed, Some(reason.clone())),
+                None => (LoadStatus::Unloaded, None),
+            },
             ModelState::Failed(reason) => (LoadStatus::Failed, Some(reason)),
         };
         let round = |x: f64| (x * 10.0).round() / 10.0;
@@ -493,6 +499,17 @@ impl ModelRegistry {
             .source
             .clone()
             .ok_or_else(|| RegistryError::NoSource(id.into()))?;
+        if entries[index].card.error.is_some() {
+            // Read again (the file may have been replaced); still unreadable: refused before
+            // anything is unloaded to make room for it.
+            entries[index].card = probe(&source);
+            if let Some(reason) = &entries[index].card.error {
+                return Err(RegistryError::Unreadable {
+                    id: id.into(),
+                    reason: reason.clone(),
+                });
+            }
+        }
         self.make_room(&mut entries, index)?;
         let entry = &mut entries[index];
         let worker = worker::spawn(

@@ -42,7 +42,14 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
         let mut reader = std::io::BufReader::new(file);
+        // candle's reader trusts the header's lengths: walk it with bounds first.
+        super::gguf_header::check(&mut reader, len).map_err(|reason| ModelError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("not a valid GGUF file: {reason}"),
+        })?;
+        reader.seek(std::io::SeekFrom::Start(0))?;
         let content = gguf_file::Content::read(&mut reader).map_err(|e| ModelError::Corrupt {
             path: path.to_path_buf(),
             reason: format!("not a valid GGUF file ({e})"),

@@ -9,6 +9,7 @@ pub mod error;
 mod fused;
 pub mod gemma2;
 pub mod gguf;
+pub mod gguf_header;
 pub mod gpt2;
 pub mod hf_dir;
 pub mod kv_cache;

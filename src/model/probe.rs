@@ -19,54 +19,78 @@ pub struct ModelCard {
     pub quantization: Option<String>,
     /// Bytes of the weight files.
     pub file_bytes: Option<u64>,
+    /// Why the source cannot be read (a corrupt or crafted file): the model list shows it as
+    /// failed with this reason, and every other model keeps working.
+    pub error: Option<String>,
 }
 
-/// Reads what `source` holds. Never fails: what cannot be read stays `None`.
+/// Reads what `source` holds. Never fails: what cannot be read stays `None`, with the reason
+/// in `error`. A panic in a reader (a file no check foresaw) is caught and reported the same
+/// way: one bad file must not take the model list down.
 pub fn probe(source: &ModelSource) -> ModelCard {
-    match source {
-        ModelSource::Gguf(path) => probe_gguf(path).unwrap_or_default(),
-        ModelSource::HfDir(dir) => probe_hf_dir(dir).unwrap_or_default(),
-        ModelSource::Hub { .. } => ModelCard::default(),
+    let read = std::panic::catch_unwind(|| match source {
+        ModelSource::Gguf(path) => probe_gguf(path),
+        ModelSource::HfDir(dir) => probe_hf_dir(dir),
+        ModelSource::Hub { .. } => Ok(ModelCard::default()),
+    });
+    let reason = match read {
+        Ok(Ok(card)) => return card,
+        Ok(Err(reason)) => reason,
+        Err(_) => "reading it failed unexpectedly (the file is malformed)".to_string(),
+    };
+    ModelCard {
+        error: Some(reason),
+        ..ModelCard::default()
     }
 }
 
-fn probe_gguf(path: &Path) -> Option<ModelCard> {
-    let file = GgufFile::open(path).ok()?;
+fn probe_gguf(path: &Path) -> Result<ModelCard, String> {
+    let file = GgufFile::open(path).map_err(|e| e.to_string())?;
     let mut parameters = 0u64;
     let mut bytes_by_type: BTreeMap<String, u64> = BTreeMap::new();
     for info in file.content.tensor_infos.values() {
         let elems = info.shape.elem_count() as u64;
-        parameters += elems;
+        parameters = parameters.saturating_add(elems);
         let dtype = info.ggml_dtype;
         let bytes = elems / dtype.block_size() as u64 * dtype.type_size() as u64;
-        *bytes_by_type.entry(format!("{dtype:?}")).or_default() += bytes;
+        let sum = bytes_by_type.entry(format!("{dtype:?}")).or_default();
+        *sum = sum.saturating_add(bytes);
     }
-    Some(ModelCard {
+    Ok(ModelCard {
         architecture: file.architecture().ok(),
         parameters: Some(parameters),
         quantization: dominant(bytes_by_type).map(|t| t.to_uppercase()),
         file_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
+        error: None,
     })
 }
 
-fn probe_hf_dir(dir: &Path) -> Option<ModelCard> {
-    let parts = hf_dir::inspect(dir).ok()?;
+fn probe_hf_dir(dir: &Path) -> Result<ModelCard, String> {
+    let parts = hf_dir::inspect(dir).map_err(|e| e.to_string())?;
     let mut parameters = 0u64;
     let mut file_bytes = 0u64;
     let mut bytes_by_type: BTreeMap<String, u64> = BTreeMap::new();
     for f in &parts.weights {
         file_bytes += std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
-        for (dtype, shape) in safetensors_header(f).unwrap_or_default() {
-            let elems: u64 = shape.iter().product();
-            parameters += elems;
-            *bytes_by_type.entry(dtype).or_default() += elems;
+        let name = f.file_name().unwrap_or_default().to_string_lossy();
+        let header =
+            safetensors_header(f).ok_or_else(|| format!("{name}: not a valid safetensors file"))?;
+        for (dtype, shape) in header {
+            let elems = shape
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d))
+                .ok_or_else(|| format!("{name}: a tensor's element count overflows"))?;
+            parameters = parameters.saturating_add(elems);
+            let sum = bytes_by_type.entry(dtype).or_default();
+            *sum = sum.saturating_add(elems);
         }
     }
-    Some(ModelCard {
+    Ok(ModelCard {
         architecture: Some(parts.config.family.arch.name().to_string()),
         parameters: Some(parameters),
         quantization: dominant(bytes_by_type),
         file_bytes: Some(file_bytes),
+        error: None,
     })
 }
 
@@ -77,8 +101,10 @@ fn safetensors_header(path: &PathBuf) -> Option<Vec<(String, Vec<u64>)>> {
     let mut len = [0u8; 8];
     f.read_exact(&mut len).ok()?;
     let len = u64::from_le_bytes(len);
-    // The format caps the header at 100 MB; anything larger is not a safetensors file.
-    if len > 100 << 20 {
+    // The format caps the header at 100 MB; anything larger (or longer than the file) is not
+    // a safetensors file.
+    let file_len = f.metadata().ok()?.len();
+    if len > 100 << 20 || len > file_len.saturating_sub(8) {
         return None;
     }
     let mut header = vec![0u8; len as usize];

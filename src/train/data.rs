@@ -24,8 +24,10 @@ fn bad(msg: impl Into<String>) -> TrainError {
     TrainError::Data(msg.into())
 }
 
-/// Reads the documents under `path` (sorted, so the order never depends on the file system).
-pub fn read_documents(path: &Path) -> Result<(Vec<String>, Vec<PathBuf>, String), TrainError> {
+/// The files a data path stands for: itself, or a folder's `.txt` and `.jsonl` files (not
+/// its subfolders), sorted so that the order never depends on the file system; empty files
+/// left out.
+pub fn document_files(path: &Path) -> Result<Vec<PathBuf>, TrainError> {
     if !path.exists() {
         return Err(bad(format!("{} does not exist", path.display())));
     }
@@ -46,6 +48,12 @@ pub fn read_documents(path: &Path) -> Result<(Vec<String>, Vec<PathBuf>, String)
             path.display()
         )));
     }
+    Ok(files)
+}
+
+/// Reads the documents under `path` (the files of [`document_files`], in its order).
+pub fn read_documents(path: &Path) -> Result<(Vec<String>, Vec<PathBuf>, String), TrainError> {
+    let files = document_files(path)?;
     let mut hasher = Sha256::new();
     let mut docs = Vec::new();
     for file in &files {

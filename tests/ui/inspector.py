@@ -97,6 +97,16 @@ try:
     wait(lambda: "SmolLM2" in driver.find_element(By.ID, "model").text, "model info")
     check(True, "with the key, the page shows the model: " + driver.find_element(By.ID, "model").text)
 
+    # The inputs' bounds are the API's (one table in src/api/bounds.rs, written into the schema).
+    import json
+    import urllib.request
+    doc = json.load(urllib.request.urlopen(urllib.request.Request(
+        BASE + "/openapi.json", headers={"Authorization": "Bearer " + KEY})))
+    schema = doc["components"]["schemas"]["GenerateRequest"]["properties"]
+    for input_id, field in [("topk", "top_k"), ("ntokens", "max_tokens"), ("temperature", "temperature")]:
+        got = float(driver.find_element(By.ID, input_id).get_attribute("max"))
+        check(got == float(schema[field]["maximum"]), f"#{input_id} max {got} is {field}'s maximum")
+
     # Typing shows the distribution (debounced).
     prompt = driver.find_element(By.ID, "prompt")
     prompt.clear()

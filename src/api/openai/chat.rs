@@ -21,6 +21,7 @@ use crate::model::chat_template::ChatMessage;
 #[utoipa::path(
     post,
     path = "/v1/chat/completions",
+    operation_id = "create_chat_completion",
     tag = "openai",
     request_body = ChatRequest,
     responses(
@@ -88,9 +89,14 @@ pub async fn create(
         }
         run::max_new_tokens(&state, value, 0)?;
     }
-    // As vLLM: up to the end of the context unless the request or the server says less.
+    // Without a bound from the request a chat model that never says its end token would run
+    // until the request times out: a documented default bounds it (finish_reason `length`).
     let requested = req.max_completion_tokens.or(req.max_tokens);
-    let max_tokens = run::max_new_tokens(&state, requested, usize::MAX)?;
+    let max_tokens = run::max_new_tokens(
+        &state,
+        requested,
+        crate::api::bounds::DEFAULT_CHAT_MAX_TOKENS,
+    )?;
     let jobs: Vec<_> = (0..sampling.n)
         .map(|j| {
             let params = sampling.params(j, max_tokens, k as usize);

@@ -23,6 +23,7 @@ pub const DEFAULT_MAX_TOKENS: u32 = 16;
 #[utoipa::path(
     post,
     path = "/v1/completions",
+    operation_id = "create_completion",
     tag = "openai",
     request_body = CompletionRequest,
     responses(

@@ -14,34 +14,13 @@ pub mod tokenize;
 pub mod types;
 
 use axum::extract::State;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 
 pub use error::{OpenAiError, OpenAiJson};
 use types::{ModelCard, ModelList};
 
 use super::AppState;
 use crate::engine::worker::ModelState;
-
-/// Routes under `/v1` (nested there by [`super::router`]).
-pub fn v1_router() -> Router<AppState> {
-    Router::new()
-        .route("/completions", post(completions::create))
-        .route("/chat/completions", post(chat::create))
-        .route("/models", get(models))
-        .method_not_allowed_fallback(|| async {
-            OpenAiError::from(super::ApiError::method_not_allowed())
-        })
-        .fallback(|| async { OpenAiError::from(super::ApiError::not_found()) })
-}
-
-/// vLLM's tokenizer endpoints, at the root as vLLM serves them.
-pub fn tokenizer_router() -> Router<AppState> {
-    Router::new()
-        .route("/tokenize", post(tokenize::tokenize))
-        .route("/detokenize", post(tokenize::detokenize))
-        .route("/tokenizer_info", get(tokenize::tokenizer_info))
-}
 
 /// Paths whose errors use OpenAI's shape.
 pub fn is_openai_path(path: &str) -> bool {
@@ -54,6 +33,7 @@ pub fn is_openai_path(path: &str) -> bool {
 #[utoipa::path(
     get,
     path = "/v1/models",
+    operation_id = "list_openai_models",
     tag = "openai",
     responses(
         (status = 200, description = "The models this server offers, the default first", body = ModelList),

@@ -13,12 +13,10 @@ use crate::engine::worker::{
 };
 use crate::engine::{GenerateParams, GenerateResponse, LogprobsMode};
 
-/// Most choices per prompt. Choices decode one after another (no batched decoding yet), so
-/// the bound keeps the largest request (64 prompts × 4 choices, each scored with `echo`) to
-/// tens of seconds on 2 cores; with 16 it took 145 s in a debug build.
-pub const MAX_N: u32 = 4;
-/// Most alternatives per position.
-pub const MAX_LOGPROBS: u32 = 20;
+// MAX_N: choices decode one after another (no batched decoding yet), so the bound keeps the
+// largest request (64 prompts × 4 choices, each scored with `echo`) to tens of seconds on
+// 2 cores; with 16 it took 145 s in a debug build.
+pub use crate::api::bounds::{MAX_LOGPROBS, MAX_N, TEMPERATURE_MAX};
 
 /// Unix seconds when the server started (`created` of `/v1/models`).
 pub fn created_at(state: &AppState) -> u64 {
@@ -54,11 +52,11 @@ impl Sampling {
         stop: Option<StopField>,
     ) -> Result<Self, OpenAiError> {
         let temperature = temperature.unwrap_or(1.0);
-        if !(0.0..=2.0).contains(&temperature) {
+        if !(0.0..=TEMPERATURE_MAX).contains(&temperature) {
             return Err(OpenAiError::invalid(
                 "temperature",
                 ErrorCode::InvalidTemperature,
-                "temperature must be between 0 and 2",
+                format!("temperature must be between 0 and {TEMPERATURE_MAX}"),
             ));
         }
         let top_p = top_p.unwrap_or(1.0);

@@ -106,6 +106,7 @@ pub struct TokenizeResponse {
 #[utoipa::path(
     post,
     path = "/tokenize",
+    operation_id = "tokenize",
     tag = "tokenizer",
     request_body = TokenizeRequest,
     responses(
@@ -202,6 +203,7 @@ pub struct DetokenizeResponse {
 #[utoipa::path(
     post,
     path = "/detokenize",
+    operation_id = "detokenize",
     tag = "tokenizer",
     request_body = DetokenizeRequest,
     responses(
@@ -259,6 +261,7 @@ pub struct TokenizerInfoResponse {
 #[utoipa::path(
     get,
     path = "/tokenizer_info",
+    operation_id = "tokenizer_info",
     tag = "tokenizer",
     responses(
         (status = 200, description = "Special tokens, BOS rule, context length, chat template", body = TokenizerInfoResponse),

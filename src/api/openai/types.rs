@@ -19,7 +19,7 @@ pub enum PromptField {
 }
 
 /// Most prompts in one request.
-pub const MAX_PROMPTS: usize = 64;
+pub use crate::api::bounds::MAX_PROMPTS;
 
 /// The schema says what the handler accepts: non-blank strings (the native prompt's pattern),
 /// non-empty lists, at most [`MAX_PROMPTS`] prompts, token ids as `TokenId` (whose maximum the
@@ -180,17 +180,15 @@ pub struct CompletionRequest {
     pub max_tokens: Option<u32>,
     /// 0 to 2 (default 1); below 1e-5 is greedy.
     #[serde(default)]
-    #[schema(minimum = 0.0, maximum = 2.0)]
+    #[schema(minimum = 0.0)]
     pub temperature: Option<f64>,
     /// Nucleus sampling, (0, 1] (default 1).
     #[serde(default)]
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f64>,
     /// Choices per prompt, 1 to 4.
-    // 4 is `super::run::MAX_N`, the bound `Sampling::check` enforces (the schema needs it as
-    // a literal): keep the doc, this `maximum` and the chat request's in step with it.
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 4)]
+    #[schema(minimum = 1)]
     pub n: Option<u32>,
     /// Makes sampling reproducible; choice i of a prompt uses seed + i.
     #[serde(default)]
@@ -200,7 +198,7 @@ pub struct CompletionRequest {
     /// Also return the log-probability of each token and the `logprobs` most likely
     /// alternatives at each position (0 to 20): the model's own distribution (T = 1).
     #[serde(default)]
-    #[schema(minimum = 0, maximum = 20)]
+    #[schema(minimum = 0)]
     pub logprobs: Option<u32>,
     /// Put the prompt before the completion, in `text` and (with `logprobs`) in `logprobs`:
     /// every prompt token scored, the first with `null`.
@@ -287,11 +285,15 @@ pub enum PartKind {
     Text,
 }
 
+/// The roles a chat message may have (OpenAI's, which the chat templates know).
+pub const KNOWN_ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(try_from = "JsonObject")]
 pub struct ChatMessageIn {
-    /// `system`, `user`, `assistant` (or any role the model's template knows).
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
+    /// Required (not null) except in an assistant's message, as OpenAI has it.
     #[serde(default)]
     pub content: Option<MessageContent>,
 }
@@ -307,6 +309,19 @@ impl TryFrom<JsonObject> for ChatMessageIn {
     type Error = serde_json::Error;
     fn try_from(object: JsonObject) -> Result<Self, Self::Error> {
         let f: ChatMessageFields = serde_json::from_value(serde_json::Value::Object(object))?;
+        if !KNOWN_ROLES.contains(&f.role.as_str()) {
+            return Err(serde::de::Error::custom(format!(
+                "role `{}` is not one of {}",
+                f.role,
+                KNOWN_ROLES.join(", ")
+            )));
+        }
+        if f.content.is_none() && f.role != "assistant" {
+            return Err(serde::de::Error::custom(format!(
+                "a `{}` message needs `content` (only an assistant's may leave it out)",
+                f.role
+            )));
+        }
         Ok(Self {
             role: f.role,
             content: f.content,
@@ -325,7 +340,8 @@ pub struct ChatRequest {
     /// Rendered with the model's own chat template.
     #[schema(min_items = 1)]
     pub messages: Vec<ChatMessageIn>,
-    /// Tokens to generate (default: up to the context length).
+    /// Tokens to generate (at most what the context leaves; the server's `--max-new-tokens`
+    /// caps it).
     #[serde(default)]
     #[schema(minimum = 1, maximum = 2147483647)]
     pub max_tokens: Option<u32>,
@@ -334,13 +350,13 @@ pub struct ChatRequest {
     #[schema(minimum = 1, maximum = 2147483647)]
     pub max_completion_tokens: Option<u32>,
     #[serde(default)]
-    #[schema(minimum = 0.0, maximum = 2.0)]
+    #[schema(minimum = 0.0)]
     pub temperature: Option<f64>,
     #[serde(default)]
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f64>,
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 4)]
+    #[schema(minimum = 1)]
     pub n: Option<u32>,
     #[serde(default)]
     pub seed: Option<i64>,
@@ -351,7 +367,7 @@ pub struct ChatRequest {
     pub logprobs: bool,
     /// Alternatives per position, 0 to 20; needs `logprobs: true`.
     #[serde(default)]
-    #[schema(minimum = 0, maximum = 20)]
+    #[schema(minimum = 0)]
     pub top_logprobs: Option<u32>,
     #[serde(default)]
     pub stream: bool,

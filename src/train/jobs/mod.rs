@@ -66,6 +66,8 @@ pub struct JobManager {
     settings: JobSettings,
     live: Mutex<Live>,
     wake: Condvar,
+    /// Serializes job creation (see [`JobManager::create`]).
+    creating: Mutex<()>,
 }
 
 impl JobManager {
@@ -101,6 +103,7 @@ impl JobManager {
             settings,
             live: Mutex::new(Live::default()),
             wake: Condvar::new(),
+            creating: Mutex::new(()),
         });
         let runner = manager.clone();
         std::thread::Builder::new()
@@ -153,6 +156,9 @@ impl JobManager {
 
     /// Checks and queues a job.
     pub fn create(&self, mut spec: JobSpec) -> Result<JobView, JobError> {
+        // Held from the check until the job is stored, so that two requests for one
+        // output_name cannot both pass the check (the name is reserved by the stored job).
+        let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         self.check(&spec)?;
         if let DataSpec::Text(t) = &spec.data {
             // Kept as an upload, so that the job's settings stay small and the text is read
@@ -254,7 +260,7 @@ impl JobManager {
             DataSpec::Text(_) => {}
         }
         if self.registry.contains(&spec.output_name) {
-            return Err(JobError::Conflict(format!(
+            return Err(JobError::OutputExists(format!(
                 "a model named `{}` exists already; choose another output_name",
                 spec.output_name
             )));
@@ -263,7 +269,7 @@ impl JobManager {
             let other: Option<JobSpec> = serde_json::from_str(&row.spec).ok();
             let active = !matches!(row.status, JobStatus::Failed | JobStatus::Cancelled);
             if active && other.is_some_and(|o| o.output_name == spec.output_name) {
-                return Err(JobError::Conflict(format!(
+                return Err(JobError::OutputExists(format!(
                     "job {} already writes `{}`; choose another output_name",
                     row.id, spec.output_name
                 )));
@@ -273,7 +279,9 @@ impl JobManager {
     }
 
     /// `path` under `--data-dir`, refusing anything that leaves it (`..`, absolute paths,
-    /// symbolic links pointing out).
+    /// symbolic links pointing out: the path itself and every file a folder holds, each
+    /// resolved), and data larger in all than `--max-upload-bytes`. Checked when the job is
+    /// created and again when it runs (the folder may have changed in between).
     fn data_path(&self, path: &str) -> Result<PathBuf, JobError> {
         let inv = JobError::Forbidden;
         let Some(root) = &self.settings.data_dir else {
@@ -301,6 +309,24 @@ impl JobManager {
         })?;
         if !full.starts_with(&root) {
             return Err(inv(format!("data.path `{path}` leads outside --data-dir")));
+        }
+        let files = crate::train::data::document_files(&full)
+            .map_err(|e| JobError::Missing(Missing::Data, format!("data.path `{path}`: {e}")))?;
+        let mut total: u64 = 0;
+        for file in &files {
+            let name = file.file_name().unwrap_or_default().to_string_lossy();
+            let resolved = std::fs::canonicalize(file).map_err(|e| {
+                JobError::Missing(Missing::Data, format!("data.path `{path}`: {name}: {e}"))
+            })?;
+            if !resolved.starts_with(&root) {
+                return Err(inv(format!(
+                    "data.path `{path}`: `{name}` leads outside --data-dir"
+                )));
+            }
+            total = total.saturating_add(resolved.metadata().map(|m| m.len()).unwrap_or(0));
+        }
+        if total > self.settings.max_upload_bytes as u64 {
+            return Err(JobError::TooLarge(self.settings.max_upload_bytes));
         }
         Ok(full)
     }

@@ -158,6 +158,9 @@ pub enum JobError {
     Invalid(String, &'static str),
     #[error("{0}")]
     Conflict(String),
+    /// The output_name is taken by a model or by a job that is not failed or cancelled.
+    #[error("{0}")]
+    OutputExists(String),
     #[error("upload exceeds the limit of {0} bytes")]
     TooLarge(usize),
     #[error(transparent)]

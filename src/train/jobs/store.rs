@@ -24,6 +24,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "state directory {path} is in use by another tokenscope server ({holder}); stop it or \
+         give this one its own --state-dir"
+    )]
+    Locked { path: PathBuf, holder: String },
 }
 
 /// A job row (its settings are kept as JSON: they are read back whole, never queried).
@@ -67,6 +72,8 @@ pub struct UploadRow {
 pub struct Store {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// The directory's lock file, held (exclusively) while this store lives.
+    _lock: std::fs::File,
 }
 
 const SCHEMA: &str = "
@@ -109,11 +116,15 @@ CREATE TABLE IF NOT EXISTS models (
 
 impl Store {
     /// Opens (creating) `dir/state.db`.
+    /// Opens (creating) the state in `dir`, which it locks for as long as the store lives: a
+    /// second server on the same directory is refused ([`StoreError::Locked`]) instead of
+    /// writing the same database and checkpoints.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
+        let lock = lock_dir(dir)?;
         let path = dir.join("state.db");
         let fail = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -130,6 +141,7 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
             path,
+            _lock: lock,
         })
     }
 
@@ -363,4 +375,45 @@ impl Store {
             .map_err(|e| self.err(e));
         rows
     }
+}
+
+/// Takes the exclusive lock on `<dir>/lock` (an OS file lock: released by the kernel when the
+/// process ends, however it ends) and writes this process's id into it, so that the message
+/// a second server gets names the first.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("lock");
+    let io = |source| StoreError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(StoreError::Locked {
+                path: dir.to_path_buf(),
+                holder: if pid.is_empty() {
+                    "its pid unknown".into()
+                } else {
+                    format!("pid {pid}")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    file.flush().map_err(io)?;
+    Ok(file)
 }
