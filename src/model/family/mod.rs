@@ -77,8 +77,8 @@ pub trait Arch: Sync {
         fused_qkv(part)
     }
 
-    /// Its Hugging Face `model_type` (none: no Hugging Face directory is read or written, and
-    /// such a model is not fine-tuned, whose result is one).
+    /// Its Hugging Face `model_type` (none: no Hugging Face directory of it is read or
+    /// written, so it is not fine-tuned either: a fine-tune's result is one).
     fn hf_model_type(&self) -> Option<&'static str> {
         None
     }
