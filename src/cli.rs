@@ -231,6 +231,16 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 }
 
+/// `--arch`'s help: the families that train from scratch, and the default.
+fn arch_help() -> String {
+    use crate::model::family;
+    format!(
+        "With --from-scratch and --config tiny|small: {} (default {})",
+        family::fresh_names().join(" | "),
+        family::DEFAULT.name()
+    )
+}
+
 fn parse_positive_secs(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if !(v > 0.0 && v <= 86_400.0) {
@@ -443,9 +453,8 @@ pub struct TrainArgs {
     /// With --from-scratch: tiny | small | a config.json file.
     #[arg(long, env = "TOKENSCOPE_CONFIG")]
     pub config: Option<String>,
-    /// With --from-scratch and --config tiny|small: llama | mistral | qwen2 | phi3 | gemma2 |
-    /// gpt2 (default llama).
-    #[arg(long, env = "TOKENSCOPE_ARCH")]
+    // The families are the registry's (`model::family::ARCHS`).
+    #[arg(long, env = "TOKENSCOPE_ARCH", help = arch_help())]
     pub arch: Option<String>,
     /// Stop with a checkpoint after N steps of this run (as Ctrl-C would); resume later.
     #[arg(long, env = "TOKENSCOPE_STOP_AFTER")]

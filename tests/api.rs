@@ -1072,7 +1072,7 @@ async fn non_finite_logits_are_a_generation_failure() {
     use candle_core::{DType, Device, IndexOp, Tensor};
     let dir = tempfile::tempdir().unwrap();
     let cfg = tokenscope::model::Config::tiny(49152);
-    let mut tensors = tokenscope::model::llama::random_weights(&cfg, 12, &Device::Cpu).unwrap();
+    let mut tensors = tokenscope::model::init::random_weights(&cfg, 12, &Device::Cpu).unwrap();
     // One NaN in the (tied) embedding row of a token the prompt does not use: the hidden states
     // stay finite, that token's logit is NaN.
     let embed = &tensors["model.embed_tokens.weight"];

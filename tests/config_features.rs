@@ -219,7 +219,7 @@ fn write_gguf(
 fn gguf_rope_freqs_give_the_same_model_as_llama3_scaling() {
     let ids = prompt_ids();
     let cfg = tiny_config();
-    let tensors = model::llama::random_weights(&cfg, 32, &Device::Cpu).unwrap();
+    let tensors = model::init::random_weights(&cfg, 32, &Device::Cpu).unwrap();
     // The reference: the HF directory with rope_scaling, checked against candle-transformers
     // by the test above.
     let dir = tempfile::tempdir().unwrap();
@@ -268,7 +268,7 @@ fn gguf_rope_freqs_give_the_same_model_as_llama3_scaling() {
 #[test]
 fn unknown_gguf_tensors_and_rope_types_are_refused_by_name() {
     let cfg = tiny_config();
-    let tensors = model::llama::random_weights(&cfg, 33, &Device::Cpu).unwrap();
+    let tensors = model::init::random_weights(&cfg, 33, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bias = Tensor::zeros(cfg.hidden_size, DType::F32, &Device::Cpu).unwrap();
     let path = dir.path().join("biased.gguf");
@@ -369,7 +369,7 @@ fn unimplemented_config_features_are_load_errors_naming_them() {
 fn final_norm_and_head_run_in_f32_for_half_precision_weights() {
     let mut cfg = tiny_config();
     cfg.tie_word_embeddings = false;
-    let mut tensors = model::llama::random_weights(&cfg, 36, &Device::Cpu).unwrap();
+    let mut tensors = model::init::random_weights(&cfg, 36, &Device::Cpu).unwrap();
     // Logits of realistic size (the random head alone gives ~0.2).
     let head = (tensors["lm_head.weight"].clone() * 400.0).unwrap();
     tensors.insert("lm_head.weight".into(), head);

@@ -115,7 +115,7 @@ fn hf_directory_matches_candle_qwen2() {
     cfg.tie_word_embeddings = false;
     cfg.rope_theta = 1_000_000.0;
     cfg.rms_norm_eps = 1e-6;
-    let tensors = tokenscope::model::llama::random_weights(&cfg, 41, &Device::Cpu).unwrap();
+    let tensors = tokenscope::model::init::random_weights(&cfg, 41, &Device::Cpu).unwrap();
     assert!(tensors.contains_key("model.layers.0.self_attn.k_proj.bias"));
     let dir = tempfile::tempdir().unwrap();
     candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();

@@ -55,7 +55,7 @@ fn tiny_options(data: &Path, output: &Path) -> TrainOptions {
 fn every_parameter_receives_a_gradient() {
     let mut cfg = Config::tiny(512);
     cfg.tie_word_embeddings = false;
-    let tensors = model::llama::random_weights(&cfg, 1, &Device::Cpu).unwrap();
+    let tensors = model::init::random_weights(&cfg, 1, &Device::Cpu).unwrap();
     let n_params = tensors.len();
     let (lm, named) = train::trainable(&cfg, tensors, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(named.len(), n_params);

@@ -1,8 +1,11 @@
 //! The decoder's configuration: shapes, rope (with its scaling), special ids, and the family
-//! switches. Its serde form is a Hugging Face llama `config.json`; the other families' loaders
+//! switches (data the shared decoder reads; each family's file in [`super::family`] decides
+//! them). Its serde form is a Hugging Face llama `config.json`; the other families' files
 //! translate their own config.json or GGUF metadata into it.
 
 use serde::{Deserialize, Serialize};
+
+use super::family::ArchRef;
 
 /// Shapes and settings of a decoder (serialized as a llama `config.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,11 +66,13 @@ pub struct Unimplemented {
     pub quantization_config: Option<serde_json::Value>,
 }
 
-/// The decoder families, and the switches their layers differ by (llama.cpp keys the same
-/// switches on its `arch`). The default is llama: every switch off.
+/// The switches a family's layers differ by (llama.cpp keys the same switches on its `arch`),
+/// set by the family's constructor in its file ([`super::family`]). The default is
+/// [`super::family::DEFAULT`]'s: every switch off.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Family {
-    pub arch: Arch,
+    /// Which family these switches are of (its file in [`super::family`] decided them).
+    pub arch: ArchRef,
     /// Biases on the q/k/v projections (Qwen2).
     pub qkv_bias: bool,
     /// RMS norm of each head's query and key before the rotary embedding (Gemma 3).
@@ -103,7 +108,7 @@ pub struct Family {
 impl Default for Family {
     fn default() -> Self {
         Self {
-            arch: Arch::Llama,
+            arch: super::family::DEFAULT,
             qkv_bias: false,
             qk_norm: false,
             sandwich_norms: false,
@@ -128,6 +133,17 @@ pub struct Sliding {
     pub local_rope_theta: f64,
 }
 
+impl Sliding {
+    /// A window on every layer (no global layer), with the global rope base.
+    pub fn every_layer(window: usize, rope_theta: f64) -> Self {
+        Self {
+            window,
+            global_every: 0,
+            local_rope_theta: rope_theta,
+        }
+    }
+}
+
 /// The MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Activation {
@@ -137,110 +153,11 @@ pub enum Activation {
     GeluTanh,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Arch {
-    #[default]
-    Llama,
-    Mistral,
-    Qwen2,
-    Phi3,
-    Gemma2,
-    Gemma3,
-    Gpt2,
-}
-
-impl Arch {
-    /// The name used by GGUF's `general.architecture` and HF's `model_type`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Llama => "llama",
-            Self::Mistral => "mistral",
-            Self::Qwen2 => "qwen2",
-            Self::Phi3 => "phi3",
-            Self::Gemma2 => "gemma2",
-            Self::Gemma3 => "gemma3",
-            Self::Gpt2 => "gpt2",
-        }
-    }
-}
-
 impl Family {
-    pub fn llama() -> Self {
-        Self::default()
-    }
-    pub fn qwen2() -> Self {
-        Self {
-            arch: Arch::Qwen2,
-            qkv_bias: true,
-            ..Self::default()
-        }
-    }
-    /// Llama's layers with a sliding window on every layer (`None`: a Mistral without one,
-    /// as v0.2 and later are).
-    pub fn mistral(window: Option<usize>, rope_theta: f64) -> Self {
-        Self {
-            arch: Arch::Mistral,
-            sliding: window.map(|window| Sliding {
-                window,
-                global_every: 0,
-                local_rope_theta: rope_theta,
-            }),
-            ..Self::default()
-        }
-    }
-    /// Llama's layers, stored as fused q/k/v and gate/up tensors (split on load), with HF's
-    /// sliding window on every layer when the config sets one.
-    pub fn phi3(window: Option<usize>, rope_theta: f64) -> Self {
-        Self {
-            arch: Arch::Phi3,
-            ..Self::mistral(window, rope_theta)
-        }
-    }
-    pub fn gemma2(sliding: Sliding, attn_scalar: f64, attn_cap: f64, final_cap: f64) -> Self {
-        Self {
-            arch: Arch::Gemma2,
-            sandwich_norms: true,
-            activation: Activation::GeluTanh,
-            embed_scale: true,
-            sliding: Some(sliding),
-            attn_scalar: Some(attn_scalar),
-            attn_softcap: Some(attn_cap).filter(|c| *c > 0.0),
-            final_softcap: Some(final_cap).filter(|c| *c > 0.0),
-            ..Self::default()
-        }
-    }
-    pub fn gpt2() -> Self {
-        Self {
-            arch: Arch::Gpt2,
-            qkv_bias: true,
-            activation: Activation::GeluTanh,
-            layer_norm: true,
-            learned_positions: true,
-            dense_bias: true,
-            gated_mlp: false,
-            ..Self::default()
-        }
-    }
-    pub fn gemma3(sliding: Sliding, attn_scalar: f64) -> Self {
-        Self {
-            arch: Arch::Gemma3,
-            qk_norm: true,
-            sandwich_norms: true,
-            activation: Activation::GeluTanh,
-            embed_scale: true,
-            sliding: Some(sliding),
-            attn_scalar: Some(attn_scalar),
-            ..Self::default()
-        }
-    }
     /// Whether layer `i` attends to a sliding window (else to every earlier position).
     pub fn is_local(&self, layer: usize) -> bool {
         self.sliding
             .is_some_and(|s| !(layer + 1).is_multiple_of(s.global_every))
-    }
-    /// Plain llama layers.
-    pub fn is_plain_llama(&self) -> bool {
-        *self == Self::llama()
     }
     /// Whether the fused CPU path implements these layers (everything but soft-capping and
     /// GPT-2's LayerNorm, positions, biases and ungated MLP: those run on candle's ops).
@@ -398,7 +315,7 @@ impl Config {
             rope_scaling: None,
             rope_freq_factors: None,
             unimplemented: Unimplemented::default(),
-            family: Family::llama(),
+            family: Family::default(),
         }
     }
 
@@ -412,33 +329,13 @@ impl Config {
     }
 
     /// The same size in another family, with that family's usual settings.
-    fn with_arch(mut self, arch: &str) -> std::result::Result<Self, String> {
-        let window = Sliding {
-            window: 4096,
-            global_every: 2,
-            local_rope_theta: self.rope_theta,
-        };
-        self.family = match arch {
-            "llama" => Family::llama(),
-            "mistral" => Family::mistral(None, self.rope_theta),
-            "qwen2" => Family::qwen2(),
-            "phi3" => Family::phi3(None, self.rope_theta),
-            "gemma2" => Family::gemma2(window, self.head_dim() as f64, 50.0, 30.0),
-            "gpt2" => {
-                self.num_key_value_heads = None;
-                self.intermediate_size = 4 * self.hidden_size;
-                Family::gpt2()
-            }
-            other => {
-                return Err(format!(
-                    "--arch {other}: expected llama, mistral, qwen2, phi3, gemma2 or gpt2"
-                ))
-            }
-        };
-        if self.family.arch == Arch::Gemma2 {
-            self.tie_word_embeddings = true;
-        }
-        Ok(self)
+    fn with_arch(self, arch: &str) -> std::result::Result<Self, String> {
+        super::family::by_name(arch)
+            .and_then(|a| a.fresh_config(self))
+            .ok_or_else(|| {
+                let names = super::family::fresh_names();
+                format!("--arch {arch}: expected {}", super::family::or_list(&names))
+            })
     }
 
     /// A SmolLM-shaped model of ~30M parameters (`--config small`).

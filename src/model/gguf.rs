@@ -1,6 +1,7 @@
-//! Reading GGUF files of every supported architecture ([`SUPPORTED_GGUF_ARCHITECTURES`]) into
-//! a [`Config`] (the family's switches from `general.architecture` and its metadata) and
-//! HF-named tensors: llama's q/k rows un-permuted, fused q/k/v and gate/up tensors split, and
+//! Reading GGUF files of every supported architecture (the families of [`super::family`]
+//! that name a `general.architecture`) into a [`Config`] (shapes from the shared metadata
+//! keys, the switches from the family's file) and HF-named tensors: q/k rows un-permuted
+//! where the family's converter permuted them, fused tensors split as the family says, and
 //! matrices either dequantized, kept as [`QMatMul`]s, or kept packed in the file's own blocks.
 
 use std::collections::HashMap;
@@ -12,8 +13,9 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{Arch, Config, EosTokenId, Family, Sliding};
+use super::config::{Config, EosTokenId, Family};
 use super::error::{ModelError, Result};
+use super::family::{ArchRef, Rows};
 use super::packed::PackedMatrix;
 use super::quant::Format;
 
@@ -21,16 +23,6 @@ use super::quant::Format;
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
 pub use super::layers::PackedWeights;
-
-/// `llama` also covers Mistral, TinyLlama and Llama 2/3: llama.cpp writes them all as llama.
-pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] =
-    &["llama", "qwen2", "phi3", "gemma2", "gemma3", "gpt2"];
-
-/// Whether llama.cpp's converter permuted this family's q/k rows (for its interleaved rope):
-/// only llama's (`LlamaModel.permute`); the others are written as they are.
-fn qk_permuted(family: &Family) -> bool {
-    family.arch == Arch::Llama
-}
 
 /// An opened GGUF file: its metadata and a reader positioned anywhere.
 pub struct GgufFile {
@@ -65,30 +57,36 @@ impl GgufFile {
         &self.content.metadata
     }
 
+    /// `general.architecture`, when a family reads it.
     pub fn architecture(&self) -> Result<String> {
-        let arch = self
+        Ok(self.arch()?.0)
+    }
+
+    /// `general.architecture` and the family that reads it.
+    fn arch(&self) -> Result<(String, ArchRef)> {
+        let name = self
             .metadata()
             .get("general.architecture")
             .and_then(|v| v.to_string().ok())
             .cloned()
             .ok_or_else(|| self.corrupt("general.architecture is missing".into()))?;
-        if !SUPPORTED_GGUF_ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(ModelError::UnsupportedArchitecture {
-                found: arch,
-                supported: SUPPORTED_GGUF_ARCHITECTURES.join(", "),
-            });
+        match super::family::by_gguf_architecture(&name) {
+            Some(arch) => Ok((name, arch)),
+            None => Err(ModelError::UnsupportedArchitecture {
+                found: name,
+                supported: super::family::gguf_architectures().join(", "),
+            }),
         }
-        Ok(arch)
     }
 
-    fn corrupt(&self, reason: String) -> ModelError {
+    pub(crate) fn corrupt(&self, reason: String) -> ModelError {
         ModelError::Corrupt {
             path: self.path.clone(),
             reason,
         }
     }
 
-    fn md_u32(&self, key: &str) -> Result<Option<u32>> {
+    pub(crate) fn md_u32(&self, key: &str) -> Result<Option<u32>> {
         match self.metadata().get(key) {
             None => Ok(None),
             Some(v) => v
@@ -100,7 +98,7 @@ impl GgufFile {
         }
     }
 
-    fn md_f32(&self, key: &str) -> Result<Option<f32>> {
+    pub(crate) fn md_f32(&self, key: &str) -> Result<Option<f32>> {
         match self.metadata().get(key) {
             None => Ok(None),
             Some(v) => v
@@ -119,7 +117,7 @@ impl GgufFile {
 
     /// The HF-style config implied by the `{arch}.*` metadata, with the family's switches.
     pub fn config(&self) -> Result<Config> {
-        let arch = self.architecture()?;
+        let (arch, family) = self.arch()?;
         let k = |s: &str| format!("{arch}.{s}");
         let vocab_size = match self.md_u32(&k("vocab_size"))? {
             Some(v) => v as usize,
@@ -163,7 +161,7 @@ impl GgufFile {
             rope_scaling: self.rope_scaling(&arch)?,
             rope_freq_factors: None,
             unimplemented: Default::default(),
-            family: Family::llama(),
+            family: Family::default(),
         };
         let mut cfg = cfg;
         if let Some(v) = self.md_u32(&k("attention.value_length"))? {
@@ -174,7 +172,7 @@ impl GgufFile {
                 )));
             }
         }
-        if arch != "gemma2" {
+        if !family.gguf_softcaps() {
             for unsupported in ["attn_logit_softcapping", "final_logit_softcapping"] {
                 if self.metadata().contains_key(&k(unsupported)) {
                     return Err(ModelError::Config(format!(
@@ -183,14 +181,7 @@ impl GgufFile {
                 }
             }
         }
-        cfg.family = match arch.as_str() {
-            "qwen2" => Family::qwen2(),
-            "phi3" => self.phi3_family(&cfg)?,
-            "gemma2" => self.gemma2_family(&cfg)?,
-            "gemma3" => self.gemma3_family(&cfg)?,
-            "gpt2" => Family::gpt2(),
-            _ => Family::llama(),
-        };
+        cfg.family = family.family_from_gguf(self, &cfg)?;
         if let Some(dims) = self.md_u32(&k("rope.dimension_count"))? {
             if dims as usize != cfg.head_dim() {
                 return Err(ModelError::Config(format!(
@@ -206,88 +197,6 @@ impl GgufFile {
         self.check_tensor_names(&cfg.family)?;
         cfg.validate().map_err(ModelError::Config)?;
         Ok(cfg)
-    }
-
-    /// Gemma 3's switches. (Its norm weights need nothing: llama.cpp's converter stores
-    /// Gemma's `1 + w` in the file, so they multiply as they are.) llama.cpp's defaults where
-    /// the file is silent: every 6th layer global, local rope base 10 000
-    /// (`rope.freq_base_swa`), scores scaled by 1/√head_dim except on the 62-layer 27B model,
-    /// whose `query_pre_attn_scalar` is hidden / heads.
-    fn gemma3_family(&self, cfg: &Config) -> Result<Family> {
-        let window = self
-            .md_u32("gemma3.attention.sliding_window")?
-            .ok_or_else(|| self.corrupt("gemma3.attention.sliding_window is missing".into()))?;
-        let every = self
-            .md_u32("gemma3.attention.sliding_window_pattern")?
-            .unwrap_or(6);
-        let local_theta = self
-            .md_f32("gemma3.rope.freq_base_swa")?
-            .unwrap_or(10_000.0);
-        let scalar = if cfg.num_hidden_layers == 62 {
-            (cfg.hidden_size / cfg.num_attention_heads) as f64
-        } else {
-            cfg.head_dim() as f64
-        };
-        Ok(Family::gemma3(
-            Sliding {
-                window: window as usize,
-                global_every: every as usize,
-                local_rope_theta: shortest_f64(local_theta),
-            },
-            scalar,
-        ))
-    }
-
-    /// Gemma 2's switches, with llama.cpp's defaults where the file is silent (window 4096,
-    /// every 2nd layer global, caps 50 and 30, scores scaled by 1/√head_dim except on the
-    /// 46-layer 27B model: hidden / heads). Norm weights are stored as `1 + w`, as for Gemma 3.
-    fn gemma2_family(&self, cfg: &Config) -> Result<Family> {
-        let window = self
-            .md_u32("gemma2.attention.sliding_window")?
-            .unwrap_or(4096);
-        let every = self
-            .md_u32("gemma2.attention.sliding_window_pattern")?
-            .unwrap_or(2);
-        let local_theta = match self.md_f32("gemma2.rope.freq_base_swa")? {
-            Some(t) => shortest_f64(t),
-            None => cfg.rope_theta,
-        };
-        let scalar = if cfg.num_hidden_layers == 46 {
-            (cfg.hidden_size / cfg.num_attention_heads) as f64
-        } else {
-            cfg.head_dim() as f64
-        };
-        let cap = |key: &str, default: f32| -> Result<f64> {
-            Ok(shortest_f64(self.md_f32(key)?.unwrap_or(default)))
-        };
-        Ok(Family::gemma2(
-            Sliding {
-                window: window as usize,
-                global_every: every as usize,
-                local_rope_theta: local_theta,
-            },
-            scalar,
-            cap("gemma2.attn_logit_softcapping", 50.0)?,
-            cap("gemma2.final_logit_softcapping", 30.0)?,
-        ))
-    }
-
-    /// Phi-3 with its default rope. Its long-context variants carry per-frequency factors
-    /// (`rope_factors_long`/`_short`, from `longrope`/`su` scaling), which are refused.
-    fn phi3_family(&self, cfg: &Config) -> Result<Family> {
-        let infos = &self.content.tensor_infos;
-        if let Some(name) = infos.keys().find(|n| n.starts_with("rope_factors_")) {
-            return Err(ModelError::Config(format!(
-                "this Phi-3 uses long-context rope scaling (`{name}`: rope_scaling type \
-                 longrope/su), which is not supported; only the default rope is"
-            )));
-        }
-        // HF applies the window (llama.cpp currently does not: its loader warns and turns
-        // Phi-3's window off); the two agree on prompts shorter than it.
-        let window = self
-            .md_u32("phi3.attention.sliding_window")?
-            .filter(|w| *w > 0);
-        Ok(Family::phi3(window.map(|w| w as usize), cfg.rope_theta))
     }
 
     /// `{arch}.rope.scaling.*` as a config.json `rope_scaling`: none and linear are supported
@@ -489,7 +398,7 @@ impl GgufFile {
                 // rope_freqs is in the config (checked by config(): no other name gets here).
                 continue;
             };
-            let permuted = qk_permuted(&cfg.family);
+            let permuted = cfg.family.arch.gguf_qk_permuted();
             let heads = if permuted && name.ends_with("attn_q.weight") {
                 Some(cfg.num_attention_heads)
             } else if permuted && name.ends_with("attn_k.weight") {
@@ -584,8 +493,8 @@ pub fn hf_name(gguf: &str, family: &Family) -> Option<String> {
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
         "ffn_gate" if family.gated_mlp => "mlp.gate_proj",
-        // Phi-3's up is gate and up in one (see `split_of`).
-        "ffn_up" if family.arch == Arch::Phi3 => return None,
+        // A fused tensor is read by `split_of`.
+        _ if family.arch.gguf_fused(part).is_some() => return None,
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
@@ -599,53 +508,37 @@ pub fn hf_name(gguf: &str, family: &Family) -> Option<String> {
 pub struct SplitPart {
     /// Its HF name.
     pub name: String,
-    kind: PartKind,
-}
-
-enum PartKind {
-    Q,
-    Kv,
-    Intermediate,
+    rows: Rows,
 }
 
 impl SplitPart {
     pub fn rows(&self, cfg: &Config) -> usize {
-        match self.kind {
-            PartKind::Q => cfg.num_attention_heads * cfg.head_dim(),
-            PartKind::Kv => cfg.n_kv_heads() * cfg.head_dim(),
-            PartKind::Intermediate => cfg.intermediate_size,
-        }
+        self.rows.of(cfg)
     }
 }
 
-/// The projections a fused GGUF tensor holds, in row order: `attn_qkv` (GPT-2, Phi-3) is
-/// q, k, v; Phi-3's `ffn_up` is gate then up (llama.cpp's SWIGLU takes the first half as the
-/// gate, as HF's `gate_up_proj.chunk(2)` does).
+/// The projections a fused GGUF tensor holds, in row order ([`super::family::Arch::gguf_fused`]);
+/// a bias only where the family has q/k/v biases, on its fused q/k/v.
 pub fn split_of(gguf: &str, family: &Family) -> Option<Vec<SplitPart>> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, suffix) = rest.rsplit_once('.')?;
-    let p = |name: &str, kind| SplitPart {
-        name: format!("model.layers.{layer}.{name}.{suffix}"),
-        kind,
-    };
-    match (part, suffix) {
-        ("attn_qkv", "weight") => {}
-        ("attn_qkv", "bias") if family.qkv_bias => {}
-        ("ffn_up", "weight") if family.arch == Arch::Phi3 => {
-            return Some(vec![
-                p("mlp.gate_proj", PartKind::Intermediate),
-                p("mlp.up_proj", PartKind::Intermediate),
-            ])
-        }
+    let parts = family.arch.gguf_fused(part)?;
+    match suffix {
+        "weight" => {}
+        "bias" if part == "attn_qkv" && family.qkv_bias => {}
         _ => return None,
     }
-    Some(vec![
-        p("self_attn.q_proj", PartKind::Q),
-        p("self_attn.k_proj", PartKind::Kv),
-        p("self_attn.v_proj", PartKind::Kv),
-    ])
+    Some(
+        parts
+            .iter()
+            .map(|&(name, rows)| SplitPart {
+                name: format!("model.layers.{layer}.{name}.{suffix}"),
+                rows,
+            })
+            .collect(),
+    )
 }
 
 /// Undoes llama.cpp's converter permutation of q/k rows (done there for interleaved rope):
@@ -659,6 +552,6 @@ pub fn unpermute(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
 }
 
 /// The f64 that prints like the f32 (1e-5, not 9.999999747378752e-6) for a clean config.json.
-fn shortest_f64(x: f32) -> f64 {
+pub(crate) fn shortest_f64(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(x as f64)
 }

@@ -6,10 +6,9 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
-use super::config::{Arch, Config};
+use super::config::Config;
 use super::error::{ModelError, Result};
-
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "phi3", "gemma2", "gpt2"];
+use super::family;
 
 /// The parts of a model directory, checked to exist.
 pub struct HfDir {
@@ -37,24 +36,18 @@ pub fn inspect(dir: &Path) -> Result<HfDir> {
         .get("model_type")
         .and_then(|v| v.as_str())
         .unwrap_or("<missing model_type>");
-    if !SUPPORTED_MODEL_TYPES.contains(&model_type) {
+    let Some(arch) = family::by_model_type(model_type) else {
         return Err(ModelError::UnsupportedArchitecture {
             found: model_type.to_string(),
-            supported: SUPPORTED_MODEL_TYPES.join(", "),
+            supported: family::hf_model_types().join(", "),
         });
-    }
-    let config = match model_type {
-        "qwen2" => super::qwen2::config_from_hf(json),
-        "mistral" => super::mistral::config_from_hf(json),
-        "phi3" => super::phi3::config_from_hf(json),
-        "gemma2" => super::gemma2::config_from_hf(json),
-        "gpt2" => super::gpt2::config_from_hf(json),
-        _ => serde_json::from_value::<Config>(json).map_err(|e| e.to_string()),
-    }
-    .map_err(|reason| ModelError::Corrupt {
-        path: config_path.clone(),
-        reason,
-    })?;
+    };
+    let config = arch
+        .config_from_hf(json)
+        .map_err(|reason| ModelError::Corrupt {
+            path: config_path.clone(),
+            reason,
+        })?;
     config
         .validate()
         .map_err(|e| ModelError::Config(format!("{}: {e}", config_path.display())))?;
@@ -112,7 +105,7 @@ pub fn inspect(dir: &Path) -> Result<HfDir> {
 /// Whether the family's HF tensors differ from the decoder's names and layouts (then they are
 /// read into memory and converted by [`to_decoder`], rather than memory-mapped as they are).
 pub fn needs_conversion(config: &Config) -> bool {
-    matches!(config.family.arch, Arch::Phi3 | Arch::Gemma2 | Arch::Gpt2)
+    config.family.arch.hf_converts()
 }
 
 /// A family's HF tensors → the decoder's names and layouts.
@@ -120,12 +113,7 @@ pub fn to_decoder(
     config: &Config,
     tensors: HashMap<String, Tensor>,
 ) -> candle_core::Result<HashMap<String, Tensor>> {
-    match config.family.arch {
-        Arch::Phi3 => super::phi3::split_fused(config, tensors),
-        Arch::Gemma2 => super::gemma2::shift_norms(tensors, false),
-        Arch::Gpt2 => super::gpt2::to_decoder(config, tensors),
-        _ => Ok(tensors),
-    }
+    config.family.arch.hf_to_decoder(config, tensors)
 }
 
 /// The decoder's tensors → the family's HF names and layouts (the inverse of [`to_decoder`]).
@@ -133,77 +121,16 @@ pub fn from_decoder(
     config: &Config,
     tensors: HashMap<String, Tensor>,
 ) -> candle_core::Result<HashMap<String, Tensor>> {
-    match config.family.arch {
-        Arch::Phi3 => super::phi3::join_fused(config, tensors),
-        Arch::Gemma2 => super::gemma2::shift_norms(tensors, true),
-        Arch::Gpt2 => super::gpt2::from_decoder(config, tensors),
-        _ => Ok(tensors),
-    }
+    config.family.arch.decoder_to_hf(config, tensors)
 }
 
 /// The config.json of a decoder config, in its family's HF form.
 fn hf_config(config: &Config, dtype: candle_core::DType) -> Result<serde_json::Value> {
-    let f = &config.family;
-    if f.arch == Arch::Gpt2 {
-        let mut json = super::gpt2::to_hf_config(config);
-        json["torch_dtype"] = torch_dtype(dtype).into();
-        return Ok(json);
-    }
-    let mut json = serde_json::to_value(config).map_err(|e| ModelError::Config(e.to_string()))?;
-    let obj = json
-        .as_object_mut()
-        .ok_or_else(|| ModelError::Config("config is not an object".into()))?;
-    let arch = f.arch.name();
-    let class = match f.arch {
-        Arch::Llama => "LlamaForCausalLM",
-        Arch::Mistral => "MistralForCausalLM",
-        Arch::Qwen2 => "Qwen2ForCausalLM",
-        Arch::Phi3 => "Phi3ForCausalLM",
-        Arch::Gemma2 => "Gemma2ForCausalLM",
-        Arch::Gemma3 | Arch::Gpt2 => {
-            return Err(ModelError::Config(format!(
-                "writing a {arch} model as a Hugging Face directory is not supported"
-            )))
-        }
-    };
-    obj.insert("model_type".into(), arch.into());
-    obj.insert("architectures".into(), serde_json::json!([class]));
-    obj.insert("torch_dtype".into(), torch_dtype(dtype).into());
-    let act = match f.activation {
-        super::config::Activation::Silu => "silu",
-        super::config::Activation::GeluTanh => "gelu_pytorch_tanh",
-    };
-    obj.insert("hidden_act".into(), act.into());
-    obj.insert("attention_bias".into(), f.qkv_bias.into());
-    obj.insert("mlp_bias".into(), false.into());
-    obj.insert("initializer_range".into(), 0.02.into());
-    obj.insert("use_cache".into(), true.into());
-    if matches!(f.arch, Arch::Mistral | Arch::Phi3) {
-        let window = f.sliding.map(|s| s.window);
-        obj.insert("sliding_window".into(), serde_json::json!(window));
-    }
-    if f.arch == Arch::Qwen2 {
-        obj.remove("attention_bias");
-    }
-    if f.arch == Arch::Gemma2 {
-        let s = f.sliding.map(|s| s.window).unwrap_or(4096);
-        obj.insert("hidden_activation".into(), act.into());
-        obj.insert("sliding_window".into(), s.into());
-        obj.insert(
-            "query_pre_attn_scalar".into(),
-            serde_json::json!(f.attn_scalar),
-        );
-        obj.insert(
-            "attn_logit_softcapping".into(),
-            serde_json::json!(f.attn_softcap),
-        );
-        obj.insert(
-            "final_logit_softcapping".into(),
-            serde_json::json!(f.final_softcap),
-        );
-    }
-    obj.retain(|_, v| !v.is_null());
-    Ok(json)
+    config
+        .family
+        .arch
+        .hf_config(config, torch_dtype(dtype))
+        .map_err(ModelError::Config)
 }
 
 /// Refuses checkpoints with tensors the llama implementation would not use (a bias, an extra

@@ -1,26 +1,22 @@
 //! Everything candle: where a model comes from, how its weights and tokenizer are read, the
 //! decoder every family runs on, its layers, kernels and KV cache, and one file per family
-//! for what is specific to it.
+//! for what is specific to it (`family/`).
 
 pub mod chat_template;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod family;
 mod fused;
-pub mod gemma2;
 pub mod gguf;
 pub mod gguf_header;
-pub mod gpt2;
 pub mod hf_dir;
+pub mod init;
 pub mod kv_cache;
 mod layers;
-pub mod llama;
-pub mod mistral;
 pub mod packed;
-pub mod phi3;
 pub mod probe;
 pub mod quant;
-pub mod qwen2;
 pub mod simd;
 pub mod source;
 pub mod tokenizer;
@@ -32,9 +28,10 @@ use std::str::FromStr;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-pub use config::{Arch, Config, EosTokenId, Family};
+pub use config::{Config, EosTokenId, Family};
 pub use decoder::Decoder;
 pub use error::{ModelError, Result};
+pub use family::{Arch, ArchRef};
 pub use kv_cache::{Cache, Prefilled};
 pub use source::ModelSource;
 pub use tokenizer::TextTokenizer;

@@ -211,7 +211,8 @@ fn starting_point(
     };
     // Checked before any weight is read (a refusal should not first load gigabytes).
     let refuse_untrainable = |cfg: &Config| {
-        if o.from_scratch || cfg.family.arch != model::Arch::Gemma3 {
+        // The result of a fine-tune is a Hugging Face directory of the same family.
+        if o.from_scratch || cfg.family.arch.hf_model_type().is_some() {
             return Ok(());
         }
         Err(TrainError::Config(format!(
@@ -260,7 +261,7 @@ fn starting_point(
     };
     if o.from_scratch {
         let vocab = tokenizer.vocab_size();
-        let arch = o.arch.as_deref().unwrap_or("llama");
+        let arch = o.arch.as_deref().unwrap_or(model::family::DEFAULT.name());
         let mut fresh = match o.config.as_deref().unwrap_or("tiny") {
             "tiny" => Config::tiny_of(arch, vocab).map_err(TrainError::Config)?,
             "small" => Config::small_of(arch, vocab).map_err(TrainError::Config)?,
@@ -281,7 +282,7 @@ fn starting_point(
         fresh.bos_token_id = cfg.bos_token_id;
         fresh.eos_token_id = cfg.eos_token_id.clone();
         cfg = fresh;
-        tensors = model::llama::random_weights(&cfg, o.seed, device)?;
+        tensors = model::init::random_weights(&cfg, o.seed, device)?;
     }
     if cfg.tie_word_embeddings {
         tensors.remove("lm_head.weight");

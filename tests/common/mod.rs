@@ -44,7 +44,7 @@ pub fn write_llama(
     use tokenscope::model::{hf_dir, Decoder};
 
     let cfg = cfg.clone();
-    let tensors = tokenscope::model::llama::random_weights(&cfg, seed, &Device::Cpu).unwrap();
+    let tensors = tokenscope::model::init::random_weights(&cfg, seed, &Device::Cpu).unwrap();
     let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
     let model = Decoder::load(vb, &cfg).unwrap();
     hf_dir::save(dir, &cfg, &tensors, &smollm().tokenizer, DType::F32).unwrap();

@@ -1,8 +1,5 @@
-//! The llama family (Llama 2/3, SmolLM, TinyLlama, ...): plain
-//! [`Decoder`](super::decoder::Decoder) layers, every switch of
-//! [`Family`](super::config::Family) off, so its layers need nothing here. What this file
-//! holds is [`random_weights`], the fresh initialisation training from scratch starts from:
-//! HF's llama scheme, used for every family (names and shapes from [`parameter_shapes`]).
+//! The fresh initialisation training from scratch starts from, for every family: HF's llama
+//! scheme over the names and shapes of [`parameter_shapes`].
 
 use candle_core::{Device, Tensor};
 

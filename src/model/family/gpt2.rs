@@ -7,65 +7,151 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
-use super::config::{Config, Family, Unimplemented};
+use super::{Arch, ArchRef};
+use crate::model::config::{Activation, Config, Family, Unimplemented};
+use crate::model::error::Result;
+use crate::model::gguf::GgufFile;
 
-/// A `model_type: gpt2` config.json as a decoder [`Config`].
-pub fn config_from_hf(json: serde_json::Value) -> Result<Config, String> {
-    let get = |key: &str| json.get(key).filter(|v| !v.is_null());
-    let int = |key: &str| {
-        get(key)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .ok_or(format!("GPT-2 config.json needs `{key}`"))
-    };
-    let flag = |key: &str| get(key).and_then(|v| v.as_bool()) == Some(true);
-    match get("activation_function").and_then(|v| v.as_str()) {
-        None | Some("gelu_new" | "gelu_pytorch_tanh") => {}
-        Some(other) => {
-            return Err(format!(
-                "GPT-2 activation_function `{other}` is not supported (gelu_new only)"
-            ))
+pub struct Gpt2;
+
+impl Family {
+    pub fn gpt2() -> Self {
+        Self {
+            arch: ArchRef(&Gpt2),
+            qkv_bias: true,
+            activation: Activation::GeluTanh,
+            layer_norm: true,
+            learned_positions: true,
+            dense_bias: true,
+            gated_mlp: false,
+            ..Self::default()
         }
     }
-    for unsupported in ["scale_attn_by_inverse_layer_idx", "add_cross_attention"] {
-        if flag(unsupported) {
-            return Err(format!("GPT-2 {unsupported} = true is not supported"));
+}
+
+impl Arch for Gpt2 {
+    fn name(&self) -> &'static str {
+        "gpt2"
+    }
+
+    fn gguf_architectures(&self) -> &'static [&'static str] {
+        &["gpt2"]
+    }
+    /// Its fused `attn_qkv` is split by [`Arch::gguf_fused`]'s default.
+    fn family_from_gguf(&self, _file: &GgufFile, _cfg: &Config) -> Result<Family> {
+        Ok(Family::gpt2())
+    }
+
+    fn hf_model_type(&self) -> Option<&'static str> {
+        Some("gpt2")
+    }
+    fn config_from_hf(&self, json: serde_json::Value) -> std::result::Result<Config, String> {
+        let get = |key: &str| json.get(key).filter(|v| !v.is_null());
+        let int = |key: &str| {
+            get(key)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or(format!("GPT-2 config.json needs `{key}`"))
+        };
+        let flag = |key: &str| get(key).and_then(|v| v.as_bool()) == Some(true);
+        match get("activation_function").and_then(|v| v.as_str()) {
+            None | Some("gelu_new" | "gelu_pytorch_tanh") => {}
+            Some(other) => {
+                return Err(format!(
+                    "GPT-2 activation_function `{other}` is not supported (gelu_new only)"
+                ))
+            }
         }
+        for unsupported in ["scale_attn_by_inverse_layer_idx", "add_cross_attention"] {
+            if flag(unsupported) {
+                return Err(format!("GPT-2 {unsupported} = true is not supported"));
+            }
+        }
+        if get("scale_attn_weights").and_then(|v| v.as_bool()) == Some(false) {
+            return Err("GPT-2 scale_attn_weights = false is not supported".into());
+        }
+        let hidden = int("n_embd")?;
+        let id = |key: &str| get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
+        Ok(Config {
+            hidden_size: hidden,
+            intermediate_size: int("n_inner").unwrap_or(4 * hidden),
+            vocab_size: int("vocab_size")?,
+            num_hidden_layers: int("n_layer")?,
+            num_attention_heads: int("n_head")?,
+            num_key_value_heads: None,
+            head_dim: None,
+            rms_norm_eps: get("layer_norm_epsilon")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-5),
+            rope_theta: 10_000.0,
+            max_position_embeddings: int("n_positions")?,
+            tie_word_embeddings: get("tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true),
+            bos_token_id: id("bos_token_id"),
+            eos_token_id: id("eos_token_id").map(crate::model::config::EosTokenId::One),
+            rope_scaling: None,
+            rope_freq_factors: None,
+            unimplemented: Unimplemented::default(),
+            family: Family::gpt2(),
+        })
     }
-    if get("scale_attn_weights").and_then(|v| v.as_bool()) == Some(false) {
-        return Err("GPT-2 scale_attn_weights = false is not supported".into());
+    /// The inverse of [`Arch::config_from_hf`] (null ids kept as nulls).
+    fn hf_config(
+        &self,
+        cfg: &Config,
+        torch_dtype: &str,
+    ) -> std::result::Result<serde_json::Value, String> {
+        let mut json = serde_json::json!({
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.hidden_size,
+            "n_inner": cfg.intermediate_size,
+            "n_layer": cfg.num_hidden_layers,
+            "n_head": cfg.num_attention_heads,
+            "n_positions": cfg.max_position_embeddings,
+            "n_ctx": cfg.max_position_embeddings,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.rms_norm_eps,
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id,
+        });
+        json["torch_dtype"] = torch_dtype.into();
+        Ok(json)
     }
-    let hidden = int("n_embd")?;
-    let id = |key: &str| get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
-    Ok(Config {
-        hidden_size: hidden,
-        intermediate_size: int("n_inner").unwrap_or(4 * hidden),
-        vocab_size: int("vocab_size")?,
-        num_hidden_layers: int("n_layer")?,
-        num_attention_heads: int("n_head")?,
-        num_key_value_heads: None,
-        head_dim: None,
-        rms_norm_eps: get("layer_norm_epsilon")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(1e-5),
-        rope_theta: 10_000.0,
-        max_position_embeddings: int("n_positions")?,
-        tie_word_embeddings: get("tie_word_embeddings")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(true),
-        bos_token_id: id("bos_token_id"),
-        eos_token_id: id("eos_token_id").map(super::config::EosTokenId::One),
-        rope_scaling: None,
-        rope_freq_factors: None,
-        unimplemented: Unimplemented::default(),
-        family: Family::gpt2(),
-    })
+    fn hf_converts(&self) -> bool {
+        true
+    }
+    fn hf_to_decoder(
+        &self,
+        cfg: &Config,
+        tensors: HashMap<String, Tensor>,
+    ) -> candle_core::Result<HashMap<String, Tensor>> {
+        to_decoder(cfg, tensors)
+    }
+    fn decoder_to_hf(
+        &self,
+        cfg: &Config,
+        tensors: HashMap<String, Tensor>,
+    ) -> candle_core::Result<HashMap<String, Tensor>> {
+        from_decoder(cfg, tensors)
+    }
+
+    /// Multi-head attention and a 4× MLP.
+    fn fresh_config(&self, mut base: Config) -> Option<Config> {
+        base.num_key_value_heads = None;
+        base.intermediate_size = 4 * base.hidden_size;
+        base.family = Family::gpt2();
+        Some(base)
+    }
 }
 
 /// HF GPT-2 tensors (with or without the `transformer.` prefix) → the decoder's names:
 /// Conv1D weights transposed, `c_attn` split into q, k, v; the causal-mask buffers
 /// (`attn.bias`, `attn.masked_bias`) dropped.
-pub fn to_decoder(
+fn to_decoder(
     cfg: &Config,
     tensors: HashMap<String, Tensor>,
 ) -> candle_core::Result<HashMap<String, Tensor>> {
@@ -133,7 +219,7 @@ pub fn to_decoder(
 
 /// The decoder's names → HF GPT-2 (`transformer.` prefix, Conv1D layout, fused `c_attn`):
 /// the inverse of [`to_decoder`].
-pub fn from_decoder(
+fn from_decoder(
     cfg: &Config,
     mut tensors: HashMap<String, Tensor>,
 ) -> candle_core::Result<HashMap<String, Tensor>> {
@@ -195,24 +281,4 @@ pub fn from_decoder(
         }
     }
     Ok(out)
-}
-
-/// The HF config.json of a GPT-2 decoder config (the inverse of [`config_from_hf`]).
-pub fn to_hf_config(cfg: &Config) -> serde_json::Value {
-    serde_json::json!({
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": cfg.vocab_size,
-        "n_embd": cfg.hidden_size,
-        "n_inner": cfg.intermediate_size,
-        "n_layer": cfg.num_hidden_layers,
-        "n_head": cfg.num_attention_heads,
-        "n_positions": cfg.max_position_embeddings,
-        "n_ctx": cfg.max_position_embeddings,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": cfg.rms_norm_eps,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-    })
 }
