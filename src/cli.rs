@@ -226,6 +226,16 @@ pub struct ServeArgs {
     /// Largest accepted request body in bytes (413 beyond).
     #[arg(long, env = "TOKENSCOPE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Seconds a client has to send its request headers (also how long an idle keep-alive
+    /// connection is kept, and the longest pause allowed within a request body).
+    #[arg(long, env = "TOKENSCOPE_HEADER_TIMEOUT", default_value_t = 10.0, value_parser = parse_positive_secs)]
+    pub header_timeout: f64,
+    /// Most open connections; more are answered 503 and closed.
+    #[arg(long, env = "TOKENSCOPE_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Most open connections from one client address; more are answered 503 and closed.
+    #[arg(long, env = "TOKENSCOPE_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_client: u32,
     /// text | json (one JSON object per line).
     #[arg(long, env = "TOKENSCOPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

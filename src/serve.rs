@@ -98,6 +98,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         redoc_bundle,
         cors_origins: args.cors_origins.clone(),
         max_new_tokens: args.max_new_tokens.map(|n| n as usize),
+        body_timeout: Duration::from_secs_f64(args.header_timeout),
     };
     let worker_died = worker_gave_up(default_worker.subscribe());
     // Held no longer than that: a held handle counts as a request in use, and would keep the
@@ -120,10 +121,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-        .context("server error")?;
+    let limits = api::server::ConnectionLimits {
+        max_connections: args.max_connections as usize,
+        max_per_client: args.max_connections_per_client as usize,
+        header_timeout: Duration::from_secs_f64(args.header_timeout),
+    };
+    let drain = Duration::from_secs_f64(args.request_timeout).min(Duration::from_secs(3600));
+    api::server::serve(listener, app, limits, stop, drain).await;
     if let Ok(reason) = died_rx.await {
         // Non-zero, so that an orchestrator (systemd, Kubernetes) starts a fresh process.
         anyhow::bail!("the model thread died: {reason}");

@@ -254,3 +254,89 @@ fn json_logs_parse_line_by_line() {
         .iter()
         .all(|r| r["level"].is_string() && r["timestamp"].is_string()));
 }
+
+/// A client that sends a request's headers a byte at a time (slowloris).
+fn slow_client(addr: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+    s
+}
+
+/// Whether the server is done with `s` (closed it, reset it, or answered it); if not, the
+/// client trickles one more byte.
+fn closed_by_server(s: &mut std::net::TcpStream) -> bool {
+    use std::io::{Read, Write};
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 256];
+    let done = match s.read(&mut buf) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    s.set_nonblocking(false).unwrap();
+    if !done {
+        let _ = s.write_all(b"a");
+    }
+    done
+}
+
+#[test]
+fn slow_clients_are_cut_off_and_cannot_take_every_connection() {
+    let server = Server::start(&[
+        "--header-timeout",
+        "2",
+        "--max-connections-per-client",
+        "80",
+    ]);
+    server.wait_healthy();
+    let addr = server.base.trim_start_matches("http://").to_string();
+    // 64 clients trickling their headers: the service keeps answering everyone else.
+    let mut slow: Vec<_> = (0..64).map(|_| slow_client(&addr)).collect();
+    let started = Instant::now();
+    for path in ["/health", "/live", "/health"] {
+        let t = Instant::now();
+        let (status, _) = server.get(path).expect("answered");
+        assert_eq!(status, 200, "{path}");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{path} took {:?}",
+            t.elapsed()
+        );
+    }
+    // Each is closed once its header time (2 s) is up, however it keeps trickling.
+    let deadline = started + Duration::from_secs(10);
+    while !slow.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} slow clients still connected",
+            slow.len()
+        );
+        slow.retain_mut(|s| !closed_by_server(s));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Over the per-client cap, a connection is answered 503 with Retry-After and closed.
+    let capped = Server::start(&["--max-connections-per-client", "3"]);
+    capped.wait_healthy();
+    let addr = capped.base.trim_start_matches("http://").to_string();
+    let held: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = std::net::TcpStream::connect(&addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut extra, &mut answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_lowercase().contains("retry-after: 1"), "{answer}");
+    assert!(answer.contains("OVERLOADED"), "{answer}");
+    // A slot given back is a slot for the next one.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while capped.get("/health").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "a freed slot is reused");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

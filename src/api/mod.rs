@@ -13,6 +13,7 @@ pub mod models;
 pub mod openai;
 pub mod request_id;
 pub mod routes;
+pub mod server;
 pub mod types;
 pub mod ui;
 
@@ -49,6 +50,8 @@ pub struct ServeConfig {
     pub cors_origins: Vec<String>,
     /// Bound on tokens generated per choice by the OpenAI routes (`--max-new-tokens`).
     pub max_new_tokens: Option<usize>,
+    /// The longest pause allowed within a request body (`--header-timeout`).
+    pub body_timeout: Duration,
 }
 
 impl Default for ServeConfig {
@@ -63,6 +66,7 @@ impl Default for ServeConfig {
             redoc_bundle: None,
             cors_origins: Vec::new(),
             max_new_tokens: None,
+            body_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -261,9 +265,15 @@ pub fn router(state: AppState) -> Router {
         .config(utoipa_swagger_ui::Config::from("/openapi.json"))
         .into();
     let cors = cors_layer(&state.config.cors_origins);
+    // The longest pause within a request body (a client trickling one: the connection is
+    // closed rather than held).
+    let body_timeout = state.config.body_timeout;
     let app = api
         .with_state(state.clone())
         .merge(swagger)
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            body_timeout,
+        ))
         .layer(middleware::from_fn_with_state(state, auth::require_key))
         .layer(middleware::from_fn(log_request))
         .layer(middleware::from_fn(request_id::assign));
