@@ -140,12 +140,25 @@ pub async fn upload(
             ))
         }
     };
-    let limit = jobs.settings().max_upload_bytes;
-    let bytes = axum::body::to_bytes(req.into_body(), limit)
-        .await
-        .map_err(|_| ApiError::from(JobError::TooLarge(limit)))?;
-    let row = blocking(move || jobs.upload(&bytes, jsonl)).await?;
-    Ok((StatusCode::CREATED, Json(row)).into_response())
+    // The body goes to disk as it arrives (a few chunks in flight), never whole in memory.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
+    let writer =
+        blocking(move || jobs.upload_chunks(std::iter::from_fn(move || rx.blocking_recv()), jsonl));
+    let feed = async move {
+        let mut body = req.into_body().into_data_stream();
+        while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+            let chunk = chunk
+                .map(|b| b.to_vec())
+                .map_err(|e| format!("the body could not be read: {e}"));
+            let failed = chunk.is_err();
+            // A closed channel: the writer stopped (too large, or a disk error); it says why.
+            if tx.send(chunk).await.is_err() || failed {
+                break;
+            }
+        }
+    };
+    let (row, ()) = tokio::join!(writer, feed);
+    Ok((StatusCode::CREATED, Json(row?)).into_response())
 }
 
 /// Queues a training job: fine-tunes `base_model` on the data and registers the result as the

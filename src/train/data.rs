@@ -68,6 +68,80 @@ pub fn read_documents(path: &Path) -> Result<(Vec<String>, Vec<PathBuf>, String)
     Ok((docs, files, format!("{:x}", hasher.finalize())))
 }
 
+/// Whether the file at `path` holds at least one document, checked as [`documents`] checks
+/// bytes (NUL, UTF-8, JSONL lines with a string `text`) but read a piece at a time: memory is
+/// bounded by a read buffer (text) or the longest line (JSONL), not the file's size.
+pub fn file_has_documents(path: &Path, jsonl: bool, name: &str) -> Result<bool, String> {
+    use std::io::{BufRead, Read};
+    let file = std::fs::File::open(path).map_err(|e| format!("{name}: {e}"))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut any = false;
+    if jsonl {
+        let mut line = Vec::new();
+        let mut number = 0;
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| format!("{name}: {e}"))?;
+            if n == 0 {
+                return Ok(any);
+            }
+            number += 1;
+            if line.contains(&0) {
+                return Err(format!("{name} looks binary (it contains NUL bytes)"));
+            }
+            let text = std::str::from_utf8(&line)
+                .map_err(|e| format!("{name} is not UTF-8 text (line {number}: {e})"))?;
+            // One line through the same rule as a whole file (its number kept).
+            let docs = documents(text.as_bytes(), true, name)
+                .map_err(|e| e.replace(" line 1:", &format!(" line {number}:")))?;
+            any |= !docs.is_empty();
+        }
+    }
+    // Text: NUL bytes, UTF-8 across chunk boundaries (up to 3 bytes of a character carried
+    // over), and whether any character is not whitespace.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut carry = 0usize;
+    let mut offset: u64 = 0;
+    loop {
+        let n = reader
+            .read(&mut buf[carry..])
+            .map_err(|e| format!("{name}: {e}"))?;
+        let end = carry + n;
+        if n == 0 {
+            if carry > 0 {
+                return Err(format!(
+                    "{name} is not UTF-8 text (it ends inside a character at byte {offset})"
+                ));
+            }
+            return Ok(any);
+        }
+        let chunk = &buf[..end];
+        if chunk.contains(&0) {
+            return Err(format!("{name} looks binary (it contains NUL bytes)"));
+        }
+        let valid = match std::str::from_utf8(chunk) {
+            Ok(s) => s,
+            Err(e) if e.error_len().is_none() => {
+                // A character cut by the chunk's end: finish it with the next read.
+                std::str::from_utf8(&chunk[..e.valid_up_to()]).unwrap_or_default()
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{name} is not UTF-8 text (invalid UTF-8 at byte {})",
+                    offset + e.valid_up_to() as u64
+                ))
+            }
+        };
+        any |= valid.chars().any(|c| !c.is_whitespace());
+        let used = valid.len();
+        offset += used as u64;
+        buf.copy_within(used..end, 0);
+        carry = end - used;
+    }
+}
+
 /// The documents in one file's bytes: the whole text, or (JSONL) each line's `text` field;
 /// blank ones are left out. Refuses binary (NUL), non-UTF-8 and malformed JSONL, naming
 /// `name` in the message. Also what checks an upload before it is stored.

@@ -133,23 +133,62 @@ impl JobManager {
 
     /// Stores an uploaded training file (UTF-8 text, or JSONL with a `text` field per line).
     pub fn upload(&self, bytes: &[u8], jsonl: bool) -> Result<UploadRow, JobError> {
-        if bytes.len() > self.settings.max_upload_bytes {
-            return Err(JobError::TooLarge(self.settings.max_upload_bytes));
+        self.upload_chunks(std::iter::once(Ok(bytes.to_vec())), jsonl)
+    }
+
+    /// Stores an upload that arrives in chunks (an HTTP body): each chunk is written to disk
+    /// and hashed as it comes, so that memory stays bounded by a chunk whatever the upload's
+    /// size; past `--max-upload-bytes` it stops at once (413). The stored file is then checked
+    /// as [`super::data::documents`] checks it, reading it back a piece at a time.
+    pub fn upload_chunks(
+        &self,
+        chunks: impl Iterator<Item = Result<Vec<u8>, String>>,
+        jsonl: bool,
+    ) -> Result<UploadRow, JobError> {
+        use std::io::Write;
+        let id = new_id("upload");
+        let format = if jsonl { "jsonl" } else { "text" };
+        let part = uploads_dir(&self.settings.state_dir).join(format!("{id}.part"));
+        // Removes the partial file on every way out but success.
+        struct Partial<'a>(&'a Path, bool);
+        impl Drop for Partial<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    let _ = std::fs::remove_file(self.0);
+                }
+            }
         }
-        let docs = super::data::documents(bytes, jsonl, "the upload")
-            .map_err(|m| JobError::invalid("body", m))?;
-        if docs.is_empty() {
+        let mut guard = Partial(&part, false);
+        let io = |e: std::io::Error| JobError::Io(e.to_string());
+        let mut file = std::fs::File::create(&part).map_err(io)?;
+        let mut hasher = Sha256::new();
+        let mut bytes: u64 = 0;
+        for chunk in chunks {
+            let chunk = chunk.map_err(|e| JobError::invalid("body", e))?;
+            bytes += chunk.len() as u64;
+            if bytes > self.settings.max_upload_bytes as u64 {
+                return Err(JobError::TooLarge(self.settings.max_upload_bytes));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).map_err(io)?;
+        }
+        file.sync_all().map_err(io)?;
+        drop(file);
+        if !super::data::file_has_documents(&part, jsonl, "the upload")
+            .map_err(|m| JobError::invalid("body", m))?
+        {
             return Err(JobError::invalid("body", "the upload contains no text"));
         }
         let row = UploadRow {
-            id: new_id("upload"),
-            format: if jsonl { "jsonl" } else { "text" }.into(),
-            bytes: bytes.len() as u64,
-            sha256: format!("{:x}", Sha256::digest(bytes)),
+            id,
+            format: format.into(),
+            bytes,
+            sha256: format!("{:x}", hasher.finalize()),
             created_at: now_rfc3339(),
         };
         let path = upload_path(&self.settings.state_dir, &row);
-        write_atomically(&path, bytes).map_err(|e| JobError::Io(e.to_string()))?;
+        std::fs::rename(&part, &path).map_err(io)?;
+        guard.1 = true;
         self.store.insert_upload(&row)?;
         Ok(row)
     }
@@ -472,14 +511,4 @@ fn new_id(prefix: &str) -> String {
     use rand::Rng;
     let n: u64 = rand::rng().random();
     format!("{prefix}-{n:016x}")
-}
-
-/// Write, fsync, rename: a crash leaves the old file or the new one, never half of one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
