@@ -993,7 +993,7 @@ async fn a_dead_model_thread_is_reported_and_restarted() {
     let mut states = worker.subscribe();
     states.borrow_and_update();
     worker.crash_for_test().unwrap();
-    // `worker::supervise` counts the restart, publishes `Restarting(reason)`, then at once
+    // the worker's supervisor (`engine/worker/backend.rs`) counts the restart, publishes `Restarting(reason)`, then at once
     // `Ready` again. A watch channel keeps only its latest value, so whether a reader sees the
     // brief `Restarting` is a race (this test used to accept either). Certain: the first change
     // is this restart, counted before it was published, and the state ends `Ready`.

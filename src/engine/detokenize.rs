@@ -33,12 +33,7 @@ impl IncrementalText {
     /// Adds one generated id; returns the whole text so far.
     pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<&str, String> {
         self.ids.push(id);
-        let context = tokenizer
-            .decode(&self.ids[self.prefix..self.read], true)
-            .map_err(|e| e.to_string())?;
-        let window = tokenizer
-            .decode(&self.ids[self.prefix..], true)
-            .map_err(|e| e.to_string())?;
+        let (context, window) = self.context_and_window(tokenizer)?;
         if window.starts_with(&context) {
             if window.len() > context.len() && !window.ends_with('\u{FFFD}') {
                 self.text.push_str(&window[context.len()..]);
@@ -72,16 +67,21 @@ impl IncrementalText {
         if self.read == self.ids.len() {
             return Ok(self.text.clone());
         }
-        let context = tokenizer
-            .decode(&self.ids[self.prefix..self.read], true)
-            .map_err(|e| e.to_string())?;
-        let window = tokenizer
-            .decode(&self.ids[self.prefix..], true)
-            .map_err(|e| e.to_string())?;
+        let (context, window) = self.context_and_window(tokenizer)?;
         match window.strip_prefix(context.as_str()) {
             Some(rest) => Ok(format!("{}{rest}", self.text)),
             None => tokenizer.decode(&self.ids, true).map_err(|e| e.to_string()),
         }
+    }
+
+    /// The decoded context (ids already in `text` that the window starts with) and the
+    /// decoded window (the context plus every id not yet in `text`).
+    fn context_and_window(&self, tokenizer: &TextTokenizer) -> Result<(String, String), String> {
+        let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| e.to_string());
+        Ok((
+            decode(&self.ids[self.prefix..self.read])?,
+            decode(&self.ids[self.prefix..])?,
+        ))
     }
 
     pub fn text(&self) -> &str {

@@ -322,14 +322,7 @@ pub fn decode_from(
         if model.eos_ids.contains(&next) {
             finish = FinishReason::Eos;
         } else if !stops.is_empty() && now.len() > searched {
-            let mut from = searched.saturating_sub(longest_stop).min(now.len());
-            while !now.is_char_boundary(from) {
-                from -= 1;
-            }
-            cut = stops
-                .iter()
-                .filter_map(|s| now[from..].find(s).map(|at| from + at))
-                .min();
+            cut = first_stop(now, &stops, searched.saturating_sub(longest_stop));
             if cut.is_some() {
                 finish = FinishReason::Stop;
             }
@@ -353,15 +346,7 @@ pub fn decode_from(
             let mut full = text
                 .finish(&model.tokenizer)
                 .map_err(EngineError::Tokenizer)?;
-            let mut from = committed.saturating_sub(longest_stop).min(full.len());
-            while !full.is_char_boundary(from) {
-                from -= 1;
-            }
-            let at = stops
-                .iter()
-                .filter_map(|s| full[from..].find(s).map(|at| from + at))
-                .min();
-            if let Some(at) = at {
+            if let Some(at) = first_stop(&full, &stops, committed.saturating_sub(longest_stop)) {
                 full.truncate(at);
                 finish = FinishReason::Stop;
             }
@@ -489,4 +474,17 @@ pub fn score_continuation(
             })
         })
         .collect()
+}
+
+/// Where the earliest of `stops` begins in `text`, looking from byte `from` on (moved back to
+/// a character boundary: `from` is counted in bytes back from the end of what was searched).
+fn first_stop(text: &str, stops: &[&str], from: usize) -> Option<usize> {
+    let mut from = from.min(text.len());
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    stops
+        .iter()
+        .filter_map(|s| text[from..].find(s).map(|at| from + at))
+        .min()
 }
