@@ -172,6 +172,16 @@ pub struct ServeArgs {
     /// Threads training jobs use (the rest stay with inference). Default: half the cores.
     #[arg(long, env = "TOKENSCOPE_TRAIN_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub train_threads: Option<u32>,
+    /// Bound on the state directory's size in bytes (uploads, checkpoints, trained models): a
+    /// write that would pass it is refused with 507 DISK_FULL. Unbounded by default.
+    #[arg(long, env = "TOKENSCOPE_MAX_DISK", value_parser = parse_bytes)]
+    pub max_disk: Option<u64>,
+    /// Bound on one training job's memory (e.g. 4G): a job whose estimated peak (weights,
+    /// gradients, optimizer state, activations, logits) is larger is refused with 507, and a
+    /// running job whose memory grows past it is stopped (failed). Default: half the memory
+    /// available when the server starts (bounded by the address-space limit, if any).
+    #[arg(long, env = "TOKENSCOPE_MAX_JOB_MEMORY", value_parser = parse_bytes)]
+    pub max_job_memory: Option<u64>,
     /// Largest training upload (bytes).
     #[arg(long, env = "TOKENSCOPE_MAX_UPLOAD_BYTES", default_value_t = 64 << 20)]
     pub max_upload_bytes: usize,
@@ -188,8 +198,18 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub api_keys: Vec<String>,
-    /// A file with one accepted key per line.
-    #[arg(long, env = "TOKENSCOPE_API_KEY_FILE")]
+    /// An admin key (repeatable; TOKENSCOPE_ADMIN_KEYS takes a comma-separated list): it may
+    /// also load, unload and delete models and manage every job.
+    #[arg(
+        long = "admin-key",
+        env = "TOKENSCOPE_ADMIN_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub admin_keys: Vec<String>,
+    /// A file of keys, read at start: one per line, `KEY` or `KEY ROLE` (role `user` or
+    /// `admin`; `#` starts a comment line).
+    #[arg(long, visible_alias = "api-keys-file", env = "TOKENSCOPE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
     /// Require the API key for /docs, /redoc and /openapi.json too.
     #[arg(long, env = "TOKENSCOPE_PROTECT_DOCS")]
@@ -388,13 +408,27 @@ fn parse_mode(s: &str) -> Result<LogprobsMode, String> {
 }
 
 /// A file of API keys, one per line (blank lines and `#` comments ignored).
-pub fn read_key_file(path: &PathBuf) -> std::io::Result<Vec<String>> {
-    Ok(std::fs::read_to_string(path)?
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect())
+pub fn read_key_file(path: &PathBuf) -> anyhow::Result<Vec<(String, bool)>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let key = words.next().unwrap_or_default().to_string();
+        let admin = match (words.next(), words.next()) {
+            (None, _) | (Some("user"), None) => false,
+            (Some("admin"), None) => true,
+            _ => anyhow::bail!(
+                "line {}: expected `KEY` or `KEY ROLE` with ROLE `user` or `admin`",
+                n + 1
+            ),
+        };
+        keys.push((key, admin));
+    }
+    Ok(keys)
 }
 
 #[derive(Debug, Args)]
@@ -505,4 +539,26 @@ impl TrainArgs {
             bench: self.bench,
         }
     }
+}
+
+/// A size in bytes, with an optional K, M, G or T suffix (powers of 1024; `B` and `iB` allowed).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 500M, 20G, 1073741824)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }

@@ -15,19 +15,33 @@ use crate::model::{self, DeviceChoice};
 use crate::train::jobs::store::Store;
 use crate::train::jobs::{JobManager, JobSettings};
 
-/// Keys from --api-key / TOKENSCOPE_API_KEYS and --api-key-file, blanks dropped.
-pub fn collect_keys(args: &ServeArgs) -> anyhow::Result<Vec<String>> {
-    let mut keys: Vec<String> = args.api_keys.iter().map(|k| k.trim().to_string()).collect();
+/// The keys, (ordinary, admin): --api-key / TOKENSCOPE_API_KEYS, --admin-key /
+/// TOKENSCOPE_ADMIN_KEYS and --api-key-file, blanks dropped; a key given as both is an admin's.
+pub fn collect_keys(args: &ServeArgs) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let mut users: Vec<String> = args.api_keys.iter().map(|k| k.trim().to_string()).collect();
+    let mut admins: Vec<String> = args
+        .admin_keys
+        .iter()
+        .map(|k| k.trim().to_string())
+        .collect();
     if let Some(path) = &args.api_key_file {
-        keys.extend(
-            read_key_file(path)
-                .with_context(|| format!("reading --api-key-file {}", path.display()))?,
-        );
+        let listed = read_key_file(path)
+            .with_context(|| format!("reading --api-key-file {}", path.display()))?;
+        for (key, admin) in listed {
+            if admin {
+                admins.push(key);
+            } else {
+                users.push(key);
+            }
+        }
     }
-    keys.retain(|k| !k.is_empty());
-    keys.sort();
-    keys.dedup();
-    Ok(keys)
+    for keys in [&mut users, &mut admins] {
+        keys.retain(|k| !k.is_empty());
+        keys.sort();
+        keys.dedup();
+    }
+    users.retain(|k| !admins.contains(k));
+    Ok((users, admins))
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -40,7 +54,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let keys = collect_keys(&args)?;
+    let (keys, admin_keys) = collect_keys(&args)?;
     let ip: IpAddr = args.host.parse().or_else(|_| {
         if args.host == "localhost" {
             Ok("127.0.0.1".parse().expect("literal address"))
@@ -51,7 +65,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ))
         }
     })?;
-    if keys.is_empty() {
+    if keys.is_empty() && admin_keys.is_empty() {
         if ip.is_loopback() {
             tracing::warn!(
                 "API key authentication is OFF: no --api-key given (listening on loopback only)"
@@ -63,7 +77,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
     } else {
-        tracing::info!("API key authentication is on ({} key(s))", keys.len());
+        tracing::info!(
+            "API key authentication is on ({} ordinary key(s), {} admin key(s))",
+            keys.len(),
+            admin_keys.len()
+        );
+        if admin_keys.is_empty() {
+            tracing::warn!(
+                "no admin key (--admin-key): no client can load, unload or delete models"
+            );
+        }
     }
 
     tracing::info!(
@@ -90,6 +113,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let config = ServeConfig {
         api_keys: keys,
+        admin_keys,
         protect_docs: args.protect_docs,
         public_metrics: args.public_metrics,
         request_timeout: Duration::from_secs_f64(args.request_timeout),
@@ -207,11 +231,16 @@ fn training_jobs(
             DeviceChoice::Cpu => "cpu".into(),
             DeviceChoice::Cuda(n) => format!("cuda:{n}"),
         },
+        max_disk: args.max_disk,
+        max_job_memory: args
+            .max_job_memory
+            .unwrap_or_else(|| crate::system::available_memory_bytes() / 2),
     };
     tracing::info!(
-        "training jobs: state in {}, {} training thread(s) of {cores}",
+        "training jobs: state in {}, {} training thread(s) of {cores}, at most {:.2} GiB per job",
         args.state_dir.display(),
-        settings.train_threads
+        settings.train_threads,
+        settings.max_job_memory as f64 / (1u64 << 30) as f64
     );
     Ok(JobManager::start(settings, Arc::new(store), models)?)
 }

@@ -61,6 +61,46 @@ pub fn process_rss_bytes() -> u64 {
     sys.process(pid).map_or(0, |p| p.memory())
 }
 
+/// Memory the system could give this process now (bytes): what it reports as available,
+/// bounded by the address space left under this process's `RLIMIT_AS` (Linux), if set.
+pub fn available_memory_bytes() -> u64 {
+    let available = system()
+        .lock()
+        .map(|mut sys| {
+            sys.refresh_memory();
+            sys.available_memory()
+        })
+        .unwrap_or(0);
+    match address_space_left() {
+        Some(left) => available.min(left),
+        None => available,
+    }
+}
+
+/// Bytes of address space left under `RLIMIT_AS`, when a limit is set (Linux: read from
+/// /proc/self/limits and /proc/self/status).
+fn address_space_left() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))?;
+    let soft: u64 = line
+        .trim_start_matches("Max address space")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let vm_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmSize:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(soft.saturating_sub(vm_kb * 1024))
+}
+
 /// Total system memory in GB.
 pub fn system_memory_gb() -> f64 {
     let Ok(mut sys) = system().lock() else {

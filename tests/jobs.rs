@@ -918,3 +918,424 @@ fn uploads_stream_to_disk_in_bounded_memory() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// A request with a bearer key (`None`: none), the status and JSON body back.
+fn call(
+    server: &Server,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let url = format!("{}{path}", server.base);
+    let auth = key.map(|k| format!("Bearer {k}")).unwrap_or_default();
+    let a = &server.agent;
+    let result = match (method, body) {
+        ("GET", _) => a.get(&url).header("Authorization", &auth).call(),
+        ("DELETE", _) => a.delete(&url).header("Authorization", &auth).call(),
+        ("POST", Some(b)) => a.post(&url).header("Authorization", &auth).send_json(b),
+        ("POST", None) => a.post(&url).header("Authorization", &auth).send_empty(),
+        _ => unreachable!("{method}"),
+    };
+    let mut r = result.unwrap();
+    (
+        r.status().as_u16(),
+        r.body_mut().read_json().unwrap_or(Value::Null),
+    )
+}
+
+fn upload_as(server: &Server, key: &str, text: &str) -> (u16, Value) {
+    let mut r = server
+        .agent
+        .post(&format!("{}/train/uploads", server.base))
+        .header("Authorization", &format!("Bearer {key}"))
+        .content_type("text/plain")
+        .send(text.as_bytes())
+        .unwrap();
+    (
+        r.status().as_u16(),
+        r.body_mut().read_json().unwrap_or(Value::Null),
+    )
+}
+
+fn checkpoints_of(state: &Path, output: &str) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(state.join("models").join(output).join("checkpoints"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Issue 25 items 10 and 11: ordinary keys manage only their own jobs and uploads (another
+/// key's are 404), only admin keys load, unload and delete models (403 FORBIDDEN otherwise),
+/// owners are stored as digests, never keys; ended jobs, uploads and trained models can be
+/// deleted (what may still run cannot), and a cancelled job keeps only its last checkpoint.
+#[test]
+fn keys_have_scopes_and_what_they_own_can_be_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "# roles\nkey-of-bob\nkey-of-root admin\n").unwrap();
+    let state = dir.path().join("state");
+    let server = Server::start(
+        &state,
+        &[
+            "--model",
+            tiny.to_str().unwrap(),
+            "--api-key",
+            "key-of-alice",
+            "--api-keys-file",
+            keys.to_str().unwrap(),
+        ],
+    );
+    let (alice, bob, root) = (
+        Some("key-of-alice"),
+        Some("key-of-bob"),
+        Some("key-of-root"),
+    );
+    let code = |r: (u16, Value)| (r.0, r.1["error_code"].as_str().map(str::to_string));
+    let c = |n: u16, e: &str| (n, Some(e.to_string()));
+
+    // Without a key, or with a wrong one: 401 as before.
+    assert_eq!(
+        code(call(&server, "GET", "/train/jobs", None, None)),
+        c(401, "UNAUTHORIZED")
+    );
+    assert_eq!(
+        code(call(&server, "GET", "/train/jobs", Some("nope"), None)),
+        c(401, "UNAUTHORIZED")
+    );
+
+    let (status, up) = upload_as(&server, "key-of-alice", &corpus());
+    assert_eq!(status, 201, "{up}");
+    let upload = up["id"].as_str().unwrap().to_string();
+    let (status, job) = call(
+        &server,
+        "POST",
+        "/train/jobs",
+        alice,
+        Some(job_spec("tiny", &upload, "alice-fox", 6)),
+    );
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+
+    // Bob sees none of it: not in his list, 404 for every command, the upload not his to use.
+    let (status, list) = call(&server, "GET", "/train/jobs", bob, None);
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+    for (method, path) in [
+        ("GET", format!("/train/jobs/{id}")),
+        ("POST", format!("/train/jobs/{id}/pause")),
+        ("POST", format!("/train/jobs/{id}/resume")),
+        ("POST", format!("/train/jobs/{id}/cancel")),
+        ("DELETE", format!("/train/jobs/{id}")),
+    ] {
+        assert_eq!(
+            code(call(&server, method, &path, bob, None)),
+            c(404, "JOB_NOT_FOUND"),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(
+        code(call(
+            &server,
+            "DELETE",
+            &format!("/train/uploads/{upload}"),
+            bob,
+            None
+        )),
+        c(404, "UPLOAD_NOT_FOUND")
+    );
+    assert_eq!(
+        code(call(
+            &server,
+            "POST",
+            "/train/jobs",
+            bob,
+            Some(job_spec("tiny", &upload, "bob-fox", 6))
+        )),
+        c(404, "UPLOAD_NOT_FOUND")
+    );
+    // Alice and the admin see it.
+    assert_eq!(
+        call(&server, "GET", &format!("/train/jobs/{id}"), alice, None).0,
+        200
+    );
+    let (_, all) = call(&server, "GET", "/train/jobs", root, None);
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+
+    // Models: only the admin loads, unloads and deletes them.
+    for key in [alice, bob] {
+        for (method, path) in [
+            ("POST", "/models/tiny/unload"),
+            ("POST", "/models/tiny/load"),
+            ("DELETE", "/models/tiny"),
+        ] {
+            assert_eq!(
+                code(call(&server, method, path, key, None)),
+                c(403, "FORBIDDEN"),
+                "{method} {path}"
+            );
+        }
+    }
+    assert_eq!(code(call(&server, "GET", "/models/tiny", bob, None)).0, 200);
+    // The upload is the data of a job that may still run: not deletable yet.
+    assert_eq!(
+        code(call(
+            &server,
+            "DELETE",
+            &format!("/train/uploads/{upload}"),
+            alice,
+            None
+        )),
+        c(409, "JOB_CONFLICT")
+    );
+
+    // Wait until it completes (as Alice).
+    server.wait(Duration::from_secs(300), "alice's job", |s| {
+        call(s, "GET", &format!("/train/jobs/{id}"), alice, None).1["status"] == "completed"
+    });
+    let (_, done) = call(&server, "GET", &format!("/train/jobs/{id}"), alice, None);
+    assert!(done["disk_bytes"].as_u64().unwrap() > 0, "{done}");
+    // Owners are digests: no key is written in the state database.
+    let db: Vec<u8> = ["state.db", "state.db-wal"]
+        .iter()
+        .flat_map(|f| std::fs::read(state.join(f)).unwrap_or_default())
+        .collect();
+    let db = String::from_utf8_lossy(&db);
+    assert!(db.contains(&id), "the job is in the database");
+    for key in ["key-of-alice", "key-of-bob", "key-of-root"] {
+        assert!(!db.contains(key), "{key} stored in the state database");
+    }
+
+    // Ended: the job and the upload can go; the model it made stays until the admin deletes it.
+    assert_eq!(
+        call(
+            &server,
+            "DELETE",
+            &format!("/train/uploads/{upload}"),
+            alice,
+            None
+        )
+        .0,
+        204
+    );
+    assert!(!std::fs::read_dir(state.join("uploads")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(&upload)));
+    assert_eq!(
+        call(&server, "DELETE", &format!("/train/jobs/{id}"), alice, None).0,
+        204
+    );
+    assert_eq!(
+        code(call(
+            &server,
+            "GET",
+            &format!("/train/jobs/{id}"),
+            alice,
+            None
+        )),
+        c(404, "JOB_NOT_FOUND")
+    );
+    assert_eq!(
+        call(&server, "GET", "/models/alice-fox", alice, None).0,
+        200
+    );
+    assert_eq!(
+        code(call(&server, "DELETE", "/models/alice-fox", alice, None)),
+        c(403, "FORBIDDEN")
+    );
+    assert_eq!(
+        code(call(&server, "DELETE", "/models/tiny", root, None)),
+        c(403, "FORBIDDEN")
+    );
+    assert_eq!(
+        call(&server, "DELETE", "/models/alice-fox", root, None).0,
+        204
+    );
+    assert_eq!(
+        code(call(&server, "GET", "/models/alice-fox", root, None)),
+        c(404, "MODEL_NOT_FOUND")
+    );
+    assert!(!state.join("models").join("alice-fox").exists());
+    // The admin may unload and load.
+    assert_eq!(
+        call(&server, "POST", "/models/tiny/unload", root, None).0,
+        200
+    );
+    assert!(matches!(
+        call(&server, "POST", "/models/tiny/load", root, None).0,
+        200 | 202
+    ));
+
+    // A job that may still run cannot be deleted; cancelled, it keeps one checkpoint.
+    let (_, up) = upload_as(&server, "key-of-bob", &corpus());
+    let upload = up["id"].as_str().unwrap().to_string();
+    let mut spec = job_spec("tiny", &upload, "bob-long", 100_000);
+    spec["save_every"] = json!(1);
+    let (status, job) = call(&server, "POST", "/train/jobs", bob, Some(spec));
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    server.wait(Duration::from_secs(300), "two checkpoints", |_| {
+        checkpoints_of(&state, "bob-long").len() >= 2
+    });
+    assert_eq!(
+        code(call(
+            &server,
+            "DELETE",
+            &format!("/train/jobs/{id}"),
+            bob,
+            None
+        )),
+        c(409, "JOB_CONFLICT")
+    );
+    assert_eq!(
+        call(
+            &server,
+            "POST",
+            &format!("/train/jobs/{id}/cancel"),
+            bob,
+            None
+        )
+        .0,
+        200
+    );
+    server.wait(Duration::from_secs(120), "cancelled", |s| {
+        call(s, "GET", &format!("/train/jobs/{id}"), bob, None).1["status"] == "cancelled"
+    });
+    let left = checkpoints_of(&state, "bob-long");
+    assert_eq!(
+        left.len(),
+        1,
+        "a cancelled job keeps only its last checkpoint: {left:?}"
+    );
+    let (_, job) = call(&server, "GET", &format!("/train/jobs/{id}"), bob, None);
+    assert!(job["disk_bytes"].as_u64().unwrap() > 0, "{job}");
+    assert_eq!(
+        call(&server, "DELETE", &format!("/train/jobs/{id}"), bob, None).0,
+        204
+    );
+    assert!(
+        !state.join("models").join("bob-long").exists(),
+        "its checkpoints went with it"
+    );
+}
+
+/// Issue 25 item 11: `--max-disk` bounds the state directory; an upload or a job that would
+/// pass it is refused with 507 DISK_FULL naming what uses the space, and nothing is left behind.
+#[test]
+fn max_disk_refuses_writes_that_would_pass_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let state = dir.path().join("state");
+    let server = Server::start(
+        &state,
+        &["--model", tiny.to_str().unwrap(), "--max-disk", "2M"],
+    );
+    // 3 MB of text: more than the whole bound.
+    let (status, e) = upload_as(&server, "", &"All work and no play. ".repeat(150_000));
+    assert_eq!(
+        (status, e["error_code"].as_str()),
+        (507, Some("DISK_FULL")),
+        "{e}"
+    );
+    let detail = e["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("--max-disk") && detail.contains("uploads"),
+        "{detail}"
+    );
+    let left: Vec<_> = std::fs::read_dir(state.join("uploads")).unwrap().collect();
+    assert!(left.is_empty(), "a refused upload leaves nothing: {left:?}");
+    // A small upload fits; a job whose checkpoints would not fit is refused before it runs.
+    let upload = server.upload(&corpus());
+    let (code, e) = server.post("/train/jobs", job_spec("tiny", &upload, "too-big", 10));
+    assert_eq!(
+        (code, e["error_code"].as_str()),
+        (507, Some("DISK_FULL")),
+        "{e}"
+    );
+    let (_, jobs) = server.get("/train/jobs");
+    assert_eq!(jobs.as_array().unwrap().len(), 0);
+}
+
+/// Issue 25 item 2: a training job is admitted by its estimated peak memory. The server runs
+/// under an address-space cap (`ulimit -v`): the largest job the schema allows (batch 256 ×
+/// 1024 tokens) is refused with 507 naming the estimate and the limit — before, it was
+/// accepted and the allocation killed the whole process — and the server keeps serving; a
+/// small job still trains to completion under the same cap.
+#[test]
+fn jobs_are_admitted_by_their_memory_estimate_under_an_address_space_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let state = dir.path().join("state");
+    let port = common::free_port();
+    let log = dir.path().join("capped.log");
+    // 6 GiB of address space: room for the server's threads and the tiny model, not for the
+    // big job (its logits alone would be ~150 GB).
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 6291456 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_tokenscope"))
+        .args(["serve", "--port", &port.to_string(), "--train-threads", "1"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--model")
+        .arg(&tiny)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let server = Server {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        log: log.clone(),
+        agent: common::http_agent(Some(Duration::from_secs(120))),
+    };
+    server.wait(Duration::from_secs(120), "healthy", |s| {
+        s.get("/health").0 == 200
+    });
+    let upload = server.upload(&corpus());
+    let mut huge = job_spec("tiny", &upload, "huge", 5);
+    huge["batch_size"] = json!(256);
+    huge["seq_len"] = json!(1024);
+    let (code, e) = server.post("/train/jobs", huge);
+    assert_eq!(
+        (code, e["error_code"].as_str()),
+        (507, Some("INSUFFICIENT_MEMORY")),
+        "{e}"
+    );
+    let detail = e["detail"].as_str().unwrap();
+    for word in ["--max-job-memory", "GiB", "logits", "activations"] {
+        assert!(detail.contains(word), "{word} missing: {detail}");
+    }
+    assert_eq!(server.get("/health").0, 200, "the server lives on");
+    let (_, jobs) = server.get("/train/jobs");
+    assert_eq!(jobs.as_array().unwrap().len(), 0, "nothing was queued");
+    // A job that fits trains under the same cap.
+    let (code, job) = server.post("/train/jobs", job_spec("tiny", &upload, "small", 4));
+    assert_eq!(code, 202, "{job}");
+    server.wait_job(job["id"].as_str().unwrap(), "completed");
+    assert_eq!(server.get("/health").0, 200);
+    drop(server);
+
+    // An explicit bound below even the small job's estimate refuses it too.
+    let server = Server::start(
+        &dir.path().join("state2"),
+        &["--model", tiny.to_str().unwrap(), "--max-job-memory", "1M"],
+    );
+    let upload = server.upload(&corpus());
+    let (code, e) = server.post("/train/jobs", job_spec("tiny", &upload, "small", 4));
+    assert_eq!(
+        (code, e["error_code"].as_str()),
+        (507, Some("INSUFFICIENT_MEMORY")),
+        "{e}"
+    );
+}

@@ -80,7 +80,9 @@ impl Modify for BearerScheme {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("An API key given to the server with --api-key"))
+                    .description(Some(
+                        "An API key given to the server with --api-key or --admin-key",
+                    ))
                     .build(),
             ),
         );
@@ -138,7 +140,7 @@ pub async fn openapi_handler(
         crate::engine::worker::ModelState::Ready(info) => Some(info.vocab_size),
         _ => None,
     };
-    let keys_on = !state.config.api_keys.is_empty();
+    let keys_on = state.config.keys_on();
     if ready.is_some() || keys_on {
         if let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&doc) {
             if let Some(vocab_size) = ready {

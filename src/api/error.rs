@@ -88,6 +88,10 @@ pub enum ErrorCode {
     JobConflict,
     OutputExists,
     PathNotAllowed,
+    /// The key may not do this (an admin route called with an ordinary key).
+    Forbidden,
+    /// The state directory would pass `--max-disk`.
+    DiskFull,
     UploadNotFound,
     DataNotFound,
     TrainingUnavailable,
@@ -174,6 +178,12 @@ impl ErrorCode {
                 StatusCode::FORBIDDEN,
                 "PATH_NOT_ALLOWED",
                 "permission_error",
+            ),
+            Forbidden => (StatusCode::FORBIDDEN, "FORBIDDEN", "permission_error"),
+            DiskFull => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                "DISK_FULL",
+                "insufficient_storage",
             ),
             UploadNotFound => (StatusCode::NOT_FOUND, "UPLOAD_NOT_FOUND", "not_found_error"),
             DataNotFound => (StatusCode::NOT_FOUND, "DATA_NOT_FOUND", "not_found_error"),

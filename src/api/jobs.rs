@@ -1,6 +1,7 @@
 //! /train: training data uploads and training jobs (queued, run one at a time, paused,
-//! resumed, cancelled; persisted in the state database). Jobs are visible to every API key:
-//! the service is single-tenant.
+//! resumed, cancelled, deleted; persisted in the state database). Each job and upload belongs
+//! to the key that created it: another ordinary key gets 404 for it; admin keys see every one
+//! (and so does everyone on a server without keys).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, FieldError};
 use super::AppState;
 use crate::api::error::ErrorCode;
@@ -30,6 +32,7 @@ impl From<JobError> for ApiError {
                 msg,
             ),
             JobError::Forbidden(msg) => Self::new(ErrorCode::PathNotAllowed, msg),
+            JobError::NotDeletable(msg) => Self::new(ErrorCode::Forbidden, msg),
             JobError::Invalid(msg, field) => Self::validation(
                 vec![FieldError {
                     loc: vec!["body".into(), field.into()],
@@ -41,6 +44,8 @@ impl From<JobError> for ApiError {
             JobError::Conflict(msg) => Self::new(ErrorCode::JobConflict, msg),
             JobError::OutputExists(msg) => Self::new(ErrorCode::OutputExists, msg),
             JobError::TooLarge(_) => Self::new(ErrorCode::PayloadTooLarge, e.to_string()),
+            JobError::DiskFull(msg) => Self::new(ErrorCode::DiskFull, msg),
+            JobError::Memory(msg) => Self::new(ErrorCode::InsufficientMemory, msg),
             JobError::Store(_) | JobError::Io(_) => {
                 tracing::error!("training jobs: {e}");
                 Self::new(
@@ -92,6 +97,7 @@ async fn blocking<T: Send + 'static>(
         (status = 201, description = "Stored", body = UploadRow),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
+        (status = 507, description = "DISK_FULL: the state directory would pass --max-disk", body = ErrorBody),
         (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = ErrorBody),
         (status = 422, description = "VALIDATION_ERROR: not UTF-8 text, empty, or a JSONL line without `text`", body = ErrorBody),
     ),
@@ -99,6 +105,7 @@ async fn blocking<T: Send + 'static>(
 )]
 pub async fn upload(
     State(state): State<AppState>,
+    caller: Caller,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     req: Request<Body>,
 ) -> Result<Response, ApiError> {
@@ -142,8 +149,10 @@ pub async fn upload(
     };
     // The body goes to disk as it arrives (a few chunks in flight), never whole in memory.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
-    let writer =
-        blocking(move || jobs.upload_chunks(std::iter::from_fn(move || rx.blocking_recv()), jsonl));
+    let by = caller.requester();
+    let writer = blocking(move || {
+        jobs.upload_chunks(std::iter::from_fn(move || rx.blocking_recv()), jsonl, &by)
+    });
     let feed = async move {
         let mut body = req.into_body().into_data_stream();
         while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
@@ -176,6 +185,7 @@ pub async fn upload(
         (status = 403, description = "PATH_NOT_ALLOWED: data.path outside --data-dir, or no --data-dir", body = ErrorBody),
         (status = 404, description = "MODEL_NOT_FOUND, UPLOAD_NOT_FOUND or DATA_NOT_FOUND", body = ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
+        (status = 507, description = "DISK_FULL: the state directory would pass --max-disk; INSUFFICIENT_MEMORY: the job's estimated peak memory passes --max-job-memory", body = ErrorBody),
         (status = 415, description = "UNSUPPORTED_MEDIA_TYPE", body = ErrorBody),
         (status = 422, description = "VALIDATION_ERROR: settings out of range, malformed body", body = ErrorBody),
     ),
@@ -183,6 +193,7 @@ pub async fn upload(
 )]
 pub async fn create(
     State(state): State<AppState>,
+    caller: Caller,
     req: Request<Body>,
 ) -> Result<Response, ApiError> {
     let jobs = manager(&state)?;
@@ -223,7 +234,8 @@ pub async fn create(
             None,
         )
     })?;
-    let view = blocking(move || jobs.create(spec)).await?;
+    let by = caller.requester();
+    let view = blocking(move || jobs.create(spec, &by)).await?;
     Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
@@ -239,9 +251,13 @@ pub async fn create(
     ),
     security((), ("bearer" = []))
 )]
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<JobView>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<JobView>>, ApiError> {
     let jobs = manager(&state)?;
-    blocking(move || jobs.list()).await.map(Json)
+    let by = caller.requester();
+    blocking(move || jobs.list(&by)).await.map(Json)
 }
 
 /// One job, with its loss history.
@@ -260,10 +276,12 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<JobView>>, A
 )]
 pub async fn get(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let jobs = manager(&state)?;
-    blocking(move || jobs.get(&id)).await.map(Json)
+    let by = caller.requester();
+    blocking(move || jobs.get(&id, &by)).await.map(Json)
 }
 
 /// Pauses a job: a running one checkpoints and stops after its current step.
@@ -283,10 +301,12 @@ pub async fn get(
 )]
 pub async fn pause(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let jobs = manager(&state)?;
-    blocking(move || jobs.pause(&id)).await.map(Json)
+    let by = caller.requester();
+    blocking(move || jobs.pause(&id, &by)).await.map(Json)
 }
 
 /// Queues a paused or interrupted job again: it continues from its last checkpoint.
@@ -306,10 +326,12 @@ pub async fn pause(
 )]
 pub async fn resume(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let jobs = manager(&state)?;
-    blocking(move || jobs.resume(&id)).await.map(Json)
+    let by = caller.requester();
+    blocking(move || jobs.resume(&id, &by)).await.map(Json)
 }
 
 /// Cancels a job (a running one stops after its current step).
@@ -329,8 +351,63 @@ pub async fn resume(
 )]
 pub async fn cancel(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let jobs = manager(&state)?;
-    blocking(move || jobs.cancel(&id)).await.map(Json)
+    let by = caller.requester();
+    blocking(move || jobs.cancel(&id, &by)).await.map(Json)
+}
+
+/// Deletes an ended job (completed, failed or cancelled), its history and the checkpoints it
+/// left; a completed job's model stays (DELETE /models/{id} removes it).
+#[utoipa::path(
+    delete,
+    path = "/train/jobs/{id}",
+    operation_id = "delete_training_job",
+    tag = "training",
+    params(("id" = String, Path, description = "A job id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 404, description = "JOB_NOT_FOUND (also another key's job)", body = ErrorBody),
+        (status = 409, description = "JOB_CONFLICT: the job may still run; cancel it first", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let jobs = manager(&state)?;
+    let by = caller.requester();
+    blocking(move || jobs.delete(&id, &by)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes an upload, unless a job that may still run reads it.
+#[utoipa::path(
+    delete,
+    path = "/train/uploads/{id}",
+    operation_id = "delete_training_upload",
+    tag = "training",
+    params(("id" = String, Path, description = "An upload id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 404, description = "UPLOAD_NOT_FOUND (also another key's upload)", body = ErrorBody),
+        (status = 409, description = "JOB_CONFLICT: a job that may still run reads it", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn delete_upload(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let jobs = manager(&state)?;
+    let by = caller.requester();
+    blocking(move || jobs.delete_upload(&id, &by)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -216,7 +216,9 @@ pub async fn handler(State(state): State<AppState>) -> Response {
     let models = state.models.clone();
     let jobs = state.jobs.clone();
     let (rss, views, job_list) = tokio::task::spawn_blocking(move || {
-        let jobs = jobs.and_then(|j| j.list().ok()).unwrap_or_default();
+        let jobs = jobs
+            .and_then(|j| j.list(&crate::train::jobs::Requester::anyone()).ok())
+            .unwrap_or_default();
         (crate::system::process_rss_bytes(), models.list(), jobs)
     })
     .await

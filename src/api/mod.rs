@@ -37,7 +37,10 @@ use crate::engine::worker::WorkerHandle;
 /// Settings the HTTP layer needs (the model's own settings live with the worker).
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    /// Ordinary keys: query, and their own jobs and uploads.
     pub api_keys: Vec<String>,
+    /// Admin keys: also load, unload and delete models, and every job.
+    pub admin_keys: Vec<String>,
     pub protect_docs: bool,
     pub public_metrics: bool,
     pub request_timeout: Duration,
@@ -54,10 +57,18 @@ pub struct ServeConfig {
     pub body_timeout: Duration,
 }
 
+impl ServeConfig {
+    /// Whether requests need a key (any key configured).
+    pub fn keys_on(&self) -> bool {
+        !self.api_keys.is_empty() || !self.admin_keys.is_empty()
+    }
+}
+
 impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             api_keys: Vec::new(),
+            admin_keys: Vec::new(),
             protect_docs: false,
             public_metrics: false,
             request_timeout: Duration::from_secs(60),
@@ -180,12 +191,13 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(utoipa_axum::routes!(routes::status))
         .routes(utoipa_axum::routes!(routes::root))
         .routes(utoipa_axum::routes!(models::list))
-        .routes(utoipa_axum::routes!(models::get))
+        .routes(utoipa_axum::routes!(models::get, models::delete))
         .routes(utoipa_axum::routes!(models::load))
         .routes(utoipa_axum::routes!(models::unload))
         .routes(utoipa_axum::routes!(jobs::upload))
         .routes(utoipa_axum::routes!(jobs::create, jobs::list))
-        .routes(utoipa_axum::routes!(jobs::get))
+        .routes(utoipa_axum::routes!(jobs::get, jobs::delete))
+        .routes(utoipa_axum::routes!(jobs::delete_upload))
         .routes(utoipa_axum::routes!(jobs::pause))
         .routes(utoipa_axum::routes!(jobs::resume))
         .routes(utoipa_axum::routes!(jobs::cancel))

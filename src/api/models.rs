@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::engine::registry::{LoadStatus, ModelView};
@@ -71,6 +72,7 @@ pub async fn get(
         (status = 200, description = "Loaded already", body = ModelView),
         (status = 202, description = "Loading", body = ModelView),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN: not an admin key", body = ErrorBody),
         (status = 404, description = "MODEL_NOT_FOUND", body = ErrorBody),
         (status = 409, description = "TOO_MANY_MODELS: every loaded model is busy; MODEL_NOT_LOADABLE", body = ErrorBody),
         (status = 507, description = "INSUFFICIENT_MEMORY: the load would exceed --max-memory", body = ErrorBody),
@@ -79,8 +81,10 @@ pub async fn get(
 )]
 pub async fn load(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    caller.require_admin("load models")?;
     state.models.load(&id)?;
     let v = view(&state, &id)?;
     let code = match v.status {
@@ -101,14 +105,51 @@ pub async fn load(
     responses(
         (status = 200, description = "Unloaded (or it was not loaded)", body = ModelView),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN: not an admin key", body = ErrorBody),
         (status = 404, description = "MODEL_NOT_FOUND", body = ErrorBody),
     ),
     security((), ("bearer" = []))
 )]
 pub async fn unload(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<ModelView>, ApiError> {
+    caller.require_admin("unload models")?;
     state.models.unload(&id)?;
     view(&state, &id).map(Json)
+}
+
+/// Deletes a model a training job made: unloads it and removes its folder from the state
+/// directory. Models the operator configured (`--model`, `--models-dir`) are not deleted.
+#[utoipa::path(
+    delete,
+    path = "/models/{id}",
+    operation_id = "delete_model",
+    tag = "models",
+    params(("id" = String, Path, description = "A trained model's id (origin `trained`)")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN: not an admin key, or not a trained model", body = ErrorBody),
+        (status = 404, description = "MODEL_NOT_FOUND", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin("delete models")?;
+    let jobs = state.jobs.clone().ok_or_else(|| {
+        ApiError::new(
+            super::error::ErrorCode::TrainingUnavailable,
+            "This server runs no training jobs, so it has no trained models to delete",
+        )
+    })?;
+    tokio::task::spawn_blocking(move || jobs.delete_model(&id))
+        .await
+        .map_err(|_| ApiError::generation_failed())??;
+    Ok(StatusCode::NO_CONTENT)
 }

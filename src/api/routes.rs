@@ -276,7 +276,7 @@ fn status_body(state: &AppState, model_state: &ModelState) -> (StatusCode, Statu
             memory_usage_mb: crate::system::process_rss_mb(),
             queue_depth: state.worker().queue_depth(),
             queue_capacity: state.worker().queue_capacity(),
-            auth_enabled: !state.config.api_keys.is_empty(),
+            auth_enabled: state.config.keys_on(),
         },
         model,
         models: state

@@ -12,7 +12,7 @@ const PAGE: &str = include_str!("ui/index.html");
 
 pub async fn page(State(state): State<AppState>) -> Response {
     // The page asks for a key up front when the server needs one (no request meets a 401).
-    let auth = if state.config.api_keys.is_empty() {
+    let auth = if !state.config.keys_on() {
         "data-auth=\"\""
     } else {
         "data-auth=\"required\""

@@ -538,6 +538,25 @@ impl ModelRegistry {
         Ok(was)
     }
 
+    /// The parameter count and sizes of `id`, read from its files without loading it.
+    pub fn shape_of(&self, id: &str) -> Option<(u64, crate::model::probe::ModelShape)> {
+        let entries = self.lock();
+        let card = &entries.iter().find(|e| e.id == id)?.card;
+        Some((card.parameters?, card.shape?))
+    }
+
+    /// Forgets `id` (unloading it: its thread ends when the requests it is running finish).
+    pub fn remove(&self, id: &str) -> Result<(), RegistryError> {
+        let mut entries = self.lock();
+        let before = entries.len();
+        entries.retain(|e| e.id != id);
+        if entries.len() == before {
+            return Err(RegistryError::NotFound(id.into()));
+        }
+        tracing::info!(model = %id, "model removed");
+        Ok(())
+    }
+
     /// Frees what loading `entries[index]` needs, unloading idle models least recently used
     /// first; refuses (unloading nothing) when even that would not be enough.
     fn make_room(&self, entries: &mut [Entry], index: usize) -> Result<(), RegistryError> {

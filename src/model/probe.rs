@@ -9,6 +9,28 @@ use std::path::{Path, PathBuf};
 use super::gguf::GgufFile;
 use super::{hf_dir, ModelSource};
 
+/// A model's sizes, as far as the estimate needs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModelShape {
+    pub layers: u64,
+    pub hidden: u64,
+    pub ffn: u64,
+    pub heads: u64,
+    pub vocab: u64,
+}
+
+impl From<&crate::model::Config> for ModelShape {
+    fn from(c: &crate::model::Config) -> Self {
+        Self {
+            layers: c.num_hidden_layers as u64,
+            hidden: c.hidden_size as u64,
+            ffn: c.intermediate_size as u64,
+            heads: c.num_attention_heads as u64,
+            vocab: c.vocab_size as u64,
+        }
+    }
+}
+
 /// A model's description before (or without) loading it. Fields are `None` when the source
 /// cannot be read (the load then reports why) or is a hub id not yet in the local cache.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -19,6 +41,8 @@ pub struct ModelCard {
     pub quantization: Option<String>,
     /// Bytes of the weight files.
     pub file_bytes: Option<u64>,
+    /// Its sizes (layers, widths, vocabulary): what a training job's memory estimate needs.
+    pub shape: Option<ModelShape>,
     /// Why the source cannot be read (a corrupt or crafted file): the model list shows it as
     /// failed with this reason, and every other model keeps working.
     pub error: Option<String>,
@@ -61,6 +85,7 @@ fn probe_gguf(path: &Path) -> Result<ModelCard, String> {
         parameters: Some(parameters),
         quantization: dominant(bytes_by_type).map(|t| t.to_uppercase()),
         file_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
+        shape: file.config().ok().map(|c| (&c).into()),
         error: None,
     })
 }
@@ -90,6 +115,7 @@ fn probe_hf_dir(dir: &Path) -> Result<ModelCard, String> {
         parameters: Some(parameters),
         quantization: dominant(bytes_by_type),
         file_bytes: Some(file_bytes),
+        shape: Some((&parts.config).into()),
         error: None,
     })
 }

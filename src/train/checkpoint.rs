@@ -67,6 +67,22 @@ pub fn save(
     Ok(dir)
 }
 
+/// Removes every checkpoint but the newest (and any half-written one).
+pub fn keep_latest_only(output: &Path) {
+    let mut all = list(output);
+    all.pop();
+    for old in all {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    if let Ok(rd) = std::fs::read_dir(checkpoints_dir(output)) {
+        for e in rd.filter_map(Result::ok) {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// Complete checkpoints, oldest first.
 fn list(output: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(checkpoints_dir(output))

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod jobs;
+pub mod memory;
 pub mod optim;
 
 use std::collections::HashMap;

@@ -42,6 +42,35 @@ pub struct JobSettings {
     pub max_upload_bytes: usize,
     /// `--device` of the server (jobs train where inference runs).
     pub device: String,
+    /// Bound on the state directory's size in bytes (`--max-disk`): uploads, checkpoints and
+    /// trained models.
+    pub max_disk: Option<u64>,
+    /// Bound on a job's memory in bytes (`--max-job-memory`): jobs are admitted by their
+    /// estimated peak ([`crate::train::memory`]) and stopped if the process grows past it.
+    pub max_job_memory: u64,
+}
+
+/// Who asks: the owner recorded on what they create (a digest of their API key; `None` on a
+/// server without keys) and whether they see everyone's jobs and uploads (admin keys, and
+/// everyone on a server without keys). Another owner's job or upload is "not found" to them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requester {
+    pub owner: Option<String>,
+    pub sees_all: bool,
+}
+
+impl Requester {
+    /// Everyone, on a server without keys.
+    pub fn anyone() -> Self {
+        Self {
+            owner: None,
+            sees_all: true,
+        }
+    }
+
+    fn may_see(&self, owner: Option<&str>) -> bool {
+        self.sees_all || (self.owner.is_some() && self.owner.as_deref() == owner)
+    }
 }
 
 struct Running {
@@ -132,8 +161,8 @@ impl JobManager {
     }
 
     /// Stores an uploaded training file (UTF-8 text, or JSONL with a `text` field per line).
-    pub fn upload(&self, bytes: &[u8], jsonl: bool) -> Result<UploadRow, JobError> {
-        self.upload_chunks(std::iter::once(Ok(bytes.to_vec())), jsonl)
+    pub fn upload(&self, bytes: &[u8], jsonl: bool, by: &Requester) -> Result<UploadRow, JobError> {
+        self.upload_chunks(std::iter::once(Ok(bytes.to_vec())), jsonl, by)
     }
 
     /// Stores an upload that arrives in chunks (an HTTP body): each chunk is written to disk
@@ -144,6 +173,7 @@ impl JobManager {
         &self,
         chunks: impl Iterator<Item = Result<Vec<u8>, String>>,
         jsonl: bool,
+        by: &Requester,
     ) -> Result<UploadRow, JobError> {
         use std::io::Write;
         let id = new_id("upload");
@@ -163,11 +193,15 @@ impl JobManager {
         let mut file = std::fs::File::create(&part).map_err(io)?;
         let mut hasher = Sha256::new();
         let mut bytes: u64 = 0;
+        let room = self.disk_room()?;
         for chunk in chunks {
             let chunk = chunk.map_err(|e| JobError::invalid("body", e))?;
             bytes += chunk.len() as u64;
             if bytes > self.settings.max_upload_bytes as u64 {
                 return Err(JobError::TooLarge(self.settings.max_upload_bytes));
+            }
+            if bytes > room {
+                return Err(self.disk_full(bytes));
             }
             hasher.update(&chunk);
             file.write_all(&chunk).map_err(io)?;
@@ -185,6 +219,7 @@ impl JobManager {
             bytes,
             sha256: format!("{:x}", hasher.finalize()),
             created_at: now_rfc3339(),
+            owner: by.owner.clone(),
         };
         let path = upload_path(&self.settings.state_dir, &row);
         std::fs::rename(&part, &path).map_err(io)?;
@@ -194,15 +229,20 @@ impl JobManager {
     }
 
     /// Checks and queues a job.
-    pub fn create(&self, mut spec: JobSpec) -> Result<JobView, JobError> {
+    pub fn create(&self, mut spec: JobSpec, by: &Requester) -> Result<JobView, JobError> {
         // Held from the check until the job is stored, so that two requests for one
         // output_name cannot both pass the check (the name is reserved by the stored job).
         let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
-        self.check(&spec)?;
+        self.check(&spec, by)?;
+        self.check_memory(&spec)?;
+        let needs = self.disk_estimate(&spec);
+        if needs > self.disk_room()? {
+            return Err(self.disk_full(needs));
+        }
         if let DataSpec::Text(t) = &spec.data {
             // Kept as an upload, so that the job's settings stay small and the text is read
             // back exactly on resume.
-            let upload = self.upload(t.text.as_bytes(), false)?;
+            let upload = self.upload(t.text.as_bytes(), false, by)?;
             spec.data = DataSpec::Upload(UploadData {
                 upload_id: upload.id,
             });
@@ -226,6 +266,7 @@ impl JobManager {
             started_at: None,
             finished_at: None,
             error: None,
+            owner: by.owner.clone(),
         };
         self.store.insert_job(&row)?;
         tracing::info!(job = %row.id, output = %spec.output_name, "training job queued");
@@ -234,7 +275,7 @@ impl JobManager {
         self.view(&row, false)
     }
 
-    fn check(&self, spec: &JobSpec) -> Result<(), JobError> {
+    fn check(&self, spec: &JobSpec, by: &Requester) -> Result<(), JobError> {
         let inv = |field: &'static str, msg: &str| JobError::invalid(field, msg);
         if self.registry.find(&spec.base_model).is_none() {
             return Err(JobError::Missing(
@@ -286,7 +327,8 @@ impl JobManager {
                 return Err(JobError::TooLarge(self.settings.max_upload_bytes))
             }
             DataSpec::Upload(u) => {
-                if self.store.upload(&u.upload_id)?.is_none() {
+                let upload = self.store.upload(&u.upload_id)?;
+                if !upload.is_some_and(|u| by.may_see(u.owner.as_deref())) {
                     return Err(JobError::Missing(
                         Missing::Upload,
                         format!("upload `{}` not found (POST /train/uploads)", u.upload_id),
@@ -370,20 +412,119 @@ impl JobManager {
         Ok(full)
     }
 
-    pub fn list(&self) -> Result<Vec<JobView>, JobError> {
+    /// The jobs `by` may see, oldest first.
+    pub fn list(&self, by: &Requester) -> Result<Vec<JobView>, JobError> {
         self.store
             .jobs()?
             .iter()
+            .filter(|row| by.may_see(row.owner.as_deref()))
             .map(|row| self.view(row, false))
             .collect()
     }
 
-    pub fn get(&self, id: &str) -> Result<JobView, JobError> {
-        let row = self
-            .store
-            .job(id)?
-            .ok_or_else(|| JobError::NotFound(id.into()))?;
+    pub fn get(&self, id: &str, by: &Requester) -> Result<JobView, JobError> {
+        let row = self.job_row(id, by)?;
         self.view(&row, true)
+    }
+
+    /// The job, if `by` may see it (another owner's job is "not found": its existence is not
+    /// theirs to know).
+    fn job_row(&self, id: &str, by: &Requester) -> Result<JobRow, JobError> {
+        self.store
+            .job(id)?
+            .filter(|row| by.may_see(row.owner.as_deref()))
+            .ok_or_else(|| JobError::NotFound(id.into()))
+    }
+
+    /// Deletes an ended job (completed, failed or cancelled) with its history and whatever
+    /// it left in the state directory (checkpoints; a completed job's model stays, as a model:
+    /// DELETE /models/{id} removes it). A job that may still run is a conflict: cancel it first.
+    pub fn delete(&self, id: &str, by: &Requester) -> Result<(), JobError> {
+        let live = self.live();
+        let row = self.job_row(id, by)?;
+        if !matches!(
+            row.status,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        ) {
+            return Err(JobError::Conflict(format!(
+                "job {id} is {}: cancel it first (POST /train/jobs/{id}/cancel)",
+                row.status
+            )));
+        }
+        if row.status != JobStatus::Completed {
+            if let Ok(spec) = serde_json::from_str::<JobSpec>(&row.spec) {
+                let out = models_dir(&self.settings.state_dir).join(&spec.output_name);
+                // The folder is this job's unless a newer job of the same name took it over
+                // (allowed once this one ended): then it is that job's, and stays.
+                let taken = self.store.jobs()?.iter().any(|other| {
+                    other.id != row.id
+                        && serde_json::from_str::<JobSpec>(&other.spec)
+                            .is_ok_and(|o| o.output_name == spec.output_name)
+                        && other.created_at >= row.created_at
+                });
+                if !taken && !self.registry.contains(&spec.output_name) {
+                    let _ = std::fs::remove_dir_all(out);
+                }
+            }
+        }
+        self.store.delete_job(id)?;
+        drop(live);
+        Ok(())
+    }
+
+    /// Deletes a model a job trained: unloads it, forgets it and removes its folder. Models
+    /// the server did not make (`--model`, `--models-dir`) are the operator's files, not the
+    /// API's to delete.
+    pub fn delete_model(&self, id: &str) -> Result<(), JobError> {
+        let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        let view = self.registry.view(id).ok_or_else(|| {
+            JobError::Missing(Missing::BaseModel, format!("model `{id}` not found"))
+        })?;
+        if view.origin != Origin::Trained {
+            return Err(JobError::NotDeletable(format!(
+                "model `{id}` was not trained by this server (it is a file the operator \
+                 configured); only trained models can be deleted"
+            )));
+        }
+        self.registry
+            .remove(id)
+            .map_err(|e| JobError::Missing(Missing::BaseModel, e.to_string()))?;
+        self.store.delete_model(id)?;
+        let dir = models_dir(&self.settings.state_dir).join(id);
+        std::fs::remove_dir_all(&dir).or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(JobError::Io(format!("removing {}: {e}", dir.display()))),
+        })?;
+        tracing::info!(model = %id, "trained model deleted");
+        Ok(())
+    }
+
+    /// Deletes an upload, unless a job that may still run reads it.
+    pub fn delete_upload(&self, id: &str, by: &Requester) -> Result<(), JobError> {
+        let upload = self
+            .store
+            .upload(id)?
+            .filter(|u| by.may_see(u.owner.as_deref()))
+            .ok_or_else(|| {
+                JobError::Missing(Missing::Upload, format!("upload `{id}` not found"))
+            })?;
+        for row in self.store.jobs()? {
+            let uses = serde_json::from_str::<JobSpec>(&row.spec)
+                .is_ok_and(|s| matches!(&s.data, DataSpec::Upload(u) if u.upload_id == id));
+            let ended = matches!(
+                row.status,
+                JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+            );
+            if uses && !ended {
+                return Err(JobError::Conflict(format!(
+                    "upload {id} is the data of job {} ({}); cancel or delete that job first",
+                    row.id, row.status
+                )));
+            }
+        }
+        let _ = std::fs::remove_file(upload_path(&self.settings.state_dir, &upload));
+        self.store.delete_upload(id)?;
+        Ok(())
     }
 
     fn view(&self, row: &JobRow, history: bool) -> Result<JobView, JobError> {
@@ -420,6 +561,7 @@ impl JobManager {
             started_at: row.started_at.clone(),
             finished_at: row.finished_at.clone(),
             error: row.error.clone(),
+            disk_bytes: self.job_disk_bytes(&spec),
             settings: spec,
             history: if history {
                 Some(
@@ -441,30 +583,27 @@ impl JobManager {
 
     /// Pauses a job: a running one checkpoints and stops at its next step boundary (its status
     /// says `running` until then); a queued or interrupted one is simply held.
-    pub fn pause(&self, id: &str) -> Result<JobView, JobError> {
-        self.control(id, Command::Pause)
+    pub fn pause(&self, id: &str, by: &Requester) -> Result<JobView, JobError> {
+        self.control(id, Command::Pause, by)
     }
 
     /// Queues a paused or interrupted job again; it continues from its last checkpoint. A
     /// running job's pause that has not taken effect yet is withdrawn.
-    pub fn resume(&self, id: &str) -> Result<JobView, JobError> {
-        self.control(id, Command::Resume)
+    pub fn resume(&self, id: &str, by: &Requester) -> Result<JobView, JobError> {
+        self.control(id, Command::Resume, by)
     }
 
     /// Cancels a job (a running one stops at its next step boundary; this overrides a pause).
-    pub fn cancel(&self, id: &str) -> Result<JobView, JobError> {
-        self.control(id, Command::Cancel)
+    pub fn cancel(&self, id: &str, by: &Requester) -> Result<JobView, JobError> {
+        self.control(id, Command::Cancel, by)
     }
 
     /// Applies a command by the transition table ([`status::decide`]). The decision is made
     /// and applied under the live lock, which the runner also holds when it takes a job and
     /// when it settles one: no other command or runner step can act on a stale status.
-    fn control(&self, id: &str, command: Command) -> Result<JobView, JobError> {
+    fn control(&self, id: &str, command: Command, by: &Requester) -> Result<JobView, JobError> {
         let live = self.live();
-        let mut row = self
-            .store
-            .job(id)?
-            .ok_or_else(|| JobError::NotFound(id.into()))?;
+        let mut row = self.job_row(id, by)?;
         let running = live.running.as_ref().filter(|r| r.id == id);
         let pending = running.map_or(StopRequest::None, |r| {
             StopRequest::from_u8(r.stop.load(Ordering::SeqCst))
@@ -475,6 +614,7 @@ impl JobManager {
                 row.status = next;
                 if next == JobStatus::Cancelled {
                     row.finished_at = Some(now_rfc3339());
+                    self.keep_last_checkpoint(&row);
                 }
                 if next == JobStatus::Queued {
                     row.error = None;
@@ -491,6 +631,102 @@ impl JobManager {
         drop(live);
         self.view(&row, false)
     }
+}
+
+impl JobManager {
+    /// Bytes the state directory may still take under `--max-disk` (unbounded without it).
+    fn disk_room(&self) -> Result<u64, JobError> {
+        let Some(max) = self.settings.max_disk else {
+            return Ok(u64::MAX);
+        };
+        Ok(max.saturating_sub(dir_bytes(&self.settings.state_dir)))
+    }
+
+    /// 507 `DISK_FULL`, saying what uses the space.
+    fn disk_full(&self, needs: u64) -> JobError {
+        let state = &self.settings.state_dir;
+        let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+        JobError::DiskFull(format!(
+            "this needs {} but the state directory is bounded by --max-disk {} and holds {} \
+             (uploads {}, training jobs' checkpoints and trained models {}); delete uploads \
+             (DELETE /train/uploads/{{id}}), ended jobs (DELETE /train/jobs/{{id}}) or trained \
+             models (DELETE /models/{{id}})",
+            mb(needs),
+            mb(self.settings.max_disk.unwrap_or(0)),
+            mb(dir_bytes(state)),
+            mb(dir_bytes(&uploads_dir(state))),
+            mb(dir_bytes(&models_dir(state))),
+        ))
+    }
+
+    /// Refuses a job whose estimated peak memory passes `--max-job-memory`, naming both.
+    fn check_memory(&self, spec: &JobSpec) -> Result<(), JobError> {
+        let shape = self
+            .registry
+            .find(&spec.base_model)
+            .and_then(|id| self.registry.shape_of(&id));
+        let Some((params, shape)) = shape else {
+            // A hub model not in the local cache yet: its sizes are unknown until it loads.
+            tracing::warn!(base = %spec.base_model, "job admitted without a memory estimate (the base model's sizes are unknown)");
+            return Ok(());
+        };
+        let need = crate::train::memory::estimate(params, &shape, spec.batch_size, spec.seq_len);
+        let limit = self.settings.max_job_memory;
+        if need.total() > limit {
+            return Err(JobError::Memory(format!(
+                "this job would need about {} at its peak, more than --max-job-memory {:.2} GiB; \
+                 lower batch_size or seq_len (activations and logits grow with both)",
+                need.describe(),
+                limit as f64 / (1u64 << 30) as f64
+            )));
+        }
+        Ok(())
+    }
+
+    /// What a job will write at most: two checkpoints (f32 weights and AdamW's two moments
+    /// each) and the model (f32), from the base model's parameter count.
+    fn disk_estimate(&self, spec: &JobSpec) -> u64 {
+        let params = self
+            .registry
+            .find(&spec.base_model)
+            .and_then(|id| self.registry.view(&id))
+            .and_then(|v| v.parameters)
+            .unwrap_or(0);
+        let data = match &spec.data {
+            DataSpec::Text(t) => t.text.len() as u64,
+            _ => 0,
+        };
+        params.saturating_mul(4).saturating_mul(2 * 3 + 1) + data
+    }
+
+    /// A failed or cancelled job keeps only its newest checkpoint (enough to look at, or to
+    /// start a new job from by hand); the older one is space nobody will use.
+    fn keep_last_checkpoint(&self, row: &JobRow) {
+        if let Ok(spec) = serde_json::from_str::<JobSpec>(&row.spec) {
+            let out = models_dir(&self.settings.state_dir).join(&spec.output_name);
+            crate::train::checkpoint::keep_latest_only(&out);
+        }
+    }
+
+    /// Bytes a job's folder takes (checkpoints while it runs; the model once completed).
+    fn job_disk_bytes(&self, spec: &JobSpec) -> u64 {
+        dir_bytes(&models_dir(&self.settings.state_dir).join(&spec.output_name))
+    }
+}
+
+/// Bytes of the files under `dir` (links not followed; 0 when it does not exist).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 fn uploads_dir(state: &Path) -> PathBuf {

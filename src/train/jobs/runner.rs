@@ -80,12 +80,24 @@ impl JobManager {
             row: Mutex::new(row.clone()),
             stop,
             first: AtomicU8::new(1),
+            rss_start: crate::system::process_rss_bytes(),
+            over_memory: Mutex::new(None),
         };
         let outcome = self
             .options(&row)
             .and_then(|o| crate::train::run_observed(&o, &observer).map_err(|e| e.to_string()));
+        let over_memory = observer
+            .over_memory
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
         let mut row = observer.row.into_inner().unwrap_or_else(|p| p.into_inner());
         let end = match outcome {
+            // Stopped by the memory guard: failed, with the reason (its last checkpoint stays).
+            _ if over_memory.is_some() => {
+                tracing::warn!(job = %id, "training job stopped: {over_memory:?}");
+                row.error = over_memory;
+                RunEnd::Error
+            }
             Ok(summary) if summary.interrupted => RunEnd::Stopped,
             Ok(summary) => {
                 if let Some(&(_, l)) = summary.evals.last() {
@@ -116,6 +128,9 @@ impl JobManager {
             JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
         ) {
             row.finished_at = Some(now_rfc3339());
+        }
+        if matches!(row.status, JobStatus::Failed | JobStatus::Cancelled) {
+            self.keep_last_checkpoint(&row);
         }
         tracing::info!(job = %id, status = %row.status, step = row.step, "training job ended");
         if let Err(e) = self.store.update_job(&row) {
@@ -198,6 +213,10 @@ struct JobObserver<'a> {
     row: Mutex<JobRow>,
     stop: &'a AtomicU8,
     first: AtomicU8,
+    /// The process's resident memory when the job started: what it grows by is the job's.
+    rss_start: u64,
+    /// Set when the job grew past `--max-job-memory`: it stops at this step boundary.
+    over_memory: Mutex<Option<String>>,
 }
 
 impl JobObserver<'_> {
@@ -218,6 +237,19 @@ impl TrainObserver for JobObserver<'_> {
                 run.since = Instant::now();
                 run.first_step = Some(r.step as u64);
             }
+        }
+        let grown = crate::system::process_rss_bytes().saturating_sub(self.rss_start);
+        let limit = self.manager.settings.max_job_memory;
+        if grown > limit {
+            let mut over = self.over_memory.lock().unwrap_or_else(|p| p.into_inner());
+            over.get_or_insert_with(|| {
+                format!(
+                    "stopped at step {}: the job's memory grew by {:.2} GiB, past --max-job-memory {:.2} GiB",
+                    r.step,
+                    grown as f64 / (1u64 << 30) as f64,
+                    limit as f64 / (1u64 << 30) as f64
+                )
+            });
         }
         row.step = r.step as u64;
         row.total_steps = r.total_steps as u64;
@@ -248,6 +280,7 @@ impl TrainObserver for JobObserver<'_> {
 
     fn should_stop(&self) -> bool {
         StopRequest::from_u8(self.stop.load(Ordering::SeqCst)) != StopRequest::None
+            || self.over_memory.lock().is_ok_and(|over| over.is_some())
     }
 
     fn say(&self, message: &str) {

@@ -130,6 +130,9 @@ pub struct JobView {
     pub finished_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Bytes the job's folder takes in the state directory (checkpoints while it runs or
+    /// after it failed; the model once completed).
+    pub disk_bytes: u64,
     pub settings: JobSpec,
     /// Loss per step (GET /train/jobs/{id} only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -154,6 +157,9 @@ pub enum JobError {
     /// A data path the server will not read.
     #[error("{0}")]
     Forbidden(String),
+    /// A model the API may not delete (the operator's own file).
+    #[error("{0}")]
+    NotDeletable(String),
     #[error("{0}")]
     Invalid(String, &'static str),
     #[error("{0}")]
@@ -161,8 +167,14 @@ pub enum JobError {
     /// The output_name is taken by a model or by a job that is not failed or cancelled.
     #[error("{0}")]
     OutputExists(String),
+    /// The job's estimated peak memory is more than `--max-job-memory`.
+    #[error("{0}")]
+    Memory(String),
     #[error("upload exceeds the limit of {0} bytes")]
     TooLarge(usize),
+    /// The state directory would pass `--max-disk` (the message says what uses the space).
+    #[error("{0}")]
+    DiskFull(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]

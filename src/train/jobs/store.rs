@@ -46,6 +46,8 @@ pub struct JobRow {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub error: Option<String>,
+    /// Who created it: a digest of their API key (`None` on a server without keys).
+    pub owner: Option<String>,
 }
 
 /// One point of a job's loss curve.
@@ -67,6 +69,9 @@ pub struct UploadRow {
     pub bytes: u64,
     pub sha256: String,
     pub created_at: String,
+    /// Who uploaded it (a key digest; never shown).
+    #[serde(skip)]
+    pub owner: Option<String>,
 }
 
 pub struct Store {
@@ -138,6 +143,24 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(fail)?;
         conn.execute_batch(SCHEMA).map_err(fail)?;
+        // State directories made before jobs had owners: their jobs and uploads have none
+        // (visible to admin keys only, once keys are configured).
+        for table in ["jobs", "uploads"] {
+            let has_owner: bool = conn
+                .query_row(
+                    &format!(
+                        "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'owner'"
+                    ),
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(fail)?
+                > 0;
+            if !has_owner {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN owner TEXT"))
+                    .map_err(fail)?;
+            }
+        }
         Ok(Self {
             conn: Mutex::new(conn),
             path,
@@ -163,15 +186,16 @@ impl Store {
 
     pub fn insert_job(&self, job: &JobRow) -> Result<(), StoreError> {
         self.execute(
-            "INSERT INTO jobs (id, spec, status, step, total_steps, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO jobs (id, spec, status, step, total_steps, created_at, owner) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 job.id,
                 job.spec,
                 job.status.as_str(),
                 job.step,
                 job.total_steps,
-                job.created_at
+                job.created_at,
+                job.owner
             ],
         )
         .map(|_| ())
@@ -200,7 +224,7 @@ impl Store {
     }
 
     const JOB_COLUMNS: &'static str = "id, spec, status, step, total_steps, train_loss, \
-        eval_loss, tokens_per_s, created_at, started_at, finished_at, error";
+        eval_loss, tokens_per_s, created_at, started_at, finished_at, error, owner";
 
     fn job_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         Ok(JobRow {
@@ -225,6 +249,7 @@ impl Store {
             started_at: row.get(9)?,
             finished_at: row.get(10)?,
             error: row.get(11)?,
+            owner: row.get(12)?,
         })
     }
 
@@ -320,15 +345,15 @@ impl Store {
 
     pub fn insert_upload(&self, u: &UploadRow) -> Result<(), StoreError> {
         self.execute(
-                "INSERT INTO uploads (id, format, bytes, sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![u.id, u.format, u.bytes, u.sha256, u.created_at],
+                "INSERT INTO uploads (id, format, bytes, sha256, created_at, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![u.id, u.format, u.bytes, u.sha256, u.created_at, u.owner],
         ).map(|_| ())
     }
 
     pub fn upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError> {
         self.conn()
             .query_row(
-                "SELECT id, format, bytes, sha256, created_at FROM uploads WHERE id = ?1",
+                "SELECT id, format, bytes, sha256, created_at, owner FROM uploads WHERE id = ?1",
                 [id],
                 |r| {
                     Ok(UploadRow {
@@ -337,11 +362,30 @@ impl Store {
                         bytes: r.get(2)?,
                         sha256: r.get(3)?,
                         created_at: r.get(4)?,
+                        owner: r.get(5)?,
                     })
                 },
             )
             .optional()
             .map_err(|e| self.err(e))
+    }
+
+    pub fn delete_upload(&self, id: &str) -> Result<(), StoreError> {
+        self.execute("DELETE FROM uploads WHERE id = ?1", [id])
+            .map(|_| ())
+    }
+
+    /// Forgets a job and its history.
+    pub fn delete_job(&self, id: &str) -> Result<(), StoreError> {
+        self.execute("DELETE FROM history WHERE job_id = ?1", [id])?;
+        self.execute("DELETE FROM jobs WHERE id = ?1", [id])
+            .map(|_| ())
+    }
+
+    /// Forgets a trained model.
+    pub fn delete_model(&self, id: &str) -> Result<bool, StoreError> {
+        self.execute("DELETE FROM models WHERE id = ?1", [id])
+            .map(|n| n > 0)
     }
 
     pub fn insert_model(
