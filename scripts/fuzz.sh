@@ -49,7 +49,7 @@ echo "fuzz: schemathesis $SCHEMATHESIS_VERSION against http://127.0.0.1:$PORT (s
 # tests/jobs.rs drives both routes with the real binary (status, memory, LRU, 507).
 status=0
 REPORT="$(mktemp -t tokenscope-fuzz-report.XXXXXX.txt)"
-"$VENV/bin/st" run "http://127.0.0.1:$PORT/openapi.json" \
+"$VENV/bin/st" --config-file scripts/schemathesis.toml run "http://127.0.0.1:$PORT/openapi.json" \
   --header "Authorization: Bearer $KEY" \
   --checks all \
   --seed "$SEED" \

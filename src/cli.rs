@@ -178,8 +178,8 @@ pub struct ServeArgs {
     pub max_disk: Option<u64>,
     /// Bound on one training job's memory (e.g. 4G): a job whose estimated peak (weights,
     /// gradients, optimizer state, activations, logits) is larger is refused with 507, and a
-    /// running job whose memory grows past it is stopped (failed). Default: half the memory
-    /// available when the server starts (bounded by the address-space limit, if any).
+    /// running job whose memory grows past it is stopped (failed). Default: three quarters of
+    /// the memory available when the server starts (bounded by the address-space limit, if any).
     #[arg(long, env = "TOKENSCOPE_MAX_JOB_MEMORY", value_parser = parse_bytes)]
     pub max_job_memory: Option<u64>,
     /// Largest training upload (bytes).

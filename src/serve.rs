@@ -234,7 +234,7 @@ fn training_jobs(
         max_disk: args.max_disk,
         max_job_memory: args
             .max_job_memory
-            .unwrap_or_else(|| crate::system::available_memory_bytes() / 2),
+            .unwrap_or_else(|| crate::system::available_memory_bytes() / 4 * 3),
     };
     tracing::info!(
         "training jobs: state in {}, {} training thread(s) of {cores}, at most {:.2} GiB per job",

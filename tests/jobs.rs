@@ -1339,3 +1339,92 @@ fn jobs_are_admitted_by_their_memory_estimate_under_an_address_space_cap() {
         "{e}"
     );
 }
+
+/// Issue 25 item 9: a storm of load/unload calls. Each load starts a worker that waits for
+/// its turn to load; one unloaded before its turn is cancelled instead of loading for nobody
+/// (before, ten such loads ran one after another and held every other load up for seconds).
+/// `memory_mb` is the model's own weights, the same after every reload.
+#[test]
+fn a_load_unload_storm_cancels_pending_loads_and_memory_stays_honest() {
+    let dir = tempfile::tempdir().unwrap();
+    let gemma = common::gemma3_path();
+    let default = common::default_gguf();
+    let server = Server::start(
+        &dir.path().join("state"),
+        &[
+            "--model",
+            default.to_str().unwrap(),
+            "--model",
+            gemma.to_str().unwrap(),
+            "--max-loaded-models",
+            "2",
+        ],
+    );
+    let gemma_id = server.get("/models").1[1]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let load = |id: &str| server.post(&format!("/models/{id}/load"), json!({}));
+    let unload = |id: &str| server.post(&format!("/models/{id}/unload"), json!({}));
+    let loaded = |s: &Server, id: &str| s.model(id)["status"] == "loaded";
+
+    // A clean load: the reference figures.
+    assert!(matches!(load(&gemma_id).0, 200 | 202));
+    server.wait(Duration::from_secs(120), "gemma loaded", |s| {
+        loaded(s, &gemma_id)
+    });
+    let first = server.model(&gemma_id);
+    let memory = first["memory_mb"].as_f64().unwrap();
+    let file = first["file_mb"].as_f64().unwrap();
+    assert!(memory > 0.5 * file && memory < 2.0 * file, "{first}");
+    assert_eq!(unload(&gemma_id).0, 200);
+
+    // The storm: ten loads, each unloaded at once (while the first may still be loading).
+    let log_before = std::fs::read_to_string(&server.log).unwrap();
+    let loads_before = log_before.matches("loading model").count();
+    for _ in 0..10 {
+        assert!(matches!(load(&gemma_id).0, 200 | 202));
+        assert_eq!(unload(&gemma_id).0, 200);
+    }
+    // The default model answers, and a last load of gemma completes, with its same memory.
+    assert_eq!(
+        top_token(
+            &server,
+            &server.model("SmolLM2-135M-Instruct.Q4_1")["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            FOX
+        ),
+        " dog"
+    );
+    assert!(matches!(load(&gemma_id).0, 200 | 202));
+    server.wait(Duration::from_secs(120), "gemma loaded again", |s| {
+        loaded(s, &gemma_id)
+    });
+    let again = server.model(&gemma_id);
+    assert_eq!(again["memory_mb"], first["memory_mb"], "{again}");
+    let (_, status) = server.get("/status");
+    let listed: Vec<&Value> = status["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["id"] == gemma_id.as_str())
+        .collect();
+    assert_eq!(listed.len(), 1, "{status}");
+    assert_eq!(
+        listed[0]["status"], "loaded",
+        "/status and /models agree: {status}"
+    );
+
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    let loads = log.matches("loading model").count() - loads_before;
+    let cancelled = log.matches("a pending load was cancelled").count();
+    // Eleven loads asked for; at most one of the storm's ten was already under way when it
+    // was unloaded (plus the last one): the rest never loaded.
+    assert!(
+        loads <= 3,
+        "{loads} loads ran, {cancelled} cancelled:\n{log}"
+    );
+    assert!(cancelled >= 8, "{cancelled} cancelled");
+}

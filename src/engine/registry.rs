@@ -83,7 +83,8 @@ pub struct ModelView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization: Option<String>,
     pub status: LoadStatus,
-    /// Resident memory the load added (0 when not loaded).
+    /// Memory its weights take in MiB (0 when not loaded): counted from its tensors and packed
+    /// blocks, the same after every reload.
     pub memory_mb: f64,
     /// Size of the weight files: the memory guard's estimate before a load.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,15 +164,15 @@ impl Entry {
 
     fn memory_mb(&self) -> f64 {
         match self.state() {
-            ModelState::Ready(info) => info.memory_mb.unwrap_or(0.0),
+            ModelState::Ready(info) => info.memory_mb,
             _ => 0.0,
         }
     }
 
-    /// What the guard counts for it: the measured figure, else the size on disk.
+    /// What the guard counts for it: its weights' memory once loaded, else the size on disk.
     fn charged_mb(&self) -> f64 {
         match self.state() {
-            ModelState::Ready(info) if info.memory_mb.is_some() => self.memory_mb(),
+            ModelState::Ready(info) => info.memory_mb,
             _ => self.file_mb().unwrap_or(0.0),
         }
     }

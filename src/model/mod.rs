@@ -146,6 +146,9 @@ pub struct LoadedModel {
     pub device_label: String,
     /// `f32`, `f16`, `bf16`, or `gguf-<type>` for kept-quantized weights.
     pub dtype_label: String,
+    /// Bytes its weights take in memory (packed blocks as stored, dense tensors in their
+    /// dtype): the model's own memory, whatever else the process holds or frees meanwhile.
+    pub weight_bytes: u64,
 }
 
 impl LoadedModel {
@@ -259,6 +262,18 @@ fn load_gguf(
             .get("blk.0.ffn_up.weight")
             .map(|t| format!("{:?}", t.ggml_dtype).to_lowercase());
     }
+    let weight_bytes = dense_bytes(tensors.values(), dtype)
+        + packed.values().map(|p| p.bytes() as u64).sum::<u64>()
+        + quantized
+            .values()
+            .map(|q| match q {
+                candle_core::quantized::QMatMul::QTensor(t) => t.storage_size_in_bytes() as u64,
+                candle_core::quantized::QMatMul::Tensor(t)
+                | candle_core::quantized::QMatMul::TensorF16(t) => {
+                    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+                }
+            })
+            .sum::<u64>();
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let mut model = Decoder::load_packed(vb, &cfg, packed).map_err(|e| ModelError::Corrupt {
         path: path.to_path_buf(),
@@ -279,7 +294,15 @@ fn load_gguf(
             Some(q) => format!("gguf-{q}"),
             None => dtype_name(dtype).to_string(),
         },
+        weight_bytes,
     })
+}
+
+/// Bytes of `tensors` once in `dtype` (what the model holds of them).
+fn dense_bytes<'a>(tensors: impl Iterator<Item = &'a candle_core::Tensor>, dtype: DType) -> u64 {
+    tensors
+        .map(|t| (t.elem_count() * dtype.size_in_bytes()) as u64)
+        .sum()
 }
 
 /// Every token that ends generation for a GGUF model: `eos_token_id`, `eot_token_id`, and
@@ -326,6 +349,11 @@ fn load_hf_dir(
         path: dir.to_path_buf(),
         reason: e.to_string(),
     };
+    let weight_bytes: u64 = weights
+        .tensors()
+        .iter()
+        .map(|(_, view)| (view.shape().iter().product::<usize>() * dtype.size_in_bytes()) as u64)
+        .sum();
     let vb = if hf_dir::needs_conversion(&parts.config) {
         // Fused or transposed tensors: read, converted to the decoder's names and layouts.
         let tensors = weights
@@ -364,5 +392,6 @@ fn load_hf_dir(
         eos_ids,
         device_label: device_label(device),
         dtype_label: dtype_name(dtype).to_string(),
+        weight_bytes,
     })
 }

@@ -34,7 +34,7 @@ pub fn spawn(
 
 /// A worker for an already-loaded model (tests, benches).
 pub fn spawn_loaded(model: LoadedModel, limits: WorkerLimits, queue: usize) -> WorkerHandle {
-    let info = Arc::new(info_of(&model, 0.0, None));
+    let info = Arc::new(info_of(&model, 0.0));
     let ready = ModelState::Ready(info.clone());
     start(limits, queue, ready, move |state, rx, stats| {
         supervise(&model, &info, limits, rx, &state, stats)
@@ -61,7 +61,8 @@ fn start(
     WorkerHandle::new(tx, state_rx, capacity, stats, limits)
 }
 
-fn info_of(m: &LoadedModel, load_seconds: f64, memory_mb: Option<f64>) -> ModelInfo {
+fn info_of(m: &LoadedModel, load_seconds: f64) -> ModelInfo {
+    let memory_mb = m.weight_bytes as f64 / (1024.0 * 1024.0);
     ModelInfo {
         name: m.name.clone(),
         architecture: m.architecture.clone(),
@@ -70,7 +71,7 @@ fn info_of(m: &LoadedModel, load_seconds: f64, memory_mb: Option<f64>) -> ModelI
         context_length: m.context_length(),
         vocab_size: m.model.config().vocab_size,
         load_seconds,
-        memory_mb,
+        memory_mb: (memory_mb * 10.0).round() / 10.0,
         loaded_at: crate::engine::registry::now_rfc3339(),
         tokenizer: m.tokenizer.clone(),
     }
@@ -87,20 +88,24 @@ fn run(
     state: watch::Sender<ModelState>,
     stats: &WorkerStats,
 ) {
-    // One load at a time: two loads would share the cores and blur each other's memory figure.
+    // One load at a time: two loads at once would share the cores and the memory guard's
+    // headroom.
     let load_turn = LOAD_TURN
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    // Unloaded while it waited for its turn (every handle gone): nobody wants it any more,
+    // and a storm of load/unload calls must not make the next model wait for each of them.
+    if rx.is_closed() {
+        tracing::info!("a pending load was cancelled: the model was unloaded before its turn");
+        return;
+    }
     let started = Instant::now();
-    let rss_before = crate::system::process_rss_bytes();
     let loaded = source.and_then(|s| {
         tracing::info!(model = %s.display_name(), "loading model");
         std::panic::catch_unwind(AssertUnwindSafe(|| model::load(&s, &options)))
             .map_err(|_| "the model loader panicked".to_string())?
             .map_err(|e| e.to_string())
     });
-    let added_mb =
-        crate::system::process_rss_bytes().saturating_sub(rss_before) as f64 / (1024.0 * 1024.0);
     drop(load_turn);
     match loaded {
         Ok(m) => {
@@ -109,7 +114,7 @@ fn run(
                 model = %m.name, device = %m.device_label, dtype = %m.dtype_label,
                 "model loaded in {secs:.2}s"
             );
-            let info = Arc::new(info_of(&m, secs, Some((added_mb * 10.0).round() / 10.0)));
+            let info = Arc::new(info_of(&m, secs));
             let _ = state.send(ModelState::Ready(info.clone()));
             supervise(&m, &info, limits, rx, &state, stats);
         }

@@ -51,9 +51,10 @@ pub struct ModelInfo {
     pub context_length: usize,
     pub vocab_size: usize,
     pub load_seconds: f64,
-    /// Resident memory the load added (MiB; loads run one at a time, so the difference is this
-    /// model's), `None` for a model loaded outside the worker.
-    pub memory_mb: Option<f64>,
+    /// Memory its weights take (MiB): the model's own, counted from its tensors and packed
+    /// blocks, not a difference of process RSS (which other loads, unloads and the allocator
+    /// move meanwhile).
+    pub memory_mb: f64,
     /// When the load finished (RFC 3339).
     pub loaded_at: String,
     /// The model's tokenizer: prompts are tokenized before they are queued.
