@@ -1388,14 +1388,7 @@ fn a_load_unload_storm_cancels_pending_loads_and_memory_stays_honest() {
     }
     // The default model answers, and a last load of gemma completes, with its same memory.
     assert_eq!(
-        top_token(
-            &server,
-            &server.model("SmolLM2-135M-Instruct.Q4_1")["id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-            FOX
-        ),
+        top_token(&server, "SmolLM2-135M-Instruct.Q4_1", FOX),
         " dog"
     );
     assert!(matches!(load(&gemma_id).0, 200 | 202));

@@ -88,6 +88,8 @@ pub enum ErrorCode {
     JobConflict,
     OutputExists,
     PathNotAllowed,
+    /// POST /compare with two models that tokenize differently.
+    TokenizerMismatch,
     /// The key may not do this (an admin route called with an ordinary key).
     Forbidden,
     /// The state directory would pass `--max-disk`.
@@ -180,6 +182,11 @@ impl ErrorCode {
                 "permission_error",
             ),
             Forbidden => (StatusCode::FORBIDDEN, "FORBIDDEN", "permission_error"),
+            TokenizerMismatch => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "TOKENIZER_MISMATCH",
+                INVALID,
+            ),
             DiskFull => (
                 StatusCode::INSUFFICIENT_STORAGE,
                 "DISK_FULL",

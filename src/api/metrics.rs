@@ -23,6 +23,8 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub prompt_tokens: IntCounter,
     pub generated_tokens: IntCounter,
+    /// POST /compare requests answered.
+    pub compare_requests: IntCounter,
     queue_depth: IntGauge,
     queue_capacity: IntGauge,
     model_loaded: IntGauge,
@@ -67,6 +69,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
     )?;
     let prompt_tokens = IntCounter::new("prompt_tokens_total", "Prompt tokens evaluated")?;
     let generated_tokens = IntCounter::new("generated_tokens_total", "Tokens generated")?;
+    let compare_requests = IntCounter::new(
+        "compare_requests_total",
+        "POST /compare requests answered (two models on one text)",
+    )?;
+    registry.register(Box::new(compare_requests.clone()))?;
     let queue_depth = IntGauge::new("queue_depth", "Requests waiting for the model thread")?;
     let queue_capacity = IntGauge::new("queue_capacity", "Size of the request queue")?;
     let model_loaded = IntGauge::new("model_loaded", "1 once the model is loaded")?;
@@ -110,7 +117,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     let models_memory_bytes = IntGaugeVec::new(
         Opts::new(
             "model_memory_bytes",
-            "Resident memory the model's load added, per model id",
+            "Memory the model's weights take, per model id",
         ),
         &["model"],
     )?;
@@ -134,6 +141,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         in_flight,
         prompt_tokens,
         generated_tokens,
+        compare_requests,
         queue_depth,
         queue_capacity,
         model_loaded,

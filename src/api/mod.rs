@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod bounds;
+pub mod compare;
 pub mod docs;
 pub mod error;
 pub mod extract;
@@ -186,6 +187,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(docs::ApiDoc::openapi())
         .routes(utoipa_axum::routes!(routes::generate))
         .routes(utoipa_axum::routes!(lens::lens))
+        .routes(utoipa_axum::routes!(compare::compare))
         .routes(utoipa_axum::routes!(routes::health))
         .routes(utoipa_axum::routes!(routes::live))
         .routes(utoipa_axum::routes!(routes::status))

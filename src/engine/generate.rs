@@ -391,11 +391,21 @@ pub fn token_probability(
     logprob: f64,
     rank: usize,
 ) -> TokenProbability {
+    candidate(&model.tokenizer, id, logprob, rank)
+}
+
+/// [`token_probability`] with a tokenizer alone.
+pub fn candidate(
+    tokenizer: &crate::model::TextTokenizer,
+    id: u32,
+    logprob: f64,
+    rank: usize,
+) -> TokenProbability {
     let probability = logprob.exp();
     TokenProbability {
-        token: model.tokenizer.token_text(id).to_string(),
+        token: tokenizer.token_text(id).to_string(),
         token_id: id,
-        bytes: model.tokenizer.token_bytes(id).to_vec(),
+        bytes: tokenizer.token_bytes(id).to_vec(),
         probability,
         percentage: probability * 100.0,
         logprob,

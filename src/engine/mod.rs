@@ -1,6 +1,7 @@
 //! Turning a prompt into distributions: the maths, the generation loop, the response types.
 
 pub mod batch;
+pub mod compare;
 pub mod detokenize;
 pub mod distribution;
 pub mod generate;

@@ -92,6 +92,10 @@ pub struct ModelView {
     /// When the current load finished (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loaded_at: Option<String>,
+    /// Its tokenizer's digest, once loaded: models with the same digest tokenize every text
+    /// the same way (what POST /compare requires).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
     /// Why the last load failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -193,9 +197,12 @@ impl Entry {
 
     fn view(&self, default: bool) -> ModelView {
         let state = self.state();
-        let loaded_at = match &state {
-            ModelState::Ready(info) => Some(info.loaded_at.clone()),
-            _ => None,
+        let (loaded_at, tokenizer) = match &state {
+            ModelState::Ready(info) => (
+                Some(info.loaded_at.clone()),
+                Some(info.tokenizer.digest().to_string()),
+            ),
+            _ => (None, None),
         };
         let (status, error) = match state {
             ModelState::Ready(_) | ModelState::Restarting(_) => (LoadStatus::Loaded, None),
@@ -218,6 +225,7 @@ impl Entry {
             memory_mb: round(self.memory_mb()),
             file_mb: self.file_mb().map(round),
             loaded_at,
+            tokenizer,
             error,
             default,
             origin: self.origin,
@@ -448,6 +456,17 @@ impl ModelRegistry {
     }
 
     /// Every loaded model's id and worker, in listing order.
+    /// Bytes the weights of the loaded models take (what `memory_mb` counts).
+    pub fn loaded_weight_bytes(&self) -> u64 {
+        self.loaded()
+            .iter()
+            .map(|(_, w)| match w.state() {
+                ModelState::Ready(info) => (info.memory_mb * 1024.0 * 1024.0) as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+
     pub fn loaded(&self) -> Vec<(String, WorkerHandle)> {
         self.lock()
             .iter()

@@ -35,6 +35,12 @@ impl Target {
 /// is ~170 positions for a 49k vocabulary and 32 for Gemma's 262k.
 const MAX_LOGIT_VALUES: usize = 8 << 20;
 
+/// Positions computed at once when every position's logits are kept (bounded by
+/// [`MAX_LOGIT_VALUES`]).
+pub(crate) fn logit_chunk(vocab: usize) -> usize {
+    (MAX_LOGIT_VALUES / vocab.max(1)).clamp(1, super::generate::PREFILL_CHUNK)
+}
+
 /// The prompt scored: one entry per token, the KV cache of the whole prompt and the logits of
 /// its last position (which predict the first new token).
 pub struct ScoredPrompt {
@@ -64,8 +70,7 @@ pub fn score_prompt(
         return Err(EngineError::EmptyPrompt);
     };
     let lm = &model.model;
-    let vocab = lm.config().vocab_size.max(1);
-    let chunk = (MAX_LOGIT_VALUES / vocab).clamp(1, super::generate::PREFILL_CHUNK);
+    let chunk = logit_chunk(lm.config().vocab_size);
     let mut cache = lm.new_cache();
     let mut tokens = vec![PromptToken {
         token: model.tokenizer.token_text(first).to_string(),

@@ -72,6 +72,8 @@ pub struct TextTokenizer {
     end_of_generation: Vec<u32>,
     /// For each token, whether a lower id has exactly the same bytes (see [`Self::token_key`]).
     shadowed: std::sync::Arc<std::sync::OnceLock<Vec<bool>>>,
+    /// See [`Self::digest`] (computed on first use).
+    digest: std::sync::Arc<std::sync::OnceLock<String>>,
     pub info: TokenizerInfo,
 }
 
@@ -315,6 +317,7 @@ impl TextTokenizer {
             literal: Default::default(),
             end_of_generation: Vec::new(),
             shadowed: Default::default(),
+            digest: Default::default(),
             info: TokenizerInfo::default(),
         })
     }
@@ -373,6 +376,52 @@ impl TextTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+    /// What makes two tokenizers the same, as a SHA-256 (hex, first 16 bytes): the whole
+    /// tokenizer as Hugging Face's `tokenizers` serializes it (vocabulary, merges,
+    /// normalizer, pre-tokenizer, special tokens) and whether a BOS is added. Two models with
+    /// the same digest turn every text into the same ids.
+    pub fn digest(&self) -> &str {
+        self.digest.get_or_init(|| {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            h.update(self.inner.to_string(false).unwrap_or_default().as_bytes());
+            h.update([self.info.add_bos as u8]);
+            h.update(self.info.bos_token_id.unwrap_or(u32::MAX).to_le_bytes());
+            h.finalize()[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
+    }
+
+    /// Where two tokenizers differ, in words (for a mismatch error); None when their digests
+    /// agree.
+    pub fn difference(&self, other: &TextTokenizer) -> Option<String> {
+        if self.digest() == other.digest() {
+            return None;
+        }
+        if self.vocab_size() != other.vocab_size() {
+            return Some(format!(
+                "vocabularies of {} and {} tokens",
+                self.vocab_size(),
+                other.vocab_size()
+            ));
+        }
+        if let Some(id) =
+            (0..self.vocab_size() as u32).find(|&i| self.token_bytes(i) != other.token_bytes(i))
+        {
+            return Some(format!(
+                "token {id} is {:?} in one and {:?} in the other",
+                self.token_text(id),
+                other.token_text(id)
+            ));
+        }
+        if self.info.add_bos != other.info.add_bos {
+            return Some("one adds a BOS token, the other does not".into());
+        }
+        Some("the same vocabulary but different merges, normalization or pre-tokenization".into())
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.token_bytes.len()
     }

@@ -63,9 +63,11 @@ impl JobMemory {
 pub fn estimate(params: u64, shape: &ModelShape, batch: u64, seq: u64) -> JobMemory {
     const F32: u64 = 4;
     let tokens = batch.saturating_mul(seq);
-    let per_token_layer = (18 * shape.hidden)
-        .saturating_add(6 * shape.ffn)
-        .saturating_add((3 * shape.heads).saturating_mul(seq));
+    let per_token_layer = shape
+        .hidden
+        .saturating_mul(18)
+        .saturating_add(shape.ffn.saturating_mul(6))
+        .saturating_add(shape.heads.saturating_mul(3).saturating_mul(seq));
     let weights = params.saturating_mul(F32);
     JobMemory {
         weights,

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::handle::WorkerHandle;
 use super::job::Command;
-use super::schedule::{drop_abandoned, run_batch, run_single};
+use super::schedule::{drop_abandoned, run_batch, run_logits, run_single};
 use super::{ModelInfo, ModelState, WorkerError, WorkerLimits, WorkerStats};
 use super::{MAX_RESTARTS, RESTART_WINDOW};
 use crate::engine::batch;
@@ -129,8 +129,14 @@ fn run(
 /// Answers every queued and future job with `NotLoaded` (rather than leaving senders hanging).
 fn refuse_all(mut rx: mpsc::Receiver<Command>) {
     while let Some(command) = rx.blocking_recv() {
-        if let Command::Generate(job) = command {
-            let _ = job.reply.send(Err(WorkerError::NotLoaded));
+        match command {
+            Command::Generate(job) => {
+                let _ = job.reply.send(Err(WorkerError::NotLoaded));
+            }
+            Command::Logits(job) => {
+                let _ = job.rows.send(Err(WorkerError::NotLoaded.to_string()));
+            }
+            Command::Panic => {}
         }
     }
 }
@@ -204,12 +210,17 @@ fn serve(
     while let Some(first) = rx.blocking_recv() {
         // Everything already waiting joins this round (dynamic batching).
         let mut jobs = Vec::new();
+        let mut streams = Vec::new();
         let mut command = Some(first);
         while let Some(c) = command {
             match c {
                 Command::Generate(job) => {
                     stats.received.fetch_add(1, Ordering::Relaxed);
                     jobs.push(*job)
+                }
+                Command::Logits(job) => {
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    streams.push(job)
                 }
                 // Jobs drained with it are dropped: their handlers answer GENERATION_FAILED.
                 Command::Panic => panic!("deliberate panic (WorkerHandle::crash_for_test)"),
@@ -227,6 +238,9 @@ fn serve(
             for job in jobs {
                 run_single(model, job, &mut prefix, stats);
             }
+        }
+        for job in streams {
+            run_logits(model, &job);
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use super::job::{Command, InFlight, Job};
+use super::job::{Command, InFlight, Job, LogitsJob};
 use super::tokenize::{self, check_prompt};
 use super::{
     EventSender, ModelInfo, ModelState, PromptInput, Reply, WhenFull, WorkerError, WorkerLimits,
@@ -204,6 +204,30 @@ impl WorkerHandle {
             reported: AtomicUsize::new(0),
         };
         Ok((job, rx))
+    }
+
+    /// Queues a compare job's half: the model streams the logits of every position of `ids`
+    /// from `first_row` on (row `i` predicts `ids[i + 1]`), two chunks ahead of the reader at
+    /// most. A full queue is an immediate `Overloaded`.
+    pub fn submit_logits(
+        &self,
+        ids: Vec<u32>,
+        first_row: usize,
+    ) -> Result<super::LogitStream, WorkerError> {
+        self.ready_info()?;
+        let (rows, stream) = std::sync::mpsc::sync_channel(2);
+        self.send(Command::Logits(Box::new(LogitsJob {
+            ids,
+            first_row,
+            rows,
+            _in_flight: InFlight::new(&self.stats),
+        })))?;
+        Ok(stream)
+    }
+
+    /// The model's state when it is ready to take jobs.
+    pub fn ready(&self) -> Result<Arc<ModelInfo>, WorkerError> {
+        self.ready_info()
     }
 
     /// Makes the model thread panic outside any job (only tests call this: it is how they

@@ -58,9 +58,20 @@ impl Job {
     }
 }
 
+/// A compare job's half: stream the logits of every position from `first_row` on into
+/// `rows` (see [`crate::engine::compare`]).
+pub(super) struct LogitsJob {
+    pub ids: Vec<u32>,
+    pub first_row: usize,
+    pub rows: super::LogitRows,
+    /// Keeps the model busy (not unloadable) until the job is done.
+    pub _in_flight: InFlight,
+}
+
 /// What the model thread is asked to do.
 pub(super) enum Command {
     Generate(Box<Job>),
+    Logits(Box<LogitsJob>),
     /// Panics in the serve loop itself, outside any job's `catch_unwind`: how the tests prove
     /// that the supervisor notices and restarts (see [`super::WorkerHandle::crash_for_test`]).
     Panic,

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::backend::panic_message;
-use super::job::Job;
+use super::job::{Job, LogitsJob};
 use super::reply::{engine_error, finish};
 use super::{WorkerError, WorkerStats};
 use crate::engine::batch;
@@ -22,6 +22,23 @@ fn abandoned(job: &Job, stats: &WorkerStats) -> bool {
         stats.cancelled.fetch_add(1, Ordering::Relaxed);
     }
     gone
+}
+
+/// Streams a compare job's logits; a failure (or a panic) is sent down the stream, and a
+/// reader that went away stops the run.
+pub(super) fn run_logits(model: &LoadedModel, job: &LogitsJob) {
+    let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        crate::engine::compare::stream_logits(model, &job.ids, job.first_row, &mut |rows| {
+            job.rows.send(Ok(rows)).is_ok()
+        })
+    }));
+    let failure = match run {
+        Ok(Ok(())) | Ok(Err(EngineError::Cancelled)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => format!("panic in the model thread: {}", panic_message(&panic)),
+    };
+    tracing::error!("compare: {failure}");
+    let _ = job.rows.send(Err(failure));
 }
 
 pub(super) fn drop_abandoned(jobs: Vec<Job>, stats: &WorkerStats) -> Vec<Job> {

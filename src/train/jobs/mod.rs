@@ -350,9 +350,15 @@ impl JobManager {
             let other: Option<JobSpec> = serde_json::from_str(&row.spec).ok();
             let active = !matches!(row.status, JobStatus::Failed | JobStatus::Cancelled);
             if active && other.is_some_and(|o| o.output_name == spec.output_name) {
+                // Another key's job is not named: its existence is not theirs to know.
+                let who = if by.may_see(row.owner.as_deref()) {
+                    format!("job {}", row.id)
+                } else {
+                    "another job".to_string()
+                };
                 return Err(JobError::OutputExists(format!(
-                    "job {} already writes `{}`; choose another output_name",
-                    row.id, spec.output_name
+                    "{who} already writes `{}`; choose another output_name",
+                    spec.output_name
                 )));
             }
         }
@@ -480,6 +486,20 @@ impl JobManager {
         let view = self.registry.view(id).ok_or_else(|| {
             JobError::Missing(Missing::BaseModel, format!("model `{id}` not found"))
         })?;
+        for row in self.store.jobs()? {
+            let ended = matches!(
+                row.status,
+                JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+            );
+            let based = serde_json::from_str::<JobSpec>(&row.spec)
+                .is_ok_and(|s| self.registry.find(&s.base_model).as_deref() == Some(id));
+            if based && !ended {
+                return Err(JobError::Conflict(format!(
+                    "model `{id}` is the base of a job that may still run ({}); cancel or wait for it first",
+                    row.status
+                )));
+            }
+        }
         if view.origin != Origin::Trained {
             return Err(JobError::NotDeletable(format!(
                 "model `{id}` was not trained by this server (it is a file the operator \
@@ -501,6 +521,8 @@ impl JobManager {
 
     /// Deletes an upload, unless a job that may still run reads it.
     pub fn delete_upload(&self, id: &str, by: &Requester) -> Result<(), JobError> {
+        // Not between a job's check of its upload and its insertion (see `create`).
+        let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         let upload = self
             .store
             .upload(id)?
@@ -634,12 +656,31 @@ impl JobManager {
 }
 
 impl JobManager {
-    /// Bytes the state directory may still take under `--max-disk` (unbounded without it).
+    /// Bytes the state directory may still take under `--max-disk` (unbounded without it):
+    /// what it does not hold yet, less what jobs that may still run are expected to write
+    /// beyond what they wrote already (their estimates are reserved when they are admitted).
     fn disk_room(&self) -> Result<u64, JobError> {
         let Some(max) = self.settings.max_disk else {
             return Ok(u64::MAX);
         };
-        Ok(max.saturating_sub(dir_bytes(&self.settings.state_dir)))
+        let mut reserved = 0u64;
+        for row in self.store.jobs()? {
+            if matches!(
+                row.status,
+                JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+            ) {
+                continue;
+            }
+            if let Ok(spec) = serde_json::from_str::<JobSpec>(&row.spec) {
+                reserved = reserved.saturating_add(
+                    self.disk_estimate(&spec)
+                        .saturating_sub(self.job_disk_bytes(&spec)),
+                );
+            }
+        }
+        Ok(max
+            .saturating_sub(dir_bytes(&self.settings.state_dir))
+            .saturating_sub(reserved))
     }
 
     /// 507 `DISK_FULL`, saying what uses the space.
@@ -696,7 +737,10 @@ impl JobManager {
             DataSpec::Text(t) => t.text.len() as u64,
             _ => 0,
         };
-        params.saturating_mul(4).saturating_mul(2 * 3 + 1) + data
+        params
+            .saturating_mul(4)
+            .saturating_mul(2 * 3 + 1)
+            .saturating_add(data)
     }
 
     /// A failed or cancelled job keeps only its newest checkpoint (enough to look at, or to

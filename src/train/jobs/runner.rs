@@ -81,6 +81,7 @@ impl JobManager {
             stop,
             first: AtomicU8::new(1),
             rss_start: crate::system::process_rss_bytes(),
+            models_start: self.registry.loaded_weight_bytes(),
             over_memory: Mutex::new(None),
         };
         let outcome = self
@@ -213,8 +214,10 @@ struct JobObserver<'a> {
     row: Mutex<JobRow>,
     stop: &'a AtomicU8,
     first: AtomicU8,
-    /// The process's resident memory when the job started: what it grows by is the job's.
+    /// The process's resident memory when the job started, and the loaded models' weights
+    /// then: what the process grows by, less what models loaded meanwhile added, is the job's.
     rss_start: u64,
+    models_start: u64,
     /// Set when the job grew past `--max-job-memory`: it stops at this step boundary.
     over_memory: Mutex<Option<String>>,
 }
@@ -238,7 +241,14 @@ impl TrainObserver for JobObserver<'_> {
                 run.first_step = Some(r.step as u64);
             }
         }
-        let grown = crate::system::process_rss_bytes().saturating_sub(self.rss_start);
+        let models_grown = self
+            .manager
+            .registry
+            .loaded_weight_bytes()
+            .saturating_sub(self.models_start);
+        let grown = crate::system::process_rss_bytes()
+            .saturating_sub(self.rss_start)
+            .saturating_sub(models_grown);
         let limit = self.manager.settings.max_job_memory;
         if grown > limit {
             let mut over = self.over_memory.lock().unwrap_or_else(|p| p.into_inner());
