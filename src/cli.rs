@@ -99,6 +99,25 @@ pub enum ClientCommand {
     Resume { id: String },
     /// Cancel a training job.
     Cancel { id: String },
+    /// Two models on the same text: per-token KL, top-1 agreement, log-prob deltas (the
+    /// positions where they differ most first).
+    Compare {
+        /// Model A (the reference).
+        a: String,
+        /// Model B.
+        b: String,
+        /// The text (every token after the first is scored).
+        text: String,
+        /// Score only this continuation of `text` (then `text` is the prompt).
+        #[arg(long)]
+        continuation: Option<String>,
+        /// Alternatives per position and model.
+        #[arg(short = 'k', long, default_value_t = 5)]
+        top_k: u32,
+        /// Positions listed (worst first).
+        #[arg(long, default_value_t = 20)]
+        rows: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -369,6 +388,11 @@ pub struct InspectArgs {
     /// target's rank per layer.
     #[arg(long, env = "TOKENSCOPE_LENS")]
     pub lens: bool,
+    /// Compare with this model (a .gguf file, a Hugging Face directory or a hub id): score
+    /// the prompt (or `--continuation` after it) under both, per-token KL, top-1 agreement
+    /// and log-prob deltas, the positions where they differ most first.
+    #[arg(long, env = "TOKENSCOPE_COMPARE")]
+    pub compare: Option<String>,
     /// Only tokenize: print the prompt's token ids and pieces as JSON (special tokens parsed,
     /// BOS per the model's rule), without running the model.
     #[arg(long, env = "TOKENSCOPE_TOKENIZE")]

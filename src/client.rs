@@ -208,6 +208,38 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
                 print_job(&job);
             }
         }
+        ClientCommand::Compare {
+            a,
+            b,
+            text,
+            continuation,
+            top_k,
+            rows,
+        } => {
+            let body = match continuation {
+                Some(c) => {
+                    json!({"models": [a, b], "prompt": text, "continuation": c, "top_k": top_k})
+                }
+                None => json!({"models": [a, b], "text": text, "top_k": top_k}),
+            };
+            let v = api.post("/compare", &body)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let r: crate::api::compare::CompareResponse = serde_json::from_value(v)
+                    .context("the server's /compare response is not what this client expects")?;
+                print!(
+                    "{}",
+                    crate::inspect::render_compare(
+                        &r.models[0],
+                        &r.models[1],
+                        &r.positions,
+                        &r.summary,
+                        *rows
+                    )
+                );
+            }
+        }
         ClientCommand::Pause { id }
         | ClientCommand::Resume { id }
         | ClientCommand::Cancel { id } => {

@@ -241,3 +241,82 @@ pub fn render_lens(prompt: &str, layers: &[LensLayer]) -> String {
     }
     out
 }
+
+/// Two models on one text (`client compare`, `inspect --compare`): the summary, then the
+/// `rows` positions where they differ most (largest KL(A‖B) first).
+pub fn render_compare(
+    a: &str,
+    b: &str,
+    positions: &[crate::engine::compare::ComparePosition],
+    summary: &crate::engine::compare::CompareSummary,
+    rows: usize,
+) -> String {
+    let mut out = String::new();
+    let s = summary;
+    let _ = writeln!(out, "A = {a}\nB = {b}\n");
+    let _ = writeln!(
+        out,
+        "  {} positions   KL(A‖B) mean {:.6}  median {:.6}  p99 {:.6}  max {:.6} (at token {})",
+        s.positions, s.kl_mean, s.kl_median, s.kl_p99, s.kl_max, s.kl_max_position
+    );
+    let _ = writeln!(
+        out,
+        "  KL(B‖A) mean {:.6}   top-1 agreement {:.2}%   perplexity A {:.4}  B {:.4}   RMS Δp {:.3}%\n",
+        s.kl_ba_mean,
+        s.top1_agreement_percent,
+        s.perplexity_a,
+        s.perplexity_b,
+        s.rms_delta_p_percent
+    );
+    if positions.is_empty() {
+        return out;
+    }
+    let mut worst: Vec<&crate::engine::compare::ComparePosition> = positions.iter().collect();
+    worst.sort_by(|x, y| {
+        y.kl_ab
+            .total_cmp(&x.kl_ab)
+            .then(x.position.cmp(&y.position))
+    });
+    let top1 = |t: &[TokenProbability]| {
+        t.first()
+            .map(|t| format!("{} {:.1}%", visible(&t.token), t.percentage))
+            .unwrap_or_default()
+    };
+    let table: Vec<Vec<String>> = worst
+        .iter()
+        .take(rows)
+        .map(|p| {
+            vec![
+                p.position.to_string(),
+                visible(&p.token),
+                format!("{:.4}", p.logprob_a),
+                format!("{:.4}", p.logprob_b),
+                format!("{:+.4}", p.delta_logprob),
+                format!("{:.6}", p.kl_ab),
+                top1(&p.top_a),
+                top1(&p.top_b),
+                if p.top1_agree { "yes" } else { "NO" }.to_string(),
+            ]
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "  the {} positions where they differ most (largest KL(A‖B) first):",
+        table.len()
+    );
+    out.push_str(&render_table(
+        &[
+            "pos",
+            "token",
+            "logp A",
+            "logp B",
+            "Δ logp",
+            "KL(A‖B)",
+            "top-1 A",
+            "top-1 B",
+            "agree",
+        ],
+        &table,
+    ));
+    out
+}

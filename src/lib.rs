@@ -31,6 +31,38 @@ pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
     let loaded = model::load(&source, &args.model.load_options())
         .with_context(|| format!("loading {}", source.display_name()))?;
     let ids = engine::tokenize(&loaded, &args.prompt)?;
+    if let Some(other) = &args.compare {
+        let source_b = model::resolve_source(Some(other))?;
+        let b = model::load(&source_b, &args.model.load_options())
+            .with_context(|| format!("loading {}", source_b.display_name()))?;
+        let (all, first_row) = match &args.continuation {
+            Some(c) => {
+                let mut all = ids.clone();
+                all.extend(loaded.tokenizer.encode_without_special(c)?);
+                (all, ids.len().saturating_sub(1))
+            }
+            None => (ids.clone(), 0),
+        };
+        let (positions, summary) =
+            engine::compare::compare_models(&loaded, &b, &all, first_row, args.top_k as usize)
+                .map_err(|e| anyhow::anyhow!(e))?;
+        if args.json {
+            let body = serde_json::json!({
+                "models": [loaded.name, b.name],
+                "tokenizer": loaded.tokenizer.digest(),
+                "tokens": all.len(),
+                "positions": positions,
+                "summary": summary,
+            });
+            println!("{}", serde_json::to_string_pretty(&body)?);
+        } else {
+            print!(
+                "{}",
+                inspect::render_compare(&loaded.name, &b.name, &positions, &summary, 20)
+            );
+        }
+        return Ok(());
+    }
     if args.tokenize {
         let pieces: Vec<&str> = ids
             .iter()

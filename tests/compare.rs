@@ -149,6 +149,37 @@ async fn compare_agrees_with_numpy_and_refuses_what_it_cannot_compare() {
     );
     assert!(positions.len() > 10);
 
+    // `tokenscope inspect --compare` (no server) gives the same figures.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenscope"))
+        .args(["inspect", "--model"])
+        .arg(&m.dirs[0])
+        .arg("--compare")
+        .arg(&m.dirs[1])
+        .args([TEXT, "--json", "-k", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(local["positions"], resp["positions"]);
+    assert_eq!(local["summary"], resp["summary"]);
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_tokenscope"))
+        .args(["inspect", "--model"])
+        .arg(&m.dirs[0])
+        .arg("--compare")
+        .arg(&m.dirs[1])
+        .arg(TEXT)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("KL(A‖B) mean") && table.contains("differ most"),
+        "{table}"
+    );
+
     // A continuation alone: the positions after the prompt.
     let (status, cont) = compare(
         &m.app,

@@ -12,8 +12,8 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody, ErrorCode, FieldError};
 use super::AppState;
-use crate::engine::compare::{ComparePosition, CompareSummary, Comparer};
-use crate::engine::worker::{LogitStream, ModelInfo, WorkerError};
+use crate::engine::compare::{compare_streams, ComparePosition, CompareSummary, Comparer};
+use crate::engine::worker::{ModelInfo, WorkerError};
 
 /// Score a whole text: every token after the first.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -224,23 +224,40 @@ pub async fn compare(
             ),
         ));
     }
-    let tokenizer = info_a.tokenizer.clone();
-    let (ids, first_row) = tokio::task::spawn_blocking(move || {
+    // Tokenized under both: the digests agreeing makes a difference unlikely, this makes it
+    // impossible for this text.
+    let (ta, tb) = (info_a.tokenizer.clone(), info_b.tokenizer.clone());
+    let (ids, first_row, same_ids) = tokio::task::spawn_blocking(move || {
         let fail = |e: crate::model::ModelError| WorkerError::Failed(e.to_string());
-        let mut ids = tokenizer.encode(&text).map_err(fail)?;
-        let first_row = match continuation {
-            None => 0,
-            Some(c) => {
-                let prompt = ids.len();
-                ids.extend(tokenizer.encode_without_special(&c).map_err(fail)?);
-                prompt.saturating_sub(1)
-            }
+        let tokenize = |t: &crate::model::TextTokenizer| {
+            let mut ids = t.encode(&text).map_err(fail)?;
+            let first_row = match &continuation {
+                None => 0,
+                Some(c) => {
+                    let prompt = ids.len();
+                    ids.extend(t.encode_without_special(c).map_err(fail)?);
+                    prompt.saturating_sub(1)
+                }
+            };
+            Ok::<_, WorkerError>((ids, first_row))
         };
-        Ok::<_, WorkerError>((ids, first_row))
+        let (ids, first_row) = tokenize(&ta)?;
+        let same = tokenize(&tb)?.0 == ids;
+        Ok::<_, WorkerError>((ids, first_row, same))
     })
     .await
     .map_err(|_| ApiError::generation_failed())?
     .map_err(|e| super::routes::worker_error(&a, e))?;
+    if !same_ids {
+        return Err(ApiError::new(
+            ErrorCode::TokenizerMismatch,
+            format!(
+                "`{}` and `{}` tokenize this text differently; compare needs the same token ids under both",
+                a.model_id(),
+                b.model_id()
+            ),
+        ));
+    }
     let limit = info_a.context_length.min(info_b.context_length);
     if ids.len() > limit {
         return Err(ApiError::new(
@@ -305,7 +322,7 @@ async fn run(
     let vocab = info.vocab_size;
     let compared = tokio::task::spawn_blocking(move || {
         compare_streams(
-            &tokenizer, &ids, first_row, top_k, vocab, rows, stream_a, stream_b, &cancel,
+            &tokenizer, &ids, first_row, top_k, vocab, stream_a, stream_b, &cancel,
         )
     })
     .await
@@ -317,65 +334,4 @@ async fn run(
             Err(ApiError::generation_failed())
         }
     }
-}
-
-/// Row after row from each stream (chunks may differ in size), into the comparer.
-#[allow(clippy::too_many_arguments)]
-fn compare_streams(
-    tokenizer: &crate::model::TextTokenizer,
-    ids: &[u32],
-    first_row: usize,
-    top_k: usize,
-    vocab: usize,
-    rows: usize,
-    a: LogitStream,
-    b: Option<LogitStream>,
-    cancel: &AtomicBool,
-) -> Result<(Vec<ComparePosition>, CompareSummary), String> {
-    struct Side {
-        stream: LogitStream,
-        chunk: Vec<f32>,
-        at: usize,
-    }
-    impl Side {
-        /// The next row, receiving the next chunk when this one is used up.
-        fn row(&mut self, vocab: usize) -> Result<&[f32], String> {
-            if self.at * vocab >= self.chunk.len() {
-                self.chunk = self
-                    .stream
-                    .recv()
-                    .map_err(|_| "the model thread stopped".to_string())??;
-                self.at = 0;
-                if self.chunk.is_empty() || !self.chunk.len().is_multiple_of(vocab) {
-                    return Err("a chunk of logits has the wrong size".into());
-                }
-            }
-            let row = &self.chunk[self.at * vocab..(self.at + 1) * vocab];
-            self.at += 1;
-            Ok(row)
-        }
-    }
-    let side = |stream| Side {
-        stream,
-        chunk: Vec::new(),
-        at: 0,
-    };
-    let mut sa = side(a);
-    let mut sb = b.map(side);
-    let mut comparer = Comparer::new(tokenizer, ids, first_row, top_k);
-    for _ in 0..rows {
-        if cancel.load(Ordering::SeqCst) {
-            return Err("cancelled: the client went away".into());
-        }
-        let row_a = sa.row(vocab)?;
-        match sb.as_mut() {
-            Some(sb) => {
-                let row_b = sb.row(vocab)?;
-                comparer.add(row_a, row_b)
-            }
-            None => comparer.add(row_a, row_a),
-        }
-        .map_err(|e| e.to_string())?;
-    }
-    Ok(comparer.finish())
 }

@@ -16,7 +16,17 @@ use utoipa::ToSchema;
 use super::distribution::Distribution;
 use super::generate::{candidate, EngineError};
 use super::output::TokenProbability;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::model::{LoadedModel, TextTokenizer};
+
+/// Where a compare job's logits go, a chunk of positions at a time (flat: rows × vocabulary);
+/// bounded, so that a reader that falls behind holds the model thread back instead of
+/// letting memory grow. An `Err` says why the stream stopped.
+pub type LogitRows = std::sync::mpsc::SyncSender<Result<Vec<f32>, String>>;
+
+/// The reading end of [`LogitRows`].
+pub type LogitStream = std::sync::mpsc::Receiver<Result<Vec<f32>, String>>;
 
 /// Streams the logits of every position from `first_row` on (row `i` predicts `ids[i + 1]`;
 /// the last token predicts nothing here and is not run), a chunk of rows at a time, flat
@@ -49,6 +59,112 @@ pub fn stream_logits(
         }
     }
     Ok(())
+}
+
+/// Compares row after row from each stream (their chunks may differ in size; `b` None: the
+/// same stream serves both sides), stopping when `cancel` is set.
+#[allow(clippy::too_many_arguments)]
+pub fn compare_streams(
+    tokenizer: &TextTokenizer,
+    ids: &[u32],
+    first_row: usize,
+    top_k: usize,
+    vocab: usize,
+    a: LogitStream,
+    b: Option<LogitStream>,
+    cancel: &AtomicBool,
+) -> Result<(Vec<ComparePosition>, CompareSummary), String> {
+    let rows = ids.len().saturating_sub(1).saturating_sub(first_row);
+    struct Side {
+        stream: LogitStream,
+        chunk: Vec<f32>,
+        at: usize,
+    }
+    impl Side {
+        /// The next row, receiving the next chunk when this one is used up.
+        fn row(&mut self, vocab: usize) -> Result<&[f32], String> {
+            if self.at * vocab >= self.chunk.len() {
+                self.chunk = self
+                    .stream
+                    .recv()
+                    .map_err(|_| "the model thread stopped".to_string())??;
+                self.at = 0;
+                if self.chunk.is_empty() || !self.chunk.len().is_multiple_of(vocab) {
+                    return Err("a chunk of logits has the wrong size".into());
+                }
+            }
+            let row = &self.chunk[self.at * vocab..(self.at + 1) * vocab];
+            self.at += 1;
+            Ok(row)
+        }
+    }
+    let side = |stream| Side {
+        stream,
+        chunk: Vec::new(),
+        at: 0,
+    };
+    let mut sa = side(a);
+    let mut sb = b.map(side);
+    let mut comparer = Comparer::new(tokenizer, ids, first_row, top_k);
+    for _ in 0..rows {
+        if cancel.load(Ordering::SeqCst) {
+            return Err("cancelled: the client went away".into());
+        }
+        let row_a = sa.row(vocab)?;
+        match sb.as_mut() {
+            Some(sb) => {
+                let row_b = sb.row(vocab)?;
+                comparer.add(row_a, row_b)
+            }
+            None => comparer.add(row_a, row_a),
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(comparer.finish())
+}
+
+/// Both models in this process (`tokenscope inspect --compare`): each streams its logits
+/// from a thread of its own, as the server's workers do.
+pub fn compare_models(
+    a: &LoadedModel,
+    b: &LoadedModel,
+    ids: &[u32],
+    first_row: usize,
+    top_k: usize,
+) -> Result<(Vec<ComparePosition>, CompareSummary), String> {
+    if let Some(diff) = a.tokenizer.difference(&b.tokenizer) {
+        return Err(format!("the models do not share a tokenizer ({diff})"));
+    }
+    let vocab = a.model.config().vocab_size;
+    if vocab != b.model.config().vocab_size {
+        return Err("the models' vocabularies differ in size".into());
+    }
+    if ids.len() < 2 {
+        return Ok(Comparer::new(&a.tokenizer, ids, first_row, top_k).finish());
+    }
+    let stream = |m: &LoadedModel, tx: LogitRows| {
+        let run = stream_logits(m, ids, first_row, &mut |rows| tx.send(Ok(rows)).is_ok());
+        if let Err(e) = run {
+            let _ = tx.send(Err(e.to_string()));
+        }
+    };
+    std::thread::scope(|scope| {
+        let (tx_a, rx_a) = std::sync::mpsc::sync_channel(2);
+        let (tx_b, rx_b) = std::sync::mpsc::sync_channel(2);
+        scope.spawn(move || stream(a, tx_a));
+        scope.spawn(move || stream(b, tx_b));
+        let cancel = AtomicBool::new(false);
+        compare_streams(
+            &a.tokenizer,
+            ids,
+            first_row,
+            top_k,
+            vocab,
+            rx_a,
+            Some(rx_b),
+            &cancel,
+        )
+    })
 }
 
 /// One scored position.

@@ -59,6 +59,12 @@ fn regex_then_bytes(regexes: &[&str]) -> Result<PreTokenizerWrapper> {
     Ok(Sequence::new(steps).into())
 }
 
+/// The text whose ids go into [`TextTokenizer::digest`].
+const DIGEST_PROBE: &str =
+    "The quick brown fox jumps over the lazy dog. 0123456789 3.14 1,000,000 \
+    +-*/=<>[]{}()@#$%^&_~`|\\ \n\n\t    indented  naïve café Übermaß — “quotes” ‘single’ \
+    東京 Москва 😀 <|endoftext|><|im_start|>user <s> </s> [INST] <bos><eos> don't I'm we'll";
+
 /// A tokenizer with the per-id tables the engine reports.
 #[derive(Clone)]
 pub struct TextTokenizer {
@@ -376,17 +382,28 @@ impl TextTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
-    /// What makes two tokenizers the same, as a SHA-256 (hex, first 16 bytes): the whole
-    /// tokenizer as Hugging Face's `tokenizers` serializes it (vocabulary, merges,
-    /// normalizer, pre-tokenizer, special tokens) and whether a BOS is added. Two models with
-    /// the same digest turn every text into the same ids.
+    /// What makes two tokenizers the same, as a SHA-256 (hex, first 16 bytes) of: every
+    /// token's bytes, the BOS a text gets (if any), and the ids of a probe text
+    /// (letters, digits, punctuation, whitespace runs, accents, CJK, Cyrillic, an emoji,
+    /// special-token markup) — so that merges, normalization and pre-tokenization count too,
+    /// not how a tokenizer file happens to be written (a GGUF's tokenizer and the
+    /// `tokenizer.json` written from it agree). POST /compare also checks the request's own
+    /// text under both.
     pub fn digest(&self) -> &str {
         self.digest.get_or_init(|| {
             use sha2::{Digest, Sha256};
             let mut h = Sha256::new();
-            h.update(self.inner.to_string(false).unwrap_or_default().as_bytes());
-            h.update([self.info.add_bos as u8]);
-            h.update(self.info.bos_token_id.unwrap_or(u32::MAX).to_le_bytes());
+            for id in 0..self.vocab_size() as u32 {
+                let bytes = self.token_bytes(id);
+                h.update((bytes.len() as u32).to_le_bytes());
+                h.update(bytes);
+            }
+            // The BOS id matters only where it is added (a GGUF names one either way).
+            let bos = self.info.bos_token_id.filter(|_| self.info.add_bos);
+            h.update(bos.unwrap_or(u32::MAX).to_le_bytes());
+            for id in self.encode(DIGEST_PROBE).unwrap_or_default() {
+                h.update(id.to_le_bytes());
+            }
             h.finalize()[..16]
                 .iter()
                 .map(|b| format!("{b:02x}"))
@@ -419,7 +436,7 @@ impl TextTokenizer {
         if self.info.add_bos != other.info.add_bos {
             return Some("one adds a BOS token, the other does not".into());
         }
-        Some("the same vocabulary but different merges, normalization or pre-tokenization".into())
+        Some("the same vocabulary, but a probe text is tokenized differently: other merges, normalization or pre-tokenization".into())
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -152,13 +152,7 @@ pub enum StreamEvent {
 /// of them, and the model thread must never wait for a slow client).
 pub type EventSender = mpsc::UnboundedSender<StreamEvent>;
 
-/// Where a compare job's logits go, a chunk of positions at a time (flat: rows × vocabulary);
-/// bounded, so that a reader that falls behind holds the model thread back instead of
-/// letting memory grow. An `Err` says why the stream stopped.
-pub type LogitRows = std::sync::mpsc::SyncSender<Result<Vec<f32>, String>>;
-
-/// The reading end of [`LogitRows`].
-pub type LogitStream = std::sync::mpsc::Receiver<Result<Vec<f32>, String>>;
+pub use crate::engine::compare::{LogitRows, LogitStream};
 
 /// The reply a handler awaits.
 pub type Reply = oneshot::Receiver<Result<GenerateResponse, WorkerError>>;
