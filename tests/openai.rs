@@ -80,6 +80,12 @@ fn check_echo_rules(lp: &Value, k: usize) {
             "position {i}"
         );
         assert!(top.len() <= k + 1 && top.len() >= k.min(1));
+        // Most likely first, as OpenAI orders them (not alphabetically).
+        let order: Vec<f64> = top.values().map(f).collect();
+        assert!(
+            order.windows(2).all(|w| w[0] >= w[1]),
+            "position {i}: {top:?}"
+        );
         assert!(f(&values[i]) <= 0.0);
     }
 }

@@ -1,8 +1,6 @@
 //! The engine's scored tokens in OpenAI's two log-probability layouts.
 
-use std::collections::BTreeMap;
-
-use super::types::{ChatTokenLogprob, CompletionLogprobs, TopLogprob};
+use super::types::{ChatTokenLogprob, CompletionLogprobs, TopLogprob, TopLogprobMap};
 use crate::engine::{PromptToken, Step, TokenProbability};
 use crate::model::TextTokenizer;
 
@@ -60,7 +58,7 @@ impl<'a> LegacyBuilder<'a> {
         b
     }
 
-    fn push(&mut self, id: u32, logprob: Option<f64>, top: Option<BTreeMap<String, f64>>) {
+    fn push(&mut self, id: u32, logprob: Option<f64>, top: Option<TopLogprobMap>) {
         // Characters so far; a character split across tokens counts once it is complete.
         let at = match std::str::from_utf8(&self.bytes) {
             Ok(s) => s.chars().count(),
@@ -81,18 +79,20 @@ impl<'a> LegacyBuilder<'a> {
 
     /// The chosen token and the alternatives, keyed by name; the chosen token's value is the
     /// same f64 as its `token_logprobs` entry.
-    fn top_map(
-        &self,
-        chosen: u32,
-        logprob: f64,
-        top: &[TokenProbability],
-    ) -> BTreeMap<String, f64> {
-        let mut map: BTreeMap<String, f64> = top
+    fn top_map(&self, chosen: u32, logprob: f64, top: &[TokenProbability]) -> TopLogprobMap {
+        let mut entries: Vec<(String, f64)> = top
             .iter()
             .map(|t| (self.naming.name(t.token_id), finite(t.logprob)))
             .collect();
-        map.insert(self.naming.name(chosen), finite(logprob));
-        map
+        let name = self.naming.name(chosen);
+        match entries.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 = finite(logprob),
+            None => entries.push((name, finite(logprob))),
+        }
+        // Most likely first (the alternatives come ranked; the chosen token, if sampled from
+        // below them, goes where its log-prob puts it). Stable: ties keep their rank order.
+        entries.sort_by(|a, b| b.1.total_cmp(&a.1));
+        TopLogprobMap(entries)
     }
 
     pub fn prompt(&mut self, tokens: &[PromptToken], k: usize) {

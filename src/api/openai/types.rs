@@ -2,8 +2,6 @@
 //! vLLM define them (only the fields tokenscope implements; unknown request fields are
 //! ignored).
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -214,6 +212,23 @@ pub struct CompletionRequest {
     pub return_tokens_as_token_ids: bool,
 }
 
+/// One position's `top_logprobs`: names and log-probs, written as a JSON object whose keys
+/// come most likely first, as OpenAI orders them (a sorted map would put them in alphabetical
+/// order).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopLogprobMap(pub Vec<(String, f64)>);
+
+impl Serialize for TopLogprobMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
 /// Log-probabilities of a completion choice, in OpenAI's legacy layout.
 #[derive(Debug, Clone, Default, Serialize, ToSchema)]
 pub struct CompletionLogprobs {
@@ -226,7 +241,8 @@ pub struct CompletionLogprobs {
     /// At each position, the chosen token and the top alternatives with their log-probs
     /// (`null` for the first echoed prompt token). The chosen token's value equals
     /// `token_logprobs` bit for bit.
-    pub top_logprobs: Vec<Option<BTreeMap<String, f64>>>,
+    #[schema(value_type = Vec<Option<BTreeMap<String, f64>>>)]
+    pub top_logprobs: Vec<Option<TopLogprobMap>>,
     /// Character offset of each token in `text` (of the tokens' concatenated text).
     pub text_offset: Vec<usize>,
 }
