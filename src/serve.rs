@@ -105,11 +105,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (models, default_worker) = model_registry(&args)?;
     let jobs = training_jobs(&args, store, models.clone())?;
     let model_name = models.default_id().unwrap_or_default();
-    let redoc_bundle = api::docs::find_redoc_bundle()
-        .and_then(|p| std::fs::read(&p).ok())
-        .map(Arc::new);
+    let redoc_bundle = api::docs::redoc_bundle_bytes().map(Arc::new);
     if redoc_bundle.is_none() {
-        tracing::warn!("assets/redoc.standalone.js not found (run ./scripts/setup.sh); /redoc will use the CDN");
+        tracing::warn!("the ReDoc bundle was neither embedded at build time nor found in assets/ (run ./scripts/setup.sh, then build); /redoc will use the CDN");
     }
     let config = ServeConfig {
         api_keys: keys,

@@ -333,3 +333,73 @@ fn slow_clients_are_cut_off_and_cannot_take_every_connection() {
         capped.get("/health").map(|(s, _)| s) == Some(200)
     });
 }
+
+/// Issue 29 item 7: `/redoc` works from any directory, offline: the bundle is embedded in the
+/// binary at build time. The binary is copied out of the repository and run from an empty
+/// folder, where neither the working directory nor the executable's ancestors hold `assets/`.
+#[test]
+fn redoc_is_served_from_the_binary_outside_the_repository() {
+    let bundle =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/redoc.standalone.js");
+    let expected = std::fs::read(&bundle)
+        .unwrap_or_else(|_| panic!("{}: missing; run ./scripts/setup.sh", bundle.display()));
+    let away = tempfile::tempdir().unwrap();
+    let exe = away.path().join("tokenscope");
+    std::fs::copy(env!("CARGO_BIN_EXE_tokenscope"), &exe).unwrap();
+    let port = common::free_port();
+    let mut child = Command::new(&exe)
+        .current_dir(away.path())
+        .args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--state-dir",
+            "state",
+            "--model",
+        ])
+        .arg(common::default_gguf())
+        .env_remove("TOKENSCOPE_API_KEYS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent = common::http_agent(Some(Duration::from_secs(30)));
+    let base = format!("http://127.0.0.1:{port}");
+    common::wait_until(
+        "the copied server answers",
+        Duration::from_secs(120),
+        || agent.get(&format!("{base}/live")).call().is_ok(),
+    );
+    let page = agent
+        .get(&format!("{base}/redoc"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let served = agent
+        .get(&format!("{base}/redoc/redoc.standalone.js"))
+        .call()
+        .map(|mut r| {
+            (
+                r.status().as_u16(),
+                r.body_mut()
+                    .with_config()
+                    .limit(64 << 20)
+                    .read_to_vec()
+                    .unwrap(),
+            )
+        });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        page.contains("/redoc/redoc.standalone.js") && !page.contains("cdn.redoc.ly"),
+        "{page}"
+    );
+    let (status, body) = served.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body == expected,
+        "the served bundle is the one setup.sh fetched"
+    );
+}

@@ -228,7 +228,17 @@ pub async fn redoc_bundle(bundle: Option<std::sync::Arc<Vec<u8>>>) -> Response {
     }
 }
 
+include!(concat!(env!("OUT_DIR"), "/redoc.rs"));
+
 /// Finds `assets/redoc.standalone.js` under the working directory or the executable's ancestors.
 pub fn find_redoc_bundle() -> Option<std::path::PathBuf> {
     crate::model::find_installed_file(std::path::Path::new("assets/redoc.standalone.js"))
+}
+
+/// The ReDoc bundle: embedded at build time (build.rs), else the installed file, else none
+/// (the page then loads ReDoc from its CDN).
+pub fn redoc_bundle_bytes() -> Option<Vec<u8>> {
+    REDOC_EMBEDDED
+        .map(<[u8]>::to_vec)
+        .or_else(|| find_redoc_bundle().and_then(|p| std::fs::read(p).ok()))
 }
