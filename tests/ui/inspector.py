@@ -128,6 +128,19 @@ try:
     check(True, "focusing a prompt token shows its alternatives")
     shot("2-distribution")
 
+    # What the bars show is said: sampling at T = 1, then greedy at T = 0 (bars: T = 1).
+    note = driver.find_element(By.ID, "distnote")
+    check("sampling at T = 1" in note.text, f"the distribution is named: {note.text!r}")
+    set_slider = "const t = document.getElementById('temperature'); t.value = arguments[0]; t.dispatchEvent(new Event('input'));"
+    old_t = driver.find_element(By.ID, "temperature").get_attribute("value")
+    driver.execute_script(set_slider, "0")
+    settled("the greedy distribution")
+    wait(lambda: "greedy" in note.text, "the greedy note")
+    check("T = 1" in note.text, f"at T = 0 the page says greedy and which distribution it shows: {note.text!r}")
+    driver.execute_script(set_slider, old_t)
+    settled("the distribution again")
+    wait(lambda: "sampling" in note.text, "the sampling note again")
+
     # Click a candidate to append it.
     before = [t for t, _ in bars()]
     driver.find_elements(By.CSS_SELECTOR, "#bars .bar")[0].click()
@@ -178,6 +191,29 @@ try:
     # The view is in the URL.
     check("prompt=The+capital" in driver.current_url or "prompt=The%20capital" in driver.current_url,
           "the prompt is in the URL")
+
+    # Tokens as they are: a token that is part of a UTF-8 character shows its bytes, never "�".
+    driver.find_element(By.ID, "tab-next").click()
+    prompt.clear()
+    prompt.send_keys("I love 東京 and 🦀")
+    settled("the byte tokens")
+    wait(lambda: "⟨" in driver.find_element(By.ID, "heat").text, "byte tokens shown as bytes")
+    heat_text = driver.find_element(By.ID, "heat").text
+    check("�" not in heat_text and "␣⟨E6⟩" in heat_text, f"partial characters shown as bytes: {heat_text!r}")
+    shot("5b-bytes")
+
+    # A long generation wraps at phone width: no horizontal scrolling.
+    driver.set_window_size(390, 844)
+    driver.find_element(By.ID, "tab-gen").click()
+    ntok = driver.find_element(By.ID, "ntokens")
+    ntok.clear()
+    ntok.send_keys(ntok.get_attribute("max"))
+    driver.find_element(By.ID, "generate").click()
+    wait(lambda: "step 1 of" in driver.find_element(By.ID, "stepinfo").text, "a long generation")
+    overflow = driver.execute_script(
+        "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    check(overflow <= 0, f"a long generation wraps at 390 px (overflow {overflow}px)")
+    driver.set_window_size(1280, 900)
 
     # Phone width: no horizontal scrolling.
     driver.find_element(By.ID, "tab-next").click()
