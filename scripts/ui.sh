@@ -29,7 +29,10 @@ fi
 ./scripts/setup.sh >/dev/null
 # shellcheck source=lib/test-server.sh
 . scripts/lib/test-server.sh
-start_test_server ui --api-key "$KEY"
+# An admin key (the page loads models with it) and two models: the default and Gemma 3 (a
+# --test-assets file), so that the model picker has something to switch to.
+start_test_server ui --admin-key "$KEY" --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
+  --model models/gemma-3-270m-q4_k_m.gguf
 # No proxy for the loopback server, and Selenium Manager never downloads anything.
 export NO_PROXY="127.0.0.1,localhost" SE_OFFLINE=true
 "$VENV/bin/python" tests/ui/inspector.py "http://127.0.0.1:$PORT" "$KEY" "$SHOTS"

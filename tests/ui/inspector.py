@@ -18,6 +18,7 @@ import time
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -239,6 +240,40 @@ try:
         "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
     check(overflow <= 0, f"no horizontal scrolling at phone width (overflow {overflow}px)")
     shot("6-phone")
+
+    # The model picker: every model with its status; choosing one that is not loaded explains
+    # itself, and its Load button says beforehand which model the server may unload.
+    driver.set_window_size(1280, 900)
+    driver.find_element(By.ID, "tab-next").click()
+    prompt.clear()
+    prompt.send_keys("The capital of France is")
+    settled("the default model's distribution")
+    pick = Select(driver.find_element(By.ID, "modelpick"))
+    names = [o.text for o in pick.options]
+    check(len(names) == 2 and any("SmolLM2" in n and "loaded" in n for n in names),
+          f"the picker lists both models with their status: {names}")
+    smol = next(o.get_attribute("value") for o in pick.options if "SmolLM2" in o.text)
+    gemma = next(o.get_attribute("value") for o in pick.options if "gemma" in o.text)
+    status = driver.find_element(By.ID, "status")
+    btn = driver.find_element(By.ID, "loadbtn")
+    pick.select_by_value(gemma)
+    wait(lambda: btn.is_displayed(), "the Load button")
+    check("SmolLM2" in btn.text, f"the Load button says what it may unload: {btn.text!r}")
+    shot("7-picker")
+    btn.click()
+    wait(lambda: "loaded in" in status.text, "Gemma to load")
+    settled("Gemma's distribution")
+    wait(lambda: bars() and "gemma" in driver.find_element(By.ID, "model").text.lower(), "Gemma's answer")
+    check("model=" in driver.current_url, "the chosen model is in the URL")
+    pick = Select(driver.find_element(By.ID, "modelpick"))
+    pick.select_by_value(smol)
+    wait(lambda: btn.is_displayed() or "loaded" in driver.find_element(By.ID, "model").text, "SmolLM2's state")
+    if btn.is_displayed():
+        btn.click()
+        wait(lambda: "loaded in" in status.text, "SmolLM2 to load again")
+    settled("SmolLM2's distribution again")
+    wait(lambda: bars() and bars()[0][0] == " Paris", "SmolLM2's answer again")
+    check(True, "switching back to the default model answers as before")
 
     # Nothing outside the server; no console errors.
     names = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
