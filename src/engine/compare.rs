@@ -335,10 +335,14 @@ fn summarize(positions: &[ComparePosition]) -> CompareSummary {
     };
     let mut kl: Vec<f64> = positions.iter().map(|p| p.kl_ab).collect();
     kl.sort_by(f64::total_cmp);
+    // The first of the largest (numpy's argmax), so an all-zero text names its first token.
     let (kl_max_position, kl_max) = positions
         .iter()
-        .map(|p| (p.position, p.kl_ab))
-        .fold((0, 0.0), |best, x| if x.1 > best.1 { x } else { best });
+        .fold(None, |best: Option<(usize, f64)>, p| match best {
+            Some(b) if b.1 >= p.kl_ab => Some(b),
+            _ => Some((p.position, p.kl_ab)),
+        })
+        .unwrap_or((0, 0.0));
     let agree = positions.iter().filter(|p| p.top1_agree).count();
     CompareSummary {
         positions: n,

@@ -275,6 +275,26 @@ try:
     wait(lambda: bars() and bars()[0][0] == " Paris", "SmolLM2's answer again")
     check(True, "switching back to the default model answers as before")
 
+    # Compare: the prompt under A and B, each token coloured by KL(A‖B). The model with itself
+    # has KL 0 everywhere and full top-1 agreement; hovering shows both top-k lists.
+    driver.find_element(By.ID, "tab-cmp").click()
+    Select(driver.find_element(By.ID, "cmppick")).select_by_value(smol)
+    settled("the comparison")
+    wait(lambda: "agreement" in driver.find_element(By.ID, "cmpsummary").text, "the compare summary")
+    summary = driver.find_element(By.ID, "cmpsummary").text
+    check("top-1 agreement 100.0%" in summary and "KL(A‖B) mean 0.0000" in summary,
+          f"a model compared with itself: KL 0, full agreement: {summary!r}")
+    spans = driver.find_elements(By.CSS_SELECTOR, "#cmpheat span[tabindex]")
+    check(len(spans) >= 4 and all("k0" in x.get_attribute("class") for x in spans),
+          f"{len(spans)} compared tokens, each coloured by its KL")
+    driver.execute_script("document.querySelectorAll('#cmpheat span[tabindex]')[1].focus()")
+    wait(lambda: "actual" in driver.find_element(By.ID, "cmpdetail").text, "the compare detail")
+    detail = driver.find_element(By.ID, "cmpdetail").text
+    check(detail.count("actual") >= 1 and "A: " in detail and "B: " in detail,
+          "focusing a token shows both models' top-k, the actual token marked")
+    shot("8-compare")
+    driver.find_element(By.ID, "tab-next").click()
+
     # Nothing outside the server; no console errors.
     names = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     outside = [n for n in names if not n.startswith(BASE)]
