@@ -1410,6 +1410,17 @@ fn a_load_unload_storm_cancels_pending_loads_and_memory_stays_honest() {
         "/status and /models agree: {status}"
     );
 
+    // `tokenscope client compare` on the live server: the default model with itself agrees
+    // everywhere; with Gemma 3 (another tokenizer) it is refused, saying why.
+    let smol = "SmolLM2-135M-Instruct.Q4_1";
+    let (ok, out) = server.client(&["compare", smol, smol, FOX]);
+    assert!(
+        ok && out.contains("top-1 agreement 100.00%") && out.contains("differ most"),
+        "{out}"
+    );
+    let (ok, out) = server.client(&["compare", smol, &gemma_id, FOX]);
+    assert!(!ok && out.contains("TOKENIZER_MISMATCH"), "{out}");
+
     let log = std::fs::read_to_string(&server.log).unwrap();
     let loads = log.matches("loading model").count() - loads_before;
     let cancelled = log.matches("a pending load was cancelled").count();
