@@ -35,14 +35,11 @@ pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
         let source_b = model::resolve_source(Some(other))?;
         let b = model::load(&source_b, &args.model.load_options())
             .with_context(|| format!("loading {}", source_b.display_name()))?;
-        let (all, first_row) = match &args.continuation {
-            Some(c) => {
-                let mut all = ids.clone();
-                all.extend(loaded.tokenizer.encode_without_special(c)?);
-                (all, ids.len().saturating_sub(1))
-            }
-            None => (ids.clone(), 0),
-        };
+        let (all, first_row) = engine::compare::tokenize(
+            &loaded.tokenizer,
+            &args.prompt,
+            args.continuation.as_deref(),
+        )?;
         let (positions, summary) =
             engine::compare::compare_models(&loaded, &b, &all, first_row, args.top_k as usize)
                 .map_err(|e| anyhow::anyhow!(e))?;

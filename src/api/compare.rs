@@ -228,18 +228,9 @@ pub async fn compare(
     // impossible for this text.
     let (ta, tb) = (info_a.tokenizer.clone(), info_b.tokenizer.clone());
     let (ids, first_row, same_ids) = tokio::task::spawn_blocking(move || {
-        let fail = |e: crate::model::ModelError| WorkerError::Failed(e.to_string());
         let tokenize = |t: &crate::model::TextTokenizer| {
-            let mut ids = t.encode(&text).map_err(fail)?;
-            let first_row = match &continuation {
-                None => 0,
-                Some(c) => {
-                    let prompt = ids.len();
-                    ids.extend(t.encode_without_special(c).map_err(fail)?);
-                    prompt.saturating_sub(1)
-                }
-            };
-            Ok::<_, WorkerError>((ids, first_row))
+            crate::engine::compare::tokenize(t, &text, continuation.as_deref())
+                .map_err(|e| WorkerError::Failed(e.to_string()))
         };
         let (ids, first_row) = tokenize(&ta)?;
         let same = tokenize(&tb)?.0 == ids;

@@ -72,7 +72,7 @@ fn manager(state: &AppState) -> Result<Arc<JobManager>, ApiError> {
 }
 
 /// Runs job-store work off the async runtime (SQLite and file writes block).
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, JobError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)

@@ -148,8 +148,6 @@ pub async fn delete(
             "This server runs no training jobs, so it has no trained models to delete",
         )
     })?;
-    tokio::task::spawn_blocking(move || jobs.delete_model(&id))
-        .await
-        .map_err(|_| ApiError::generation_failed())??;
+    super::jobs::blocking(move || jobs.delete_model(&id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }

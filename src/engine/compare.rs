@@ -61,6 +61,26 @@ pub fn stream_logits(
     Ok(())
 }
 
+/// The ids a compare scores and the first row it reports: `text` alone (every token after the
+/// first), or `text` as a prompt followed by `continuation` (tokenized apart, without special
+/// tokens, as targets are), whose tokens alone are scored.
+pub fn tokenize(
+    tokenizer: &TextTokenizer,
+    text: &str,
+    continuation: Option<&str>,
+) -> crate::model::Result<(Vec<u32>, usize)> {
+    let mut ids = tokenizer.encode(text)?;
+    let first_row = match continuation {
+        None => 0,
+        Some(c) => {
+            let prompt = ids.len();
+            ids.extend(tokenizer.encode_without_special(c)?);
+            prompt.saturating_sub(1)
+        }
+    };
+    Ok((ids, first_row))
+}
+
 /// Compares row after row from each stream (their chunks may differ in size; `b` None: the
 /// same stream serves both sides), stopping when `cancel` is set.
 #[allow(clippy::too_many_arguments)]

@@ -448,10 +448,7 @@ impl JobManager {
     pub fn delete(&self, id: &str, by: &Requester) -> Result<(), JobError> {
         let live = self.live();
         let row = self.job_row(id, by)?;
-        if !matches!(
-            row.status,
-            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
-        ) {
+        if !row.status.is_final() {
             return Err(JobError::Conflict(format!(
                 "job {id} is {}: cancel it first (POST /train/jobs/{id}/cancel)",
                 row.status
@@ -487,10 +484,7 @@ impl JobManager {
             JobError::Missing(Missing::BaseModel, format!("model `{id}` not found"))
         })?;
         for row in self.store.jobs()? {
-            let ended = matches!(
-                row.status,
-                JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
-            );
+            let ended = row.status.is_final();
             let based = serde_json::from_str::<JobSpec>(&row.spec)
                 .is_ok_and(|s| self.registry.find(&s.base_model).as_deref() == Some(id));
             if based && !ended {
@@ -533,10 +527,7 @@ impl JobManager {
         for row in self.store.jobs()? {
             let uses = serde_json::from_str::<JobSpec>(&row.spec)
                 .is_ok_and(|s| matches!(&s.data, DataSpec::Upload(u) if u.upload_id == id));
-            let ended = matches!(
-                row.status,
-                JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
-            );
+            let ended = row.status.is_final();
             if uses && !ended {
                 return Err(JobError::Conflict(format!(
                     "upload {id} is the data of job {} ({}); cancel or delete that job first",
@@ -665,10 +656,7 @@ impl JobManager {
         };
         let mut reserved = 0u64;
         for row in self.store.jobs()? {
-            if matches!(
-                row.status,
-                JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
-            ) {
+            if row.status.is_final() {
                 continue;
             }
             if let Ok(spec) = serde_json::from_str::<JobSpec>(&row.spec) {

@@ -124,10 +124,7 @@ impl JobManager {
         let mut live = self.live();
         let pending = StopRequest::from_u8(stop.load(Ordering::SeqCst));
         row.status = status::settle(end, pending, live.shutdown);
-        if matches!(
-            row.status,
-            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
-        ) {
+        if row.status.is_final() {
             row.finished_at = Some(now_rfc3339());
         }
         if matches!(row.status, JobStatus::Failed | JobStatus::Cancelled) {
