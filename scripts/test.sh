@@ -10,6 +10,8 @@ start=$SECONDS
 ./scripts/setup.sh --test-assets
 # Generated-weight models of every family and llama.cpp's log-probs for them (tests/families.rs).
 ./scripts/families.sh
+# nanoGPT checkpoints saved by PyTorch and transformers' log-probs for them (tests/nanogpt.rs).
+./scripts/nanogpt.sh
 
 failed=()
 # step NAME COMMAND...: runs COMMAND, records NAME when it fails, and carries on.

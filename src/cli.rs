@@ -307,6 +307,10 @@ pub struct DeviceArgs {
     /// auto | f32 | f16 | bf16 | gguf (auto = f16 on CUDA, f32 on CPU).
     #[arg(long, env = "TOKENSCOPE_DTYPE", default_value = "auto")]
     pub dtype: DtypeChoice,
+    /// The tokenizer of nanoGPT checkpoints (a meta.pkl, a tokenizer.json, or a folder with
+    /// GPT-2's encoder.json + vocab.bpe); default: a meta.pkl beside the checkpoint, else GPT-2's.
+    #[arg(long, env = "TOKENSCOPE_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl DeviceArgs {
@@ -314,6 +318,7 @@ impl DeviceArgs {
         LoadOptions {
             device: self.device,
             dtype: self.dtype,
+            tokenizer: self.tokenizer.clone(),
             ..LoadOptions::default()
         }
     }
@@ -332,6 +337,10 @@ pub struct ModelArgs {
     /// auto | f32 | f16 | bf16 | gguf (auto = f16 on CUDA, f32 on CPU).
     #[arg(long, env = "TOKENSCOPE_DTYPE", default_value = "auto")]
     pub dtype: DtypeChoice,
+    /// The tokenizer of a nanoGPT checkpoint (a meta.pkl, a tokenizer.json, or a folder with
+    /// GPT-2's encoder.json + vocab.bpe); default: a meta.pkl beside it, else GPT-2's.
+    #[arg(long, env = "TOKENSCOPE_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -339,6 +348,7 @@ impl ModelArgs {
         LoadOptions {
             device: self.device,
             dtype: self.dtype,
+            tokenizer: self.tokenizer.clone(),
             ..LoadOptions::default()
         }
     }

@@ -235,7 +235,9 @@ impl Entry {
 
 fn source_label(s: &ModelSource) -> String {
     match s {
-        ModelSource::Gguf(p) | ModelSource::HfDir(p) => p.display().to_string(),
+        ModelSource::Gguf(p) | ModelSource::HfDir(p) | ModelSource::NanoGpt(p) => {
+            p.display().to_string()
+        }
         ModelSource::Hub { .. } => s.display_name(),
     }
 }
@@ -243,7 +245,10 @@ fn source_label(s: &ModelSource) -> String {
 /// A URL-safe id from a file or directory name: `.gguf` dropped, anything but letters, digits,
 /// `.`, `_` and `-` turned into `-`.
 pub fn id_from_name(name: &str) -> String {
-    let stem = name.strip_suffix(".gguf").unwrap_or(name);
+    let stem = name
+        .strip_suffix(".gguf")
+        .or_else(|| name.strip_suffix(".pt"))
+        .unwrap_or(name);
     let id: String = stem
         .chars()
         .map(|c| {
@@ -315,7 +320,9 @@ impl ModelRegistry {
     /// source offered already keeps its id.
     pub fn add(&self, source: ModelSource, origin: Origin) -> String {
         let name = match &source {
-            ModelSource::Gguf(_) | ModelSource::HfDir(_) => source.display_name(),
+            ModelSource::Gguf(_) | ModelSource::HfDir(_) | ModelSource::NanoGpt(_) => {
+                source.display_name()
+            }
             ModelSource::Hub { repo, .. } => repo.rsplit('/').next().unwrap_or(repo).to_string(),
         };
         let card = probe(&source);
@@ -633,20 +640,19 @@ impl ModelRegistry {
     }
 }
 
-/// The `.gguf` files and Hugging Face directories (with a `config.json`) in `dir`, sorted.
+/// The `.gguf` files, Hugging Face directories (with a `config.json`), nanoGPT checkpoints
+/// (`.pt` files, and folders holding a `ckpt.pt`) in `dir`, sorted.
 pub fn models_in(dir: &Path) -> Vec<ModelSource> {
     let mut found: Vec<ModelSource> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter_map(|p| {
-                    if p.is_file() && p.extension().is_some_and(|e| e == "gguf") {
-                        Some(ModelSource::Gguf(p))
-                    } else if p.is_dir() && p.join("config.json").is_file() {
-                        Some(ModelSource::HfDir(p))
-                    } else {
-                        None
-                    }
+                .filter(|p| {
+                    let ext = |x: &str| p.extension().is_some_and(|e| e == x);
+                    (p.is_file() && (ext("gguf") || ext("pt")))
+                        || (p.is_dir()
+                            && (p.join("config.json").is_file() || p.join("ckpt.pt").is_file()))
                 })
+                .filter_map(|p| ModelSource::from_path(&p))
                 .collect()
         })
         .unwrap_or_default();

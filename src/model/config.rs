@@ -151,6 +151,20 @@ pub enum Activation {
     Silu,
     /// GELU, tanh approximation (`gelu_pytorch_tanh`).
     GeluTanh,
+    /// Exact GELU, `x · Φ(x)` with the error function (PyTorch's `nn.GELU()`: nanoGPT).
+    GeluErf,
+}
+
+impl Activation {
+    /// `act(x)` with candle's ops (the differentiable path and every non-fused one).
+    pub fn apply(self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        match self {
+            Self::Silu => candle_nn::ops::silu(x),
+            // candle's `gelu` is the tanh approximation, `gelu_erf` the exact one.
+            Self::GeluTanh => x.gelu(),
+            Self::GeluErf => x.gelu_erf(),
+        }
+    }
 }
 
 impl Family {

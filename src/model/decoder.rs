@@ -172,21 +172,12 @@ impl Mlp {
     fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
         let Some(gate_proj) = &self.gate_proj else {
             let up = self.up_proj.forward(x)?;
-            let h = match self.activation {
-                Activation::Silu => candle_nn::ops::silu(&up)?,
-                Activation::GeluTanh => up.gelu()?,
-            };
-            return self.down_proj.forward(&h);
+            return self.down_proj.forward(&self.activation.apply(&up)?);
         };
         let gate = gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
         let h = if differentiable {
-            let a = match self.activation {
-                Activation::Silu => candle_nn::ops::silu(&gate)?,
-                // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
-                Activation::GeluTanh => gate.gelu()?,
-            };
-            (a * up)?
+            (self.activation.apply(&gate)? * up)?
         } else {
             gated_activation(self.activation, &gate, &up)?
         };

@@ -237,6 +237,9 @@ pub(crate) fn gated(act: Activation, g: f32, u: f32) -> f32 {
         Activation::GeluTanh => {
             0.5 * g * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * g * (1.0 + 0.044715 * g * g)))
         }
+        Activation::GeluErf => {
+            (candle_core::cpu::erf::erf_f32(g * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * g
+        }
     };
     a * u
 }
@@ -255,12 +258,7 @@ pub(crate) fn gated_activation(
             .contiguous()?
             .apply_op2_no_bwd(&up.contiguous()?, &GatedActivation(act));
     }
-    let a = match act {
-        Activation::Silu => candle_nn::ops::silu(gate)?,
-        // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
-        Activation::GeluTanh => gate.gelu()?,
-    };
-    a * up
+    act.apply(gate)? * up
 }
 
 struct GatedActivation(Activation);
@@ -511,6 +509,7 @@ mod tests {
         for (act, reference) in [
             (Activation::Silu, (candle_nn::ops::silu(&gate)? * &up)?),
             (Activation::GeluTanh, (gate.gelu()? * &up)?),
+            (Activation::GeluErf, (gate.gelu_erf()? * &up)?),
         ] {
             let ours = gated_activation(act, &gate, &up)?;
             assert_eq!(bits(&ours)?, bits(&reference)?, "{act:?}");

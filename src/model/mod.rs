@@ -14,12 +14,15 @@ pub mod hf_dir;
 pub mod init;
 pub mod kv_cache;
 mod layers;
+pub mod nanogpt;
 pub mod packed;
+pub mod pickle;
 pub mod probe;
 pub mod quant;
 pub mod simd;
 pub mod source;
 pub mod tokenizer;
+pub mod torch_file;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -131,6 +134,9 @@ pub struct LoadOptions {
     /// the packed blocks (the reference the packed kernels are checked against; ≈ 4 bytes per
     /// weight). `TOKENSCOPE_DENSE_ONLY=1` sets it too.
     pub dense_reference: bool,
+    /// `--tokenizer`: for checkpoints that carry none (nanoGPT), instead of the one found
+    /// beside them or GPT-2's.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// A model ready to run: weights, tokenizer and what to report about them.
@@ -222,6 +228,7 @@ pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
         ModelSource::HfDir(dir) => {
             load_hf_dir(dir, source.display_name(), opts.dtype, dtype, &device)
         }
+        ModelSource::NanoGpt(path) => load_nanogpt(path, source, opts, dtype, &device),
         ModelSource::Hub { repo, revision } => {
             let dir = source::resolve_hub(repo, revision)?;
             load_hf_dir(&dir, source.display_name(), opts.dtype, dtype, &device)
@@ -321,6 +328,49 @@ pub fn gguf_eos_ids(
     ids.sort();
     ids.dedup();
     ids
+}
+
+fn load_nanogpt(
+    path: &std::path::Path,
+    source: &ModelSource,
+    opts: &LoadOptions,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedModel> {
+    if opts.dtype == DtypeChoice::Gguf {
+        return Err(ModelError::Config(
+            "--dtype gguf needs a .gguf model; use f32, f16 or bf16 for a nanoGPT checkpoint"
+                .into(),
+        ));
+    }
+    let mut ck = nanogpt::Checkpoint::open(path)?;
+    let tokenizer = nanogpt::tokenizer_for(&ck, opts.tokenizer.as_deref())?;
+    let tokens = tokenizer.vocab_size();
+    if tokens > ck.args.vocab_size {
+        return Err(ModelError::Config(format!(
+            "the tokenizer has {tokens} tokens, the checkpoint's vocab_size is {}: not the tokenizer it was trained with",
+            ck.args.vocab_size
+        )));
+    }
+    let eos = tokenizer.info.eos_token_id;
+    let cfg = ck.config(tokens, eos);
+    let tensors = ck.decoder_tensors(tokens)?;
+    let weight_bytes = dense_bytes(tensors.values(), dtype);
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    let model = Decoder::load(vb, &cfg).map_err(|e| ModelError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(LoadedModel {
+        model,
+        tokenizer: std::sync::Arc::new(tokenizer),
+        name: source.display_name(),
+        architecture: nanogpt::ARCHITECTURE.into(),
+        eos_ids: eos.into_iter().collect(),
+        device_label: device_label(device),
+        dtype_label: dtype_name(dtype).to_string(),
+        weight_bytes,
+    })
 }
 
 fn load_hf_dir(

@@ -46,6 +46,9 @@ pub struct ModelCard {
     /// Why the source cannot be read (a corrupt or crafted file): the model list shows it as
     /// failed with this reason, and every other model keeps working.
     pub error: Option<String>,
+    /// What a training checkpoint says of its run (step, validation loss); `None` for a
+    /// format that carries none (GGUF, Hugging Face directories).
+    pub training: Option<super::nanogpt::TrainingInfo>,
 }
 
 /// Reads what `source` holds. Never fails: what cannot be read stays `None`, with the reason
@@ -55,6 +58,7 @@ pub fn probe(source: &ModelSource) -> ModelCard {
     let read = std::panic::catch_unwind(|| match source {
         ModelSource::Gguf(path) => probe_gguf(path),
         ModelSource::HfDir(dir) => probe_hf_dir(dir),
+        ModelSource::NanoGpt(path) => probe_nanogpt(path),
         ModelSource::Hub { .. } => Ok(ModelCard::default()),
     });
     let reason = match read {
@@ -87,6 +91,7 @@ fn probe_gguf(path: &Path) -> Result<ModelCard, String> {
         file_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
         shape: file.config().ok().map(|c| (&c).into()),
         error: None,
+        training: None,
     })
 }
 
@@ -117,6 +122,28 @@ fn probe_hf_dir(dir: &Path) -> Result<ModelCard, String> {
         file_bytes: Some(file_bytes),
         shape: Some((&parts.config).into()),
         error: None,
+        training: None,
+    })
+}
+
+fn probe_nanogpt(path: &Path) -> Result<ModelCard, String> {
+    let ck = super::nanogpt::Checkpoint::open(path).map_err(|e| e.to_string())?;
+    let dtype = ck
+        .tensors
+        .get("transformer.wte.weight")
+        .map(|t| match t.storage_type.as_str() {
+            "HalfStorage" => "F16",
+            "BFloat16Storage" => "BF16",
+            _ => "F32",
+        });
+    Ok(ModelCard {
+        architecture: Some(super::nanogpt::ARCHITECTURE.to_string()),
+        parameters: Some(ck.parameters()),
+        quantization: dtype.map(str::to_string),
+        file_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
+        shape: Some((&ck.config(ck.args.vocab_size, None)).into()),
+        error: None,
+        training: Some(ck.info.clone()),
     })
 }
 

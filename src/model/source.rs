@@ -1,4 +1,5 @@
-//! Where a model comes from: a `.gguf` file, a Hugging Face directory, or a hub id.
+//! Where a model comes from: a `.gguf` file, a Hugging Face directory, a nanoGPT checkpoint,
+//! or a hub id.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,8 @@ pub enum ModelSource {
     Gguf(PathBuf),
     /// A Hugging Face model directory: config.json, safetensors, tokenizer.json.
     HfDir(PathBuf),
+    /// A nanoGPT `ckpt.pt` (given as the file, or as the `out*/` folder holding it).
+    NanoGpt(PathBuf),
     /// A hub repository, resolved through the local hf-hub cache (downloading if allowed).
     Hub { repo: String, revision: String },
 }
@@ -23,17 +26,15 @@ impl ModelSource {
             return Err(ModelError::NotFound(String::new()));
         }
         let path = Path::new(s);
-        if path.is_file() {
-            return Ok(Self::Gguf(path.to_path_buf()));
-        }
-        if path.is_dir() {
-            return Ok(Self::HfDir(path.to_path_buf()));
+        if let Some(source) = Self::from_path(path) {
+            return Ok(source);
         }
         let looks_like_path = s.starts_with('.')
             || s.starts_with('/')
             || s.starts_with('~')
             || s.ends_with(".gguf")
             || s.ends_with(".safetensors")
+            || s.ends_with(".pt")
             || s.contains('\\');
         let (repo, revision) = match s.split_once('@') {
             Some((r, rev)) => (r, rev),
@@ -57,6 +58,28 @@ impl ModelSource {
         })
     }
 
+    /// What an existing path holds: a `.pt` file is a nanoGPT checkpoint, any other file a
+    /// GGUF; a folder with `config.json` a Hugging Face directory, one with only `ckpt.pt` a
+    /// nanoGPT run's output folder.
+    pub fn from_path(path: &Path) -> Option<Self> {
+        if path.is_file() {
+            return Some(if path.extension().is_some_and(|e| e == "pt") {
+                Self::NanoGpt(path.to_path_buf())
+            } else {
+                Self::Gguf(path.to_path_buf())
+            });
+        }
+        if path.is_dir() {
+            let ckpt = path.join("ckpt.pt");
+            return Some(if !path.join("config.json").is_file() && ckpt.is_file() {
+                Self::NanoGpt(ckpt)
+            } else {
+                Self::HfDir(path.to_path_buf())
+            });
+        }
+        None
+    }
+
     /// A short human name for logs and `metadata.model_name`.
     pub fn display_name(&self) -> String {
         match self {
@@ -68,6 +91,19 @@ impl ModelSource {
                 .ok()
                 .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| p.display().to_string()),
+            // `out-shakespeare-char/ckpt.pt` is named after its run's folder.
+            Self::NanoGpt(p) => {
+                let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned());
+                match (stem.as_deref(), std::fs::canonicalize(p).ok()) {
+                    (Some("ckpt"), Some(full)) => full
+                        .parent()
+                        .and_then(|d| d.file_name())
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "ckpt".into()),
+                    (Some(stem), _) => stem.to_string(),
+                    (None, _) => p.display().to_string(),
+                }
+            }
             Self::Hub { repo, revision } if revision == "main" => repo.clone(),
             Self::Hub { repo, revision } => format!("{repo}@{revision}"),
         }

@@ -80,6 +80,8 @@ pub struct TextTokenizer {
     shadowed: std::sync::Arc<std::sync::OnceLock<Vec<bool>>>,
     /// See [`Self::digest`] (computed on first use).
     digest: std::sync::Arc<std::sync::OnceLock<String>>,
+    /// A character-level vocabulary's characters: text with any other is refused, naming it.
+    alphabet: Option<std::sync::Arc<std::collections::HashSet<char>>>,
     pub info: TokenizerInfo,
 }
 
@@ -324,12 +326,93 @@ impl TextTokenizer {
             end_of_generation: Vec::new(),
             shadowed: Default::default(),
             digest: Default::default(),
+            alphabet: None,
             info: TokenizerInfo::default(),
         })
     }
 
+    /// A character-level tokenizer (nanoGPT's `meta.pkl`): each character its own token, by
+    /// the given ids; text with a character outside the vocabulary is an error naming it.
+    pub fn from_chars(chars: Vec<(u32, String)>) -> Result<Self> {
+        let size = chars
+            .iter()
+            .map(|(id, _)| *id as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let vocab: HashMap<String, u32> = chars.iter().map(|(id, c)| (c.clone(), *id)).collect();
+        if vocab.len() != chars.len() || size != chars.len() {
+            return Err(tok_err(
+                "the character vocabulary's ids are not 0..n, each character once",
+            ));
+        }
+        let model = tokenizers::models::wordlevel::WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .build()
+            .map_err(tok_err)?;
+        let mut tk = Tokenizer::new(model);
+        tk.with_pre_tokenizer(Some(PreTokenizerWrapper::Split(
+            Split::new(
+                SplitPattern::Regex(r"(?m).".into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tok_err)?,
+        )));
+        tk.with_decoder(Some(DecoderWrapper::Fuse(Fuse::new())));
+        let mut tk = Self::new(tk, size)?;
+        for (id, c) in &chars {
+            tk.token_bytes[*id as usize] = c.as_bytes().to_vec();
+            tk.token_text[*id as usize] = c.clone();
+        }
+        tk.alphabet = Some(std::sync::Arc::new(
+            chars.iter().filter_map(|(_, c)| c.chars().next()).collect(),
+        ));
+        Ok(tk)
+    }
+
+    /// GPT-2's byte-level BPE from its published `encoder.json` and `vocab.bpe` (the files
+    /// tiktoken's `gpt2` encoding is built from): GPT-2's regex, no prefix space, and
+    /// `<|endoftext|>` (50256) a special token that also ends generation.
+    pub fn gpt2_bpe(encoder_json: &Path, vocab_bpe: &Path) -> Result<Self> {
+        let (e, v) = (encoder_json.to_string_lossy(), vocab_bpe.to_string_lossy());
+        let bpe = BPE::from_file(&e, &v)
+            .build()
+            .map_err(|err| ModelError::Corrupt {
+                path: encoder_json.to_path_buf(),
+                reason: format!("not GPT-2's encoder.json + vocab.bpe ({err})"),
+            })?;
+        let mut tk = Tokenizer::new(bpe);
+        let pre: PreTokenizerWrapper = ByteLevel::new(false, true, true).into();
+        tk.with_pre_tokenizer(Some(pre));
+        tk.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::default())));
+        tk.add_special_tokens([AddedToken::from("<|endoftext|>", true)])
+            .map_err(tok_err)?;
+        let eot = tk.token_to_id("<|endoftext|>");
+        let size = tk.get_vocab_size(true);
+        let mut tk = Self::new(tk, size)?;
+        tk.end_of_generation = eot.into_iter().collect();
+        tk.info.eos_token_id = eot;
+        Ok(tk)
+    }
+
+    fn check_alphabet(&self, text: &str) -> Result<()> {
+        let Some(alphabet) = &self.alphabet else {
+            return Ok(());
+        };
+        match text.chars().find(|c| !alphabet.contains(c)) {
+            None => Ok(()),
+            Some(c) => Err(tok_err(format!(
+                "the character {c:?} (U+{:04X}) is not in this model's character vocabulary \
+                 ({} characters)",
+                c as u32,
+                alphabet.len()
+            ))),
+        }
+    }
+
     /// Token ids of `text`, with the tokenizer's own special-token rules (BOS if configured).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.check_alphabet(text)?;
         let enc = self.inner.encode(text, true).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
@@ -339,6 +422,7 @@ impl TextTokenizer {
     /// pieces still match whole). llama.cpp's `llama_tokenize(add_special = false,
     /// parse_special = false)`, which its tokenizer test vectors use.
     pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>> {
+        self.check_alphabet(text)?;
         let literal = self.literal.get_or_init(|| {
             let mut t = self.inner.clone();
             t.set_encode_special_tokens(true);
@@ -351,6 +435,7 @@ impl TextTokenizer {
     /// Encodes without the model's added special tokens (no BOS): a continuation or a target
     /// scored after a prompt, or llama.cpp's `add_special = false`.
     pub fn encode_without_special(&self, text: &str) -> Result<Vec<u32>> {
+        self.check_alphabet(text)?;
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }

@@ -208,7 +208,7 @@ fn starting_point(
     let dir = match &source {
         ModelSource::Hub { repo, revision } => Some(model::source::resolve_hub(repo, revision)?),
         ModelSource::HfDir(d) => Some(d.clone()),
-        ModelSource::Gguf(_) => None,
+        ModelSource::Gguf(_) | ModelSource::NanoGpt(_) => None,
     };
     // Checked before any weight is read (a refusal should not first load gigabytes).
     let refuse_untrainable = |cfg: &Config| {

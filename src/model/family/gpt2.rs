@@ -54,14 +54,16 @@ impl Arch for Gpt2 {
                 .ok_or(format!("GPT-2 config.json needs `{key}`"))
         };
         let flag = |key: &str| get(key).and_then(|v| v.as_bool()) == Some(true);
-        match get("activation_function").and_then(|v| v.as_str()) {
-            None | Some("gelu_new" | "gelu_pytorch_tanh") => {}
+        let activation = match get("activation_function").and_then(|v| v.as_str()) {
+            None | Some("gelu_new" | "gelu_pytorch_tanh") => Activation::GeluTanh,
+            // The exact GELU (what nanoGPT trains with).
+            Some("gelu") => Activation::GeluErf,
             Some(other) => {
                 return Err(format!(
-                    "GPT-2 activation_function `{other}` is not supported (gelu_new only)"
+                    "GPT-2 activation_function `{other}` is not supported (gelu_new or gelu)"
                 ))
             }
-        }
+        };
         for unsupported in ["scale_attn_by_inverse_layer_idx", "add_cross_attention"] {
             if flag(unsupported) {
                 return Err(format!("GPT-2 {unsupported} = true is not supported"));
@@ -93,7 +95,10 @@ impl Arch for Gpt2 {
             rope_scaling: None,
             rope_freq_factors: None,
             unimplemented: Unimplemented::default(),
-            family: Family::gpt2(),
+            family: Family {
+                activation,
+                ..Family::gpt2()
+            },
         })
     }
     /// The inverse of [`Arch::config_from_hf`] (null ids kept as nulls).
@@ -112,7 +117,10 @@ impl Arch for Gpt2 {
             "n_head": cfg.num_attention_heads,
             "n_positions": cfg.max_position_embeddings,
             "n_ctx": cfg.max_position_embeddings,
-            "activation_function": "gelu_new",
+            "activation_function": match cfg.family.activation {
+                Activation::GeluErf => "gelu",
+                _ => "gelu_new",
+            },
             "layer_norm_epsilon": cfg.rms_norm_eps,
             "tie_word_embeddings": cfg.tie_word_embeddings,
             "bos_token_id": cfg.bos_token_id,

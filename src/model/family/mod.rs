@@ -232,6 +232,7 @@ pub fn hf_activation(activation: Activation) -> &'static str {
     match activation {
         Activation::Silu => "silu",
         Activation::GeluTanh => "gelu_pytorch_tanh",
+        Activation::GeluErf => "gelu",
     }
 }
 

@@ -150,7 +150,9 @@ impl JobManager {
             .and_then(|id| self.registry.source_of(&id))
             .ok_or_else(|| format!("base model `{}` is no longer offered", spec.base_model))?;
         let base = match base {
-            ModelSource::Gguf(p) | ModelSource::HfDir(p) => p.to_string_lossy().into_owned(),
+            ModelSource::Gguf(p) | ModelSource::HfDir(p) | ModelSource::NanoGpt(p) => {
+                p.to_string_lossy().into_owned()
+            }
             ModelSource::Hub { repo, revision } => format!("{repo}@{revision}"),
         };
         let data = match &spec.data {

@@ -1,0 +1,191 @@
+//! nanoGPT checkpoints against an independent implementation: `scripts/nanogpt/generate.py`
+//! (run by `scripts/nanogpt.sh`, which the README's test command runs) saves random-weight
+//! checkpoints as nanoGPT's train.py does (`torch.save` of model_args, the state dict, the
+//! optimizer, iter_num, best_val_loss, config) and Hugging Face's GPT2LMHeadModel's float64
+//! log-probs for the same weights, with token ids from tiktoken's gpt2 encoding or the run's
+//! meta.pkl.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
+
+fn fixtures() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/nanogpt");
+    assert!(
+        dir.join("gpt2-bias/reference.json").is_file(),
+        "{}: missing; run ./scripts/nanogpt.sh (the README's test command does)",
+        dir.display()
+    );
+    dir
+}
+
+fn load(path: &Path) -> LoadedModel {
+    let source = ModelSource::parse(path.to_str().unwrap()).unwrap();
+    assert!(matches!(source, ModelSource::NanoGpt(_)), "{source:?}");
+    model::load(&source, &LoadOptions::default()).unwrap_or_else(|e| panic!("{path:?}: {e}"))
+}
+
+fn load_err(path: &Path) -> String {
+    let source = ModelSource::NanoGpt(path.to_path_buf());
+    match model::load(&source, &LoadOptions::default()) {
+        Ok(_) => panic!("{path:?} loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The largest |Δ log-prob| against the reference over every position and token.
+fn against_reference(name: &str) -> f32 {
+    let dir = fixtures().join(name);
+    let m = load(&dir);
+    let raw = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let mut worst = 0f32;
+    for p in json["prompts"].as_array().unwrap() {
+        let prompt = p["prompt"].as_str().unwrap();
+        let vocab = p["vocab"].as_u64().unwrap() as usize;
+        let ids: Vec<u32> = p["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            m.tokenizer.encode(prompt).unwrap(),
+            ids,
+            "{name}: tokens of {prompt:?}"
+        );
+        assert_eq!(
+            m.model.config().vocab_size,
+            vocab,
+            "{name}: real tokens only"
+        );
+        let bytes = std::fs::read(dir.join(p["file"].as_str().unwrap())).unwrap();
+        let theirs: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = m
+            .model
+            .forward_all(&input, &mut m.model.new_cache())
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (pos, row) in logits.iter().enumerate() {
+            let ours = tokenscope::engine::distribution::log_softmax(row);
+            let d = common::max_abs_diff(&ours, &theirs[pos * vocab..(pos + 1) * vocab]);
+            assert!(
+                d <= 1e-4,
+                "{name}: position {pos} of {prompt:?} differs by {d}"
+            );
+            worst = worst.max(d);
+        }
+        // Incrementally (prefill half, then a token at a time) too.
+        let half = ids.len() / 2;
+        let mut cache = m.model.new_cache();
+        m.model.next_logits(&ids[..half], &mut cache).unwrap();
+        for (pos, &id) in ids.iter().enumerate().skip(half) {
+            let l = m.model.next_logits(&[id], &mut cache).unwrap();
+            let ours = tokenscope::engine::distribution::log_softmax(&l);
+            let d = common::max_abs_diff(&ours, &theirs[pos * vocab..(pos + 1) * vocab]);
+            assert!(
+                d <= 1e-4,
+                "{name}: incremental position {pos} differs by {d}"
+            );
+        }
+    }
+    worst
+}
+
+#[test]
+fn a_gpt2_token_checkpoint_with_biases_equals_transformers_gpt2() {
+    let worst = against_reference("gpt2-bias");
+    eprintln!("gpt2-bias: max |Δ log-prob| {worst:e}");
+}
+
+#[test]
+fn a_character_level_checkpoint_without_biases_equals_the_reference() {
+    let worst = against_reference("char-nobias");
+    eprintln!("char-nobias: max |Δ log-prob| {worst:e}");
+}
+
+#[test]
+fn gpt2_bpe_gives_tiktokens_ids() {
+    let m = load(&fixtures().join("gpt2-bias"));
+    let raw = std::fs::read_to_string(fixtures().join("gpt2-tokens.json")).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    for case in cases.as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let ids = m.tokenizer.encode(text).unwrap();
+        assert_eq!(ids, want, "{text:?}");
+        assert_eq!(m.tokenizer.decode(&ids, false).unwrap(), text);
+    }
+    // `<|endoftext|>` ends generation; the 47 padding rows past GPT-2's 50,257 tokens are cut.
+    assert_eq!(m.eos_ids, vec![50256]);
+    assert_eq!(m.tokenizer.vocab_size(), 50257);
+}
+
+#[test]
+fn a_character_outside_the_vocabulary_is_named() {
+    let m = load(&fixtures().join("char-nobias"));
+    let e = m.tokenizer.encode("Speak 😀").unwrap_err().to_string();
+    assert!(e.contains("'😀'") && e.contains("U+1F600"), "{e}");
+    assert_eq!(
+        m.tokenizer
+            .decode(&m.tokenizer.encode("All:\nSpeak").unwrap(), false)
+            .unwrap(),
+        "All:\nSpeak"
+    );
+}
+
+#[test]
+fn the_model_card_shows_the_run() {
+    let card = model::probe::probe(&ModelSource::NanoGpt(fixtures().join("gpt2-bias/ckpt.pt")));
+    assert_eq!(card.error, None);
+    assert_eq!(card.architecture.as_deref(), Some("nanogpt"));
+    let t = card.training.unwrap();
+    assert_eq!(t.step, Some(5000));
+    assert!((t.val_loss.unwrap() - 3.2875).abs() < 1e-6, "{t:?}");
+    // wte (tied head) + wpe + 2 blocks of 12·32² + 13·32 + LayerNorms.
+    let c = 32u64;
+    let block = 12 * c * c + 13 * c;
+    assert_eq!(
+        card.parameters,
+        Some(50304 * c + 64 * c + 2 * block + 2 * c)
+    );
+    let char_card = model::probe::probe(&ModelSource::NanoGpt(
+        fixtures().join("char-nobias/ckpt.pt"),
+    ));
+    assert_eq!(char_card.training.unwrap().step, Some(250));
+}
+
+#[test]
+fn bad_checkpoints_are_refused_with_the_reason() {
+    let bad = fixtures().join("bad");
+    let cases = [
+        ("missing-key.pt", "ln_2"),
+        ("wrong-shape.pt", "shape"),
+        ("foreign-class.pt", "numpy"),
+        ("truncated.pt", "zip"),
+    ];
+    for (file, needle) in cases {
+        let e = load_err(&bad.join(file));
+        assert!(e.contains(needle), "{file}: {e}");
+        let card = model::probe::probe(&ModelSource::NanoGpt(bad.join(file)));
+        assert!(card.error.is_some_and(|r| r.contains(needle)), "{file}");
+    }
+}
