@@ -137,6 +137,29 @@ async fn greedy_generation_with_stop_and_defaults() {
     assert!(steps.iter().all(|st| st["entropy"].as_f64().unwrap() > 0.0));
 }
 
+/// The nanochat server's `stop_on_newline`: the text up to the first newline the model writes,
+/// finish_reason `stop`.
+#[tokio::test]
+async fn stop_on_newline_ends_at_the_first_newline() {
+    let app = app();
+    let ask = |stop: bool| {
+        json!({"prompt": "Shopping list:\n1. apples\n2. pears\n3.", "temperature": 0,
+               "max_tokens": 24, "stop_on_newline": stop})
+    };
+    let (s, free) = generate(&app, ask(false)).await;
+    assert_eq!(s, StatusCode::OK, "{free}");
+    let text = free["generated_text"].as_str().unwrap();
+    let cut = text
+        .find('\n')
+        .expect("the model writes a newline in 24 tokens");
+    assert!(cut > 0, "{text:?}");
+    let (s, b) = generate(&app, ask(true)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["generated_text"], text[..cut]);
+    assert_eq!(b["finish_reason"], "stop");
+    assert!(b["steps"].as_array().unwrap().len() < free["steps"].as_array().unwrap().len());
+}
+
 #[tokio::test]
 async fn seeded_requests_repeat_and_raw_mode_ignores_temperature() {
     let app = app();

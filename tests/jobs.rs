@@ -1432,3 +1432,129 @@ fn a_load_unload_storm_cancels_pending_loads_and_memory_stays_honest() {
     );
     assert!(cancelled >= 8, "{cancelled} cancelled");
 }
+
+/// nanoGPT checkpoints (`scripts/nanogpt.sh`) in `--models-dir`: listed with their run's step
+/// and loss, loaded with the API, answered exactly (the reference's log-probs of the next
+/// token), GET /info; malformed ones listed `failed` with the reason while the rest serve.
+#[test]
+fn nanogpt_checkpoints_in_the_models_dir_are_listed_loaded_and_answered() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/nanogpt");
+    assert!(
+        fixtures.join("gpt2-bias/reference.json").is_file(),
+        "run ./scripts/nanogpt.sh (the README's test command does)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    std::fs::create_dir_all(models.join("shakespeare")).unwrap();
+    std::fs::create_dir_all(models.join("gpt2-run")).unwrap();
+    for (from, to) in [
+        ("gpt2-bias/ckpt.pt", "gpt2-run/ckpt.pt"),
+        ("char-nobias/ckpt.pt", "shakespeare/ckpt.pt"),
+        ("char-nobias/meta.pkl", "shakespeare/meta.pkl"),
+        ("bad/foreign-class.pt", "foreign.pt"),
+        ("bad/truncated.pt", "truncated.pt"),
+    ] {
+        std::fs::copy(fixtures.join(from), models.join(to)).unwrap();
+    }
+    let server = Server::start(
+        &tmp.path().join("state"),
+        &[
+            "--model",
+            common::default_gguf().to_str().unwrap(),
+            "--models-dir",
+            models.to_str().unwrap(),
+        ],
+    );
+    let (code, list) = server.get("/models");
+    assert_eq!(code, 200);
+    let find = |id: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .unwrap_or_else(|| panic!("{id} not in {list}"))
+            .clone()
+    };
+    let gpt2 = find("gpt2-run");
+    assert_eq!(gpt2["architecture"], "nanogpt");
+    assert_eq!(gpt2["format"], "nanogpt");
+    assert_eq!(gpt2["step"], 5000);
+    assert_eq!(gpt2["val_loss"], 3.2875);
+    assert_eq!(gpt2["status"], "unloaded");
+    assert_eq!(find("shakespeare")["step"], 250);
+    for (id, reason) in [("foreign", "numpy"), ("truncated", "zip")] {
+        let m = find(id);
+        assert_eq!(m["status"], "failed", "{m}");
+        assert!(m["error"].as_str().unwrap().contains(reason), "{m}");
+    }
+
+    let (code, info) = server.get("/info?model=gpt2-run");
+    assert_eq!(code, 200, "{info}");
+    assert_eq!(info["step"], 5000);
+    assert_eq!(info["model_layers"], 2);
+    assert_eq!(info["model_dim"], 32);
+    assert_eq!(info["vocab_size"], 50304);
+    assert_eq!(info["context_length"], 64);
+    // The default model is a GGUF: no checkpoint, step or loss, and they say so.
+    let (_, info) = server.get("/info");
+    assert_eq!(info["format"], "gguf");
+    assert!(info["step"].is_null() && info["val_loss"].is_null() && info["checkpoint"].is_null());
+    assert_eq!(info["model_layers"], 30);
+
+    let (code, _) = server.post("/models/gpt2-run/load", json!({}));
+    assert!(code == 202 || code == 200);
+    server.wait(Duration::from_secs(60), "gpt2-run loaded", |s| {
+        s.get("/models/gpt2-run").1["status"] == "loaded"
+    });
+    // The next token after the reference's first prompt, against GPT2LMHeadModel's log-probs.
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("gpt2-bias/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let prompt = &reference["prompts"][0];
+    let ids = prompt["ids"].as_array().unwrap();
+    let bytes = std::fs::read(
+        fixtures
+            .join("gpt2-bias")
+            .join(prompt["file"].as_str().unwrap()),
+    )
+    .unwrap();
+    let vocab = 50257;
+    let last = (ids.len() - 1) * vocab;
+    let theirs = |id: usize| {
+        let at = (last + id) * 4;
+        f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as f64
+    };
+    let (code, b) = server.post(
+        "/generate",
+        json!({"model": "gpt2-run", "prompt": prompt["prompt"], "top_k": 20}),
+    );
+    assert_eq!(code, 200, "{b}");
+    for t in b["tokens"].as_array().unwrap() {
+        let id = t["token_id"].as_u64().unwrap() as usize;
+        assert!(id < vocab, "a padding row reported: {t}");
+        let d = (t["logprob"].as_f64().unwrap() - theirs(id)).abs();
+        assert!(d < 1e-4, "{t}: reference {}", theirs(id));
+    }
+    assert_eq!(b["metadata"]["prompt_tokens"], ids.len());
+    // A character-level model answers too; a character outside its vocabulary is explained.
+    server.post("/models/shakespeare/load", json!({}));
+    server.wait(Duration::from_secs(60), "shakespeare loaded", |s| {
+        s.get("/models/shakespeare").1["status"] == "loaded"
+    });
+    let (code, b) = server.post(
+        "/generate",
+        json!({"model": "shakespeare", "prompt": "All:\nSpeak", "max_tokens": 8, "seed": 1}),
+    );
+    assert_eq!(code, 200, "{b}");
+    assert_eq!(b["metadata"]["prompt_tokens"], 10);
+    let (code, b) = server.post(
+        "/generate",
+        json!({"model": "shakespeare", "prompt": "Speak 😀"}),
+    );
+    assert!(code == 400 || code == 422, "{code} {b}");
+    assert!(
+        b["detail"].as_str().unwrap_or_default().contains("U+1F600"),
+        "{b}"
+    );
+}

@@ -43,6 +43,7 @@ impl BodySchema for super::types::GenerateRequest {
         ("top_k", FieldType::Integer, false),
         ("seed", FieldType::OptionalUnsigned, false),
         ("stop", FieldType::StringList, false),
+        ("stop_on_newline", FieldType::Boolean, false),
         (
             "logprobs_mode",
             FieldType::Enum(&["processed", "raw"]),

@@ -7,6 +7,7 @@ pub mod compare;
 pub mod docs;
 pub mod error;
 pub mod extract;
+pub mod info;
 pub mod jobs;
 pub mod lens;
 pub mod metrics;
@@ -193,6 +194,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(utoipa_axum::routes!(routes::status))
         .routes(utoipa_axum::routes!(routes::root))
         .routes(utoipa_axum::routes!(models::list))
+        .routes(utoipa_axum::routes!(info::info))
         .routes(utoipa_axum::routes!(models::get, models::delete))
         .routes(utoipa_axum::routes!(models::load))
         .routes(utoipa_axum::routes!(models::unload))

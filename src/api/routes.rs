@@ -134,7 +134,9 @@ pub(crate) fn worker_error(state: &AppState, e: WorkerError) -> ApiError {
             _ => ApiError::not_loaded("Model is not loaded. Please wait for model loading to complete."),
         },
         WorkerError::Cancelled => ApiError::timeout(state.config.request_timeout.as_secs_f64()),
-        WorkerError::InvalidTokenId { .. } | WorkerError::EmptyTarget { .. } => ApiError::new(ErrorCode::Validation,
+        WorkerError::InvalidTokenId { .. }
+        | WorkerError::EmptyTarget { .. }
+        | WorkerError::Untokenizable(_) => ApiError::new(ErrorCode::Validation,
             capitalize(&e.to_string()),
         ),
         WorkerError::Stopped | WorkerError::Failed(_) => ApiError::generation_failed(),

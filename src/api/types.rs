@@ -67,6 +67,12 @@ pub struct GenerateRequest {
     #[validate(length(max = MAX_STOP_STRINGS_LEN))]
     #[schema(schema_with = stop_schema)]
     pub stop: Vec<String>,
+    /// End generation at the first newline (the nanochat server's field): the newline, and
+    /// anything after it in the same token, is left out of `generated_text`, and
+    /// `finish_reason` is `stop`. The same as `"\n"` in `stop`.
+    #[serde(default)]
+    #[schema(default = false)]
+    pub stop_on_newline: bool,
     /// `processed` reports softmax(logits / T); `raw` reports softmax(logits).
     #[serde(default)]
     #[schema(default = "processed")]
@@ -156,12 +162,16 @@ fn default_top_k() -> i64 {
 impl GenerateRequest {
     /// Parameters for the engine (call after validation).
     pub fn params(&self) -> GenerateParams {
+        let mut stop = self.stop.clone();
+        if self.stop_on_newline && !stop.iter().any(|s| s == "\n") {
+            stop.push("\n".into());
+        }
         GenerateParams {
             temperature: self.temperature,
             max_tokens: self.max_tokens.clamp(1, 100) as usize,
             top_k: self.top_k.clamp(1, 50) as usize,
             seed: self.seed,
-            stop: self.stop.clone(),
+            stop,
             logprobs_mode: self.logprobs_mode,
             prompt_logprobs: self.prompt_logprobs,
             targets: Target::named(&self.targets),

@@ -82,6 +82,15 @@ pub struct ModelView {
     /// Storage type of most weights (`Q4_1`, `Q8_0`, `F32`, `BF16`, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization: Option<String>,
+    /// What kind of source it is: `gguf`, `huggingface` (a directory), `nanogpt` (a
+    /// `ckpt.pt`) or `hub`.
+    pub format: String,
+    /// The training step a checkpoint was saved at (nanoGPT's `iter_num`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+    /// The checkpoint's best validation loss, as its training run recorded it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
     pub status: LoadStatus,
     /// Memory its weights take in MiB (0 when not loaded): counted from its tensors and packed
     /// blocks, the same after every reload.
@@ -221,6 +230,13 @@ impl Entry {
             architecture: self.card.architecture.clone(),
             parameters: self.card.parameters,
             quantization: self.card.quantization.clone(),
+            format: self
+                .source
+                .as_ref()
+                .map_or("unknown", |s| s.format())
+                .to_string(),
+            step: self.card.training.as_ref().and_then(|t| t.step),
+            val_loss: self.card.training.as_ref().and_then(|t| t.val_loss),
             status,
             memory_mb: round(self.memory_mb()),
             file_mb: self.file_mb().map(round),
@@ -563,6 +579,12 @@ impl ModelRegistry {
             tracing::info!(model = %id, "model unloaded");
         }
         Ok(was)
+    }
+
+    /// What was read of `id`'s files without loading it.
+    pub fn card_of(&self, id: &str) -> Option<crate::model::probe::ModelCard> {
+        let entries = self.lock();
+        Some(entries.iter().find(|e| e.id == id)?.card.clone())
     }
 
     /// The parameter count and sizes of `id`, read from its files without loading it.

@@ -144,7 +144,8 @@ impl Checkpoint {
                 .load(&t, &mut HashMap::new())
                 .ok()
                 .and_then(|t| t.flatten_all().ok()?.to_vec1::<f32>().ok())
-                .and_then(|v| v.first().map(|&x| x as f64));
+                // As the f32 prints (3.2875, not 3.2874999046325684).
+                .and_then(|v| v.first().and_then(|x| x.to_string().parse().ok()));
         }
         info.val_loss = info.val_loss.filter(|v| v.is_finite());
         Ok(Self {

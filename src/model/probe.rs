@@ -17,6 +17,8 @@ pub struct ModelShape {
     pub ffn: u64,
     pub heads: u64,
     pub vocab: u64,
+    /// The longest context (positions) it was made for.
+    pub context: u64,
 }
 
 impl From<&crate::model::Config> for ModelShape {
@@ -27,6 +29,7 @@ impl From<&crate::model::Config> for ModelShape {
             ffn: c.intermediate_size as u64,
             heads: c.num_attention_heads as u64,
             vocab: c.vocab_size as u64,
+            context: c.max_position_embeddings as u64,
         }
     }
 }

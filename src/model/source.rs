@@ -80,6 +80,16 @@ impl ModelSource {
         None
     }
 
+    /// The kind of source, as `GET /models` and `GET /info` name it.
+    pub fn format(&self) -> &'static str {
+        match self {
+            Self::Gguf(_) => "gguf",
+            Self::HfDir(_) => "huggingface",
+            Self::NanoGpt(_) => "nanogpt",
+            Self::Hub { .. } => "hub",
+        }
+    }
+
     /// A short human name for logs and `metadata.model_name`.
     pub fn display_name(&self) -> String {
         match self {

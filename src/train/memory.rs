@@ -96,6 +96,7 @@ mod tests {
             ffn: 1536,
             heads: 9,
             vocab: 49152,
+            context: 8192,
         };
         let small = estimate(134_515_008, &smol, 4, 128);
         assert_eq!(small.weights, 134_515_008 * 4);

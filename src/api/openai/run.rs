@@ -241,7 +241,9 @@ pub fn timeout(state: &AppState) -> OpenAiError {
 
 pub fn worker_error(state: &AppState, e: WorkerError) -> OpenAiError {
     let param = match &e {
-        WorkerError::InvalidTokenId { .. } | WorkerError::EmptyPrompt => Some("prompt"),
+        WorkerError::InvalidTokenId { .. }
+        | WorkerError::EmptyPrompt
+        | WorkerError::Untokenizable(_) => Some("prompt"),
         WorkerError::PromptTooLong { .. } => Some("max_tokens"),
         _ => None,
     };

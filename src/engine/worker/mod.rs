@@ -117,6 +117,10 @@ pub enum WorkerError {
     InvalidTokenId { id: u32, vocab: usize },
     #[error("target {index} is empty after tokenization")]
     EmptyTarget { index: usize },
+    /// The text cannot be written in the model's tokens (a character outside a
+    /// character-level vocabulary): the client's input, not a failure.
+    #[error("{0}")]
+    Untokenizable(String),
 }
 
 /// A prompt as a client sent it.

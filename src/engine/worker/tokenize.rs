@@ -18,7 +18,10 @@ pub(super) fn tokenize(
     mut targets: Vec<Target>,
     vocab: usize,
 ) -> Result<Tokenized, WorkerError> {
-    let fail = |e: crate::model::ModelError| WorkerError::Failed(e.to_string());
+    let fail = |e: crate::model::ModelError| match e {
+        crate::model::ModelError::Tokenizer(reason) => WorkerError::Untokenizable(reason),
+        other => WorkerError::Failed(other.to_string()),
+    };
     let (text, ids) = match prompt {
         PromptInput::Text(text) => {
             let ids = tokenizer.encode(&text).map_err(fail)?;
