@@ -189,3 +189,57 @@ fn bad_checkpoints_are_refused_with_the_reason() {
         assert!(card.error.is_some_and(|r| r.contains(needle)), "{file}");
     }
 }
+
+/// A nanoGPT run is a base for `tokenscope train`: with no steps the written Hugging Face
+/// GPT-2 directory computes what the checkpoint does (the exact GELU survives the round
+/// trip), and a few steps lower the loss.
+#[test]
+fn a_checkpoint_trains_as_a_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("corpus.txt");
+    std::fs::write(
+        &data,
+        "First Citizen:\nSpeak, speak.\n\nAll:\nResolved. resolved.\n".repeat(30),
+    )
+    .unwrap();
+    let base = fixtures().join("char-nobias");
+    let train = |steps: usize, out: &str| {
+        let o = tokenscope::train::TrainOptions {
+            model: Some(base.to_string_lossy().into()),
+            data: Some(data.clone()),
+            output: tmp.path().join(out),
+            steps: Some(steps),
+            seq_len: 32,
+            batch_size: 4,
+            lr: 3e-3,
+            progress: false,
+            ..Default::default()
+        };
+        tokenscope::train::run(&o).unwrap();
+        tmp.path().join(out)
+    };
+    let copy = train(0, "copy");
+    let ours = load(&base);
+    let written = model::load(&ModelSource::HfDir(copy), &LoadOptions::default()).unwrap();
+    let ids = ours.tokenizer.encode("MENENIUS:\nWhy, masters").unwrap();
+    assert_eq!(
+        written.tokenizer.encode("MENENIUS:\nWhy, masters").unwrap(),
+        ids
+    );
+    let a = common::next_logprobs(&ours.model, &ids);
+    let b = common::next_logprobs(&written.model, &ids);
+    let d = common::max_abs_diff(&a, &b);
+    assert!(d < 1e-5, "the written directory differs by {d}");
+
+    let trained = train(20, "trained");
+    let log = std::fs::read_to_string(trained.join("train_log.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect();
+    assert!(
+        losses.len() >= 2 && losses.last() < losses.first(),
+        "{losses:?}"
+    );
+}

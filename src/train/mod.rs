@@ -243,6 +243,21 @@ fn starting_point(
             };
             (cfg, tk, tensors)
         }
+        // A nanoGPT run trains on as the GPT-2 it is (exact GELU; a bias-free run's biases
+        // start at zero and train), and is written as a Hugging Face GPT-2 directory.
+        (ModelSource::NanoGpt(path), _) => {
+            let mut ck = model::nanogpt::Checkpoint::open(path)?;
+            let tk = model::nanogpt::tokenizer_for(&ck, None)?;
+            let tokens = tk.vocab_size();
+            let cfg = ck.config(tokens, tk.info.eos_token_id);
+            refuse_untrainable(&cfg)?;
+            let tensors = if o.from_scratch {
+                HashMap::new()
+            } else {
+                ck.decoder_tensors(tokens)?
+            };
+            (cfg, tk, tensors)
+        }
         (_, Some(dir)) => {
             let parts = hf_dir::inspect(&dir)?;
             refuse_untrainable(&parts.config)?;
