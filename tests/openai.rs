@@ -235,27 +235,57 @@ fn token_ids_never_get_a_bos_even_when_the_model_adds_one_to_text() {
     });
 }
 
+/// Tokens are named by their text, Gemma 3's SentencePiece byte-fallback pieces too (`<0x41>`
+/// writes `A`); a byte that is part of a character is `bytes:\xNN`. In a legacy
+/// `top_logprobs` object two tokens that write the same text keep one key each: the chosen
+/// one is named (as in `tokens`), the other keyed by its id.
 #[test]
-fn token_keys_never_collide() {
-    // Byte-level BPE (SmolLM2) and SentencePiece with byte fallback (Gemma 3: `<0x41>` has
-    // the bytes of `A`).
-    for m in [
-        common::smollm().clone(),
-        tokenscope::model::load(
-            &tokenscope::model::ModelSource::Gguf(common::test_asset("gemma-3-270m-q4_k_m.gguf")),
-            &Default::default(),
-        )
-        .unwrap(),
-    ] {
-        let n = m.tokenizer.vocab_size() as u32;
-        let keys: HashSet<String> = (0..n).map(|id| m.tokenizer.token_key(id)).collect();
-        assert_eq!(keys.len(), n as usize, "{}", m.name);
-        assert!(
-            keys.iter().any(|k| k.starts_with("bytes:\\x")),
-            "{}",
-            m.name
-        );
-    }
+fn byte_fallback_tokens_are_named_by_their_text() {
+    use tokenscope::api::openai::logprobs::{LegacyBuilder, Naming};
+    use tokenscope::engine::{Step, TokenProbability};
+    let gemma = common::gemma3();
+    let tk = &gemma.tokenizer;
+    let byte_a = tk.token_to_id("<0x41>").expect("Gemma 3 has byte pieces");
+    assert_eq!(tk.token_key(byte_a), "A");
+    assert_eq!(
+        tk.token_key(tk.token_to_id("<0xE2>").unwrap()),
+        "bytes:\\xe2"
+    );
+    let newline = tk.encode_without_special("\n").unwrap();
+    assert_eq!(newline.len(), 1);
+    let byte_nl = tk.token_to_id("<0x0A>").unwrap();
+    assert_ne!(newline[0], byte_nl);
+    let prob = |id: u32, logprob: f64, rank: usize| TokenProbability {
+        token: tk.token_text(id).to_string(),
+        token_id: id,
+        bytes: tk.token_bytes(id).to_vec(),
+        probability: logprob.exp(),
+        percentage: 100.0 * logprob.exp(),
+        logprob,
+        rank,
+    };
+    let step = Step {
+        token: "\n".into(),
+        token_id: byte_nl,
+        bytes: b"\n".to_vec(),
+        probability: 0.25f64,
+        logprob: 0.25f64.ln(),
+        rank: 2,
+        entropy: 1.0,
+        top: vec![
+            prob(newline[0], 0.5f64.ln(), 1),
+            prob(byte_nl, 0.25f64.ln(), 2),
+        ],
+    };
+    let mut b = LegacyBuilder::new(Naming {
+        tokenizer: tk,
+        as_ids: false,
+    });
+    b.step(&step, 2);
+    assert_eq!(b.out.tokens, vec!["\n".to_string()]);
+    let map = serde_json::to_value(b.out.top_logprobs[0].as_ref().unwrap()).unwrap();
+    let other = format!("token_id:{}", newline[0]);
+    assert_eq!(map, json!({other: 0.5f64.ln(), "\n": 0.25f64.ln()}));
 }
 
 #[tokio::test]

@@ -76,8 +76,6 @@ pub struct TextTokenizer {
     /// made on first use: it duplicates the vocabulary.
     literal: std::sync::Arc<std::sync::OnceLock<Tokenizer>>,
     end_of_generation: Vec<u32>,
-    /// For each token, whether a lower id has exactly the same bytes (see [`Self::token_key`]).
-    shadowed: std::sync::Arc<std::sync::OnceLock<Vec<bool>>>,
     /// See [`Self::digest`] (computed on first use).
     digest: std::sync::Arc<std::sync::OnceLock<String>>,
     /// A character-level vocabulary's characters: text with any other is refused, naming it.
@@ -207,22 +205,13 @@ impl TextTokenizer {
         }
     }
 
-    /// A name for token `id` that no other token shares: its text when its bytes are valid
-    /// UTF-8 and no lower id has the same bytes; otherwise `bytes:` followed by `\xNN` for
-    /// every byte (a piece of a multi-byte character), or `token_id:N` (the same bytes as a
-    /// lower id: SentencePiece byte-fallback tokens like `<0x41>` next to `A`). The keys of
-    /// OpenAI-style `top_logprobs` objects, which would silently merge on a collision.
+    /// Token `id` named as OpenAI names tokens: its text when its bytes are valid UTF-8 (a
+    /// SentencePiece byte-fallback token like `<0x41>` is named by what it writes, `A`),
+    /// otherwise `bytes:` followed by `\xNN` for every byte (a piece of a multi-byte
+    /// character). Two tokens can share a name (`<0x41>` and `A`): a `top_logprobs` object
+    /// keyed by names resolves that where it is built.
     pub fn token_key(&self, id: u32) -> String {
         let bytes = self.token_bytes(id);
-        let shadowed = self.shadowed.get_or_init(|| {
-            let mut first: HashMap<&[u8], u32> = HashMap::with_capacity(self.token_bytes.len());
-            (0..self.token_bytes.len() as u32)
-                .map(|i| *first.entry(self.token_bytes(i)).or_insert(i) != i)
-                .collect()
-        });
-        if shadowed.get(id as usize).copied().unwrap_or(false) {
-            return format!("token_id:{id}");
-        }
         match std::str::from_utf8(bytes) {
             Ok(text) => text.to_string(),
             Err(_) => {
@@ -324,7 +313,6 @@ impl TextTokenizer {
             special,
             literal: Default::default(),
             end_of_generation: Vec::new(),
-            shadowed: Default::default(),
             digest: Default::default(),
             alphabet: None,
             info: TokenizerInfo::default(),

@@ -80,19 +80,31 @@ impl<'a> LegacyBuilder<'a> {
     /// The chosen token and the alternatives, keyed by name; the chosen token's value is the
     /// same f64 as its `token_logprobs` entry.
     fn top_map(&self, chosen: u32, logprob: f64, top: &[TokenProbability]) -> TopLogprobMap {
-        let mut entries: Vec<(String, f64)> = top
+        let mut entries: Vec<(u32, f64)> = top
             .iter()
-            .map(|t| (self.naming.name(t.token_id), finite(t.logprob)))
+            .map(|t| (t.token_id, finite(t.logprob)))
             .collect();
-        let name = self.naming.name(chosen);
-        match entries.iter_mut().find(|(n, _)| *n == name) {
+        match entries.iter_mut().find(|(id, _)| *id == chosen) {
             Some(entry) => entry.1 = finite(logprob),
-            None => entries.push((name, finite(logprob))),
+            None => entries.push((chosen, finite(logprob))),
         }
         // Most likely first (the alternatives come ranked; the chosen token, if sampled from
         // below them, goes where its log-prob puts it). Stable: ties keep their rank order.
         entries.sort_by(|a, b| b.1.total_cmp(&a.1));
-        TopLogprobMap(entries)
+        // Keys are names; two tokens that write the same text (Gemma's byte-fallback `<0x0A>`
+        // and its `\n`) would merge into one key. The chosen token keeps its name (what
+        // `tokens` says, so that `top_logprobs[i][tokens[i]]` is its log-prob); of the others,
+        // the likelier keeps it and the rest are keyed by their ids.
+        let chosen_name = self.naming.name(chosen);
+        let mut named: Vec<(String, f64)> = Vec::with_capacity(entries.len());
+        for (id, lp) in entries {
+            let mut name = self.naming.name(id);
+            if id != chosen && (name == chosen_name || named.iter().any(|(n, _)| *n == name)) {
+                name = format!("token_id:{id}");
+            }
+            named.push((name, lp));
+        }
+        TopLogprobMap(named)
     }
 
     pub fn prompt(&mut self, tokens: &[PromptToken], k: usize) {

@@ -232,8 +232,8 @@ impl Serialize for TopLogprobMap {
 /// Log-probabilities of a completion choice, in OpenAI's legacy layout.
 #[derive(Debug, Clone, Default, Serialize, ToSchema)]
 pub struct CompletionLogprobs {
-    /// Each token's name: its text, or `bytes:\xNN...` when its bytes are not UTF-8 on their
-    /// own, or `token_id:N` when a lower id has the same bytes (so names never collide).
+    /// Each token's name: its text (a byte-fallback token's too), or `bytes:\xNN...` when its
+    /// bytes are not UTF-8 on their own.
     pub tokens: Vec<String>,
     /// Each token's log-probability given what precedes it; `null` for the first echoed prompt
     /// token. −inf is written −9999.0.
