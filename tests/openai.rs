@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::collections::HashSet;
-
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
