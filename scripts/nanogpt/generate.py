@@ -197,7 +197,7 @@ def main():
     chars = sorted(set(SHAKESPEARE))
     stoi = {ch: i for i, ch in enumerate(chars)}
     itos = {i: ch for i, ch in enumerate(chars)}
-    a = dict(n_layer=3, n_head=2, n_embd=16, block_size=48, bias=False, vocab_size=len(chars))
+    a = dict(n_layer=3, n_head=2, n_embd=16, block_size=96, bias=False, vocab_size=len(chars))
     folder = os.path.join(OUT, "char-nobias")
     model = save_checkpoint(folder, a, False, 250, torch.tensor(1.4697), "shakespeare_char")
     with open(os.path.join(folder, "meta.pkl"), "wb") as f:

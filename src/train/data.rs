@@ -199,7 +199,7 @@ pub fn build(
     if n_windows < n_eval + 1 {
         return Err(bad(format!(
             "too little data: {} tokens make {n_windows} windows of {window} tokens, but at least {} are needed \
-             (1 to train{}); add text or lower --seq-len",
+             (1 to train{}); add text, or use shorter windows (a job's `seq_len`, `--seq-len` on the command line)",
             stream.len(),
             n_eval + 1,
             if n_eval > 0 { format!(", {n_eval} held out") } else { String::new() },
