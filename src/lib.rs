@@ -92,7 +92,7 @@ pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
         let resp = engine::generate(&loaded, &args.prompt, &ids, &params, &|| false)?;
         let body = api::lens::LensResponse {
             layers: resp.lens.unwrap_or_default(),
-            metadata: resp.metadata,
+            metadata: resp.metadata.into(),
         };
         if args.json {
             println!("{}", serde_json::to_string_pretty(&body)?);

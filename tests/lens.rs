@@ -187,6 +187,12 @@ async fn lens_is_bounded_like_generate() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["layers"][29]["top"].as_array().unwrap().len(), 3);
     assert!(v["metadata"]["prompt_tokens"].as_u64().unwrap() >= 1);
+    // The lens has no sampling: its metadata says which distribution it shows, not "greedy".
+    assert_eq!(v["metadata"]["temperature"], 1.0);
+    assert_eq!(v["metadata"]["distribution"], "softmax(logits) at T = 1");
+    assert!(
+        v["metadata"].get("decoding").is_none() && v["metadata"].get("temperature_used").is_none()
+    );
 }
 
 #[tokio::test]

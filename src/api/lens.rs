@@ -71,7 +71,46 @@ pub struct LensResponse {
     /// One entry per decoder layer, first to last; the last is the model's own output
     /// distribution (what /generate reports at T = 1).
     pub layers: Vec<LensLayer>,
-    pub metadata: Metadata,
+    pub metadata: LensMetadata,
+}
+
+/// What the lens ran on. The lens has no sampling: every layer's distribution is the
+/// softmax of that layer's logits at temperature 1, which `temperature` and
+/// `distribution` state.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LensMetadata {
+    pub model_name: String,
+    pub architecture: String,
+    /// Prompt length in characters.
+    pub prompt_length: usize,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Wall time on the model thread, in milliseconds.
+    pub generation_time_ms: f64,
+    /// Always 1: the distributions are the model's own.
+    #[schema(example = 1.0)]
+    pub temperature: f64,
+    /// Always `softmax(logits) at T = 1`, for every layer.
+    #[schema(example = "softmax(logits) at T = 1")]
+    pub distribution: String,
+    pub device: String,
+    pub dtype: String,
+}
+
+impl From<Metadata> for LensMetadata {
+    fn from(m: Metadata) -> Self {
+        Self {
+            model_name: m.model_name,
+            architecture: m.architecture,
+            prompt_length: m.prompt_length,
+            prompt_tokens: m.prompt_tokens,
+            generation_time_ms: m.generation_time_ms,
+            temperature: 1.0,
+            distribution: "softmax(logits) at T = 1".into(),
+            device: m.device,
+            dtype: m.dtype,
+        }
+    }
 }
 
 /// The logit lens: for each layer, the next-token distribution its residual stream gives.
@@ -127,6 +166,6 @@ pub async fn lens(
     }
     Ok(Json(LensResponse {
         layers: resp.lens.unwrap_or_default(),
-        metadata: resp.metadata,
+        metadata: resp.metadata.into(),
     }))
 }

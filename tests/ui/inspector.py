@@ -185,6 +185,8 @@ try:
     settled("the lens")
     wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#lenstable tbody tr")) == 30, "30 lens rows")
     check(True, "the lens grid has 30 layers")
+    check("softmax(logits) at T = 1" in driver.find_element(By.ID, "status").text,
+          "the lens says which distribution it shows")
     wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#lenschart polyline"), "the rank chart")
     check(driver.find_element(By.ID, "lenstoken").text.strip() != "", "the chart follows a token")
     top_row = driver.find_elements(By.CSS_SELECTOR, "#lenstable tbody tr")[0]
