@@ -36,4 +36,6 @@ start_test_server ui --admin-key "$KEY" --model models/SmolLM2-135M-Instruct.Q4_
 # No proxy for the loopback server, and Selenium Manager never downloads anything.
 export NO_PROXY="127.0.0.1,localhost" SE_OFFLINE=true
 "$VENV/bin/python" tests/ui/inspector.py "http://127.0.0.1:$PORT" "$KEY" "$SHOTS"
+# Swagger UI's Try it out on several operations, on the same server.
+"$VENV/bin/python" tests/ui/swagger.py "http://127.0.0.1:$PORT" "$KEY" "$SHOTS"
 check_test_server_survived ui

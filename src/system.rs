@@ -114,3 +114,16 @@ pub fn system_memory_gb() -> f64 {
 pub fn cpu_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+
+/// Returns the heap memory freed since to the operating system. glibc's allocator keeps freed
+/// blocks for reuse, and a training job frees gigabytes at once (weights in f32, gradients,
+/// optimizer moments): measured on SmolLM2-135M, a finished 3-step job left the server at
+/// 2,238 MB resident against 135 MB before it. `malloc_trim(0)` hands the free pages of every
+/// arena back. A no-op where the allocator is not glibc's.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

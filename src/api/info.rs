@@ -10,6 +10,7 @@ use super::AppState;
 use crate::engine::registry::LoadStatus;
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct InfoQuery {
     /// A model id from GET /models (default: the default model).
     pub model: Option<String>,

@@ -165,7 +165,7 @@ impl TryFrom<JsonObject> for StreamOptions {
 
 /// Body of POST /v1/completions.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[schema(example = json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 1,
+#[schema(example = json!({"prompt": "The capital of France is", "max_tokens": 1,
     "logprobs": 5, "echo": true, "temperature": 0}))]
 pub struct CompletionRequest {
     /// The model to ask (an id from `GET /v1/models`; default: the server's default model).
@@ -347,7 +347,7 @@ impl TryFrom<JsonObject> for ChatMessageIn {
 
 /// Body of POST /v1/chat/completions.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[schema(example = json!({"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+#[schema(example = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
     "max_tokens": 8, "logprobs": true, "top_logprobs": 3, "temperature": 0}))]
 pub struct ChatRequest {
     /// The model to ask (an id from `GET /v1/models`; default: the server's default model).

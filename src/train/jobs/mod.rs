@@ -11,6 +11,7 @@
 //! commands), `runner` (the thread that runs jobs and reports their progress) and `store`
 //! (their SQLite database).
 
+mod eta;
 mod runner;
 mod spec;
 pub mod status;
@@ -77,10 +78,8 @@ struct Running {
     id: String,
     /// The pending [`StopRequest`], read by the training loop at each step boundary.
     stop: Arc<AtomicU8>,
-    /// When this run started, and the step it started from (for the ETA).
-    since: Instant,
-    first_step: Option<u64>,
-    last_step: u64,
+    /// The smoothed time per step, for `eta_s`.
+    eta: eta::Eta,
 }
 
 #[derive(Default)]
@@ -548,13 +547,7 @@ impl JobManager {
             live.running
                 .as_ref()
                 .filter(|r| r.id == row.id)
-                .and_then(|r| {
-                    let done = r.last_step.saturating_sub(r.first_step?.saturating_sub(1));
-                    (done > 0).then(|| {
-                        let per_step = r.since.elapsed().as_secs_f64() / done as f64;
-                        (row.total_steps.saturating_sub(row.step) as f64 * per_step).round()
-                    })
-                })
+                .and_then(|r| r.eta.seconds_left(row.total_steps, Instant::now()))
         } else {
             None
         };

@@ -55,9 +55,7 @@ impl JobManager {
                     live.running = Some(Running {
                         id: row.id.clone(),
                         stop: stop.clone(),
-                        since: Instant::now(),
-                        first_step: None,
-                        last_step: row.step,
+                        eta: super::eta::Eta::default(),
                     });
                     return Some((row, stop));
                 }
@@ -92,6 +90,15 @@ impl JobManager {
             .into_inner()
             .unwrap_or_else(|p| p.into_inner());
         let mut row = observer.row.into_inner().unwrap_or_else(|p| p.into_inner());
+        // The run's buffers are freed by now; give their pages back to the system.
+        let before = crate::system::process_rss_bytes();
+        crate::system::release_free_memory();
+        tracing::info!(
+            job = %id,
+            "training buffers released: resident {} MiB -> {} MiB",
+            before >> 20,
+            crate::system::process_rss_bytes() >> 20
+        );
         let end = match outcome {
             // Stopped by the memory guard: failed, with the reason (its last checkpoint stays).
             _ if over_memory.is_some() => {
@@ -234,11 +241,6 @@ impl TrainObserver for JobObserver<'_> {
         if self.first.swap(0, Ordering::SeqCst) == 1 {
             // A resumed run recomputes the steps after its checkpoint: their old points go.
             let _ = store.truncate_history(&row.id, r.step as u64);
-            let mut live = self.manager.live();
-            if let Some(run) = live.running.as_mut() {
-                run.since = Instant::now();
-                run.first_step = Some(r.step as u64);
-            }
         }
         let models_grown = self
             .manager
@@ -265,7 +267,7 @@ impl TrainObserver for JobObserver<'_> {
         row.train_loss = Some(r.loss);
         row.tokens_per_s = Some((r.tokens_per_s * 10.0).round() / 10.0);
         if let Some(run) = self.manager.live().running.as_mut() {
-            run.last_step = r.step as u64;
+            run.eta.step(r.step as u64, Instant::now());
         }
         let write = store
             .record_train_loss(&row.id, r.step as u64, r.loss)
