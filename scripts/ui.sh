@@ -26,6 +26,26 @@ if ! "$VENV/bin/python" -c "import selenium, sys; sys.exit(selenium.__version__ 
   "$VENV/bin/pip" install --quiet "selenium==$SELENIUM_VERSION"
 fi
 
+# axe-core (npm) for the accessibility checks, kept in the cache, checksum-verified.
+AXE_VERSION=4.10.3
+AXE_SHA256=0f2b4d7dcdf7d1219df8d1959ad68e565f51d14c3f0d88bb71cd59abeb956292
+AXE_DIR="$TOKENSCOPE_CACHE/axe-core-$AXE_VERSION"
+if [ ! -s "$AXE_DIR/axe.min.js" ]; then
+  echo "ui: fetching axe-core $AXE_VERSION (npm) ..."
+  work="$(mktemp -d)"
+  (cd "$work" && npm pack --silent "axe-core@$AXE_VERSION" >/dev/null)
+  got="$(sha256sum "$work/axe-core-$AXE_VERSION.tgz" | cut -d' ' -f1)"
+  if [ "$got" != "$AXE_SHA256" ]; then
+    echo "ui: checksum mismatch for axe-core-$AXE_VERSION.tgz ($got)" >&2
+    exit 1
+  fi
+  tar -xzf "$work/axe-core-$AXE_VERSION.tgz" -C "$work" package/axe.min.js
+  mkdir -p "$AXE_DIR"
+  mv "$work/package/axe.min.js" "$AXE_DIR/axe.min.js"
+  rm -rf "$work"
+fi
+export AXE_JS="$AXE_DIR/axe.min.js"
+
 ./scripts/setup.sh >/dev/null
 # shellcheck source=lib/test-server.sh
 . scripts/lib/test-server.sh

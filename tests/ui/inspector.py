@@ -6,8 +6,9 @@ server on the real default model, which requires an API key.
 Checks: the page asks for the key, then works; typing "The capital of France is" shows a bar for
 " Paris" at ~77 %; clicking it appends it to the prompt and a new distribution shows; the
 heat-map and the logit-lens grid render (30 layers for the default model) with the rank chart;
-the page is usable at phone width without horizontal scrolling; it requested nothing outside
-the server and logged no console errors. Screenshots go to SCREENSHOT_DIR.
+the page is usable at phone width without horizontal scrolling; axe-core finds no serious or
+critical accessibility violation in any of its states; it requested nothing outside the server
+and logged no console errors. Screenshots go to SCREENSHOT_DIR.
 """
 
 import os
@@ -23,6 +24,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 BASE, KEY, SHOTS = sys.argv[1], sys.argv[2], sys.argv[3]
+# axe-core's bundle (npm, fetched and checksum-verified by scripts/ui.sh).
+AXE = open(os.environ["AXE_JS"]).read()
 TIMEOUT = 60
 os.makedirs(SHOTS, exist_ok=True)
 checks = 0
@@ -48,6 +51,19 @@ def wait(cond, what):
         shot("failure")
         status = driver.find_element(By.ID, "status").text
         raise AssertionError(f"timed out waiting for: {what} (page status: {status!r})") from e
+
+
+def accessible(state):
+    """axe-core on the page as it is now: no serious or critical violation (WCAG 2 A/AA rules
+    and axe's best practices: labels, contrast, roles, keyboard focus)."""
+    driver.execute_script(AXE)
+    found = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {resultTypes: ['violations']}).then(r => done(r.violations.map(v =>"
+        " ({id: v.id, impact: v.impact, nodes: v.nodes.slice(0, 3).map(n => n.html.slice(0, 120))}))));")
+    bad = [v for v in found if v["impact"] in ("serious", "critical")]
+    check(not bad, f"axe-core: no serious or critical violation ({state}; {len(found)} minor)"
+          + (f": {bad}" if bad else ""))
 
 
 def idle():
@@ -93,6 +109,7 @@ try:
     wait(lambda: keybox.is_displayed(), "the API key field")
     check("API key" in driver.find_element(By.ID, "status").text, "the page asks for the API key")
     shot("1-asks-for-key")
+    accessible("asking for the key")
     driver.find_element(By.ID, "apikey").send_keys(KEY + Keys.ENTER)
     wait(lambda: not keybox.is_displayed(), "the key to be accepted")
     wait(lambda: "SmolLM2" in driver.find_element(By.ID, "model").text, "model info")
@@ -128,6 +145,7 @@ try:
     wait(lambda: "rank" in driver.find_element(By.ID, "heatdetail").text, "the heat-map detail")
     check(True, "focusing a prompt token shows its alternatives")
     shot("2-distribution")
+    accessible("the distribution")
 
     # What the bars show is said: sampling at T = 1, then greedy at T = 0 (bars: T = 1).
     note = driver.find_element(By.ID, "distnote")
@@ -197,6 +215,7 @@ try:
     settled("the lens for the clicked token")
     check(True, "clicking a lens cell charts that token's rank")
     shot("4-lens")
+    accessible("the logit lens")
 
     # Generate and step through.
     driver.find_element(By.ID, "tab-gen").click()
@@ -206,6 +225,7 @@ try:
     wait(lambda: "step 2 of" in driver.find_element(By.ID, "stepinfo").text, "stepping through")
     check(len(bars("stepbars")) == 10, "each step shows its distribution")
     shot("5-generate")
+    accessible("generation")
 
     # The view is in the URL.
     check("prompt=The+capital" in driver.current_url or "prompt=The%20capital" in driver.current_url,
@@ -242,6 +262,7 @@ try:
         "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
     check(overflow <= 0, f"no horizontal scrolling at phone width (overflow {overflow}px)")
     shot("6-phone")
+    accessible("390 px wide")
 
     # The model picker: every model with its status; choosing one that is not loaded explains
     # itself, and its Load button says beforehand which model the server may unload.
@@ -262,6 +283,7 @@ try:
     wait(lambda: btn.is_displayed(), "the Load button")
     check("SmolLM2" in btn.text, f"the Load button says what it may unload: {btn.text!r}")
     shot("7-picker")
+    accessible("the model picker")
     btn.click()
     wait(lambda: "loaded in" in status.text, "Gemma to load")
     settled("Gemma's distribution")
@@ -295,6 +317,7 @@ try:
     check(detail.count("actual") >= 1 and "A: " in detail and "B: " in detail,
           "focusing a token shows both models' top-k, the actual token marked")
     shot("8-compare")
+    accessible("compare")
     driver.find_element(By.ID, "tab-next").click()
 
     # Nothing outside the server; no console errors.
