@@ -1604,3 +1604,57 @@ fn a_finished_job_returns_its_memory() {
         "{after} MiB after vs {before} before: {line}"
     );
 }
+
+/// Every request example in the OpenAPI document (what Swagger UI's Try it out sends) is valid
+/// for its operation and succeeds on a server with the default model; the training job's
+/// example trains to completion.
+#[test]
+fn the_openapi_request_examples_succeed() {
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi/openapi.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("state"), &[]);
+    let mut tried = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let Some(body) = ops["post"]["requestBody"]["content"]["application/json"].as_object()
+        else {
+            continue;
+        };
+        let schema = body["schema"]["$ref"]
+            .as_str()
+            .and_then(|r| r.rsplit('/').next());
+        let example = body
+            .get("example")
+            .cloned()
+            .or_else(|| schema.map(|s| doc["components"]["schemas"][s]["example"].clone()))
+            .filter(|e| !e.is_null());
+        let Some(example) = example else { continue };
+        let (code, answer) = server.post(path, example.clone());
+        assert!(
+            (200..300).contains(&code),
+            "POST {path} with its example {example} answered {code}: {answer}"
+        );
+        if path == "/train/jobs" {
+            let id = answer["id"].as_str().unwrap().to_string();
+            server.wait_job(&id, "completed");
+        }
+        tried.push(path.clone());
+    }
+    for want in [
+        "/generate",
+        "/lens",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/train/jobs",
+    ] {
+        assert!(
+            tried.iter().any(|p| p == want),
+            "{want} has no example: {tried:?}"
+        );
+    }
+}

@@ -41,7 +41,7 @@ pub struct PathData {
 /// names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"base_model": "SmolLM2-135M-Instruct.Q4_1", "data": {"text": "The quick brown fox jumps over the lazy dog."}, "output_name": "smollm2-fox", "steps": 20}))]
+#[schema(example = json!({"base_model": "SmolLM2-135M-Instruct.Q4_1", "data": {"text": "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump!"}, "output_name": "smollm2-fox", "steps": 5, "seq_len": 8}))]
 pub struct JobSpec {
     /// The model to start from (an id from GET /models).
     pub base_model: String,
