@@ -21,6 +21,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.support.ui import WebDriverWait
 
 BASE, KEY, SHOTS = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -146,6 +147,26 @@ try:
     check(True, "focusing a prompt token shows its alternatives")
     shot("2-distribution")
     accessible("the distribution")
+
+    # The keyboard: Tab walks the controls from the top, each with a name and a visible focus.
+    driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0);")
+    walked = []
+    for _ in range(16):
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+        walked.append(driver.execute_script(
+            "const e = document.activeElement, cs = getComputedStyle(e);"
+            "const name = e.getAttribute('aria-label') || (e.labels && e.labels.length ? e.labels[0].textContent : '')"
+            " || e.textContent || e.title || '';"
+            "return [e.tagName.toLowerCase() + (e.id ? '#' + e.id : ''), name.trim().slice(0, 30), cs.outlineStyle];"))
+    # (Focus leaves the page for the browser's own UI once in a cycle: the body, skipped.)
+    walked = [w for w in walked if w[0] != "body"]
+    unnamed = [w for w in walked if not w[1]]
+    unringed = [w for w in walked if w[2] == "none"]
+    check(len({w[0] + w[1] for w in walked}) >= 12 and not unnamed and not unringed,
+          f"Tab reaches {len(walked)} controls, each named, each with a focus ring"
+          + (f" (unnamed: {unnamed}, no ring: {unringed})" if unnamed or unringed else ""))
+    bar = driver.find_elements(By.CSS_SELECTOR, "#bars .bar")[1]
+    check(bar.tag_name == "button", "a candidate is a button (Enter or Space appends it)")
 
     # What the bars show is said: sampling at T = 1, then greedy at T = 0 (bars: T = 1).
     note = driver.find_element(By.ID, "distnote")
