@@ -73,26 +73,6 @@ fn load(source: ModelSource) -> LoadedModel {
     model::load(&source, &LoadOptions::default()).unwrap_or_else(|e| panic!("{source:?}: {e}"))
 }
 
-/// Log-probs (positions × vocab) of every position of `ids`, from one pass.
-fn all_logprobs(m: &LoadedModel, ids: &[u32]) -> Vec<Vec<f32>> {
-    let input = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits = m
-        .model
-        .forward_all(&input, &mut m.model.new_cache())
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    logits
-        .iter()
-        .map(|l| tokenscope::engine::distribution::log_softmax(l))
-        .collect()
-}
-
 /// The largest |Δ log-prob| against llama.cpp over every position and the whole vocabulary.
 fn gguf_against_llama_cpp(name: &str) -> f32 {
     let dir = family_dir(name);
@@ -102,7 +82,7 @@ fn gguf_against_llama_cpp(name: &str) -> f32 {
         assert_eq!(m.model.config().vocab_size, r.vocab, "{name}");
         let ours_ids = m.tokenizer.encode(&r.prompt).unwrap();
         assert_eq!(ours_ids, r.ids, "{name}: tokens of {:?}", r.prompt);
-        let ours = all_logprobs(&m, &r.ids);
+        let ours = common::all_logprobs(&m, &r.ids);
         let bound = |pos: usize, logprobs: &[f32]| {
             let pass = common::pass_of(m.model.config(), pos + 1);
             common::f32_logprob_bound(pass, logprobs, 2) as f32
@@ -317,8 +297,8 @@ fn quantized_fused_tensors_split_exactly() {
         )
         .unwrap();
         let r = references(&family_dir(name)).pop().unwrap();
-        let a = all_logprobs(&packed, &r.ids);
-        let b = all_logprobs(&dense, &r.ids);
+        let a = common::all_logprobs(&packed, &r.ids);
+        let b = common::all_logprobs(&dense, &r.ids);
         for (pos, (x, y)) in a.iter().zip(&b).enumerate() {
             common::assert_f32_close(
                 &format!("{name}: packed Q8_0 vs dense at {pos}"),

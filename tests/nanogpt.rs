@@ -9,7 +9,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
 use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
 
 fn fixtures() -> PathBuf {
@@ -67,21 +66,8 @@ fn against_reference(name: &str) -> f32 {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = m
-            .model
-            .forward_all(&input, &mut m.model.new_cache())
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        for (pos, row) in logits.iter().enumerate() {
-            let ours = tokenscope::engine::distribution::log_softmax(row);
-            let d = common::max_abs_diff(&ours, &theirs[pos * vocab..(pos + 1) * vocab]);
+        for (pos, ours) in common::all_logprobs(&m, &ids).iter().enumerate() {
+            let d = common::max_abs_diff(ours, &theirs[pos * vocab..(pos + 1) * vocab]);
             assert!(
                 d <= 1e-4,
                 "{name}: position {pos} of {prompt:?} differs by {d}"

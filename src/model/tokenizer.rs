@@ -383,7 +383,9 @@ impl TextTokenizer {
         Ok(tk)
     }
 
-    fn check_alphabet(&self, text: &str) -> Result<()> {
+    /// Whether `text` can be written in this vocabulary: always, except for a
+    /// character-level one, which refuses a character it lacks (naming it).
+    pub fn check_alphabet(&self, text: &str) -> Result<()> {
         let Some(alphabet) = &self.alphabet else {
             return Ok(());
         };

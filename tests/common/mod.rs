@@ -285,3 +285,23 @@ pub fn assert_f32_close(what: &str, a: &[f32], b: &[f32], pass: Pass) -> f64 {
 pub fn assert_smollm_close(what: &str, a: &[f32], b: &[f32], tokens: usize) -> f64 {
     assert_f32_close(what, a, b, pass_of(smollm().model.config(), tokens))
 }
+
+/// Log-probs (positions × vocab) of every position of `ids`, from one pass.
+pub fn all_logprobs(m: &LoadedModel, ids: &[u32]) -> Vec<Vec<f32>> {
+    let input = candle_core::Tensor::new(ids, &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = m
+        .model
+        .forward_all(&input, &mut m.model.new_cache())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    logits
+        .iter()
+        .map(|l| tokenscope::engine::distribution::log_softmax(l))
+        .collect()
+}

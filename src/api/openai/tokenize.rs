@@ -159,6 +159,16 @@ pub async fn tokenize(
         }
     };
     let tokenizer = info.tokenizer.clone();
+    if let Err(e) = tokenizer.check_alphabet(&text) {
+        let reason = match e {
+            crate::model::ModelError::Tokenizer(r) => r,
+            other => other.to_string(),
+        };
+        return Err(
+            OpenAiError::from(crate::api::ApiError::new(ErrorCode::Validation, reason))
+                .with_param("prompt"),
+        );
+    }
     let encoded = tokio::task::spawn_blocking(move || {
         let enc = tokenizer.inner().encode(text.as_str(), add_special).ok()?;
         let ids = enc.get_ids().to_vec();
