@@ -12,6 +12,7 @@ start=$SECONDS
 ./scripts/families.sh
 # nanoGPT checkpoints saved by PyTorch and transformers' log-probs for them (tests/nanogpt.rs).
 ./scripts/nanogpt.sh
+./scripts/evaluations.sh
 
 failed=()
 # step NAME COMMAND...: runs COMMAND, records NAME when it fails, and carries on.

@@ -99,6 +99,32 @@ pub enum ClientCommand {
     Resume { id: String },
     /// Cancel a training job.
     Cancel { id: String },
+    /// Evaluate a model: perplexity and bits per byte of a text file, and, with
+    /// `--references`, BLEU, ROUGE-L, diversity and length of its continuations.
+    Evaluate {
+        /// A model id from `client models`.
+        model: String,
+        /// Text (.txt) or JSONL with a `text` field per line (.jsonl) to score.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// JSONL with `prompt` and `reference` per line: prompts to continue and the
+        /// continuations expected.
+        #[arg(long)]
+        references: Option<PathBuf>,
+        /// A name to find the evaluation by.
+        #[arg(long, default_value = "evaluation")]
+        name: String,
+        /// Most tokens generated per reference prompt.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u64,
+        /// End each continuation at its first newline.
+        #[arg(long)]
+        stop_on_newline: bool,
+    },
+    /// Evaluations (`ID`: one with every reference's continuation).
+    Evaluations { id: Option<String> },
+    /// Platform statistics: models, jobs, evaluations, generations.
+    Stats,
     /// Two models on the same text: per-token KL, top-1 agreement, log-prob deltas (the
     /// positions where they differ most first).
     Compare {
@@ -131,8 +157,15 @@ pub struct ClientTrainArgs {
     /// Id of the model the job produces.
     #[arg(long)]
     pub name: String,
-    #[arg(long, default_value_t = 100)]
-    pub steps: u64,
+    /// Optimizer steps (default 100, unless --epochs).
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<u64>,
+    /// Passes over the training windows instead of --steps.
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// A name for the job.
+    #[arg(long)]
+    pub job_name: Option<String>,
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     #[arg(long, default_value_t = 4)]

@@ -168,11 +168,18 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
             let mut spec = json!({
                 "base_model": t.base, "output_name": t.name,
                 "data": {"upload_id": upload["id"]},
-                "steps": t.steps, "lr": t.lr, "batch_size": t.batch_size, "seq_len": t.seq_len,
+                "lr": t.lr, "batch_size": t.batch_size, "seq_len": t.seq_len,
                 "eval_every": t.eval_every, "save_every": t.save_every, "seed": t.seed,
             });
-            if let Some(w) = t.warmup {
-                spec["warmup"] = json!(w);
+            for (field, value) in [
+                ("warmup", t.warmup.map(|w| json!(w))),
+                ("steps", t.steps.map(|s| json!(s))),
+                ("epochs", t.epochs.map(|e| json!(e))),
+                ("job_name", t.job_name.as_ref().map(|n| json!(n))),
+            ] {
+                if let Some(v) = value {
+                    spec[field] = v;
+                }
             }
             let job = api.post("/train/jobs", &spec)?;
             let id = job["id"].as_str().unwrap_or_default().to_string();
@@ -238,6 +245,56 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
                         *rows
                     )
                 );
+            }
+        }
+        ClientCommand::Evaluate {
+            model,
+            data,
+            references,
+            name,
+            max_tokens,
+            stop_on_newline,
+        } => {
+            let mut body = json!({"eval_name": name, "max_tokens": max_tokens,
+                "stop_on_newline": stop_on_newline});
+            if let Some(path) = data {
+                let upload = upload_file(&api, path)?;
+                body["data"] = json!({"upload_id": upload["id"]});
+            }
+            if let Some(path) = references {
+                body["references"] = Value::Array(read_references(path)?);
+            }
+            let v = api.post(&format!("/models/{model}/evaluate"), &body)?;
+            if args.json {
+                print_json(&v);
+            } else {
+                print_evaluation(&v);
+            }
+        }
+        ClientCommand::Evaluations { id: None } => {
+            let v = api.get("/evaluations")?;
+            if args.json {
+                print_json(&v);
+            } else {
+                print!("{}", evaluations_table(&v));
+            }
+        }
+        ClientCommand::Evaluations { id: Some(id) } => {
+            let v = api.get(&format!("/evaluations/{id}"))?;
+            if args.json {
+                print_json(&v);
+            } else {
+                print_evaluation(&v);
+            }
+        }
+        ClientCommand::Stats => {
+            let v = api.get("/statistics")?;
+            if args.json {
+                print_json(&v);
+            } else {
+                for (key, value) in v.as_object().into_iter().flatten() {
+                    println!("{:<24} {}", key.replace('_', " "), plain(value));
+                }
             }
         }
         ClientCommand::Pause { id }
@@ -457,6 +514,11 @@ fn print_job(job: &Value) {
             );
         }
     }
+    if let Some(logs) = job["logs"].as_str() {
+        for line in logs.lines() {
+            println!("  {line}");
+        }
+    }
 }
 
 fn print_status(s: &Value) {
@@ -501,4 +563,108 @@ fn print_status(s: &Value) {
             render_table(&["model", "status", "MiB", "queue"], &rows)
         );
     }
+}
+
+/// Uploads a .txt or .jsonl file (POST /train/uploads).
+fn upload_file(api: &Api, path: &std::path::Path) -> anyhow::Result<Value> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    api.post_raw(
+        "/train/uploads",
+        if jsonl {
+            "application/jsonl"
+        } else {
+            "text/plain"
+        },
+        &bytes,
+    )
+}
+
+/// `{"prompt", "reference"}` objects, one per non-empty line.
+fn read_references(path: &std::path::Path) -> anyhow::Result<Vec<Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| {
+            let v: Value = serde_json::from_str(line)
+                .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
+            match (v.get("prompt"), v.get("reference")) {
+                (Some(Value::String(p)), Some(Value::String(r))) => {
+                    Ok(json!({"prompt": p, "reference": r}))
+                }
+                _ => bail!(
+                    "{} line {}: needs string fields `prompt` and `reference`",
+                    path.display(),
+                    i + 1
+                ),
+            }
+        })
+        .collect()
+}
+
+/// A JSON value as a table cell: numbers to 4 decimals, null as `-`.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.is_f64() => format!("{:.4}", n.as_f64().unwrap_or_default()),
+        other => other.to_string(),
+    }
+}
+
+fn print_evaluation(v: &Value) {
+    println!(
+        "{} {} on {} ({}, {:.1} s)",
+        plain(&v["id"]),
+        plain(&v["eval_name"]),
+        plain(&v["model_id"]),
+        plain(&v["created_at"]),
+        v["duration_s"].as_f64().unwrap_or_default()
+    );
+    for (key, value) in v["metrics"].as_object().into_iter().flatten() {
+        println!("  {:<22} {}", key.replace('_', " "), plain(value));
+    }
+    for s in v["samples"].as_array().into_iter().flatten() {
+        println!(
+            "  {:?} → {:?} (expected {:?}, ROUGE-L {})",
+            plain(&s["prompt"]),
+            plain(&s["response"]),
+            plain(&s["reference"]),
+            plain(&s["rouge_l"])
+        );
+    }
+}
+
+fn evaluations_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["evaluations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let m = &e["metrics"];
+            vec![
+                plain(&e["id"]),
+                plain(&e["model_id"]),
+                plain(&e["eval_name"]),
+                plain(&m["perplexity"]),
+                plain(&m["bits_per_byte"]),
+                plain(&m["bleu_score"]),
+                plain(&m["rouge_score"]),
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            "id",
+            "model",
+            "name",
+            "perplexity",
+            "bits/byte",
+            "BLEU",
+            "ROUGE-L",
+        ],
+        &rows,
+    )
 }

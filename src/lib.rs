@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod engine;
+pub mod eval;
 pub mod inspect;
 pub mod logging;
 pub mod model;

@@ -126,6 +126,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Held no longer than that: a held handle counts as a request in use, and would keep the
     // default model from ever being unloaded to make room.
     drop(default_worker);
+    // The generation counter is written every few seconds and at shutdown, never by a request.
+    let counters = jobs.store().clone();
+    let flusher = tokio::spawn({
+        let counters = counters.clone();
+        async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                let store = counters.clone();
+                let written = tokio::task::spawn_blocking(move || store.flush_counters()).await;
+                if let Ok(Err(e)) = written {
+                    tracing::warn!("writing the statistics counters: {e}");
+                }
+            }
+        }
+    });
     let app = api::router(AppState::with_models(models, Some(jobs), config));
     let addr = SocketAddr::new(ip, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -150,6 +166,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let drain = Duration::from_secs_f64(args.request_timeout).min(Duration::from_secs(3600));
     api::server::serve(listener, app, limits, stop, drain).await;
+    flusher.abort();
+    if let Err(e) = counters.flush_counters() {
+        tracing::warn!("writing the statistics counters: {e}");
+    }
     if let Ok(reason) = died_rx.await {
         // Non-zero, so that an orchestrator (systemd, Kubernetes) starts a fresh process.
         anyhow::bail!("the model thread died: {reason}");

@@ -5,8 +5,10 @@
 
 mod common;
 
+use common::server::Server;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -34,139 +36,6 @@ fn tiny_model(dir: &Path) -> PathBuf {
 fn corpus() -> String {
     "The quick brown fox jumps over the lazy dog. ".repeat(40)
         + &"Pack my box with five dozen liquor jugs. ".repeat(40)
-}
-
-struct Server {
-    child: Child,
-    base: String,
-    log: PathBuf,
-    agent: ureq::Agent,
-}
-
-impl Server {
-    fn start(state: &Path, args: &[&str]) -> Self {
-        let port = common::free_port();
-        let log = state.with_extension(format!("{port}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_tokenscope"))
-            .args(["serve", "--port", &port.to_string(), "--state-dir"])
-            .arg(state)
-            .args(["--train-threads", "1"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let server = Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-            agent: common::http_agent(Some(Duration::from_secs(120))),
-        };
-        server.wait(Duration::from_secs(120), "healthy", |s| {
-            s.get("/health").0 == 200
-        });
-        server
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        match self.agent.get(&format!("{}{path}", self.base)).call() {
-            Ok(mut r) => (
-                r.status().as_u16(),
-                r.body_mut().read_json().unwrap_or(Value::Null),
-            ),
-            Err(_) => (0, Value::Null),
-        }
-    }
-
-    fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let mut r = self
-            .agent
-            .post(&format!("{}{path}", self.base))
-            .send_json(body)
-            .unwrap();
-        (
-            r.status().as_u16(),
-            r.body_mut().read_json().unwrap_or(Value::Null),
-        )
-    }
-
-    fn upload(&self, text: &str) -> String {
-        let mut r = self
-            .agent
-            .post(&format!("{}/train/uploads", self.base))
-            .content_type("text/plain")
-            .send(text.as_bytes())
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 201);
-        let v: Value = r.body_mut().read_json().unwrap();
-        v["id"].as_str().unwrap().to_string()
-    }
-
-    fn wait(&self, limit: Duration, what: &str, mut done: impl FnMut(&Self) -> bool) {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if done(self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "timed out waiting for {what}; server log:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-
-    fn job(&self, id: &str) -> Value {
-        let (code, job) = self.get(&format!("/train/jobs/{id}"));
-        assert_eq!(code, 200, "{job}");
-        job
-    }
-
-    fn wait_job(&self, id: &str, status: &str) -> Value {
-        self.wait(
-            Duration::from_secs(300),
-            &format!("job {id} {status}"),
-            |s| {
-                let job = s.job(id);
-                assert!(
-                    job["status"] != "failed" || status == "failed",
-                    "job failed: {job}"
-                );
-                job["status"] == status
-            },
-        );
-        self.job(id)
-    }
-
-    fn model(&self, id: &str) -> Value {
-        let (code, m) = self.get(&format!("/models/{id}"));
-        assert_eq!(code, 200, "{m}");
-        m
-    }
-
-    fn client(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_tokenscope"))
-            .args(["client", "--url", &self.base])
-            .args(args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn job_spec(base: &str, upload: &str, name: &str, steps: u64) -> Value {
@@ -1656,5 +1525,77 @@ fn the_openapi_request_examples_succeed() {
             tried.iter().any(|p| p == want),
             "{want} has no example: {tried:?}"
         );
+    }
+}
+
+/// The LLM platform's request shape (`model_id`, `job_name`, `epochs`, `learning_rate`) and its
+/// progress fields: `epochs` whole passes make ⌈epochs × windows ÷ batch_size⌉ steps, the log
+/// has one line per finished epoch with that epoch's mean training loss (recomputed here from
+/// the job's own loss history), and `progress` reaches 100.
+#[test]
+fn an_epochs_job_in_the_platforms_shape_reports_progress_epochs_and_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let server = Server::start(
+        &dir.path().join("state"),
+        &["--model", tiny.to_str().unwrap()],
+    );
+    let upload = server.upload(&corpus());
+    let (code, job) = server.post(
+        "/train/jobs",
+        json!({"model_id": "tiny", "job_name": "My Training Job", "epochs": 2,
+               "learning_rate": 0.001, "batch_size": 8, "data": {"upload_id": upload},
+               "output_name": "two-passes", "seq_len": 32, "eval_every": 5, "seed": 1}),
+    );
+    assert_eq!(code, 202, "{job}");
+    assert_eq!(job["progress"], 0.0);
+    assert_eq!(job["settings"]["job_name"], "My Training Job");
+    assert_eq!(job["settings"]["lr"], 0.001);
+    let id = job["id"].as_str().unwrap().to_string();
+    let done = server.wait_job(&id, "completed");
+    let windows = done["train_windows"].as_u64().unwrap();
+    let total = done["total_steps"].as_u64().unwrap();
+    assert_eq!(total, (2 * windows).div_ceil(8), "{done}");
+    assert_eq!(done["step"].as_u64().unwrap(), total);
+    assert_eq!(done["progress"], 100.0);
+    assert_eq!(done["epochs"], 2.0);
+    assert_eq!(done["current_epoch"], 2);
+    assert_eq!(done["current_loss"], done["train_loss"]);
+    let history = done["history"].as_array().unwrap();
+    let logs = done["logs"].as_str().unwrap();
+    let mut begin = 0;
+    for k in 1..=2u64 {
+        let end = (k * windows).div_ceil(8).min(total);
+        let losses: Vec<f64> = history
+            .iter()
+            .filter(|p| (begin + 1..=end).contains(&p["step"].as_u64().unwrap()))
+            .map(|p| p["train_loss"].as_f64().unwrap())
+            .collect();
+        assert_eq!(losses.len() as u64, end - begin);
+        let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+        let line = format!("Epoch {k}/2 completed with loss {mean:.4}");
+        assert!(logs.contains(&line), "{line} not in:\n{logs}");
+        begin = end;
+    }
+    assert!(
+        logs.lines().last().unwrap().starts_with("Completed at "),
+        "{logs}"
+    );
+    assert!(logs.contains("eval loss"), "{logs}");
+
+    // Both steps and epochs, or a bad epochs value: refused, naming the field.
+    for (body, field) in [
+        (json!({"steps": 5, "epochs": 1}), "epochs"),
+        (json!({"epochs": 0}), "epochs"),
+        (json!({"epochs": 1e6}), "epochs"),
+    ] {
+        let mut spec = json!({"base_model": "tiny", "data": {"upload_id": upload},
+                              "output_name": "bad"});
+        for (k, v) in body.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        let (code, e) = server.post("/train/jobs", spec);
+        assert_eq!(code, 422, "{body}: {e}");
+        assert!(e.to_string().contains(field), "{e}");
     }
 }

@@ -52,7 +52,10 @@ same bytes.",
         crate::train::jobs::DataSpec,
         crate::train::jobs::TextData, crate::train::jobs::UploadData, crate::train::jobs::PathData,
         crate::train::jobs::store::HistoryPoint, crate::train::jobs::store::UploadRow,
-        super::jobs::UploadText
+        super::jobs::UploadText,
+        crate::eval::EvalRequest, crate::eval::ReferencePair, crate::eval::EvalView,
+        crate::eval::EvalMetrics, crate::eval::EvalSample, crate::eval::EvalList,
+        super::evaluations::Statistics
     )),
     modifiers(&BearerScheme),
     tags(
@@ -62,6 +65,7 @@ same bytes.",
         (name = "tokenizer", description = "vLLM-compatible tokenizer endpoints"),
         (name = "models", description = "The models this server offers; loading and unloading them"),
         (name = "training", description = "Training jobs: uploads, queue, progress, pause/resume/cancel"),
+        (name = "evaluations", description = "Perplexity, BLEU and ROUGE of a model; platform statistics"),
     )
 )]
 pub struct ApiDoc;

@@ -97,6 +97,7 @@ pub enum ErrorCode {
     UploadNotFound,
     DataNotFound,
     TrainingUnavailable,
+    EvaluationNotFound,
 }
 
 impl ErrorCode {
@@ -198,6 +199,11 @@ impl ErrorCode {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "TRAINING_UNAVAILABLE",
                 "server_error",
+            ),
+            EvaluationNotFound => (
+                StatusCode::NOT_FOUND,
+                "EVALUATION_NOT_FOUND",
+                "not_found_error",
             ),
         }
     }

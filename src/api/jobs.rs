@@ -170,6 +170,50 @@ pub async fn upload(
     Ok((StatusCode::CREATED, Json(row?)).into_response())
 }
 
+/// A JSON body deserialized with the path of the first bad field in the error's `loc`
+/// (integral floats count as integers, as in JSON Schema). Shared by the bodies that are
+/// not [`super::extract::ValidJson`]'s (jobs, evaluations).
+pub(super) fn deserialize_body<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::validation(
+            vec![FieldError {
+                loc: vec!["body".into()],
+                msg: format!("JSON decode error: {e}"),
+                kind: "value_error.jsondecode".into(),
+            }],
+            None,
+        )
+    })?;
+    // JSON Schema's integers include 5.0: so do ours (steps, batch_size, ...).
+    let value = super::openai::error::integral_floats_as_integers(value);
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut loc: Vec<serde_json::Value> = vec!["body".into()];
+        loc.extend(
+            e.path()
+                .to_string()
+                .split('.')
+                .filter(|p| !p.is_empty() && *p != "?")
+                .map(|p| serde_json::Value::from(p.to_string())),
+        );
+        let msg = e.inner().to_string();
+        let msg = if msg.contains("did not match any variant") {
+            "data must be {\"text\": ...}, {\"upload_id\": ...} or {\"path\": ...}".into()
+        } else {
+            msg
+        };
+        ApiError::validation(
+            vec![FieldError {
+                loc,
+                msg,
+                kind: "value_error".into(),
+            }],
+            None,
+        )
+    })
+}
+
 /// Queues a training job: fine-tunes `base_model` on the data and registers the result as the
 /// model `output_name`. Jobs run one at a time on `--train-threads` threads.
 #[utoipa::path(
@@ -198,42 +242,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let jobs = manager(&state)?;
     let bytes = super::extract::json_body_bytes(req, state.config.max_body_bytes).await?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::validation(
-            vec![FieldError {
-                loc: vec!["body".into()],
-                msg: format!("JSON decode error: {e}"),
-                kind: "value_error.jsondecode".into(),
-            }],
-            None,
-        )
-    })?;
-    // JSON Schema's integers include 5.0: so do ours (steps, batch_size, ...).
-    let value = super::openai::error::integral_floats_as_integers(value);
-    let spec: JobSpec = serde_path_to_error::deserialize(value).map_err(|e| {
-        let mut loc: Vec<serde_json::Value> = vec!["body".into()];
-        loc.extend(
-            e.path()
-                .to_string()
-                .split('.')
-                .filter(|p| !p.is_empty() && *p != "?")
-                .map(|p| serde_json::Value::from(p.to_string())),
-        );
-        let msg = e.inner().to_string();
-        let msg = if msg.contains("did not match any variant") {
-            "data must be {\"text\": ...}, {\"upload_id\": ...} or {\"path\": ...}".into()
-        } else {
-            msg
-        };
-        ApiError::validation(
-            vec![FieldError {
-                loc,
-                msg,
-                kind: "value_error".into(),
-            }],
-            None,
-        )
-    })?;
+    let spec: JobSpec = deserialize_body(&bytes)?;
     let by = caller.requester();
     let view = blocking(move || jobs.create(spec, &by)).await?;
     Ok((StatusCode::ACCEPTED, Json(view)).into_response())

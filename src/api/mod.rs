@@ -6,6 +6,7 @@ pub mod bounds;
 pub mod compare;
 pub mod docs;
 pub mod error;
+pub mod evaluations;
 pub mod extract;
 pub mod info;
 pub mod jobs;
@@ -127,6 +128,13 @@ impl AppState {
         }
     }
 
+    /// Counts a generation request answered (GET /statistics).
+    pub fn count_generation(&self) {
+        if let Some(jobs) = &self.jobs {
+            jobs.store().count_generation();
+        }
+    }
+
     /// The id of the selected (or default) model.
     pub fn model_id(&self) -> String {
         match &self.selected {
@@ -205,6 +213,10 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(utoipa_axum::routes!(jobs::pause))
         .routes(utoipa_axum::routes!(jobs::resume))
         .routes(utoipa_axum::routes!(jobs::cancel))
+        .routes(utoipa_axum::routes!(evaluations::evaluate))
+        .routes(utoipa_axum::routes!(evaluations::list))
+        .routes(utoipa_axum::routes!(evaluations::get))
+        .routes(utoipa_axum::routes!(evaluations::statistics))
         .routes(utoipa_axum::routes!(completions::create))
         .routes(utoipa_axum::routes!(chat::create))
         .routes(utoipa_axum::routes!(openai::models))

@@ -50,6 +50,7 @@ pub async fn generate(
     let _in_flight = super::metrics::InFlight::start();
     let params = req.params();
     let resp = run_job(&state, req.prompt, params).await?;
+    state.count_generation();
     if let Some(m) = super::metrics::metrics() {
         m.prompt_tokens.inc_by(resp.metadata.prompt_tokens as u64);
         m.generated_tokens

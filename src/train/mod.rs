@@ -135,6 +135,8 @@ pub struct StepReport {
 pub trait TrainObserver {
     /// After every optimizer step.
     fn step(&self, _report: &StepReport) {}
+    /// Once the data is tokenized: its training windows and the steps the run makes.
+    fn data(&self, _train_windows: usize, _total_steps: usize) {}
     /// After every evaluation.
     fn eval(&self, _step: usize, _loss: f64) {}
     /// Checked after every step: true stops the run with a checkpoint, as Ctrl-C does.
@@ -455,6 +457,9 @@ pub fn run_observed(
         (None, None, Some(d)) => d.train.len().div_ceil(per_step).max(1),
         _ => 0,
     };
+    if let Some(d) = &dataset {
+        observer.data(d.train.len(), total_steps);
+    }
 
     std::fs::create_dir_all(&o.output)?;
     let mut state = TrainState {

@@ -112,10 +112,16 @@ pub async fn create(
     };
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return super::stream::chat(state, info, jobs, shape, include_usage, deadline).await;
+        let stream =
+            super::stream::chat(state.clone(), info, jobs, shape, include_usage, deadline).await;
+        if stream.is_ok() {
+            state.count_generation();
+        }
+        return stream;
     }
     let replies = run::submit_all(&state, jobs, deadline).await?;
     let responses = run::await_all(&state, replies, deadline).await?;
+    state.count_generation();
     let choices = responses
         .iter()
         .enumerate()

@@ -98,10 +98,17 @@ pub async fn create(
     };
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return super::stream::completions(state, info, jobs, shape, include_usage, deadline).await;
+        let stream =
+            super::stream::completions(state.clone(), info, jobs, shape, include_usage, deadline)
+                .await;
+        if stream.is_ok() {
+            state.count_generation();
+        }
+        return stream;
     }
     let replies = run::submit_all(&state, jobs, deadline).await?;
     let responses = run::await_all(&state, replies, deadline).await?;
+    state.count_generation();
     let body = CompletionResponse {
         choices: responses
             .iter()

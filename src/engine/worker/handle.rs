@@ -171,6 +171,36 @@ impl WorkerHandle {
         Ok(reply)
     }
 
+    /// Tokenizes `text` as a prompt (BOS when the model asks for one) on the same pool as
+    /// [`Self::submit_input`], without the length rules: for callers that cut a long text
+    /// into windows themselves (evaluations).
+    pub async fn tokenize_text(&self, text: String) -> Result<Vec<u32>, WorkerError> {
+        let info = self.ready_info()?;
+        let permit = self
+            .tokenize_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| WorkerError::Stopped)?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            tokenize::tokenize(
+                &info.tokenizer,
+                PromptInput::Text(text),
+                Vec::new(),
+                info.vocab_size,
+            )
+        })
+        .await
+        .map_err(|e| WorkerError::Failed(format!("tokenization task: {e}")))?
+        .map(|(_, ids, _)| ids)
+    }
+
+    /// The prompt-token cap of `--max-prompt-tokens`, if any.
+    pub fn max_prompt_tokens(&self) -> Option<usize> {
+        self.limits.max_prompt_tokens
+    }
+
     /// Queues an already-tokenized prompt (the caller has checked it with [`check_prompt`]).
     pub fn submit_ids(
         &self,

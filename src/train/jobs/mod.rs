@@ -12,6 +12,7 @@
 //! (their SQLite database).
 
 mod eta;
+mod progress;
 mod runner;
 mod spec;
 pub mod status;
@@ -69,7 +70,7 @@ impl Requester {
         }
     }
 
-    fn may_see(&self, owner: Option<&str>) -> bool {
+    pub fn may_see(&self, owner: Option<&str>) -> bool {
         self.sees_all || (self.owner.is_some() && self.owner.as_deref() == owner)
     }
 }
@@ -157,6 +158,62 @@ impl JobManager {
             r.stop.store(StopRequest::Pause as u8, Ordering::SeqCst);
         }
         self.wake.notify_all();
+    }
+
+    /// The state database (evaluations and counters live there too).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The documents `data` stands for, read now (an evaluation's text): the text itself, an
+    /// upload `by` may see (JSONL: one document per line), or a file or folder under
+    /// `--data-dir` (with the same checks as a job's).
+    pub fn documents(&self, data: &DataSpec, by: &Requester) -> Result<Vec<String>, JobError> {
+        let docs = match data {
+            DataSpec::Text(t) => {
+                if t.text.trim().is_empty() {
+                    return Err(JobError::invalid("data", "data.text contains no text"));
+                }
+                vec![t.text.clone()]
+            }
+            DataSpec::Upload(u) => {
+                let upload = self
+                    .store
+                    .upload(&u.upload_id)?
+                    .filter(|row| by.may_see(row.owner.as_deref()))
+                    .ok_or_else(|| {
+                        JobError::Missing(
+                            Missing::Upload,
+                            format!("upload `{}` not found (POST /train/uploads)", u.upload_id),
+                        )
+                    })?;
+                let path = upload_path(&self.settings.state_dir, &upload);
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| JobError::Io(format!("upload {}: {e}", upload.id)))?;
+                crate::train::data::documents(&bytes, upload.format == "jsonl", &upload.id)
+                    .map_err(|e| JobError::invalid("data", e))?
+            }
+            DataSpec::Path(p) => {
+                let full = self.data_path(&p.path)?;
+                crate::train::data::read_documents(&full)
+                    .map_err(|e| JobError::Missing(Missing::Data, format!("data.path: {e}")))?
+                    .0
+            }
+        };
+        Ok(docs)
+    }
+
+    /// (all, running, completed) training jobs `by` may see.
+    pub fn counts(&self, by: &Requester) -> Result<(u64, u64, u64), JobError> {
+        let mut counts = (0, 0, 0);
+        for row in self.store.jobs()? {
+            if by.may_see(row.owner.as_deref()) {
+                counts.0 += 1;
+                counts.1 += u64::from(row.status == JobStatus::Running);
+                counts.2 += u64::from(row.status == JobStatus::Completed);
+            }
+        }
+        Ok(counts)
     }
 
     /// Stores an uploaded training file (UTF-8 text, or JSONL with a `text` field per line).
@@ -257,7 +314,8 @@ impl JobManager {
             spec: serde_json::to_string(&spec).map_err(|e| JobError::Io(e.to_string()))?,
             status: JobStatus::Queued,
             step: 0,
-            total_steps: spec.steps,
+            total_steps: spec.fixed_steps().unwrap_or(0),
+            train_windows: None,
             train_loss: None,
             eval_loss: None,
             tokens_per_s: None,
@@ -291,8 +349,26 @@ impl JobManager {
                 "output_name must be 1 to 128 letters, digits, `.`, `_` or `-`, not starting or ending with `.` or `-`",
             ));
         }
-        if !(1..=1_000_000).contains(&spec.steps) {
+        if spec.steps.is_some_and(|s| !(1..=1_000_000).contains(&s)) {
             return Err(inv("steps", "steps must be between 1 and 1000000"));
+        }
+        if let Some(e) = spec.epochs {
+            if spec.steps.is_some() {
+                return Err(inv("epochs", "give steps or epochs, not both"));
+            }
+            if !(e > 0.0 && e <= 1000.0) {
+                return Err(inv(
+                    "epochs",
+                    "epochs must be greater than 0 and at most 1000",
+                ));
+            }
+        }
+        if spec
+            .job_name
+            .as_ref()
+            .is_some_and(|n| n.chars().count() > 200)
+        {
+            return Err(inv("job_name", "job_name is longer than 200 characters"));
         }
         if !(spec.lr > 0.0 && spec.lr <= 1.0) {
             return Err(inv("lr", "lr must be greater than 0 and at most 1"));
@@ -551,13 +627,34 @@ impl JobManager {
         } else {
             None
         };
+        let points = if history {
+            Some(
+                self.store
+                    .history(&row.id)?
+                    .into_iter()
+                    .map(|mut p| {
+                        p.train_loss = p.train_loss.filter(|x| x.is_finite());
+                        p.eval_loss = p.eval_loss.filter(|x| x.is_finite());
+                        p
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        } else {
+            None
+        };
         Ok(JobView {
+            logs: points.as_ref().map(|p| progress::logs(row, &spec, p)),
             id: row.id.clone(),
             status: row.status,
             base_model: spec.base_model.clone(),
             output_name: spec.output_name.clone(),
             step: row.step,
             total_steps: row.total_steps,
+            progress: progress::percent(row),
+            epochs: progress::epochs(row, &spec),
+            current_epoch: progress::current_epoch(row, &spec),
+            current_loss: row.train_loss.filter(|x| x.is_finite()),
+            train_windows: row.train_windows,
             train_loss: row.train_loss.filter(|x| x.is_finite()),
             eval_loss: row.eval_loss.filter(|x| x.is_finite()),
             eval_perplexity: row.eval_loss.map(f64::exp).filter(|x| x.is_finite()),
@@ -569,21 +666,7 @@ impl JobManager {
             error: row.error.clone(),
             disk_bytes: self.job_disk_bytes(&spec),
             settings: spec,
-            history: if history {
-                Some(
-                    self.store
-                        .history(&row.id)?
-                        .into_iter()
-                        .map(|mut p| {
-                            p.train_loss = p.train_loss.filter(|x| x.is_finite());
-                            p.eval_loss = p.eval_loss.filter(|x| x.is_finite());
-                            p
-                        })
-                        .collect(),
-                )
-            } else {
-                None
-            },
+            history: points,
         })
     }
 

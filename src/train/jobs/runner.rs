@@ -174,18 +174,23 @@ impl JobManager {
             DataSpec::Path(p) => self.data_path(&p.path).map_err(|e| e.to_string())?,
             DataSpec::Text(_) => return Err("text data is stored as an upload".into()),
         };
-        let steps = spec.steps as usize;
+        let steps = spec.fixed_steps().map(|s| s as usize);
         Ok(TrainOptions {
             model: Some(base),
             data: Some(data),
             output: models_dir(&self.settings.state_dir).join(&spec.output_name),
-            steps: Some(steps),
+            steps,
+            epochs: spec.epochs,
             batch_size: spec.batch_size as usize,
             seq_len: spec.seq_len as usize,
             lr: spec.lr,
-            warmup: spec
-                .warmup
-                .map_or((steps / 10).min(10), |w| (w as usize).min(steps)),
+            warmup: match (spec.warmup, steps) {
+                (Some(w), Some(steps)) => (w as usize).min(steps),
+                (Some(w), None) => w as usize,
+                (None, Some(steps)) => (steps / 10).min(10),
+                // An epochs job: steps unknown until its data is read (the schedule caps it).
+                (None, None) => 10,
+            },
             eval_every: spec.eval_every as usize,
             save_every: spec.save_every as usize,
             resume: true,
@@ -273,6 +278,15 @@ impl TrainObserver for JobObserver<'_> {
             .record_train_loss(&row.id, r.step as u64, r.loss)
             .and_then(|_| store.update_job(&row));
         if let Err(e) = write {
+            tracing::error!("job {}: {e}", row.id);
+        }
+    }
+
+    fn data(&self, train_windows: usize, total_steps: usize) {
+        let mut row = self.row();
+        row.train_windows = Some(train_windows as u64);
+        row.total_steps = total_steps as u64;
+        if let Err(e) = self.manager.store.update_job(&row) {
             tracing::error!("job {}: {e}", row.id);
         }
     }

@@ -43,8 +43,14 @@ pub struct PathData {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"base_model": "SmolLM2-135M-Instruct.Q4_1", "data": {"text": "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump!"}, "output_name": "smollm2-fox", "steps": 5, "seq_len": 8}))]
 pub struct JobSpec {
-    /// The model to start from (an id from GET /models).
+    /// The model to start from (an id from GET /models; `model_id` is accepted as well, as
+    /// the LLM platform names it).
+    #[serde(alias = "model_id")]
     pub base_model: String,
+    /// A name for people to recognise the job by (any text; the platform's `job_name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 200)]
+    pub job_name: Option<String>,
     pub data: DataSpec,
     /// Id of the model the job produces (letters, digits, `.`, `_`, `-`).
     #[schema(
@@ -52,12 +58,17 @@ pub struct JobSpec {
         max_length = 128
     )]
     pub output_name: String,
-    /// Optimizer steps.
-    #[serde(default = "default_steps")]
+    /// Optimizer steps (default 100 unless `epochs` is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(default = 100, minimum = 1, maximum = 1000000)]
-    pub steps: u64,
-    /// Peak learning rate (linear warm-up, cosine decay).
-    #[serde(default = "default_lr")]
+    pub steps: Option<u64>,
+    /// Passes over the training windows instead of `steps` (fractions allowed): the steps are
+    /// ⌈epochs × windows ÷ batch_size⌉, known once the data is tokenized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0, maximum = 1000)]
+    pub epochs: Option<f64>,
+    /// Peak learning rate (linear warm-up, cosine decay; `learning_rate` is accepted as well).
+    #[serde(default = "default_lr", alias = "learning_rate")]
     #[schema(default = 0.0001, exclusive_minimum = 0, maximum = 1)]
     pub lr: f64,
     #[serde(default = "default_batch_size")]
@@ -84,9 +95,8 @@ pub struct JobSpec {
     pub seed: u64,
 }
 
-fn default_steps() -> u64 {
-    100
-}
+/// Steps of a job that names neither `steps` nor `epochs`.
+pub const DEFAULT_STEPS: u64 = 100;
 fn default_lr() -> f64 {
     1e-4
 }
@@ -111,7 +121,23 @@ pub struct JobView {
     pub base_model: String,
     pub output_name: String,
     pub step: u64,
+    /// Steps in all (0 until an `epochs` job has tokenized its data).
     pub total_steps: u64,
+    /// Percent of the steps done (100 once completed).
+    pub progress: f64,
+    /// Passes over the training windows the job makes (as asked, or what its steps come to),
+    /// once its data is tokenized.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<f64>,
+    /// The pass under way (1-based), once the data is tokenized.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_epoch: Option<u64>,
+    /// The latest step's training loss (the platform's name for `train_loss`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_loss: Option<f64>,
+    /// Windows of training data (each `seq_len` + 1 tokens), once tokenized.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_windows: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -137,6 +163,10 @@ pub struct JobView {
     /// Loss per step (GET /train/jobs/{id} only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<Vec<HistoryPoint>>,
+    /// What happened, one line each (`Epoch 2/5 completed with loss 3.2100`, evaluations,
+    /// the end): GET /train/jobs/{id} only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logs: Option<String>,
 }
 
 /// What a job names that does not exist.
@@ -184,5 +214,16 @@ pub enum JobError {
 impl JobError {
     pub(super) fn invalid(field: &'static str, msg: impl Into<String>) -> Self {
         Self::Invalid(msg.into(), field)
+    }
+}
+
+impl JobSpec {
+    /// The steps asked for (`None` for an `epochs` job, whose steps follow from its data).
+    pub fn fixed_steps(&self) -> Option<u64> {
+        match (self.steps, self.epochs) {
+            (Some(s), _) => Some(s),
+            (None, Some(_)) => None,
+            (None, None) => Some(DEFAULT_STEPS),
+        }
     }
 }

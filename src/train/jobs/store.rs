@@ -5,6 +5,7 @@
 //! `synchronous = NORMAL`: a crash loses at most the last steps' progress, never the file.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -39,6 +40,8 @@ pub struct JobRow {
     pub status: JobStatus,
     pub step: u64,
     pub total_steps: u64,
+    /// Training windows, once the run has tokenized its data (epochs follow from it).
+    pub train_windows: Option<u64>,
     pub train_loss: Option<f64>,
     pub eval_loss: Option<f64>,
     pub tokens_per_s: Option<f64>,
@@ -47,6 +50,17 @@ pub struct JobRow {
     pub finished_at: Option<String>,
     pub error: Option<String>,
     /// Who created it: a digest of their API key (`None` on a server without keys).
+    pub owner: Option<String>,
+}
+
+/// An evaluation's row: its view is kept as JSON (read back whole, never queried).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvaluationRow {
+    pub id: String,
+    pub model_id: String,
+    pub view: String,
+    pub created_at: String,
+    /// Who ran it: a digest of their API key (`None` on a server without keys).
     pub owner: Option<String>,
 }
 
@@ -77,6 +91,10 @@ pub struct UploadRow {
 pub struct Store {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// Generation requests answered, counted in memory (a request must not wait for a
+    /// database write) and written by [`Store::flush_counters`].
+    generations: AtomicU64,
+    generations_written: AtomicU64,
     /// The directory's lock file, held (exclusively) while this store lives.
     _lock: std::fs::File,
 }
@@ -117,7 +135,22 @@ CREATE TABLE IF NOT EXISTS models (
     job_id TEXT,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS evaluations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    model_id TEXT NOT NULL,
+    view TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    owner TEXT
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 ";
+
+/// The counter of generation requests answered (GET /statistics' `total_generations`).
+const GENERATIONS: &str = "generations";
 
 impl Store {
     /// Opens (creating) `dir/state.db`.
@@ -145,25 +178,41 @@ impl Store {
         conn.execute_batch(SCHEMA).map_err(fail)?;
         // State directories made before jobs had owners: their jobs and uploads have none
         // (visible to admin keys only, once keys are configured).
-        for table in ["jobs", "uploads"] {
-            let has_owner: bool = conn
+        // and before jobs counted their windows: theirs are unknown (no epochs shown).
+        for (table, column, kind) in [
+            ("jobs", "owner", "TEXT"),
+            ("uploads", "owner", "TEXT"),
+            ("jobs", "train_windows", "INTEGER"),
+        ] {
+            let has: bool = conn
                 .query_row(
                     &format!(
-                        "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'owner'"
+                        "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"
                     ),
                     [],
                     |r| r.get::<_, i64>(0),
                 )
                 .map_err(fail)?
                 > 0;
-            if !has_owner {
-                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN owner TEXT"))
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))
                     .map_err(fail)?;
             }
         }
+        let generations: u64 = conn
+            .query_row(
+                "SELECT value FROM counters WHERE name = ?1",
+                [GENERATIONS],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(fail)?
+            .unwrap_or(0);
         Ok(Self {
             conn: Mutex::new(conn),
             path,
+            generations: AtomicU64::new(generations),
+            generations_written: AtomicU64::new(generations),
             _lock: lock,
         })
     }
@@ -205,8 +254,8 @@ impl Store {
     pub fn update_job(&self, job: &JobRow) -> Result<(), StoreError> {
         self.execute(
             "UPDATE jobs SET status = ?2, step = ?3, total_steps = ?4, train_loss = ?5, \
-                 eval_loss = ?6, tokens_per_s = ?7, started_at = ?8, finished_at = ?9, error = ?10 \
-                 WHERE id = ?1",
+                 eval_loss = ?6, tokens_per_s = ?7, started_at = ?8, finished_at = ?9, error = ?10, \
+                 train_windows = ?11 WHERE id = ?1",
             params![
                 job.id,
                 job.status.as_str(),
@@ -217,14 +266,15 @@ impl Store {
                 job.tokens_per_s,
                 job.started_at,
                 job.finished_at,
-                job.error
+                job.error,
+                job.train_windows
             ],
         )
         .map(|_| ())
     }
 
     const JOB_COLUMNS: &'static str = "id, spec, status, step, total_steps, train_loss, \
-        eval_loss, tokens_per_s, created_at, started_at, finished_at, error, owner";
+        eval_loss, tokens_per_s, created_at, started_at, finished_at, error, owner, train_windows";
 
     fn job_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         Ok(JobRow {
@@ -250,6 +300,7 @@ impl Store {
             finished_at: row.get(10)?,
             error: row.get(11)?,
             owner: row.get(12)?,
+            train_windows: row.get(13)?,
         })
     }
 
@@ -400,6 +451,72 @@ impl Store {
             params![id, path.to_string_lossy(), job_id, created_at],
         )
         .map(|_| ())
+    }
+
+    /// Counts one generation request answered.
+    pub fn count_generation(&self) {
+        self.generations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Generation requests answered since the state directory was made.
+    pub fn generations(&self) -> u64 {
+        self.generations.load(Ordering::Relaxed)
+    }
+
+    /// Writes the counters if they changed since the last write.
+    pub fn flush_counters(&self) -> Result<(), StoreError> {
+        let now = self.generations();
+        if self.generations_written.swap(now, Ordering::Relaxed) != now {
+            self.execute(
+                "INSERT INTO counters (name, value) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                params![GENERATIONS, now],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn insert_evaluation(&self, e: &EvaluationRow) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO evaluations (id, model_id, view, created_at, owner) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![e.id, e.model_id, e.view, e.created_at, e.owner],
+        )
+        .map(|_| ())
+    }
+
+    fn evaluation_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<EvaluationRow> {
+        Ok(EvaluationRow {
+            id: r.get(0)?,
+            model_id: r.get(1)?,
+            view: r.get(2)?,
+            created_at: r.get(3)?,
+            owner: r.get(4)?,
+        })
+    }
+
+    /// Every evaluation, oldest first.
+    pub fn evaluations(&self) -> Result<Vec<EvaluationRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, model_id, view, created_at, owner FROM evaluations ORDER BY seq")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], Self::evaluation_of)
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.err(e));
+        rows
+    }
+
+    pub fn evaluation(&self, id: &str) -> Result<Option<EvaluationRow>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT id, model_id, view, created_at, owner FROM evaluations WHERE id = ?1",
+                [id],
+                Self::evaluation_of,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     /// Trained models (id, directory), oldest first.
