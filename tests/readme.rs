@@ -9,7 +9,7 @@
 //! - `/tmp/…` and `~/models` → a temporary folder (no shared or home paths).
 //! - `--steps 30` / `"steps": 30` → 2: the 135M model takes seconds per step on 2 cores; the
 //!   example's shape (data, flags, output) is what is checked, not its figures.
-//! - `upload-3f…` / `job-9c…` → the ids the example's earlier requests returned.
+//! - `upload-3f…` / `job-9c…` / `eval-5d…` → the ids the example's earlier requests returned.
 //! - `../nanoGPT/out-shakespeare-char` → a nanoGPT-shaped folder holding the generated
 //!   character-level checkpoint (`scripts/nanogpt.sh`), its `meta.pkl` in `data/<dataset>/`.
 //!
@@ -101,7 +101,11 @@ impl Run {
             .replace("~/models", &format!("{tmp}/models-dir"))
             .replace("--steps 30", "--steps 2")
             .replace("\"steps\": 30", "\"steps\": 2");
-        for (placeholder, kind) in [("upload-3f…", "upload"), ("job-9c…", "job")] {
+        for (placeholder, kind) in [
+            ("upload-3f…", "upload"),
+            ("job-9c…", "job"),
+            ("eval-5d…", "eval"),
+        ] {
             if let Some(id) = self.ids.get(kind) {
                 c = c.replace(placeholder, id);
             }
@@ -189,7 +193,7 @@ impl Run {
         );
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(body.trim()) {
             if let Some(id) = v["id"].as_str() {
-                for kind in ["upload", "job"] {
+                for kind in ["upload", "job", "eval"] {
                     if id.starts_with(&format!("{kind}-")) {
                         self.ids.insert(kind, id.to_string());
                     }

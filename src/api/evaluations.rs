@@ -102,7 +102,7 @@ fn check(req: &EvalRequest) -> Result<(), ApiError> {
     path = "/models/{id}/evaluate",
     operation_id = "evaluate_model",
     tag = "evaluations",
-    params(("id" = String, Path, description = "A model id from GET /models")),
+    params(("id" = String, Path, description = "A model id from GET /models", example = "SmolLM2-135M-Instruct.Q4_1")),
     request_body = EvalRequest,
     responses(
         (status = 201, description = "Evaluated", body = EvalView),
