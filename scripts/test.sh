@@ -12,6 +12,7 @@ start=$SECONDS
 ./scripts/families.sh
 # nanoGPT checkpoints saved by PyTorch and transformers' log-probs for them (tests/nanogpt.rs).
 ./scripts/nanogpt.sh
+./scripts/peft.sh
 ./scripts/evaluations.sh
 
 failed=()

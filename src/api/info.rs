@@ -36,7 +36,7 @@ pub struct InfoResponse {
     pub id: String,
     pub architecture: Option<String>,
     pub parameters: Option<u64>,
-    /// `gguf`, `huggingface`, `nanogpt` or `hub`.
+    /// `gguf`, `huggingface`, `nanogpt`, `peft-lora` (a LoRA adapter on its base) or `hub`.
     pub format: String,
     /// The longest context, in tokens.
     pub context_length: Option<u64>,

@@ -251,9 +251,10 @@ impl Entry {
 
 fn source_label(s: &ModelSource) -> String {
     match s {
-        ModelSource::Gguf(p) | ModelSource::HfDir(p) | ModelSource::NanoGpt(p) => {
-            p.display().to_string()
-        }
+        ModelSource::Gguf(p)
+        | ModelSource::HfDir(p)
+        | ModelSource::NanoGpt(p)
+        | ModelSource::Adapter { dir: p, .. } => p.display().to_string(),
         ModelSource::Hub { .. } => s.display_name(),
     }
 }
@@ -335,11 +336,10 @@ impl ModelRegistry {
     /// Offers `source` under an id derived from its name (made unique with `-2`, `-3`, …). A
     /// source offered already keeps its id.
     pub fn add(&self, source: ModelSource, origin: Origin) -> String {
+        let source = self.with_adapter_base(source);
         let name = match &source {
-            ModelSource::Gguf(_) | ModelSource::HfDir(_) | ModelSource::NanoGpt(_) => {
-                source.display_name()
-            }
             ModelSource::Hub { repo, .. } => repo.rsplit('/').next().unwrap_or(repo).to_string(),
+            _ => source.display_name(),
         };
         let card = probe(&source);
         let mut entries = self.lock();
@@ -355,6 +355,27 @@ impl ModelRegistry {
         }
         entries.push(Entry::new(id.clone(), Some(source), card, origin, None));
         id
+    }
+
+    /// An adapter whose base is not a path: the base it names, as a model id of this server.
+    fn with_adapter_base(&self, source: ModelSource) -> ModelSource {
+        let ModelSource::Adapter { dir, base: None } = &source else {
+            return source;
+        };
+        let named = crate::model::lora::read_config(dir)
+            .ok()
+            .and_then(|c| c.base_model);
+        let base = named
+            .and_then(|n| self.find(&n))
+            .and_then(|id| self.source_of(&id))
+            .filter(|b| !matches!(b, ModelSource::Adapter { .. }));
+        match base {
+            Some(b) => ModelSource::Adapter {
+                dir: dir.clone(),
+                base: Some(Box::new(b)),
+            },
+            None => source,
+        }
     }
 
     /// An entry for a `--model` that cannot be resolved: it shows as failed with `reason`.
@@ -405,11 +426,21 @@ impl ModelRegistry {
         let Some(dir) = &self.settings.models_dir else {
             return;
         };
-        for source in models_in(dir) {
+        // Adapters last: a base in the same folder is offered first, so that an adapter
+        // naming it by id finds it.
+        let mut sources = models_in(dir);
+        sources.sort_by_key(|s| matches!(s, ModelSource::Adapter { .. }));
+        for source in sources {
+            let same = |known: &ModelSource| match (known, &source) {
+                (ModelSource::Adapter { dir: a, .. }, ModelSource::Adapter { dir: b, .. }) => {
+                    a == b
+                }
+                _ => known == &source,
+            };
             let known = self
                 .lock()
                 .iter()
-                .any(|e| e.source.as_ref() == Some(&source));
+                .any(|e| e.source.as_ref().is_some_and(same));
             if !known {
                 self.add(source, Origin::ModelsDir);
             }
@@ -672,7 +703,9 @@ pub fn models_in(dir: &Path) -> Vec<ModelSource> {
                     let ext = |x: &str| p.extension().is_some_and(|e| e == x);
                     (p.is_file() && (ext("gguf") || ext("pt")))
                         || (p.is_dir()
-                            && (p.join("config.json").is_file() || p.join("ckpt.pt").is_file()))
+                            && (p.join("config.json").is_file()
+                                || p.join("ckpt.pt").is_file()
+                                || crate::model::lora::is_adapter_dir(p)))
                 })
                 .filter_map(|p| ModelSource::from_path(&p))
                 .collect()

@@ -376,6 +376,54 @@ impl Decoder {
         Ok(model)
     }
 
+    /// Puts a LoRA adapter beside the projections it targets (unmerged: the base weights are
+    /// untouched). Every pair must fit its projection; the fused short-input path, which
+    /// knows only plain packed projections, is turned off.
+    pub fn apply_adapter(&mut self, adapter: &super::lora::Adapter) -> Result<(), String> {
+        let scale = adapter.config.scale();
+        let mut keys: Vec<&(usize, String)> = adapter.pairs.keys().collect();
+        keys.sort();
+        for key in keys {
+            let (layer, module) = key;
+            let pair = &adapter.pairs[key];
+            let Some(block) = self.layers.get_mut(*layer) else {
+                return Err(format!(
+                    "layer {layer}: the base has {} layers",
+                    self.cfg.num_hidden_layers
+                ));
+            };
+            let Some((_, slot)) = block
+                .projections_mut()
+                .into_iter()
+                .find(|(name, _)| name == module)
+            else {
+                return Err(format!(
+                    "layer {layer}: the base ({}) has no projection `{module}`",
+                    self.cfg.family.arch.name()
+                ));
+            };
+            let (out, inp) = slot.dims().map_err(|e| e.to_string())?;
+            let (a_r, a_in) = pair.a.dims2().map_err(|e| e.to_string())?;
+            let (b_out, b_r) = pair.b.dims2().map_err(|e| e.to_string())?;
+            if a_in != inp || b_out != out || a_r != b_r {
+                return Err(format!(
+                    "layer {layer} {module}: lora_A is {a_r} × {a_in} and lora_B {b_out} × {b_r}, \
+                     but the base's projection is {out} × {inp}: the adapter was made for another base"
+                ));
+            }
+            let a = pair.a.to_device(&self.device).map_err(|e| e.to_string())?;
+            let b = pair.b.to_device(&self.device).map_err(|e| e.to_string())?;
+            *slot = Linear::Lora {
+                base: Box::new(slot.clone()),
+                a,
+                b,
+                scale,
+            };
+        }
+        self.fused = None;
+        Ok(())
+    }
+
     /// Replaces the dense projections with quantized ones (for `--dtype gguf`).
     pub fn with_quantized(mut self, mut take: impl FnMut(&str) -> Option<QMatMul>) -> Self {
         for (i, layer) in self.layers.iter_mut().enumerate() {

@@ -67,11 +67,30 @@ pub enum Linear {
     /// GGUF blocks through [`PackedMatrix::matmul`] (exact with respect to the dequantized
     /// weights; f32 on the CPU, inference only).
     Packed(Arc<PackedMatrix>, Option<Tensor>),
+    /// A base projection with a LoRA adapter beside it, unmerged (PEFT's arithmetic):
+    /// `base(x) + scale · (x Aᵀ) Bᵀ`, A `[r, in]` and B `[out, r]` in f32.
+    Lora {
+        base: Box<Linear>,
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+    },
 }
 
 impl Linear {
     pub fn dense(weight: Tensor) -> Self {
         Self::Dense(candle_nn::Linear::new(weight, None))
+    }
+
+    /// (out, in): the weight's shape.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Self::Dense(l) => l.weight().dims2(),
+            Self::Packed(p, _) => Ok((p.rows(), p.cols())),
+            Self::Quantized(QMatMul::QTensor(q), _) => q.shape().dims2(),
+            Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t), _) => t.dims2(),
+            Self::Lora { base, .. } => base.dims(),
+        }
     }
     pub(crate) fn load(w: Weights, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
         Self::load_biased(w, in_dim, out_dim, false)
@@ -111,6 +130,13 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (y, bias) = match self {
             Self::Dense(l) => return l.forward(xs),
+            Self::Lora { base, a, b, scale } => {
+                let y = base.forward(xs)?;
+                let low = xs.to_dtype(DType::F32)?.broadcast_matmul(&a.t()?)?;
+                let delta = (low.broadcast_matmul(&b.t()?)? * *scale)?;
+                let delta = delta.to_dtype(y.dtype())?;
+                return y + delta;
+            }
             Self::Quantized(q, bias) => (q.forward(xs)?, bias),
             Self::Packed(packed, bias) => {
                 if xs.dtype() != DType::F32 || !xs.device().is_cpu() || xs.track_op() {

@@ -14,6 +14,7 @@ pub mod hf_dir;
 pub mod init;
 pub mod kv_cache;
 mod layers;
+pub mod lora;
 pub mod nanogpt;
 pub mod packed;
 pub mod pickle;
@@ -233,7 +234,39 @@ pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
             let dir = source::resolve_hub(repo, revision)?;
             load_hf_dir(&dir, source.display_name(), opts.dtype, dtype, &device)
         }
+        ModelSource::Adapter { dir, base } => load_adapter(dir, base.as_deref(), source, opts),
     }
+}
+
+/// A PEFT LoRA adapter on its base: the base loaded as it would be on its own, the adapter's
+/// pairs beside the projections they target.
+fn load_adapter(
+    dir: &std::path::Path,
+    base: Option<&ModelSource>,
+    source: &ModelSource,
+    opts: &LoadOptions,
+) -> Result<LoadedModel> {
+    let Some(base) = base else {
+        let named = lora::read_config(dir)?.base_model.unwrap_or_default();
+        return Err(ModelError::Corrupt {
+            path: dir.join("adapter_config.json"),
+            reason: format!(
+                "its base_model_name_or_path `{named}` is neither a model folder or file nor a model id of this server"
+            ),
+        });
+    };
+    let mut model = load(base, opts)?;
+    let adapter = lora::load(dir, model.model.config().num_hidden_layers, &Device::Cpu)?;
+    model
+        .model
+        .apply_adapter(&adapter)
+        .map_err(|reason| ModelError::Corrupt {
+            path: dir.join("adapter_model.safetensors"),
+            reason,
+        })?;
+    model.name = source.display_name();
+    model.weight_bytes += adapter.bytes;
+    Ok(model)
 }
 
 fn load_gguf(

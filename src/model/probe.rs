@@ -63,6 +63,7 @@ pub fn probe(source: &ModelSource) -> ModelCard {
         ModelSource::HfDir(dir) => probe_hf_dir(dir),
         ModelSource::NanoGpt(path) => probe_nanogpt(path),
         ModelSource::Hub { .. } => Ok(ModelCard::default()),
+        ModelSource::Adapter { dir, base } => probe_adapter(dir, base.as_deref()),
     });
     let reason = match read {
         Ok(Ok(card)) => return card,
@@ -127,6 +128,31 @@ fn probe_hf_dir(dir: &Path) -> Result<ModelCard, String> {
         error: None,
         training: None,
     })
+}
+
+/// An adapter is its base's card, with the adapter's own parameters added.
+fn probe_adapter(dir: &Path, base: Option<&ModelSource>) -> Result<ModelCard, String> {
+    let cfg = super::lora::read_config(dir).map_err(|e| e.to_string())?;
+    let Some(base) = base else {
+        return Err(format!(
+            "its base `{}` is neither a model path nor a model id of this server",
+            cfg.base_model.unwrap_or_default()
+        ));
+    };
+    let mut card = probe(base);
+    if let Some(e) = card.error.take() {
+        return Err(format!("its base: {e}"));
+    }
+    let file = dir.join("adapter_model.safetensors");
+    let header = safetensors_header(&file)
+        .ok_or_else(|| "adapter_model.safetensors: not a valid safetensors file".to_string())?;
+    let own: u64 = header
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<u64>())
+        .sum();
+    card.parameters = card.parameters.map(|p| p.saturating_add(own));
+    card.file_bytes = std::fs::metadata(&file).ok().map(|m| m.len());
+    Ok(card)
 }
 
 fn probe_nanogpt(path: &Path) -> Result<ModelCard, String> {

@@ -16,6 +16,12 @@ pub enum ModelSource {
     NanoGpt(PathBuf),
     /// A hub repository, resolved through the local hf-hub cache (downloading if allowed).
     Hub { repo: String, revision: String },
+    /// A PEFT LoRA adapter folder on a base model (`None`: the base it names is not found; the
+    /// registry resolves a base named by model id).
+    Adapter {
+        dir: PathBuf,
+        base: Option<Box<ModelSource>>,
+    },
 }
 
 impl ModelSource {
@@ -69,6 +75,18 @@ impl ModelSource {
                 Self::Gguf(path.to_path_buf())
             });
         }
+        if path.is_dir() && super::lora::is_adapter_dir(path) {
+            let base = super::lora::read_config(path)
+                .ok()
+                .and_then(|cfg| super::lora::base_path(path, &cfg))
+                .filter(|b| !super::lora::is_adapter_dir(b))
+                .and_then(|b| Self::from_path(&b))
+                .map(Box::new);
+            return Some(Self::Adapter {
+                dir: path.to_path_buf(),
+                base,
+            });
+        }
         if path.is_dir() {
             let ckpt = path.join("ckpt.pt");
             return Some(if !path.join("config.json").is_file() && ckpt.is_file() {
@@ -87,6 +105,7 @@ impl ModelSource {
             Self::HfDir(_) => "huggingface",
             Self::NanoGpt(_) => "nanogpt",
             Self::Hub { .. } => "hub",
+            Self::Adapter { .. } => "peft-lora",
         }
     }
 
@@ -97,7 +116,7 @@ impl ModelSource {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| p.display().to_string()),
-            Self::HfDir(p) => std::fs::canonicalize(p)
+            Self::HfDir(p) | Self::Adapter { dir: p, .. } => std::fs::canonicalize(p)
                 .ok()
                 .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| p.display().to_string()),

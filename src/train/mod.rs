@@ -211,6 +211,12 @@ fn starting_point(
         ModelSource::Hub { repo, revision } => Some(model::source::resolve_hub(repo, revision)?),
         ModelSource::HfDir(d) => Some(d.clone()),
         ModelSource::Gguf(_) | ModelSource::NanoGpt(_) => None,
+        ModelSource::Adapter { dir, .. } => {
+            return Err(TrainError::Config(format!(
+                "{} is a LoRA adapter: train from its base model instead",
+                dir.display()
+            )))
+        }
     };
     // Checked before any weight is read (a refusal should not first load gigabytes).
     let refuse_untrainable = |cfg: &Config| {

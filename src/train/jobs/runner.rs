@@ -161,6 +161,12 @@ impl JobManager {
                 p.to_string_lossy().into_owned()
             }
             ModelSource::Hub { repo, revision } => format!("{repo}@{revision}"),
+            ModelSource::Adapter { .. } => {
+                return Err(format!(
+                    "base model `{}` is a LoRA adapter: train its base instead",
+                    spec.base_model
+                ))
+            }
         };
         let data = match &spec.data {
             DataSpec::Upload(u) => {

@@ -1,0 +1,248 @@
+//! LoRA adapters made by Hugging Face PEFT load on their base and give PEFT's own log-probs:
+//! `scripts/peft.sh` (run by the README's test command) saves a tiny random Llama and two
+//! adapters with PEFT's `save_pretrained`, and `PeftModel.from_pretrained` computes their
+//! log-probs in float64. Bad adapters are refused naming what is wrong, and a server offers an
+//! adapter from `--models-dir` on a base it names by model id.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::server::Server;
+use serde_json::{json, Value};
+use tokenscope::model::{self, LoadOptions, LoadedModel, ModelSource};
+
+fn fixtures() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peft");
+    assert!(
+        dir.join("prompts.json").is_file(),
+        "{}: missing; run ./scripts/peft.sh (the README's test command does)",
+        dir.display()
+    );
+    dir
+}
+
+fn load(path: &Path) -> Result<LoadedModel, String> {
+    let source = ModelSource::from_path(path).ok_or("not a model path")?;
+    model::load(&source, &LoadOptions::default()).map_err(|e| e.to_string())
+}
+
+fn prompts() -> Vec<(String, Vec<u32>)> {
+    let raw = std::fs::read_to_string(fixtures().join("prompts.json")).unwrap();
+    let v: Value = serde_json::from_str(&raw).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["prompt"].as_str().unwrap().to_string(),
+                p["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i.as_u64().unwrap() as u32)
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// The largest |Δ log-prob| against PEFT over every position and token of the prompts.
+fn against_peft(name: &str) -> f32 {
+    let dir = fixtures().join(name);
+    let source = ModelSource::from_path(&dir).unwrap();
+    assert!(
+        matches!(&source, ModelSource::Adapter { base: Some(_), .. }),
+        "{source:?}"
+    );
+    let m = load(&dir).unwrap();
+    let plain = load(&fixtures().join("base")).unwrap();
+    let vocab = m.model.config().vocab_size;
+    let mut worst = 0f32;
+    for (i, (prompt, ids)) in prompts().iter().enumerate() {
+        assert_eq!(
+            &m.tokenizer.encode(prompt).unwrap(),
+            ids,
+            "tokens of {prompt:?}"
+        );
+        let bytes = std::fs::read(dir.join(format!("logprobs{i}.f32"))).unwrap();
+        let theirs: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let ours = common::all_logprobs(&m, ids);
+        let base = common::all_logprobs(&plain, ids);
+        for (pos, lp) in ours.iter().enumerate() {
+            let d = common::max_abs_diff(lp, &theirs[pos * vocab..(pos + 1) * vocab]);
+            assert!(
+                d <= 1e-4,
+                "{name}: position {pos} of {prompt:?} differs by {d}"
+            );
+            worst = worst.max(d);
+            // The adapter is really applied: without it the numbers are far off.
+            let off = common::max_abs_diff(&base[pos], &theirs[pos * vocab..(pos + 1) * vocab]);
+            assert!(
+                off > 0.05,
+                "{name}: position {pos}: the base alone is within {off}"
+            );
+        }
+    }
+    worst
+}
+
+#[test]
+fn peft_adapters_give_pefts_log_probs() {
+    let a = against_peft("all-modules");
+    let b = against_peft("attention-rslora");
+    eprintln!(
+        "max |Δ logprob| vs PEFT (float64): all modules {a:.2e}, attention with rsLoRA {b:.2e}"
+    );
+}
+
+/// Copies an adapter into `dir`, changing its config with `edit` and, if given, its tensors.
+fn variant(dir: &Path, name: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let src = fixtures().join("all-modules");
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        out.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    cfg["base_model_name_or_path"] = json!(fixtures().join("base").to_str().unwrap());
+    edit(&mut cfg);
+    std::fs::write(out.join("adapter_config.json"), cfg.to_string()).unwrap();
+    out
+}
+
+#[test]
+fn bad_adapters_are_refused_naming_what_is_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (
+            variant(tmp.path(), "dora", |c| c["use_dora"] = json!(true)),
+            "use_dora",
+        ),
+        (variant(tmp.path(), "rank", |c| c["r"] = json!(8)), "r = 8"),
+        (
+            variant(tmp.path(), "fewer-targets", |c| {
+                c["target_modules"] = json!(["q_proj"])
+            }),
+            "not in target_modules",
+        ),
+        (
+            variant(tmp.path(), "unknown-target", |c| {
+                c["target_modules"] = json!(["c_attn"])
+            }),
+            "c_attn",
+        ),
+        (
+            variant(tmp.path(), "regex", |c| {
+                c["target_modules"] = json!(".*proj")
+            }),
+            "regular expression",
+        ),
+        (
+            variant(tmp.path(), "no-base", |c| {
+                c["base_model_name_or_path"] = json!("meta-llama/Llama-3.2-1B")
+            }),
+            "meta-llama/Llama-3.2-1B",
+        ),
+        (
+            variant(tmp.path(), "prompt-tuning", |c| {
+                c["peft_type"] = json!("PROMPT_TUNING")
+            }),
+            "PROMPT_TUNING",
+        ),
+    ];
+    for (dir, needle) in cases {
+        let err = load(&dir).err().unwrap_or_else(|| panic!("{dir:?} loaded"));
+        assert!(err.contains(needle), "{dir:?}: {err}");
+    }
+    // Another base (the default model: other widths) and a truncated tensor file.
+    let other = variant(tmp.path(), "other-base", |c| {
+        c["base_model_name_or_path"] = json!(common::default_gguf().to_str().unwrap())
+    });
+    let err = load(&other).err().unwrap();
+    assert!(err.contains("made for another base"), "{err}");
+    let cut = variant(tmp.path(), "truncated", |_| {});
+    let file = cut.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load(&cut).err().unwrap();
+    assert!(err.contains("safetensors"), "{err}");
+}
+
+/// A models folder with a base and an adapter that names it by model id: both listed, the
+/// adapter's card is its base's with its own parameters added, and it answers as the model
+/// loaded directly does.
+#[test]
+fn a_server_offers_an_adapter_on_a_base_named_by_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    };
+    copy(&fixtures().join("base"), &models.join("tiny-llama"));
+    copy(&fixtures().join("all-modules"), &models.join("tiny-lora"));
+    let cfg_path = models.join("tiny-lora/adapter_config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["base_model_name_or_path"] = json!("tiny-llama");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+
+    let server = Server::start(
+        &tmp.path().join("state"),
+        &[
+            "--model",
+            models.join("tiny-llama").to_str().unwrap(),
+            "--models-dir",
+            models.to_str().unwrap(),
+            "--max-loaded-models",
+            "2",
+        ],
+    );
+    let (_, list) = server.get("/models");
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["tiny-llama", "tiny-lora"], "{list}");
+    let adapter = &list[1];
+    assert_eq!(adapter["format"], "peft-lora", "{adapter}");
+    assert_eq!(adapter["architecture"], list[0]["architecture"]);
+    assert!(
+        adapter["parameters"].as_u64().unwrap() > list[0]["parameters"].as_u64().unwrap(),
+        "{list}"
+    );
+    let (code, m) = server.post("/models/tiny-lora/load", json!({}));
+    assert!(code == 200 || code == 202, "{m}");
+    server.wait(std::time::Duration::from_secs(60), "adapter loaded", |s| {
+        s.model("tiny-lora")["status"] == "loaded"
+    });
+    // The served distribution is the adapter's (as loaded here directly), not the base's.
+    let direct = load(&fixtures().join("all-modules")).unwrap();
+    let (prompt, ids) = &prompts()[0];
+    let want = common::all_logprobs(&direct, ids);
+    let (code, r) = server.post(
+        "/generate",
+        json!({"model": "tiny-lora", "prompt": prompt, "max_tokens": 1, "top_k": 3, "temperature": 1}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let last = want.last().unwrap();
+    for t in r["tokens"].as_array().unwrap() {
+        let id = t["token_id"].as_u64().unwrap() as usize;
+        let lp = t["logprob"].as_f64().unwrap();
+        assert!((lp - last[id] as f64).abs() < 1e-4, "{t} vs {}", last[id]);
+    }
+}
