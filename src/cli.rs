@@ -166,6 +166,16 @@ pub struct ClientTrainArgs {
     /// A name for the job.
     #[arg(long)]
     pub job_name: Option<String>,
+    /// Train a LoRA adapter of this rank (the base frozen) instead of every weight.
+    #[arg(long)]
+    pub lora_r: Option<u64>,
+    #[arg(long, requires = "lora_r")]
+    pub lora_alpha: Option<f64>,
+    #[arg(long, requires = "lora_r")]
+    pub lora_dropout: Option<f64>,
+    /// Modules to adapt, by PEFT's names (default: q_proj,k_proj,v_proj,o_proj).
+    #[arg(long, value_delimiter = ',', requires = "lora_r")]
+    pub lora_targets: Vec<String>,
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     #[arg(long, default_value_t = 4)]
@@ -573,6 +583,19 @@ pub struct TrainArgs {
     /// Measure: run a few steps and print seconds per step and tokens/s, without writing a model.
     #[arg(long, env = "TOKENSCOPE_BENCH")]
     pub bench: bool,
+    /// Train a LoRA adapter of this rank instead of every weight (the base stays frozen; the
+    /// output is a PEFT adapter folder).
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA's alpha: the update is scaled by alpha / r.
+    #[arg(long, default_value_t = 32.0, requires = "lora_r")]
+    pub lora_alpha: f64,
+    /// Dropout on the adapter's input while training.
+    #[arg(long, default_value_t = 0.05, requires = "lora_r")]
+    pub lora_dropout: f64,
+    /// Modules to adapt, by PEFT's names (default: q_proj,k_proj,v_proj,o_proj).
+    #[arg(long, value_delimiter = ',', requires = "lora_r")]
+    pub lora_targets: Vec<String>,
 }
 
 impl TrainArgs {
@@ -604,6 +627,19 @@ impl TrainArgs {
             stop_after: self.stop_after,
             progress: true,
             bench: self.bench,
+            lora: self.lora_r.map(|r| crate::train::lora::LoraOptions {
+                r,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                targets: if self.lora_targets.is_empty() {
+                    crate::train::lora::DEFAULT_TARGETS
+                        .iter()
+                        .map(|t| t.to_string())
+                        .collect()
+                } else {
+                    self.lora_targets.clone()
+                },
+            }),
         }
     }
 }

@@ -181,6 +181,20 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
                     spec[field] = v;
                 }
             }
+            if let Some(r) = t.lora_r {
+                let mut lora = json!({"r": r});
+                if let Some(a) = t.lora_alpha {
+                    lora["alpha"] = json!(a);
+                }
+                if let Some(d) = t.lora_dropout {
+                    lora["dropout"] = json!(d);
+                }
+                if !t.lora_targets.is_empty() {
+                    lora["target_modules"] = json!(t.lora_targets);
+                }
+                spec["method"] = json!("lora");
+                spec["lora"] = lora;
+            }
             let job = api.post("/train/jobs", &spec)?;
             let id = job["id"].as_str().unwrap_or_default().to_string();
             if !args.json {

@@ -1612,3 +1612,123 @@ fn an_epochs_job_in_the_platforms_shape_reports_progress_epochs_and_logs() {
         assert!(e.to_string().contains(field), "{e}");
     }
 }
+
+/// A LoRA job in the platform's shape (`lora_r`, `lora_alpha`, `lora_dropout`): it trains the
+/// adapter only, its checkpoints are the adapter's size, and the completed job is a model (a
+/// PEFT adapter on its base) that answers differently from the base; bad LoRA settings are
+/// refused naming the field.
+#[test]
+fn a_lora_job_trains_an_adapter_that_is_served_on_its_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_model(dir.path());
+    let state = dir.path().join("state");
+    let server = Server::start(
+        &state,
+        &[
+            "--model",
+            tiny.to_str().unwrap(),
+            "--max-loaded-models",
+            "2",
+        ],
+    );
+    let upload = server.upload(&corpus());
+    let spec = |extra: Value| {
+        let mut s = json!({"model_id": "tiny", "data": {"upload_id": upload}, "output_name": "fox-lora",
+            "steps": 20, "learning_rate": 0.01, "batch_size": 4, "seq_len": 32, "save_every": 5,
+            "eval_every": 10, "seed": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        s
+    };
+    for (extra, field) in [
+        (json!({"lora_r": 0}), "r"),
+        (json!({"lora_alpha": 0}), "alpha"),
+        (json!({"lora_dropout": 1.0}), "dropout"),
+        (json!({"lora": {"target_modules": ["c_attn"]}}), "c_attn"),
+        (json!({"method": "full", "lora": {"r": 4}}), "method"),
+    ] {
+        let (code, e) = server.post("/train/jobs", spec(extra.clone()));
+        assert_eq!(code, 422, "{extra}: {e}");
+        assert!(e.to_string().contains(field), "{extra}: {e}");
+    }
+    let (code, job) = server.post(
+        "/train/jobs",
+        spec(json!({"lora_r": 4, "lora_alpha": 16, "lora_dropout": 0.05})),
+    );
+    assert_eq!(code, 202, "{job}");
+    assert_eq!(job["settings"]["method"], "lora");
+    assert_eq!(job["settings"]["lora"]["r"], 4);
+    let id = job["id"].as_str().unwrap().to_string();
+    // A checkpoint while it runs holds the adapter only.
+    let out = state.join("models/fox-lora");
+    server.wait(Duration::from_secs(120), "a checkpoint", |s| {
+        tokenscope::train::jobs::dir_bytes(&out.join("checkpoints")) > 0
+            || s.job(&id)["status"] == "completed"
+    });
+    let ck = tokenscope::train::jobs::dir_bytes(&out.join("checkpoints"));
+    assert!(ck < 1 << 20, "checkpoints {ck} bytes");
+    let done = server.wait_job(&id, "completed");
+    let evals: Vec<f64> = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["eval_loss"].as_f64())
+        .collect();
+    assert!(evals.last() < evals.first(), "held-out loss {evals:?}");
+    assert!(out.join("adapter_config.json").is_file());
+    assert!(!out.join("model.safetensors").exists());
+    let m = server.model("fox-lora");
+    assert_eq!(m["format"], "peft-lora", "{m}");
+    let (code, _) = server.post("/models/fox-lora/load", json!({}));
+    assert!(code == 200 || code == 202);
+    server.wait(Duration::from_secs(60), "adapter loaded", |s| {
+        s.model("fox-lora")["status"] == "loaded"
+    });
+    let prompt = "The quick brown fox jumps over the";
+    let (code, tuned) = server.post(
+        "/generate",
+        json!({"prompt": prompt, "model": "fox-lora", "max_tokens": 1, "top_k": 1}),
+    );
+    assert_eq!(code, 200, "{tuned}");
+    let (code, base) = server.post(
+        "/generate",
+        json!({"prompt": prompt, "model": "tiny", "max_tokens": 1, "top_k": 1}),
+    );
+    assert_eq!(code, 200, "{base}");
+    assert_ne!(
+        tuned["tokens"][0]["logprob"], base["tokens"][0]["logprob"],
+        "the adapter changes the distribution"
+    );
+
+    // The client starts the same kind of job.
+    let data = dir.path().join("corpus.txt");
+    std::fs::write(&data, corpus()).unwrap();
+    let (ok, out) = server.client(&[
+        "train",
+        "--base",
+        "tiny",
+        "--data",
+        data.to_str().unwrap(),
+        "--name",
+        "cli-lora",
+        "--steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--lora-r",
+        "2",
+        "--lora-targets",
+        "q_proj,down_proj",
+        "--follow",
+    ]);
+    assert!(ok, "{out}");
+    let m = server.model("cli-lora");
+    assert_eq!(m["format"], "peft-lora", "{m}");
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(state.join("models/cli-lora/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["r"], 2);
+    assert_eq!(cfg["target_modules"], json!(["q_proj", "down_proj"]));
+}

@@ -379,7 +379,11 @@ impl Decoder {
     /// Puts a LoRA adapter beside the projections it targets (unmerged: the base weights are
     /// untouched). Every pair must fit its projection; the fused short-input path, which
     /// knows only plain packed projections, is turned off.
-    pub fn apply_adapter(&mut self, adapter: &super::lora::Adapter) -> Result<(), String> {
+    pub fn apply_adapter(
+        &mut self,
+        adapter: &super::lora::Adapter,
+        dropout: Option<&std::sync::Arc<super::lora::DropoutKey>>,
+    ) -> Result<(), String> {
         let scale = adapter.config.scale();
         let mut keys: Vec<&(usize, String)> = adapter.pairs.keys().collect();
         keys.sort();
@@ -413,11 +417,17 @@ impl Decoder {
             }
             let a = pair.a.to_device(&self.device).map_err(|e| e.to_string())?;
             let b = pair.b.to_device(&self.device).map_err(|e| e.to_string())?;
+            let salt = (*layer as u64) << 8
+                | super::lora::MODULES
+                    .iter()
+                    .position(|(_, path)| path == module)
+                    .unwrap_or(0) as u64;
             *slot = Linear::Lora {
                 base: Box::new(slot.clone()),
                 a,
                 b,
                 scale,
+                dropout: dropout.map(|d| (d.clone(), salt)),
             };
         }
         self.fused = None;

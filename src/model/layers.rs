@@ -74,6 +74,8 @@ pub enum Linear {
         a: Tensor,
         b: Tensor,
         scale: f64,
+        /// While training: the dropout on the adapter's input, and this projection's salt.
+        dropout: Option<(Arc<super::lora::DropoutKey>, u64)>,
     },
 }
 
@@ -130,9 +132,21 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (y, bias) = match self {
             Self::Dense(l) => return l.forward(xs),
-            Self::Lora { base, a, b, scale } => {
+            Self::Lora {
+                base,
+                a,
+                b,
+                scale,
+                dropout,
+            } => {
                 let y = base.forward(xs)?;
-                let low = xs.to_dtype(DType::F32)?.broadcast_matmul(&a.t()?)?;
+                let mut x = xs.to_dtype(DType::F32)?;
+                if let Some((key, salt)) = dropout {
+                    if let Some(mask) = key.mask(x.shape(), *salt, x.device())? {
+                        x = (x * mask)?;
+                    }
+                }
+                let low = x.broadcast_matmul(&a.t()?)?;
                 let delta = (low.broadcast_matmul(&b.t()?)? * *scale)?;
                 let delta = delta.to_dtype(y.dtype())?;
                 return y + delta;

@@ -8,8 +8,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use super::{ModelError, Result};
@@ -280,4 +283,61 @@ pub fn load(dir: &Path, layers: usize, device: &Device) -> Result<Adapter> {
         pairs,
         bytes: len,
     })
+}
+
+/// Where the adapter's dropout masks come from: off (evaluation, inference) until the training
+/// loop names the micro-batch it runs.
+#[derive(Debug)]
+pub struct DropoutKey {
+    pub p: f64,
+    seed: u64,
+    key: AtomicU64,
+}
+
+const OFF: u64 = u64::MAX;
+
+impl DropoutKey {
+    pub fn new(p: f64, seed: u64) -> Arc<Self> {
+        Arc::new(Self {
+            p,
+            seed,
+            key: AtomicU64::new(OFF),
+        })
+    }
+
+    /// Masks for micro-batch `micro` of step `step` (0-based) from now on.
+    pub fn train(&self, step: usize, micro: usize) {
+        self.key
+            .store(((step as u64) << 16) | micro as u64, Ordering::SeqCst);
+    }
+
+    /// No dropout (evaluation).
+    pub fn off(&self) {
+        self.key.store(OFF, Ordering::SeqCst);
+    }
+
+    /// The mask for projection `salt` (0 or 1 / (1 − p), f32, `shape`), or `None` when off.
+    pub fn mask(
+        &self,
+        shape: &candle_core::Shape,
+        salt: u64,
+        device: &Device,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let key = self.key.load(Ordering::SeqCst);
+        if key == OFF || self.p <= 0.0 {
+            return Ok(None);
+        }
+        let seed = self
+            .seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(key.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+            .wrapping_add(salt.wrapping_mul(0x94D0_49BB_1331_11EB));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let p = self.p as f32;
+        let values: Vec<f32> = (0..shape.elem_count())
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+            .collect();
+        Tensor::from_vec(values, shape, device).map(Some)
+    }
 }

@@ -259,7 +259,7 @@ fn load_adapter(
     let adapter = lora::load(dir, model.model.config().num_hidden_layers, &Device::Cpu)?;
     model
         .model
-        .apply_adapter(&adapter)
+        .apply_adapter(&adapter, None)
         .map_err(|reason| ModelError::Corrupt {
             path: dir.join("adapter_model.safetensors"),
             reason,

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod jobs;
+pub mod lora;
 pub mod memory;
 pub mod optim;
 
@@ -71,6 +72,8 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Measure only: no evaluation, no files; prints the time split of a step.
     pub bench: bool,
+    /// Train a LoRA adapter (the base frozen) instead of every weight.
+    pub lora: Option<lora::LoraOptions>,
 }
 
 impl Default for TrainOptions {
@@ -102,6 +105,7 @@ impl Default for TrainOptions {
             stop_after: None,
             progress: true,
             bench: false,
+            lora: None,
         }
     }
 }
@@ -196,6 +200,9 @@ fn validate(o: &TrainOptions) -> Result<(), TrainError> {
     }
     if o.arch.is_some() && !o.from_scratch {
         return bad("--arch only applies with --from-scratch");
+    }
+    if o.lora.is_some() && o.from_scratch {
+        return bad("--lora-r adapts a trained model; it does not apply with --from-scratch");
     }
     Ok(())
 }
@@ -437,6 +444,12 @@ pub fn run_observed(
     let started = Instant::now();
     let (device, dtype) = resolve_device(o)?;
     let (cfg, tokenizer, mut tensors, base_name) = starting_point(o, &device)?;
+    if let Some(l) = &o.lora {
+        lora::check(l, &cfg)
+            .map_err(|(field, msg)| TrainError::Config(format!("LoRA {field}: {msg}")))?;
+    }
+    // A LoRA run's checkpoints hold the adapter only; the base is read from its source.
+    let mut adapter_weights = None;
 
     // Data first: bad data fails before any compute.
     let dataset = match &o.data {
@@ -491,7 +504,11 @@ pub fn run_observed(
                     ck.dir.display(),
                     ck.state.step
                 ));
-                tensors = ck.weights;
+                if o.lora.is_some() {
+                    adapter_weights = Some(ck.weights);
+                } else {
+                    tensors = ck.weights;
+                }
                 opt_state = Some(ck.optimizer);
                 state = ck.state;
             }
@@ -502,8 +519,21 @@ pub fn run_observed(
         }
     }
 
-    let (lm, named) = trainable(&cfg, tensors, dtype, &device)
-        .map_err(|e| TrainError::Config(format!("the weights do not fit the config: {e}")))?;
+    let dropout = o
+        .lora
+        .as_ref()
+        .map(|l| lora::DropoutKey::new(l.dropout, o.seed));
+    let (lm, named) = match &o.lora {
+        None => trainable(&cfg, tensors, dtype, &device),
+        Some(l) => {
+            let adapter = match adapter_weights {
+                Some(w) => w,
+                None => lora::init(l, &cfg, o.seed, &device)?,
+            };
+            trainable_lora(&cfg, tensors, adapter, l, dropout.as_ref(), dtype, &device)
+        }
+    }
+    .map_err(|e| TrainError::Config(format!("the weights do not fit the config: {e}")))?;
     let mut opt = AdamW::new(
         &named,
         AdamWParams {
@@ -558,6 +588,9 @@ pub fn run_observed(
         |step: usize, log: &mut Log, summary: &mut TrainSummary| -> Result<(), TrainError> {
             if let Some(d) = &dataset {
                 if !d.eval.is_empty() {
+                    if let Some(k) = &dropout {
+                        k.off();
+                    }
                     let l = evaluate(&lm, &d.eval, o.batch_size, &device)?;
                     log.record(
                     serde_json::json!({"step": step, "eval_loss": l, "eval_perplexity": l.exp()}),
@@ -600,7 +633,10 @@ pub fn run_observed(
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut step_loss = 0f64;
         let (mut fwd_s, mut bwd_s) = (0f64, 0f64);
-        for _ in 0..o.grad_accum {
+        for micro in 0..o.grad_accum {
+            if let Some(k) = &dropout {
+                k.train(state.step, micro);
+            }
             let (x, y) = batcher.batch(state.consumed, o.batch_size, &device)?;
             state.consumed += o.batch_size;
             let tf = Instant::now();
@@ -680,11 +716,16 @@ pub fn run_observed(
         eval_now(state.step, &mut log, &mut summary)?;
     }
 
-    let final_weights: HashMap<String, Tensor> = named
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    hf_dir::save(&o.output, &cfg, &final_weights, &tokenizer, dtype)?;
+    if let Some(l) = &o.lora {
+        let base = o.model.clone().unwrap_or(base_name.clone());
+        lora::save_peft(&o.output, l, &named, &base)?;
+    } else {
+        let final_weights: HashMap<String, Tensor> = named
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        hf_dir::save(&o.output, &cfg, &final_weights, &tokenizer, dtype)?;
+    }
     summary.steps_done = state.step;
     summary.seconds = started.elapsed().as_secs_f64();
     observer.say(&format!(
@@ -773,5 +814,37 @@ pub fn trainable(
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
     let lm = Decoder::load(VarBuilder::from_tensors(map, dtype, device), cfg)?;
+    Ok((lm, named))
+}
+
+/// A LoRA run's model: the base's tensors as plain (frozen) tensors, the adapter's as the
+/// trained variables (PEFT's names), applied with `dropout`.
+pub fn trainable_lora(
+    cfg: &Config,
+    base: HashMap<String, Tensor>,
+    adapter: HashMap<String, Tensor>,
+    o: &lora::LoraOptions,
+    dropout: Option<&std::sync::Arc<lora::DropoutKey>>,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Decoder, Vec<(String, Var)>)> {
+    let base = base
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
+        .collect::<candle_core::Result<HashMap<_, _>>>()?;
+    let mut lm = Decoder::load(VarBuilder::from_tensors(base, dtype, device), cfg)?;
+    let mut names: Vec<String> = adapter.keys().cloned().collect();
+    names.sort();
+    let named: Vec<(String, Var)> = names
+        .into_iter()
+        .map(|n| {
+            Ok((
+                n.clone(),
+                Var::from_tensor(&adapter[&n].to_dtype(DType::F32)?)?,
+            ))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    lm.apply_adapter(&lora::adapter(o, &named), dropout)
+        .map_err(candle_core::Error::msg)?;
     Ok((lm, named))
 }

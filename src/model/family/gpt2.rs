@@ -132,6 +132,9 @@ impl Arch for Gpt2 {
     fn hf_converts(&self) -> bool {
         true
     }
+    fn peft_projections(&self) -> bool {
+        false
+    }
     fn hf_to_decoder(
         &self,
         cfg: &Config,

@@ -100,6 +100,12 @@ pub trait Arch: Sync {
             self.name()
         ))
     }
+    /// Whether its Hugging Face projections are the decoder's, one per matrix (`q_proj`, …,
+    /// `down_proj`), as PEFT names LoRA adapters by them: false where HF fuses or transposes
+    /// them.
+    fn peft_projections(&self) -> bool {
+        true
+    }
     /// Whether its Hugging Face tensors differ from the decoder's names and layouts (then they
     /// are read into memory and converted by [`Arch::hf_to_decoder`], not memory-mapped).
     fn hf_converts(&self) -> bool {

@@ -101,6 +101,9 @@ impl Arch for Phi3 {
     fn hf_converts(&self) -> bool {
         true
     }
+    fn peft_projections(&self) -> bool {
+        false
+    }
     fn hf_to_decoder(
         &self,
         cfg: &Config,

@@ -114,8 +114,15 @@ impl JobManager {
             );
         }
         for (id, path) in store.models()? {
-            if path.join("config.json").is_file() {
-                if let Err(e) = registry.add_named(&id, ModelSource::HfDir(path), Origin::Trained) {
+            let source = if path.join("config.json").is_file() {
+                Some(ModelSource::HfDir(path))
+            } else if crate::model::lora::is_adapter_dir(&path) {
+                ModelSource::from_path(&path)
+            } else {
+                None
+            };
+            if let Some(source) = source {
+                if let Err(e) = registry.add_named(&id, source, Origin::Trained) {
                     tracing::warn!("trained model {id}: {e}");
                 }
             }
@@ -290,6 +297,8 @@ impl JobManager {
         // output_name cannot both pass the check (the name is reserved by the stored job).
         let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         self.check(&spec, by)?;
+        spec.settle_method()
+            .map_err(|(field, msg)| JobError::Invalid(msg, field))?;
         self.check_memory(&spec)?;
         let needs = self.disk_estimate(&spec);
         if needs > self.disk_room()? {
@@ -351,6 +360,10 @@ impl JobManager {
         }
         if spec.steps.is_some_and(|s| !(1..=1_000_000).contains(&s)) {
             return Err(inv("steps", "steps must be between 1 and 1000000"));
+        }
+        let mut settled = spec.clone();
+        if let Err((field, msg)) = settled.settle_method() {
+            return Err(JobError::Invalid(msg, field));
         }
         if let Some(e) = spec.epochs {
             if spec.steps.is_some() {

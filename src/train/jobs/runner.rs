@@ -203,6 +203,7 @@ impl JobManager {
             seed: spec.seed,
             device: self.settings.device.clone(),
             progress: false,
+            lora: spec.lora.as_ref().map(|l| l.options()),
             ..TrainOptions::default()
         })
     }
@@ -212,12 +213,13 @@ impl JobManager {
         let spec: JobSpec = serde_json::from_str(&row.spec).map_err(|e| e.to_string())?;
         let dir = models_dir(&self.settings.state_dir).join(&spec.output_name);
         let _ = std::fs::remove_dir_all(crate::train::checkpoint::checkpoints_dir(&dir));
+        // A LoRA job wrote a PEFT adapter on its base; a full job a Hugging Face folder.
+        let source = match ModelSource::from_path(&dir) {
+            Some(s @ ModelSource::Adapter { .. }) => s,
+            _ => ModelSource::HfDir(dir.clone()),
+        };
         self.registry
-            .add_named(
-                &spec.output_name,
-                ModelSource::HfDir(dir.clone()),
-                Origin::Trained,
-            )
+            .add_named(&spec.output_name, source, Origin::Trained)
             .map_err(|e| e.to_string())?;
         self.store
             .insert_model(&spec.output_name, &dir, &row.id, &now_rfc3339())

@@ -93,6 +93,77 @@ pub struct JobSpec {
     #[serde(default)]
     #[schema(default = 0, minimum = 0, maximum = 9223372036854775807_i64)]
     pub seed: u64,
+    /// `full` (every weight; a Hugging Face folder) or `lora` (an adapter beside the frozen
+    /// base; a PEFT folder). Default `full`, or `lora` when LoRA settings are given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<TrainMethod>,
+    /// LoRA settings (with `method: "lora"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
+    /// The LLM platform's LoRA fields: the same as `lora.r`, `lora.alpha`, `lora.dropout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 65536)]
+    pub lora_r: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0)]
+    pub lora_alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, exclusive_maximum = 1)]
+    pub lora_dropout: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainMethod {
+    Full,
+    Lora,
+}
+
+/// A LoRA adapter's shape: `r` (rank), `alpha` (the update is scaled by alpha / r), the
+/// dropout on its input while training, and the projections it adapts by PEFT's names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    #[serde(default = "default_lora_r")]
+    #[schema(default = 8, minimum = 1, maximum = 65536)]
+    pub r: u64,
+    #[serde(default = "default_lora_alpha")]
+    #[schema(default = 32, exclusive_minimum = 0)]
+    pub alpha: f64,
+    #[serde(default = "default_lora_dropout")]
+    #[schema(default = 0.05, minimum = 0, exclusive_maximum = 1)]
+    pub dropout: f64,
+    /// Default: the attention projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`); also
+    /// `gate_proj`, `up_proj`, `down_proj`.
+    #[serde(default = "default_targets")]
+    pub target_modules: Vec<String>,
+}
+
+fn default_lora_r() -> u64 {
+    8
+}
+fn default_lora_alpha() -> f64 {
+    32.0
+}
+fn default_lora_dropout() -> f64 {
+    0.05
+}
+fn default_targets() -> Vec<String> {
+    crate::train::lora::DEFAULT_TARGETS
+        .iter()
+        .map(|t| t.to_string())
+        .collect()
+}
+
+impl LoraSpec {
+    pub fn options(&self) -> crate::train::lora::LoraOptions {
+        crate::train::lora::LoraOptions {
+            r: self.r as usize,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            targets: self.target_modules.clone(),
+        }
+    }
 }
 
 /// Steps of a job that names neither `steps` nor `epochs`.
@@ -225,5 +296,80 @@ impl JobSpec {
             (None, Some(_)) => None,
             (None, None) => Some(DEFAULT_STEPS),
         }
+    }
+}
+
+impl JobSpec {
+    /// Settles the LoRA fields into `method` and `lora` (the platform's `lora_r` & co. into
+    /// `lora`), or names the field that contradicts the rest.
+    pub fn settle_method(&mut self) -> Result<(), (&'static str, String)> {
+        let platform =
+            self.lora_r.is_some() || self.lora_alpha.is_some() || self.lora_dropout.is_some();
+        if platform {
+            if self.lora.is_some() {
+                return Err((
+                    "lora_r",
+                    "give lora or lora_r/lora_alpha/lora_dropout, not both".into(),
+                ));
+            }
+            self.lora = Some(LoraSpec {
+                r: self.lora_r.take().unwrap_or_else(default_lora_r),
+                alpha: self.lora_alpha.take().unwrap_or_else(default_lora_alpha),
+                dropout: self
+                    .lora_dropout
+                    .take()
+                    .unwrap_or_else(default_lora_dropout),
+                target_modules: default_targets(),
+            });
+        }
+        match (self.method, self.lora.is_some()) {
+            (Some(TrainMethod::Full), true) => {
+                return Err(("method", "LoRA settings need method \"lora\"".into()))
+            }
+            (Some(TrainMethod::Lora), false) => {
+                self.lora = Some(LoraSpec {
+                    r: default_lora_r(),
+                    alpha: default_lora_alpha(),
+                    dropout: default_lora_dropout(),
+                    target_modules: default_targets(),
+                })
+            }
+            (None, true) => self.method = Some(TrainMethod::Lora),
+            _ => {}
+        }
+        let Some(l) = &self.lora else { return Ok(()) };
+        if !(1..=65536).contains(&l.r) {
+            return Err(("r", "lora.r must be between 1 and 65536".into()));
+        }
+        if !(l.alpha > 0.0 && l.alpha.is_finite()) {
+            return Err(("alpha", "lora.alpha must be a positive number".into()));
+        }
+        if !(0.0..1.0).contains(&l.dropout) {
+            return Err(("dropout", "lora.dropout must be in [0, 1)".into()));
+        }
+        if l.target_modules.is_empty() {
+            return Err((
+                "target_modules",
+                "lora.target_modules names no module".into(),
+            ));
+        }
+        let known: Vec<&str> = crate::model::lora::MODULES
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        if let Some(t) = l
+            .target_modules
+            .iter()
+            .find(|t| !known.contains(&t.as_str()))
+        {
+            return Err((
+                "target_modules",
+                format!(
+                    "lora.target_modules: `{t}` is not one of {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+        Ok(())
     }
 }
