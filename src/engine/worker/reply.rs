@@ -49,7 +49,17 @@ pub(super) fn finish(job: Job, result: Result<GenerateResponse, WorkerError>, st
         }
         _ => {}
     }
-    let _ = job.reply.send(result);
+    // The job stops counting as in flight before its answer leaves: a client that acts on
+    // the answer at once (loading another model) must find this model idle.
+    let Job {
+        reply,
+        _in_flight,
+        window,
+        ..
+    } = job;
+    drop(_in_flight);
+    drop(window);
+    let _ = reply.send(result);
 }
 
 pub(super) fn engine_error(e: EngineError, job: &Job) -> WorkerError {
