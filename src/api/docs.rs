@@ -122,6 +122,41 @@ fn add_dependent_schemas(doc: &mut serde_json::Value) {
             {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
         ]);
     }
+    // An evaluation needs something to evaluate.
+    let eval = &mut doc["components"]["schemas"]["EvalRequest"];
+    if eval.is_object() {
+        eval["anyOf"] = serde_json::json!([
+            {"required": ["data"], "properties": {"data": {"not": {"type": "null"}}}},
+            {"required": ["references"], "properties": {"references": {"minItems": 1}}},
+        ]);
+    }
+    // A job: steps or epochs; LoRA settings one way or the other, and not with `full`.
+    let job = &mut doc["components"]["schemas"]["JobSpec"];
+    if job.is_object() {
+        let platform = serde_json::json!([
+            {"required": ["lora_r"], "properties": {"lora_r": {"type": "integer"}}},
+            {"required": ["lora_alpha"], "properties": {"lora_alpha": {"type": "number"}}},
+            {"required": ["lora_dropout"], "properties": {"lora_dropout": {"type": "number"}}},
+        ]);
+        let lora =
+            serde_json::json!({"required": ["lora"], "properties": {"lora": {"type": "object"}}});
+        let full = serde_json::json!({"required": ["method"], "properties": {"method": {"const": "full"}}});
+        job["allOf"] = serde_json::json!([
+            {"not": {"required": ["steps", "epochs"],
+                     "properties": {"steps": {"type": "integer"}, "epochs": {"type": "number"}}}},
+            {"not": {"allOf": [full, lora]}},
+            {"not": {"allOf": [full, {"anyOf": platform}]}},
+            {"not": {"allOf": [lora, {"anyOf": platform}]}},
+        ]);
+    }
+    let targets = &mut doc["components"]["schemas"]["LoraSpec"]["properties"]["target_modules"];
+    if targets.is_object() {
+        targets["minItems"] = serde_json::json!(1);
+        targets["items"]["enum"] = serde_json::json!(crate::model::lora::MODULES
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>());
+    }
     let chat = &mut doc["components"]["schemas"]["ChatRequest"];
     if chat.is_object() {
         chat["dependentSchemas"] = serde_json::json!({

@@ -60,10 +60,11 @@ fn check(req: &EvalRequest) -> Result<(), ApiError> {
             format!("at most {} references per evaluation", eval::MAX_REFERENCES),
         ));
     }
+    // The schema's pattern: some character that is not whitespace, a control or a BOM.
     if let Some(i) = req.references.iter().position(|r| {
         !r.prompt
             .chars()
-            .any(|c| !c.is_whitespace() && !c.is_control())
+            .any(|c| !c.is_whitespace() && !c.is_control() && c != '\u{feff}')
     }) {
         return Err(ApiError::validation(
             vec![FieldError {

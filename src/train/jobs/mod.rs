@@ -181,6 +181,12 @@ impl JobManager {
                 if t.text.trim().is_empty() {
                     return Err(JobError::invalid("data", "data.text contains no text"));
                 }
+                if t.text.contains('\0') {
+                    return Err(JobError::invalid(
+                        "data",
+                        "data.text contains a NUL character",
+                    ));
+                }
                 vec![t.text.clone()]
             }
             DataSpec::Upload(u) => {
