@@ -128,9 +128,66 @@ impl Linear {
     }
 }
 
+/// `x ↦ x Wᵀ` for a weight that does not train (a LoRA run's frozen base). Through candle's
+/// matmul the backward pass computes the weight's gradient anyway, and for a batched input
+/// (the weight broadcast over the batch) keeps a batch × weight-sized gradient per projection
+/// until the pass ends: 2 GiB for the default model at batch 4, more than the whole full
+/// fine-tune holds. As a custom op only the input's gradient, `g W`, is computed.
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let data = storage.as_slice::<f32>()?;
+        let x = match layout.contiguous_offsets() {
+            Some((start, end)) => {
+                Tensor::from_slice(&data[start..end], layout.shape(), &candle_core::Device::Cpu)?
+            }
+            None => candle_core::bail!("frozen-matmul: the input must be contiguous"),
+        };
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        let shape = y.shape().clone();
+        let values = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(values), shape))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        grad_res.broadcast_matmul(&self.weight).map(Some)
+    }
+}
+
+/// Whether `l` is a frozen f32 CPU projection fed an input that carries gradients.
+fn frozen_training(l: &candle_nn::Linear, xs: &Tensor) -> bool {
+    xs.track_op()
+        && !l.weight().is_variable()
+        && xs.device().is_cpu()
+        && xs.dtype() == DType::F32
+        && l.weight().dtype() == DType::F32
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (y, bias) = match self {
+            Self::Dense(l) if frozen_training(l, xs) => {
+                let y = xs.contiguous()?.apply_op1(FrozenMatmul {
+                    weight: l.weight().clone(),
+                })?;
+                (y, &l.bias().cloned())
+            }
             Self::Dense(l) => return l.forward(xs),
             Self::Lora {
                 base,
