@@ -81,6 +81,9 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+/// What is read and dropped of a refused upload's body before the connection closes.
+const UPLOAD_DRAIN_BYTES: usize = 16 << 20;
+
 /// Uploads training data for a later job (`data: {"upload_id": ...}`): the raw body, UTF-8
 /// text, at most `--max-upload-bytes`. JSONL (one object with a `text` field per line) is
 /// accepted too: send it as `Content-Type: application/jsonl` (or `application/x-ndjson`), or
@@ -155,13 +158,22 @@ pub async fn upload(
     });
     let feed = async move {
         let mut body = req.into_body().into_data_stream();
+        let mut writing = true;
+        let mut discarded = 0usize;
         while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
             let chunk = chunk
                 .map(|b| b.to_vec())
                 .map_err(|e| format!("the body could not be read: {e}"));
             let failed = chunk.is_err();
-            // A closed channel: the writer stopped (too large, or a disk error); it says why.
-            if tx.send(chunk).await.is_err() || failed {
+            if writing {
+                // A closed channel: the writer stopped (too large, or a disk error); it says why.
+                writing = tx.send(chunk).await.is_ok();
+            } else if let Ok(c) = &chunk {
+                discarded += c.len();
+            }
+            // After a refusal the rest of the body is read and dropped (up to a bound), so that
+            // a client still sending it receives the answer instead of a broken pipe.
+            if failed || discarded > UPLOAD_DRAIN_BYTES {
                 break;
             }
         }
