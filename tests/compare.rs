@@ -22,12 +22,7 @@ const TEXT: &str =
 /// The Python of the reference environment scripts/families.sh builds (numpy), where
 /// scripts/lib/cache.sh keeps it.
 fn reference_python() -> PathBuf {
-    let cache = std::env::var_os("TOKENSCOPE_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("tokenscope")))
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tokenscope")
-        });
+    let cache = common::cache_dir();
     let python = cache.join("venv-ref/bin/python");
     assert!(
         python.exists(),

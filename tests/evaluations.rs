@@ -14,14 +14,7 @@ use serde_json::{json, Value};
 use tokenscope::eval::{bleu, diversity, rouge};
 
 fn reference_python() -> PathBuf {
-    let cache = std::env::var_os("TOKENSCOPE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
-                .join("tokenscope")
-        });
+    let cache = common::cache_dir();
     let python = cache.join("venv-metrics/bin/python");
     assert!(
         python.exists(),

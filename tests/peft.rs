@@ -248,14 +248,7 @@ fn a_server_offers_an_adapter_on_a_base_named_by_id() {
 }
 
 fn torch_python() -> PathBuf {
-    let cache = std::env::var_os("TOKENSCOPE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
-                .join("tokenscope")
-        });
+    let cache = common::cache_dir();
     cache.join("venv-torch/bin/python")
 }
 

@@ -306,3 +306,14 @@ pub fn all_logprobs(m: &LoadedModel, ids: &[u32]) -> Vec<Vec<f32>> {
         .map(|l| tokenscope::engine::distribution::log_softmax(l))
         .collect()
 }
+
+/// The machine's cache of reference environments (scripts/lib/cache.sh's rule:
+/// TOKENSCOPE_CACHE, else $XDG_CACHE_HOME/tokenscope, else ~/.cache/tokenscope).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("TOKENSCOPE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("tokenscope")))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tokenscope")
+        })
+}
