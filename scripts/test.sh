@@ -12,6 +12,9 @@ start=$SECONDS
 ./scripts/families.sh
 # nanoGPT checkpoints saved by PyTorch and transformers' log-probs for them (tests/nanogpt.rs).
 ./scripts/nanogpt.sh
+# nanochat checkpoints and tokenizer saved as nanochat saves them, and a PyTorch transcription
+# of its GPT.forward's log-probs for them (tests/nanochat.rs).
+./scripts/nanochat.sh
 ./scripts/peft.sh
 ./scripts/evaluations.sh
 

@@ -208,6 +208,10 @@ pub struct ServeArgs {
     /// first is the default model, loaded at start; default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long = "model", env = "TOKENSCOPE_MODEL")]
     pub models: Vec<String>,
+    /// The step of a nanochat checkpoint folder given with --model: `step_002920`, `002920`
+    /// or `2920` (default: the latest; --models-dir offers every step).
+    #[arg(long, env = "TOKENSCOPE_CHECKPOINT")]
+    pub checkpoint: Option<String>,
     /// Offer every .gguf file and Hugging Face directory in this folder too (loaded on demand).
     #[arg(long, env = "TOKENSCOPE_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
@@ -351,7 +355,9 @@ pub struct DeviceArgs {
     #[arg(long, env = "TOKENSCOPE_DTYPE", default_value = "auto")]
     pub dtype: DtypeChoice,
     /// The tokenizer of nanoGPT checkpoints (a meta.pkl, a tokenizer.json, or a folder with
-    /// GPT-2's encoder.json + vocab.bpe); default: a meta.pkl beside the checkpoint, else GPT-2's.
+    /// GPT-2's encoder.json + vocab.bpe; default: a meta.pkl beside the checkpoint, else
+    /// GPT-2's) and of nanochat ones (a tokenizer.pkl; default: beside the checkpoints, or
+    /// nanochat's <base>/tokenizer/).
     #[arg(long, env = "TOKENSCOPE_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
 }
@@ -374,6 +380,10 @@ pub struct ModelArgs {
     /// (default: models/SmolLM2-135M-Instruct.Q4_1.gguf, fetched by scripts/setup.sh).
     #[arg(long, env = "TOKENSCOPE_MODEL")]
     pub model: Option<String>,
+    /// The step of a nanochat checkpoint folder: `step_002920`, `002920` or `2920` (default:
+    /// the latest).
+    #[arg(long, env = "TOKENSCOPE_CHECKPOINT")]
+    pub checkpoint: Option<String>,
     /// auto | cpu | cuda | cuda:N
     #[arg(long, env = "TOKENSCOPE_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
@@ -381,7 +391,8 @@ pub struct ModelArgs {
     #[arg(long, env = "TOKENSCOPE_DTYPE", default_value = "auto")]
     pub dtype: DtypeChoice,
     /// The tokenizer of a nanoGPT checkpoint (a meta.pkl, a tokenizer.json, or a folder with
-    /// GPT-2's encoder.json + vocab.bpe); default: a meta.pkl beside it, else GPT-2's.
+    /// GPT-2's encoder.json + vocab.bpe; default: a meta.pkl beside it, else GPT-2's) or of a
+    /// nanochat one (a tokenizer.pkl; default: beside it, or nanochat's <base>/tokenizer/).
     #[arg(long, env = "TOKENSCOPE_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
 }

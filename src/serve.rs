@@ -11,7 +11,7 @@ use crate::api::{self, AppState, ServeConfig};
 use crate::cli::{read_key_file, ServeArgs};
 use crate::engine::registry::{ModelRegistry, Origin, RegistrySettings};
 use crate::engine::worker::{self, WorkerHandle, WorkerLimits};
-use crate::model::{self, DeviceChoice};
+use crate::model::{self, DeviceChoice, ModelSource};
 use crate::train::jobs::store::Store;
 use crate::train::jobs::{JobManager, JobSettings};
 
@@ -207,8 +207,17 @@ fn model_registry(args: &ServeArgs) -> anyhow::Result<(Arc<ModelRegistry>, Worke
     } else {
         args.models.iter().map(|m| Some(m.as_str())).collect()
     };
+    let mut checkpoint_used = false;
     for (i, name) in named.into_iter().enumerate() {
-        match model::resolve_source(name) {
+        // --checkpoint chooses the step of the nanochat folders among them.
+        let source = model::resolve_source(name).and_then(|s| match &args.checkpoint {
+            Some(c) if matches!(s, ModelSource::Nanochat { .. }) => {
+                checkpoint_used = true;
+                s.at_checkpoint(c)
+            }
+            _ => Ok(s),
+        });
+        match source {
             Ok(source) => {
                 registry.add(source, Origin::Configured);
             }
@@ -217,6 +226,11 @@ fn model_registry(args: &ServeArgs) -> anyhow::Result<(Arc<ModelRegistry>, Worke
             Err(e) if i == 0 => registry.add_unresolvable(name.unwrap_or("default"), e.to_string()),
             Err(e) => anyhow::bail!("--model {}: {e}", name.unwrap_or_default()),
         }
+    }
+    if let (Some(c), false) = (&args.checkpoint, checkpoint_used) {
+        anyhow::bail!(
+            "--checkpoint {c}: it chooses the step of a nanochat checkpoint folder given with --model, and none is"
+        );
     }
     registry.scan_models_dir();
     if let Some(id) = registry.default_id() {

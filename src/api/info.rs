@@ -20,13 +20,16 @@ pub struct InfoQuery {
 /// format does not carry is `null` (a GGUF records no training step), never invented.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct InfoResponse {
-    /// The training checkpoint it was loaded from (a nanoGPT `ckpt.pt`); `null` for formats
-    /// that are not training checkpoints.
+    /// The training checkpoint it was loaded from (a nanochat step, `step_002920`, or the
+    /// path of a nanoGPT `ckpt.pt`); `null` for formats that are not training checkpoints.
     pub checkpoint: Option<String>,
     /// The training step the checkpoint was saved at.
     pub step: Option<u64>,
-    /// The checkpoint's best validation loss, as its run recorded it.
+    /// The checkpoint's best validation loss, as its run recorded it (nanochat records bits
+    /// per byte instead: `val_bpb`).
     pub val_loss: Option<f64>,
+    /// Validation bits per byte, where the run recorded them (nanochat).
+    pub val_bpb: Option<f64>,
     pub model_layers: Option<u64>,
     /// The width of its hidden states.
     pub model_dim: Option<u64>,
@@ -36,7 +39,7 @@ pub struct InfoResponse {
     pub id: String,
     pub architecture: Option<String>,
     pub parameters: Option<u64>,
-    /// `gguf`, `huggingface`, `nanogpt`, `peft-lora` (a LoRA adapter on its base) or `hub`.
+    /// `gguf`, `huggingface`, `nanogpt`, `nanochat`, `peft-lora` (a LoRA adapter on its base) or `hub`.
     pub format: String,
     /// The longest context, in tokens.
     pub context_length: Option<u64>,
@@ -81,9 +84,10 @@ pub async fn info(
     let shape = card.shape;
     let training = card.training.as_ref();
     Ok(Json(InfoResponse {
-        checkpoint: training.map(|_| view.source.clone()),
+        checkpoint: training.map(|t| t.checkpoint.clone().unwrap_or(view.source.clone())),
         step: training.and_then(|t| t.step),
         val_loss: training.and_then(|t| t.val_loss),
+        val_bpb: training.and_then(|t| t.val_bpb),
         model_layers: shape.map(|s| s.layers),
         model_dim: shape.map(|s| s.hidden),
         vocab_size: shape.map(|s| s.vocab),

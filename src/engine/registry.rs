@@ -83,14 +83,17 @@ pub struct ModelView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization: Option<String>,
     /// What kind of source it is: `gguf`, `huggingface` (a directory), `nanogpt` (a
-    /// `ckpt.pt`) or `hub`.
+    /// `ckpt.pt`), `nanochat` (one step of a checkpoint folder), `peft-lora` or `hub`.
     pub format: String,
-    /// The training step a checkpoint was saved at (nanoGPT's `iter_num`).
+    /// The training step a checkpoint was saved at (nanoGPT's `iter_num`, nanochat's step).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<u64>,
     /// The checkpoint's best validation loss, as its training run recorded it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// The checkpoint's validation bits per byte (nanochat records these, not a loss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_bpb: Option<f64>,
     pub status: LoadStatus,
     /// Memory its weights take in MiB (0 when not loaded): counted from its tensors and packed
     /// blocks, the same after every reload.
@@ -237,6 +240,7 @@ impl Entry {
                 .to_string(),
             step: self.card.training.as_ref().and_then(|t| t.step),
             val_loss: self.card.training.as_ref().and_then(|t| t.val_loss),
+            val_bpb: self.card.training.as_ref().and_then(|t| t.val_bpb),
             status,
             memory_mb: round(self.memory_mb()),
             file_mb: self.file_mb().map(round),
@@ -255,6 +259,10 @@ fn source_label(s: &ModelSource) -> String {
         | ModelSource::HfDir(p)
         | ModelSource::NanoGpt(p)
         | ModelSource::Adapter { dir: p, .. } => p.display().to_string(),
+        ModelSource::Nanochat { dir, step } => dir
+            .join(format!("model_{step:06}.pt"))
+            .display()
+            .to_string(),
         ModelSource::Hub { .. } => s.display_name(),
     }
 }
@@ -694,7 +702,8 @@ impl ModelRegistry {
 }
 
 /// The `.gguf` files, Hugging Face directories (with a `config.json`), nanoGPT checkpoints
-/// (`.pt` files, and folders holding a `ckpt.pt`) in `dir`, sorted.
+/// (`.pt` files, and folders holding a `ckpt.pt`), each step of nanochat checkpoint folders
+/// and PEFT adapters in `dir`, sorted.
 pub fn models_in(dir: &Path) -> Vec<ModelSource> {
     let mut found: Vec<ModelSource> = std::fs::read_dir(dir)
         .map(|rd| {
@@ -705,9 +714,21 @@ pub fn models_in(dir: &Path) -> Vec<ModelSource> {
                         || (p.is_dir()
                             && (p.join("config.json").is_file()
                                 || p.join("ckpt.pt").is_file()
+                                || crate::model::nanochat::is_checkpoint_dir(p)
                                 || crate::model::lora::is_adapter_dir(p)))
                 })
                 .filter_map(|p| ModelSource::from_path(&p))
+                // A nanochat folder offers each of its steps.
+                .flat_map(|s| match s {
+                    ModelSource::Nanochat { dir, .. } => crate::model::nanochat::steps(&dir)
+                        .into_iter()
+                        .map(|step| ModelSource::Nanochat {
+                            dir: dir.clone(),
+                            step,
+                        })
+                        .collect(),
+                    other => vec![other],
+                })
                 .collect()
         })
         .unwrap_or_default();

@@ -77,6 +77,11 @@ pub struct Family {
     pub qkv_bias: bool,
     /// RMS norm of each head's query and key before the rotary embedding (Gemma 3).
     pub qk_norm: bool,
+    /// That norm after the rotary embedding instead (nanochat).
+    pub qk_norm_after_rope: bool,
+    /// The rotary embedding turns by −θ (nanochat's `apply_rotary_emb`, kept for its
+    /// checkpoints): the frequencies are negated, so cos is unchanged and sin changes sign.
+    pub rope_reversed: bool,
     /// Norms on the attention and MLP outputs too, and the MLP's input norm named
     /// `pre_feedforward_layernorm` (Gemma 2/3).
     pub sandwich_norms: bool,
@@ -111,6 +116,8 @@ impl Default for Family {
             arch: super::family::DEFAULT,
             qkv_bias: false,
             qk_norm: false,
+            qk_norm_after_rope: false,
+            rope_reversed: false,
             sandwich_norms: false,
             activation: Activation::Silu,
             embed_scale: false,
@@ -131,6 +138,26 @@ pub struct Sliding {
     pub window: usize,
     pub global_every: usize,
     pub local_rope_theta: f64,
+    /// Which layers are local as a pattern tiled over the layers (in place of `global_every`).
+    pub tiled: Option<TiledWindows>,
+}
+
+/// A pattern of global and local layers tiled over the layers, the last layer always global
+/// (nanochat's `window_pattern`, e.g. `SSSL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TiledWindows {
+    /// Bit i: the pattern's character i is global (`L`).
+    pub global: u64,
+    /// The pattern's length (1 to 64).
+    pub len: u8,
+    pub last_layer: usize,
+}
+
+impl TiledWindows {
+    pub fn is_local(&self, layer: usize) -> bool {
+        let i = layer % usize::from(self.len.max(1));
+        layer != self.last_layer && self.global & (1 << i) == 0
+    }
 }
 
 impl Sliding {
@@ -140,6 +167,7 @@ impl Sliding {
             window,
             global_every: 0,
             local_rope_theta: rope_theta,
+            tiled: None,
         }
     }
 }
@@ -153,6 +181,8 @@ pub enum Activation {
     GeluTanh,
     /// Exact GELU, `x · Φ(x)` with the error function (PyTorch's `nn.GELU()`: nanoGPT).
     GeluErf,
+    /// `relu(x)²` (nanochat).
+    ReluSquared,
 }
 
 impl Activation {
@@ -163,6 +193,7 @@ impl Activation {
             // candle's `gelu` is the tanh approximation, `gelu_erf` the exact one.
             Self::GeluTanh => x.gelu(),
             Self::GeluErf => x.gelu_erf(),
+            Self::ReluSquared => x.relu()?.sqr(),
         }
     }
 }
@@ -170,8 +201,10 @@ impl Activation {
 impl Family {
     /// Whether layer `i` attends to a sliding window (else to every earlier position).
     pub fn is_local(&self, layer: usize) -> bool {
-        self.sliding
-            .is_some_and(|s| !(layer + 1).is_multiple_of(s.global_every))
+        self.sliding.is_some_and(|s| match s.tiled {
+            Some(tiled) => tiled.is_local(layer),
+            None => !(layer + 1).is_multiple_of(s.global_every),
+        })
     }
     /// Whether the fused CPU path implements these layers (everything but soft-capping and
     /// GPT-2's LayerNorm, positions, biases and ungated MLP: those run on candle's ops).
@@ -182,6 +215,8 @@ impl Family {
             && !self.learned_positions
             && !self.dense_bias
             && self.gated_mlp
+            && !self.qk_norm_after_rope
+            && !self.rope_reversed
     }
 }
 
@@ -397,6 +432,9 @@ impl Config {
                 }
                 if let Some(factors) = factors {
                     f /= factors[i] as f64;
+                }
+                if self.family.rope_reversed {
+                    f = -f;
                 }
                 f as f32
             })

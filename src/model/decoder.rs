@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::{Activation, Config};
+use super::family::nanochat::{self, Extras};
 use super::kv_cache::{Cache, Prefilled};
 use super::layers::{
     causal_mask, gated_activation, repeat_kv, Embedding, Linear, Norm, PackedWeights, RopeAt,
@@ -42,6 +43,8 @@ struct Attention {
     softcap: Option<f64>,
     /// Rotary embedding of q and k (all but GPT-2, whose positions are in its embeddings).
     rotary: bool,
+    /// q and k are normed after the rotary embedding, not before (nanochat).
+    qk_norm_after_rope: bool,
 }
 
 impl Attention {
@@ -72,31 +75,44 @@ impl Attention {
             scale: 1.0 / cfg.family.attn_scalar.unwrap_or(hd as f64).sqrt(),
             softcap: cfg.family.attn_softcap,
             rotary: !cfg.family.learned_positions,
+            qk_norm_after_rope: cfg.family.qk_norm_after_rope,
         })
     }
 
+    /// `value`: a value embedding (b, t, n_kv · head_dim) and its gate, added to the values
+    /// (nanochat's value residual).
     fn forward(
         &self,
         x: &Tensor,
         rope: &RopeAt,
         mask: Option<&Tensor>,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
+        value: Option<(Tensor, &Tensor)>,
         differentiable: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let shape = |n| (b, t, n, self.head_dim);
-        // (b, t, heads, head_dim), each head RMS-normed where the family does it.
+        // Each head RMS-normed where the family does it: before the rotary embedding (on
+        // (b, t, heads, head_dim)), or after it (on (b, heads, t, head_dim)).
+        let (norm_before, norm_after) = match self.qk_norm_after_rope {
+            false => ((&self.q_norm, &self.k_norm), (&None, &None)),
+            true => ((&None, &None), (&self.q_norm, &self.k_norm)),
+        };
         let heads = |proj: &Linear, n, norm: &Option<Norm>| -> candle_core::Result<Tensor> {
             let y = proj.forward(x)?.reshape(shape(n))?;
             Norm::apply_if(norm, y, differentiable)?.transpose(1, 2)
         };
-        let q = heads(&self.q_proj, self.n_head, &self.q_norm)?;
-        let k = heads(&self.k_proj, self.n_kv_head, &self.k_norm)?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape(shape(self.n_kv_head))?
-            .transpose(1, 2)?;
+        let q = heads(&self.q_proj, self.n_head, norm_before.0)?;
+        let k = heads(&self.k_proj, self.n_kv_head, norm_before.1)?;
+        let v = self.v_proj.forward(x)?.reshape(shape(self.n_kv_head))?;
+        let v = match value {
+            Some((ve, gate)) => {
+                let ve = ve.reshape(shape(self.n_kv_head))?;
+                super::family::nanochat::value_residual(&v, x, &ve, gate)?
+            }
+            None => v,
+        };
+        let v = v.transpose(1, 2)?;
         let (q, k) = if self.rotary {
             (
                 rope.apply(&q, differentiable)?,
@@ -106,6 +122,8 @@ impl Attention {
             // The rope's output is contiguous; the matmuls (and their backward) need it.
             (q.contiguous()?, k.contiguous()?)
         };
+        let q = Norm::apply_if(norm_after.0, q, differentiable)?;
+        let k = Norm::apply_if(norm_after.1, k, differentiable)?;
         let v = if differentiable { v } else { v.contiguous()? };
 
         let (k, v) = match kv {
@@ -250,11 +268,14 @@ impl Block {
         rope: &RopeAt,
         mask: Option<&Tensor>,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
+        value: Option<(Tensor, &Tensor)>,
         differentiable: bool,
     ) -> candle_core::Result<Tensor> {
         let out_norm = |norm, h| Norm::apply_if(norm, h, differentiable);
         let h = self.attn_norm.forward(&x, differentiable)?;
-        let h = self.self_attn.forward(&h, rope, mask, kv, differentiable)?;
+        let h = self
+            .self_attn
+            .forward(&h, rope, mask, kv, value, differentiable)?;
         let x = (x + out_norm(&self.attn_out_norm, h)?)?;
         let h = self.ffn_norm.forward(&x, differentiable)?;
         let h = out_norm(&self.ffn_out_norm, self.mlp.forward(&h, differentiable)?)?;
@@ -282,6 +303,9 @@ pub struct Decoder {
     device: Device,
     /// The fused CPU path for short inputs, when every projection is packed (GGUF, CPU, f32).
     fused: Option<std::sync::Arc<super::fused::Fused>>,
+    /// What nanochat adds around the layers (embedding norm and smear, residual mixes, value
+    /// embeddings, backout).
+    extras: Option<std::sync::Arc<Extras>>,
 }
 
 impl Decoder {
@@ -356,7 +380,12 @@ impl Decoder {
             )),
             _ => None,
         };
+        let extras = match cfg.family.arch == super::family::ArchRef(&nanochat::Nanochat) {
+            true => Some(std::sync::Arc::new(Extras::load(vb.clone(), cfg)?)),
+            false => None,
+        };
         let mut model = Self {
+            extras,
             embed_tokens,
             embed_positions,
             layers,
@@ -713,7 +742,7 @@ impl Decoder {
         &self,
         ids: &Tensor,
         cache: &mut Cache,
-        mut layers: Option<&mut Vec<Vec<f32>>>,
+        layers: Option<&mut Vec<Vec<f32>>>,
     ) -> candle_core::Result<Tensor> {
         let (_b, t) = ids.dims2()?;
         let offset = cache.len;
@@ -731,18 +760,99 @@ impl Decoder {
         for l in 0..self.layers.len() {
             cache.tensors_for_candle(l, n_kv, hd, &self.device, self.dtype)?;
         }
-        let mut x = self.embed(ids, offset)?;
+        let prev = self.token_before(cache)?;
+        let x = self.embed(ids, offset)?;
         let pass = self.pass_inputs(t, offset)?;
-        for (layer, kv) in self.layers.iter().zip(cache.kvs.iter_mut()) {
+        let x = self.run_layers(
+            ids,
+            x,
+            prev.as_ref(),
+            &pass,
+            Some(&mut cache.kvs),
+            layers,
+            false,
+        )?;
+        if self.extras.is_some() {
+            let rows: Vec<Vec<u32>> = ids.to_vec2()?;
+            cache.tokens.resize(rows.len(), Vec::new());
+            for (kept, row) in cache.tokens.iter_mut().zip(rows) {
+                kept.extend(row);
+            }
+        }
+        cache.len = offset + t;
+        Ok(x)
+    }
+
+    /// The normed embedding (b, 1, h) of the cached position before a pass, where the model
+    /// reads it (nanochat's smear) and the cache is not empty.
+    fn token_before(&self, cache: &Cache) -> candle_core::Result<Option<Tensor>> {
+        let Some(extras) = &self.extras else {
+            return Ok(None);
+        };
+        if cache.len == 0 {
+            return Ok(None);
+        }
+        let last: Vec<u32> = cache
+            .tokens
+            .iter()
+            .map(|t| t.last().copied())
+            .collect::<Option<_>>()
+            .filter(|l: &Vec<u32>| {
+                !l.is_empty() && cache.tokens.iter().all(|t| t.len() == cache.len)
+            })
+            .ok_or_else(|| {
+                candle_core::Error::Msg("the cache does not record its tokens".into())
+            })?;
+        let n = last.len();
+        let ids = Tensor::from_vec(last, (n, 1), &self.device)?;
+        Ok(Some(extras.normed(&self.embed_tokens.forward(&ids)?)?))
+    }
+
+    /// The layers over embeddings `x` of `ids` (with nanochat's extras around them, `prev`
+    /// the position before the first), appending to the KV cache `kvs` if given and
+    /// collecting the residual stream at the last position after each layer into `layers`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        x: Tensor,
+        prev: Option<&Tensor>,
+        pass: &PassInputs,
+        mut kvs: Option<&mut Vec<Option<(Tensor, Tensor)>>>,
+        mut layers: Option<&mut Vec<Vec<f32>>>,
+        differentiable: bool,
+    ) -> candle_core::Result<Tensor> {
+        let t = x.dim(1)?;
+        let extras = self.extras.as_deref();
+        let (mut x, x0) = match extras {
+            Some(e) => {
+                let x0 = e.embed(&x, prev, differentiable)?;
+                (x0.clone(), Some(x0))
+            }
+            None => (x, None),
+        };
+        let mut mid = None;
+        for (i, layer) in self.layers.iter().enumerate() {
             let (rope, mask) = pass.for_layer(layer);
-            x = layer.forward(x, rope, mask, Some(kv), false)?;
+            let mut value = None;
+            if let (Some(e), Some(x0)) = (extras, &x0) {
+                x = e.mix(i, &x, x0)?;
+                value = e.value_embedding(i, ids)?;
+            }
+            let kv = kvs.as_deref_mut().and_then(|k| k.get_mut(i));
+            x = layer.forward(x, rope, mask, kv, value, differentiable)?;
+            if extras.is_some_and(|e| e.backout_layer() == i) {
+                mid = Some(x.clone());
+            }
             if let Some(out) = layers.as_deref_mut() {
                 let last = x.narrow(1, t - 1, 1)?.flatten_all()?;
                 out.push(last.to_dtype(DType::F32)?.to_vec1()?);
             }
         }
-        cache.len = offset + t;
-        Ok(x)
+        match (extras, mid) {
+            (Some(e), Some(mid)) => e.backout(&x, &mid),
+            _ => Ok(x),
+        }
     }
 
     /// Token embeddings, times √hidden_size where the family scales them (the factor rounded
@@ -788,12 +898,9 @@ impl Decoder {
         if t > self.cfg.max_position_embeddings {
             candle_core::bail!("sequence longer than the model's context");
         }
-        let mut x = self.embed(ids, 0)?;
+        let x = self.embed(ids, 0)?;
         let pass = self.pass_inputs(t, 0)?;
-        for layer in &self.layers {
-            let (rope, mask) = pass.for_layer(layer);
-            x = layer.forward(x, rope, mask, None, true)?;
-        }
+        let x = self.run_layers(ids, x, None, &pass, None, None, true)?;
         self.cap_logits(self.lm_head.forward(&self.norm.forward(&x, true)?)?)
     }
 }

@@ -14,6 +14,9 @@ pub struct Cache {
     pub(crate) kvs: Vec<Option<(Tensor, Tensor)>>,
     pub(crate) host: Vec<Option<HostKv>>,
     pub(crate) len: usize,
+    /// Per batch row, the token ids of the cached positions, kept only for a model that reads
+    /// the token before a pass's first (nanochat's smear); empty otherwise.
+    pub(crate) tokens: Vec<Vec<u32>>,
 }
 
 /// One layer's keys and values for the fused path, position-major: (positions, n_kv,
@@ -53,6 +56,7 @@ impl Cache {
             kvs: vec![None; n_layers],
             host: vec![None; n_layers],
             len: 0,
+            tokens: Vec::new(),
         }
     }
     /// Number of positions already cached.
@@ -89,6 +93,11 @@ impl Cache {
             host: vec![None; self.kvs.len()],
             kvs,
             len,
+            tokens: self
+                .tokens
+                .get(row)
+                .map(|t| vec![t[..len.min(t.len())].to_vec()])
+                .unwrap_or_default(),
         })
     }
 
@@ -116,7 +125,17 @@ impl Cache {
                 })
             })
             .collect();
-        Ok(Self { kvs, host, len })
+        let tokens = self
+            .tokens
+            .iter()
+            .map(|t| t[..len.min(t.len())].to_vec())
+            .collect();
+        Ok(Self {
+            kvs,
+            host,
+            len,
+            tokens,
+        })
     }
 
     /// Layer `layer` as host vectors holding this cache's `len` positions (converted from the

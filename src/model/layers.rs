@@ -337,6 +337,7 @@ pub(crate) fn gated(act: Activation, g: f32, u: f32) -> f32 {
         Activation::GeluErf => {
             (candle_core::cpu::erf::erf_f32(g * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * g
         }
+        Activation::ReluSquared => g.max(0.0) * g.max(0.0),
     };
     a * u
 }

@@ -15,6 +15,7 @@ pub mod init;
 pub mod kv_cache;
 mod layers;
 pub mod lora;
+pub mod nanochat;
 pub mod nanogpt;
 pub mod packed;
 pub mod pickle;
@@ -213,6 +214,15 @@ pub fn resolve_source(model: Option<&str>) -> Result<ModelSource> {
     }
 }
 
+/// [`resolve_source`], at step `checkpoint` of a nanochat checkpoint folder when given.
+pub fn resolve_source_at(model: Option<&str>, checkpoint: Option<&str>) -> Result<ModelSource> {
+    let source = resolve_source(model)?;
+    match checkpoint {
+        Some(c) => source.at_checkpoint(c),
+        None => Ok(source),
+    }
+}
+
 /// Loads a model from any supported source.
 pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
     let device = opts.device.resolve()?;
@@ -230,6 +240,9 @@ pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
             load_hf_dir(dir, source.display_name(), opts.dtype, dtype, &device)
         }
         ModelSource::NanoGpt(path) => load_nanogpt(path, source, opts, dtype, &device),
+        ModelSource::Nanochat { dir, step } => {
+            load_nanochat(dir, *step, source, opts, dtype, &device)
+        }
         ModelSource::Hub { repo, revision } => {
             let dir = source::resolve_hub(repo, revision)?;
             load_hf_dir(&dir, source.display_name(), opts.dtype, dtype, &device)
@@ -361,6 +374,50 @@ pub fn gguf_eos_ids(
     ids.sort();
     ids.dedup();
     ids
+}
+
+fn load_nanochat(
+    dir: &std::path::Path,
+    step: u64,
+    source: &ModelSource,
+    opts: &LoadOptions,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedModel> {
+    if opts.dtype == DtypeChoice::Gguf {
+        return Err(ModelError::Config(
+            "--dtype gguf needs a .gguf model; use f32, f16 or bf16 for a nanochat checkpoint"
+                .into(),
+        ));
+    }
+    let mut ck = nanochat::Checkpoint::open(dir, step)?;
+    let tokenizer = nanochat::tokenizer_for(dir, opts.tokenizer.as_deref())?;
+    let tokens = tokenizer.vocab_size();
+    if tokens != ck.config.vocab_size {
+        return Err(ModelError::Config(format!(
+            "the tokenizer has {tokens} tokens, the checkpoint's vocab_size is {}: not the tokenizer it was trained with",
+            ck.config.vocab_size
+        )));
+    }
+    let eos_ids = tokenizer.end_of_generation().to_vec();
+    let cfg = ck.decoder_config(eos_ids.first().copied());
+    let tensors = ck.decoder_tensors()?;
+    let weight_bytes = dense_bytes(tensors.values(), dtype);
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    let model = Decoder::load(vb, &cfg).map_err(|e| ModelError::Corrupt {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(LoadedModel {
+        model,
+        tokenizer: std::sync::Arc::new(tokenizer),
+        name: source.display_name(),
+        architecture: nanochat::ARCHITECTURE.into(),
+        eos_ids,
+        device_label: device_label(device),
+        dtype_label: dtype_name(dtype).to_string(),
+        weight_bytes,
+    })
 }
 
 fn load_nanogpt(

@@ -42,6 +42,10 @@ pub struct TrainingInfo {
     pub val_loss: Option<f64>,
     /// `config["dataset"]`: where nanoGPT's sample.py looks for `meta.pkl`.
     pub dataset: Option<String>,
+    /// Validation bits per byte (what nanochat records instead of a loss).
+    pub val_bpb: Option<f64>,
+    /// The checkpoint's name where the format names its steps (nanochat: `step_002920`).
+    pub checkpoint: Option<String>,
 }
 
 /// A checkpoint's header: everything but the weights' numbers.
@@ -123,6 +127,7 @@ impl Checkpoint {
                 .and_then(|c| p.get(c, "dataset"))
                 .and_then(|v| p.str(v))
                 .map(str::to_string),
+            ..TrainingInfo::default()
         };
         let model = p.get(root, "model").ok_or_else(|| missing("model"))?;
         let items = dict_items(p, model).ok_or_else(|| corrupt(path, "`model` is not a dict"))?;

@@ -62,6 +62,7 @@ pub fn probe(source: &ModelSource) -> ModelCard {
         ModelSource::Gguf(path) => probe_gguf(path),
         ModelSource::HfDir(dir) => probe_hf_dir(dir),
         ModelSource::NanoGpt(path) => probe_nanogpt(path),
+        ModelSource::Nanochat { dir, step } => probe_nanochat(dir, *step),
         ModelSource::Hub { .. } => Ok(ModelCard::default()),
         ModelSource::Adapter { dir, base } => probe_adapter(dir, base.as_deref()),
     });
@@ -171,6 +172,24 @@ fn probe_nanogpt(path: &Path) -> Result<ModelCard, String> {
         quantization: dtype.map(str::to_string),
         file_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
         shape: Some((&ck.config(ck.args.vocab_size, None)).into()),
+        error: None,
+        training: Some(ck.info.clone()),
+    })
+}
+
+fn probe_nanochat(dir: &Path, step: u64) -> Result<ModelCard, String> {
+    let ck = super::nanochat::Checkpoint::open(dir, step).map_err(|e| e.to_string())?;
+    let model = dir.join(format!("model_{step:06}.pt"));
+    Ok(ModelCard {
+        architecture: Some(super::nanochat::ARCHITECTURE.to_string()),
+        parameters: Some(ck.parameters()),
+        quantization: ck.embedding_dtype().map(str::to_string),
+        file_bytes: std::fs::metadata(model).ok().map(|m| m.len()),
+        // Rows as the file holds them, padding included (as nanoGPT's are listed).
+        shape: Some(ModelShape {
+            vocab: ck.config.padded_vocab() as u64,
+            ..(&ck.decoder_config(None)).into()
+        }),
         error: None,
         training: Some(ck.info.clone()),
     })

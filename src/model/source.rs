@@ -14,6 +14,8 @@ pub enum ModelSource {
     HfDir(PathBuf),
     /// A nanoGPT `ckpt.pt` (given as the file, or as the `out*/` folder holding it).
     NanoGpt(PathBuf),
+    /// One step of a nanochat checkpoint folder (`model_<step>.pt` + `meta_<step>.json`).
+    Nanochat { dir: PathBuf, step: u64 },
     /// A hub repository, resolved through the local hf-hub cache (downloading if allowed).
     Hub { repo: String, revision: String },
     /// A PEFT LoRA adapter folder on a base model (`None`: the base it names is not found; the
@@ -65,8 +67,9 @@ impl ModelSource {
     }
 
     /// What an existing path holds: a `.pt` file is a nanoGPT checkpoint, any other file a
-    /// GGUF; a folder with `config.json` a Hugging Face directory, one with only `ckpt.pt` a
-    /// nanoGPT run's output folder.
+    /// GGUF; a folder of `model_<step>.pt` + `meta_<step>.json` nanochat's checkpoints (the
+    /// latest step), one with `config.json` a Hugging Face directory, one with only `ckpt.pt`
+    /// a nanoGPT run's output folder.
     pub fn from_path(path: &Path) -> Option<Self> {
         if path.is_file() {
             return Some(if path.extension().is_some_and(|e| e == "pt") {
@@ -88,6 +91,12 @@ impl ModelSource {
             });
         }
         if path.is_dir() {
+            if let Some(&step) = super::nanochat::steps(path).last() {
+                return Some(Self::Nanochat {
+                    dir: path.to_path_buf(),
+                    step,
+                });
+            }
             let ckpt = path.join("ckpt.pt");
             return Some(if !path.join("config.json").is_file() && ckpt.is_file() {
                 Self::NanoGpt(ckpt)
@@ -104,8 +113,40 @@ impl ModelSource {
             Self::Gguf(_) => "gguf",
             Self::HfDir(_) => "huggingface",
             Self::NanoGpt(_) => "nanogpt",
+            Self::Nanochat { .. } => "nanochat",
             Self::Hub { .. } => "hub",
             Self::Adapter { .. } => "peft-lora",
+        }
+    }
+
+    /// The same source at another step of its checkpoints (`--checkpoint`): only nanochat
+    /// folders hold several.
+    pub fn at_checkpoint(self, checkpoint: &str) -> Result<Self> {
+        let step = super::nanochat::parse_step(checkpoint).ok_or_else(|| {
+            ModelError::Config(format!(
+                "--checkpoint {checkpoint:?}: expected a step such as step_002920, 002920 or 2920"
+            ))
+        })?;
+        match self {
+            Self::Nanochat { dir, .. } => {
+                let have = super::nanochat::steps(&dir);
+                if !have.contains(&step) {
+                    let names: Vec<String> =
+                        have.into_iter().map(super::nanochat::step_label).collect();
+                    return Err(ModelError::NotFound(format!(
+                        "checkpoint {} in {} (it holds {})",
+                        super::nanochat::step_label(step),
+                        dir.display(),
+                        names.join(", ")
+                    )));
+                }
+                Ok(Self::Nanochat { dir, step })
+            }
+            other => Err(ModelError::Config(format!(
+                "--checkpoint chooses a step of a nanochat checkpoint folder; {} is a {} model",
+                other.display_name(),
+                other.format()
+            ))),
         }
     }
 
@@ -132,6 +173,14 @@ impl ModelSource {
                     (Some(stem), _) => stem.to_string(),
                     (None, _) => p.display().to_string(),
                 }
+            }
+            // `d20/` at step 2920 is `d20-step_002920`.
+            Self::Nanochat { dir, step } => {
+                let folder = std::fs::canonicalize(dir)
+                    .ok()
+                    .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
+                    .unwrap_or_else(|| "nanochat".into());
+                format!("{folder}-{}", super::nanochat::step_label(*step))
             }
             Self::Hub { repo, revision } if revision == "main" => repo.clone(),
             Self::Hub { repo, revision } => format!("{repo}@{revision}"),

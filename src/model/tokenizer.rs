@@ -383,6 +383,108 @@ impl TextTokenizer {
         Ok(tk)
     }
 
+    /// A tiktoken encoding (nanochat's `tokenizer.pkl`) as byte-level BPE: `ranks` maps each
+    /// token's bytes to its id, `specials` the special tokens' texts to theirs, and `bos` (a
+    /// special token's text) is put first by [`Self::encode`], as nanochat prepends it.
+    ///
+    /// tiktoken merges, in each regex piece, the adjacent pair whose concatenation has the
+    /// lowest rank, and takes a piece that is itself a token whole. The same as HF BPE: a merge
+    /// for every split of a token into two tokens, ranked by the merged token's rank (ties by
+    /// the halves' ranks, as transformers' TikTokenConverter orders them), and
+    /// `ignore_merges` for whole pieces.
+    pub fn tiktoken(
+        pat_str: &str,
+        ranks: &[(Vec<u8>, u32)],
+        specials: &[(String, u32)],
+        bos: Option<&str>,
+    ) -> Result<Self> {
+        let byte_char: HashMap<u8, char> = byte_level_char_to_byte()
+            .into_iter()
+            .map(|(c, b)| (b, c))
+            .collect();
+        let text = |bytes: &[u8]| -> String { bytes.iter().map(|b| byte_char[b]).collect() };
+        let by_bytes: HashMap<&[u8], u32> = ranks.iter().map(|(b, r)| (b.as_slice(), *r)).collect();
+        if by_bytes.len() != ranks.len() {
+            return Err(tok_err("the encoding lists a token twice"));
+        }
+        let mut merges: Vec<(u32, u32, u32, String, String)> = Vec::new();
+        for (bytes, rank) in ranks {
+            let mut splits: Vec<(u32, u32, usize)> = (1..bytes.len())
+                .filter_map(|i| {
+                    let (l, r) = (by_bytes.get(&bytes[..i])?, by_bytes.get(&bytes[i..])?);
+                    Some((*l, *r, i))
+                })
+                .collect();
+            splits.sort_unstable();
+            for (l, r, i) in splits {
+                merges.push((*rank, l, r, text(&bytes[..i]), text(&bytes[i..])));
+            }
+        }
+        merges.sort_unstable_by_key(|m| (m.0, m.1, m.2));
+        let vocab: tokenizers::models::bpe::Vocab =
+            ranks.iter().map(|(b, r)| (text(b), *r)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges.into_iter().map(|m| (m.3, m.4)).collect())
+            .ignore_merges(true)
+            .build()
+            .map_err(tok_err)?;
+        let mut tk = Tokenizer::new(bpe);
+        let split = Split::new(
+            SplitPattern::Regex(pat_str.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| tok_err(format!("the encoding's pattern: {e}")))?;
+        let pre: PreTokenizerWrapper = Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, false, false).into(),
+        ])
+        .into();
+        tk.with_pre_tokenizer(Some(pre));
+        tk.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::default())));
+        let mut specials = specials.to_vec();
+        specials.sort_by_key(|(_, id)| *id);
+        for (name, id) in &specials {
+            tk.add_special_tokens([AddedToken::from(name.as_str(), true)])
+                .map_err(tok_err)?;
+            if tk.token_to_id(name) != Some(*id) {
+                return Err(tok_err(format!(
+                    "the special token {name:?} has id {id}, but the ids are not the ranks' \
+                     successors (tiktoken numbers them after the {} tokens)",
+                    ranks.len()
+                )));
+            }
+        }
+        let bos_id = match bos {
+            Some(b) => Some(
+                tk.token_to_id(b)
+                    .ok_or_else(|| tok_err(format!("the encoding has no {b:?}")))?,
+            ),
+            None => None,
+        };
+        if let (Some(b), Some(id)) = (bos, bos_id) {
+            let post = TemplateProcessing::builder()
+                .try_single(format!("{b} $A"))
+                .and_then(|t| t.try_pair(format!("{b} $A {b} $B")))
+                .map_err(tok_err)?
+                .special_tokens(vec![(b.to_string(), id)])
+                .build()
+                .map_err(tok_err)?;
+            tk.with_post_processor(Some(post));
+        }
+        let size = tk.get_vocab_size(true);
+        let mut tk = Self::new(tk, size)?;
+        tk.info.bos_token_id = bos_id;
+        tk.info.add_bos = bos_id.is_some();
+        Ok(tk)
+    }
+
+    /// Sets the tokens that end generation (the first is reported as EOS).
+    pub fn set_end_of_generation(&mut self, ids: Vec<u32>) {
+        self.info.eos_token_id = ids.first().copied();
+        self.end_of_generation = ids;
+    }
+
     /// Whether `text` can be written in this vocabulary: always, except for a
     /// character-level one, which refuses a character it lacks (naming it).
     pub fn check_alphabet(&self, text: &str) -> Result<()> {

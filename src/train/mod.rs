@@ -218,6 +218,14 @@ fn starting_point(
         ModelSource::Hub { repo, revision } => Some(model::source::resolve_hub(repo, revision)?),
         ModelSource::HfDir(d) => Some(d.clone()),
         ModelSource::Gguf(_) | ModelSource::NanoGpt(_) => None,
+        ModelSource::Nanochat { dir, .. } => {
+            return Err(TrainError::Config(format!(
+                "{} is a nanochat checkpoint: training one is not supported (its value \
+                 embeddings, smear and backout have no Hugging Face form to write the result \
+                 in); serve and inspect work",
+                dir.display()
+            )))
+        }
         ModelSource::Adapter { dir, .. } => {
             return Err(TrainError::Config(format!(
                 "{} is a LoRA adapter: train from its base model instead",

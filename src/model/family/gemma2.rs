@@ -66,6 +66,7 @@ impl Arch for Gemma2 {
                 window: window as usize,
                 global_every: every as usize,
                 local_rope_theta: local_theta,
+                tiled: None,
             },
             scalar,
             cap("gemma2.attn_logit_softcapping", 50.0)?,
@@ -114,6 +115,7 @@ impl Arch for Gemma2 {
                 window,
                 global_every: 2,
                 local_rope_theta: cfg.rope_theta,
+                tiled: None,
             },
             scalar.unwrap_or(cfg.head_dim() as f64),
             attn_cap,
@@ -170,6 +172,7 @@ impl Arch for Gemma2 {
             window: 4096,
             global_every: 2,
             local_rope_theta: base.rope_theta,
+            tiled: None,
         };
         base.family = Family::gemma2(window, base.head_dim() as f64, 50.0, 30.0);
         base.tie_word_embeddings = true;

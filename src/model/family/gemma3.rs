@@ -58,6 +58,7 @@ impl Arch for Gemma3 {
                 window: window as usize,
                 global_every: every as usize,
                 local_rope_theta: shortest_f64(local_theta),
+                tiled: None,
             },
             scalar,
         ))

@@ -24,6 +24,7 @@ pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
 pub mod mistral;
+pub mod nanochat;
 pub mod phi3;
 pub mod qwen2;
 
@@ -38,6 +39,7 @@ pub static ARCHS: &[&dyn Arch] = &[
     &gemma2::Gemma2,
     &gemma3::Gemma3,
     &gpt2::Gpt2,
+    &nanochat::Nanochat,
 ];
 
 /// The family of a config that names none (a `config.json` read as it is, `--config FILE`,
@@ -239,6 +241,7 @@ pub fn hf_activation(activation: Activation) -> &'static str {
         Activation::Silu => "silu",
         Activation::GeluTanh => "gelu_pytorch_tanh",
         Activation::GeluErf => "gelu",
+        Activation::ReluSquared => "relu2",
     }
 }
 

@@ -161,6 +161,12 @@ impl JobManager {
                 p.to_string_lossy().into_owned()
             }
             ModelSource::Hub { repo, revision } => format!("{repo}@{revision}"),
+            ModelSource::Nanochat { .. } => {
+                return Err(format!(
+                    "base model `{}` is a nanochat checkpoint, which is served but not trained",
+                    spec.base_model
+                ))
+            }
             ModelSource::Adapter { .. } => {
                 return Err(format!(
                     "base model `{}` is a LoRA adapter: train its base instead",
