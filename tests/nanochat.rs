@@ -121,6 +121,56 @@ fn a_multi_head_checkpoint_with_its_tokenizer_beside_it_equals_upstream() {
     eprintln!("mha: max |Δ log-prob| {worst:e}");
 }
 
+/// The engine's other paths keep the smear's previous token: a batched, right-padded prefill
+/// split into rows, and a cache cut short (the prefix cache) and continued with several tokens.
+#[test]
+fn batched_rows_and_a_cut_cache_give_the_same_numbers() {
+    let m = load(&ModelSource::Nanochat {
+        dir: d4(),
+        step: 10,
+    });
+    let a = m
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy dog.")
+        .unwrap();
+    let b = m.tokenizer.encode("Hello, naïve café!").unwrap();
+    let alone = |ids: &[u32]| m.model.next_logits(ids, &mut m.model.new_cache()).unwrap();
+    let t = a.len().max(b.len());
+    let pad = |ids: &[u32]| {
+        let mut v = ids.to_vec();
+        v.resize(t, 0);
+        v
+    };
+    let rows = candle_core::Tensor::new(vec![pad(&a), pad(&b)], &candle_core::Device::Cpu).unwrap();
+    let mut cache = m.model.new_cache();
+    let logits = m
+        .model
+        .forward_rows(&rows, &mut cache, &[a.len() - 1, b.len() - 1])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (i, ids) in [&a, &b].into_iter().enumerate() {
+        assert!(
+            common::max_abs_diff(&logits[i], &alone(ids)) < 1e-4,
+            "row {i}"
+        );
+        // The row's own cache, continued by one token.
+        let mut row = cache.row(i, ids.len()).unwrap();
+        let next = m.model.next_logits(&[42], &mut row).unwrap();
+        let mut longer = ids.clone();
+        longer.push(42);
+        assert!(
+            common::max_abs_diff(&next, &alone(&longer)) < 1e-4,
+            "row {i} + 1"
+        );
+    }
+    let mut full = m.model.new_cache();
+    m.model.next_logits(&a, &mut full).unwrap();
+    let mut cut = full.truncated(4).unwrap();
+    let rest = m.model.next_logits(&a[4..], &mut cut).unwrap();
+    assert!(common::max_abs_diff(&rest, &alone(&a)) < 1e-4);
+}
+
 #[test]
 fn the_tokenizer_gives_tiktokens_ids() {
     let tk =
@@ -312,6 +362,33 @@ fn a_models_dir_serves_every_step_and_info_describes_each() {
         tops.push(r["tokens"].clone());
     }
     assert_ne!(tops[0], tops[1], "two steps, two models");
+    // Chat: nanochat's render_conversation (the system message joined to the first user turn).
+    let (code, t) = server.post(
+        "/tokenize",
+        serde_json::json!({"model": "d4-step_000010", "return_token_strs": true, "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Why?"}]}),
+    );
+    assert_eq!(code, 200, "{t}");
+    let text: String = t["token_strs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        text,
+        "<|bos|><|user_start|>Be brief.\n\nHi<|user_end|><|assistant_start|>Hello<|assistant_end|>\
+         <|user_start|>Why?<|user_end|><|assistant_start|>"
+    );
+    let (code, r) = server.post(
+        "/v1/chat/completions",
+        serde_json::json!({"model": "d4-step_000010", "max_tokens": 2, "logprobs": true,
+                           "messages": [{"role": "user", "content": "Hi"}]}),
+    );
+    assert_eq!(code, 200, "{r}");
     let loaded = server
         .get("/models")
         .1

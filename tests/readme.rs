@@ -12,6 +12,8 @@
 //! - `upload-3f…` / `job-9c…` / `eval-5d…` → the ids the example's earlier requests returned.
 //! - `../nanoGPT/out-shakespeare-char` → a nanoGPT-shaped folder holding the generated
 //!   character-level checkpoint (`scripts/nanogpt.sh`), its `meta.pkl` in `data/<dataset>/`.
+//! - `~/.cache/nanochat/` (HOME is the temporary folder) → nanochat's base-dir layout holding
+//!   the generated d4 run as `base_checkpoints/d20` and its tokenizer (`scripts/nanochat.sh`).
 //!
 //! The README's first block (`./scripts/run.sh`, `./scripts/test.sh`) is not run: the second is
 //! the command that runs this test.
@@ -253,6 +255,24 @@ fn every_bash_example_in_the_readme_runs() {
     std::fs::create_dir_all(&data_dir).unwrap();
     std::fs::copy(nano.join("ckpt.pt"), run_dir.join("ckpt.pt")).unwrap();
     std::fs::copy(nano.join("meta.pkl"), data_dir.join("meta.pkl")).unwrap();
+    // nanochat's base dir in the (temporary) home: `~/.cache/nanochat/base_checkpoints/d20`
+    // holds the generated d4 run, and `~/.cache/nanochat/tokenizer/` its tokenizer.
+    let nanochat = root.join("target/nanochat/base");
+    assert!(
+        nanochat.join("tokenizer/tokenizer.pkl").is_file(),
+        "run ./scripts/nanochat.sh"
+    );
+    let base = tmp.path().join(".cache/nanochat");
+    for (from, to) in [
+        ("tokenizer", "tokenizer"),
+        ("base_checkpoints/d4", "base_checkpoints/d20"),
+    ] {
+        std::fs::create_dir_all(base.join(to)).unwrap();
+        for f in std::fs::read_dir(nanochat.join(from)).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), base.join(to).join(f.file_name())).unwrap();
+        }
+    }
     // `../nanoGPT` from the working folder.
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_tokenscope"));
     let path_env = format!(
