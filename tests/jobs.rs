@@ -1647,6 +1647,8 @@ fn a_lora_job_trains_an_adapter_that_is_served_on_its_base() {
         (json!({"lora_dropout": 1.0}), "dropout"),
         (json!({"lora": {"target_modules": ["c_attn"]}}), "c_attn"),
         (json!({"method": "full", "lora": {"r": 4}}), "method"),
+        // Wider than the tiny model's projections: refused at creation, naming the limit.
+        (json!({"lora_r": 4096}), "narrowest side"),
     ] {
         let (code, e) = server.post("/train/jobs", spec(extra.clone()));
         assert_eq!(code, 422, "{extra}: {e}");

@@ -389,6 +389,17 @@ fn a_models_dir_serves_every_step_and_info_describes_each() {
                            "messages": [{"role": "user", "content": "Hi"}]}),
     );
     assert_eq!(code, 200, "{r}");
+    // Not a base for training jobs: refused at creation, naming the field.
+    let (code, e) = server.post(
+        "/train/jobs",
+        serde_json::json!({"base_model": "d4-step_000010", "data": {"text": "some text to learn"},
+                           "output_name": "never", "steps": 1}),
+    );
+    assert_eq!(code, 422, "{e}");
+    assert!(
+        e.to_string().contains("base_model") && e.to_string().contains("nanochat"),
+        "{e}"
+    );
     let loaded = server
         .get("/models")
         .1

@@ -192,12 +192,17 @@ fn a_server_offers_an_adapter_on_a_base_named_by_id() {
         }
     };
     copy(&fixtures().join("base"), &models.join("tiny-llama"));
-    copy(&fixtures().join("all-modules"), &models.join("tiny-lora"));
-    let cfg_path = models.join("tiny-lora/adapter_config.json");
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["base_model_name_or_path"] = json!("tiny-llama");
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    for (from, to) in [
+        ("all-modules", "tiny-lora"),
+        ("attention-rslora", "tiny-lora-rs"),
+    ] {
+        copy(&fixtures().join(from), &models.join(to));
+        let cfg_path = models.join(to).join("adapter_config.json");
+        let mut cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        cfg["base_model_name_or_path"] = json!("tiny-llama");
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    }
 
     let server = Server::start(
         &tmp.path().join("state"),
@@ -207,7 +212,7 @@ fn a_server_offers_an_adapter_on_a_base_named_by_id() {
             "--models-dir",
             models.to_str().unwrap(),
             "--max-loaded-models",
-            "2",
+            "3",
         ],
     );
     let (_, list) = server.get("/models");
@@ -217,7 +222,7 @@ fn a_server_offers_an_adapter_on_a_base_named_by_id() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["tiny-llama", "tiny-lora"], "{list}");
+    assert_eq!(ids, ["tiny-llama", "tiny-lora", "tiny-lora-rs"], "{list}");
     let adapter = &list[1];
     assert_eq!(adapter["format"], "peft-lora", "{adapter}");
     assert_eq!(adapter["architecture"], list[0]["architecture"]);
@@ -225,11 +230,34 @@ fn a_server_offers_an_adapter_on_a_base_named_by_id() {
         adapter["parameters"].as_u64().unwrap() > list[0]["parameters"].as_u64().unwrap(),
         "{list}"
     );
-    let (code, m) = server.post("/models/tiny-lora/load", json!({}));
-    assert!(code == 200 || code == 202, "{m}");
-    server.wait(std::time::Duration::from_secs(60), "adapter loaded", |s| {
-        s.model("tiny-lora")["status"] == "loaded"
-    });
+    for id in ["tiny-lora", "tiny-lora-rs"] {
+        let (code, m) = server.post(&format!("/models/{id}/load"), json!({}));
+        assert!(code == 200 || code == 202, "{m}");
+        server.wait(std::time::Duration::from_secs(60), "adapter loaded", |s| {
+            s.model(id)["status"] == "loaded"
+        });
+    }
+    // Both adapters run on the base's weights in memory: each adds only its own.
+    let mb = |id: &str| server.model(id)["memory_mb"].as_f64().unwrap();
+    let base_mb = mb("tiny-llama");
+    let adapter_bytes = |dir: &str| {
+        std::fs::metadata(models.join(dir).join("adapter_model.safetensors"))
+            .unwrap()
+            .len() as f64
+    };
+    for (id, dir) in [("tiny-lora", "tiny-lora"), ("tiny-lora-rs", "tiny-lora-rs")] {
+        let own = adapter_bytes(dir) / (1024.0 * 1024.0);
+        assert!(
+            mb(id) < base_mb / 4.0,
+            "{id}: {} MiB on a {base_mb} MiB base",
+            mb(id)
+        );
+        assert!(
+            (mb(id) - own).abs() <= 0.1 + own * 0.1,
+            "{id}: {} MiB, file {own} MiB",
+            mb(id)
+        );
+    }
     // The served distribution is the adapter's (as loaded here directly), not the base's.
     let direct = load(&fixtures().join("all-modules")).unwrap();
     let (prompt, ids) = &prompts()[0];

@@ -627,6 +627,12 @@ impl ModelRegistry {
     }
 
     /// The parameter count and sizes of `id`, read from its files without loading it.
+    /// The decoder config of `id`, as its files describe it (before loading).
+    pub fn config_of(&self, id: &str) -> Option<crate::model::Config> {
+        let entries = self.lock();
+        entries.iter().find(|e| e.id == id)?.card.config.clone()
+    }
+
     pub fn shape_of(&self, id: &str) -> Option<(u64, crate::model::probe::ModelShape)> {
         let entries = self.lock();
         let card = &entries.iter().find(|e| e.id == id)?.card;

@@ -155,8 +155,11 @@ pub struct LoadedModel {
     /// `f32`, `f16`, `bf16`, or `gguf-<type>` for kept-quantized weights.
     pub dtype_label: String,
     /// Bytes its weights take in memory (packed blocks as stored, dense tensors in their
-    /// dtype): the model's own memory, whatever else the process holds or frees meanwhile.
+    /// dtype): the model's own memory, whatever else the process holds or frees meanwhile. An
+    /// adapter on a base this process held already counts its own weights only.
     pub weight_bytes: u64,
+    /// The loaded base whose weights this model shares (an adapter's), kept alive with it.
+    pub shares: Option<std::sync::Arc<LoadedModel>>,
 }
 
 impl LoadedModel {
@@ -223,6 +226,36 @@ pub fn resolve_source_at(model: Option<&str>, checkpoint: Option<&str>) -> Resul
     }
 }
 
+/// The models this process holds, by source and load options (see [`load_shared`]).
+static RESIDENT: std::sync::Mutex<Vec<(String, std::sync::Weak<LoadedModel>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// [`load`], sharing weights with what this process holds already: a source loaded before
+/// with the same options and still in use (a base that is served while an adapter on it
+/// loads, or one under another adapter) is not read again; the same weights serve both, since
+/// a clone of a [`LoadedModel`] shares every tensor and packed block. Returns the model and
+/// whether it was held already.
+pub fn load_shared(
+    source: &ModelSource,
+    opts: &LoadOptions,
+) -> Result<(std::sync::Arc<LoadedModel>, bool)> {
+    let key = format!("{source:?}|{opts:?}");
+    let resident = |key: &str| {
+        let mut held = RESIDENT.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|(_, m)| m.strong_count() > 0);
+        held.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, m)| m.upgrade())
+    };
+    if let Some(m) = resident(&key) {
+        return Ok((m, true));
+    }
+    let model = std::sync::Arc::new(load(source, opts)?);
+    let mut held = RESIDENT.lock().unwrap_or_else(|p| p.into_inner());
+    held.push((key, std::sync::Arc::downgrade(&model)));
+    Ok((model, false))
+}
+
 /// Loads a model from any supported source.
 pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
     let device = opts.device.resolve()?;
@@ -268,7 +301,8 @@ fn load_adapter(
             ),
         });
     };
-    let mut model = load(base, opts)?;
+    let (base_model, held) = load_shared(base, opts)?;
+    let mut model = (*base_model).clone();
     let adapter = lora::load(dir, model.model.config().num_hidden_layers, &Device::Cpu)?;
     model
         .model
@@ -278,7 +312,12 @@ fn load_adapter(
             reason,
         })?;
     model.name = source.display_name();
-    model.weight_bytes += adapter.bytes;
+    model.weight_bytes = match held {
+        // The base's weights were in memory already: only the adapter's are added.
+        true => adapter.bytes,
+        false => model.weight_bytes + adapter.bytes,
+    };
+    model.shares = Some(base_model);
     Ok(model)
 }
 
@@ -348,6 +387,7 @@ fn load_gguf(
             None => dtype_name(dtype).to_string(),
         },
         weight_bytes,
+        shares: None,
     })
 }
 
@@ -417,6 +457,7 @@ fn load_nanochat(
         device_label: device_label(device),
         dtype_label: dtype_name(dtype).to_string(),
         weight_bytes,
+        shares: None,
     })
 }
 
@@ -460,6 +501,7 @@ fn load_nanogpt(
         device_label: device_label(device),
         dtype_label: dtype_name(dtype).to_string(),
         weight_bytes,
+        shares: None,
     })
 }
 
@@ -533,5 +575,6 @@ fn load_hf_dir(
         device_label: device_label(device),
         dtype_label: dtype_name(dtype).to_string(),
         weight_bytes,
+        shares: None,
     })
 }

@@ -52,6 +52,9 @@ pub struct ModelCard {
     /// What a training checkpoint says of its run (step, validation loss); `None` for a
     /// format that carries none (GGUF, Hugging Face directories).
     pub training: Option<super::nanogpt::TrainingInfo>,
+    /// Its decoder config (family and shapes): what a LoRA job's settings are checked against
+    /// before the job is accepted.
+    pub config: Option<crate::model::Config>,
 }
 
 /// Reads what `source` holds. Never fails: what cannot be read stays `None`, with the reason
@@ -97,6 +100,7 @@ fn probe_gguf(path: &Path) -> Result<ModelCard, String> {
         shape: file.config().ok().map(|c| (&c).into()),
         error: None,
         training: None,
+        config: file.config().ok(),
     })
 }
 
@@ -128,6 +132,7 @@ fn probe_hf_dir(dir: &Path) -> Result<ModelCard, String> {
         shape: Some((&parts.config).into()),
         error: None,
         training: None,
+        config: Some(parts.config),
     })
 }
 
@@ -174,6 +179,7 @@ fn probe_nanogpt(path: &Path) -> Result<ModelCard, String> {
         shape: Some((&ck.config(ck.args.vocab_size, None)).into()),
         error: None,
         training: Some(ck.info.clone()),
+        config: Some(ck.config(ck.args.vocab_size, None)),
     })
 }
 
@@ -192,6 +198,7 @@ fn probe_nanochat(dir: &Path, step: u64) -> Result<ModelCard, String> {
         }),
         error: None,
         training: Some(ck.info.clone()),
+        config: Some(ck.decoder_config(None)),
     })
 }
 

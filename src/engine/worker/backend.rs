@@ -102,8 +102,9 @@ fn run(
     let started = Instant::now();
     let loaded = source.and_then(|s| {
         tracing::info!(model = %s.display_name(), "loading model");
-        std::panic::catch_unwind(AssertUnwindSafe(|| model::load(&s, &options)))
+        std::panic::catch_unwind(AssertUnwindSafe(|| model::load_shared(&s, &options)))
             .map_err(|_| "the model loader panicked".to_string())?
+            .map(|(m, _)| m)
             .map_err(|e| e.to_string())
     });
     drop(load_turn);

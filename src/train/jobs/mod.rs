@@ -371,6 +371,7 @@ impl JobManager {
         if let Err((field, msg)) = settled.settle_method() {
             return Err(JobError::Invalid(msg, field));
         }
+        self.check_base(&settled)?;
         if let Some(e) = spec.epochs {
             if spec.steps.is_some() {
                 return Err(inv("epochs", "give steps or epochs, not both"));
@@ -781,6 +782,35 @@ impl JobManager {
             mb(dir_bytes(&uploads_dir(state))),
             mb(dir_bytes(&models_dir(state))),
         ))
+    }
+
+    /// Refuses, before anything is written, a base no job can train (an adapter, a nanochat
+    /// checkpoint) and LoRA settings the base's projections do not allow (a module the family
+    /// lacks, `r` wider than the projection): the same checks the run makes at its start.
+    fn check_base(&self, spec: &JobSpec) -> Result<(), JobError> {
+        let Some(id) = self.registry.find(&spec.base_model) else {
+            return Ok(());
+        };
+        match self.registry.source_of(&id) {
+            Some(ModelSource::Adapter { .. }) => {
+                return Err(JobError::invalid(
+                    "base_model",
+                    &format!("base_model `{id}` is a LoRA adapter: train its base instead"),
+                ))
+            }
+            Some(ModelSource::Nanochat { .. }) => return Err(JobError::invalid(
+                "base_model",
+                &format!(
+                    "base_model `{id}` is a nanochat checkpoint, which is served but not trained"
+                ),
+            )),
+            _ => {}
+        }
+        if let (Some(lora), Some(cfg)) = (&spec.lora, self.registry.config_of(&id)) {
+            crate::train::lora::check(&lora.options(), &cfg)
+                .map_err(|(field, msg)| JobError::Invalid(msg, field))?;
+        }
+        Ok(())
     }
 
     /// Refuses a job whose estimated peak memory passes `--max-job-memory`, naming both.
