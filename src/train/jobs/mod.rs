@@ -795,15 +795,17 @@ impl JobManager {
             Some(ModelSource::Adapter { .. }) => {
                 return Err(JobError::invalid(
                     "base_model",
-                    &format!("base_model `{id}` is a LoRA adapter: train its base instead"),
+                    format!("base_model `{id}` is a LoRA adapter: train its base instead"),
                 ))
             }
-            Some(ModelSource::Nanochat { .. }) => return Err(JobError::invalid(
-                "base_model",
-                &format!(
+            Some(ModelSource::Nanochat { .. }) => {
+                return Err(JobError::invalid(
+                    "base_model",
+                    format!(
                     "base_model `{id}` is a nanochat checkpoint, which is served but not trained"
                 ),
-            )),
+                ))
+            }
             _ => {}
         }
         if let (Some(lora), Some(cfg)) = (&spec.lora, self.registry.config_of(&id)) {
