@@ -50,9 +50,10 @@ export AXE_JS="$AXE_DIR/axe.min.js"
 # shellcheck source=lib/test-server.sh
 . scripts/lib/test-server.sh
 # An admin key (the page loads models with it) and two models: the default and Gemma 3 (a
-# --test-assets file), so that the model picker has something to switch to.
+# --test-assets file), so that the model picker has something to switch to; and a tiny base
+# with a PEFT adapter on it (scripts/peft.sh), which the picker lists under its base.
 start_test_server ui --admin-key "$KEY" --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
-  --model models/gemma-3-270m-q4_k_m.gguf
+  --model models/gemma-3-270m-q4_k_m.gguf --model target/peft/base --model target/peft/all-modules
 # No proxy for the loopback server, and Selenium Manager never downloads anything.
 export NO_PROXY="127.0.0.1,localhost" SE_OFFLINE=true
 "$VENV/bin/python" tests/ui/inspector.py "http://127.0.0.1:$PORT" "$KEY" "$SHOTS"

@@ -212,6 +212,11 @@ pub struct ServeArgs {
     /// or `2920` (default: the latest; --models-dir offers every step).
     #[arg(long, env = "TOKENSCOPE_CHECKPOINT")]
     pub checkpoint: Option<String>,
+    /// The base of the PEFT adapter folders given with --model: a model id of this server
+    /// (another --model) or a model path, in place of the base_model_name_or_path their
+    /// adapter_config.json names.
+    #[arg(long)]
+    pub base: Option<String>,
     /// Offer every .gguf file and Hugging Face directory in this folder too (loaded on demand).
     #[arg(long, env = "TOKENSCOPE_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
@@ -384,6 +389,10 @@ pub struct ModelArgs {
     /// the latest).
     #[arg(long, env = "TOKENSCOPE_CHECKPOINT")]
     pub checkpoint: Option<String>,
+    /// The base of a PEFT adapter folder given with --model (a model path or hub id), in place
+    /// of the base_model_name_or_path its adapter_config.json names.
+    #[arg(long)]
+    pub base: Option<String>,
     /// auto | cpu | cuda | cuda:N
     #[arg(long, env = "TOKENSCOPE_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,

@@ -28,10 +28,13 @@ pub fn run_inspect(args: &cli::InspectArgs) -> anyhow::Result<()> {
     if args.targets.len() > api::types::MAX_TARGETS {
         anyhow::bail!("at most {} targets", api::types::MAX_TARGETS);
     }
-    let source = model::resolve_source_at(
+    let mut source = model::resolve_source_at(
         args.model.model.as_deref(),
         args.model.checkpoint.as_deref(),
     )?;
+    if let Some(base) = &args.model.base {
+        source = source.on_base(model::ModelSource::parse(base)?)?;
+    }
     let loaded = model::load(&source, &args.model.load_options())
         .with_context(|| format!("loading {}", source.display_name()))?;
     let ids = engine::tokenize(&loaded, &args.prompt)?;

@@ -207,13 +207,25 @@ fn model_registry(args: &ServeArgs) -> anyhow::Result<(Arc<ModelRegistry>, Worke
     } else {
         args.models.iter().map(|m| Some(m.as_str())).collect()
     };
-    let mut checkpoint_used = false;
+    let (mut checkpoint_used, mut base_used) = (false, false);
     for (i, name) in named.into_iter().enumerate() {
         // --checkpoint chooses the step of the nanochat folders among them.
         let source = model::resolve_source(name).and_then(|s| match &args.checkpoint {
             Some(c) if matches!(s, ModelSource::Nanochat { .. }) => {
                 checkpoint_used = true;
                 s.at_checkpoint(c)
+            }
+            _ => Ok(s),
+        });
+        // --base: an earlier --model's id, or a path.
+        let source = source.and_then(|s| match &args.base {
+            Some(b) if matches!(s, ModelSource::Adapter { .. }) => {
+                base_used = true;
+                let base = match registry.find(b).and_then(|id| registry.source_of(&id)) {
+                    Some(known) => known,
+                    None => ModelSource::parse(b)?,
+                };
+                s.on_base(base)
             }
             _ => Ok(s),
         });
@@ -226,6 +238,11 @@ fn model_registry(args: &ServeArgs) -> anyhow::Result<(Arc<ModelRegistry>, Worke
             Err(e) if i == 0 => registry.add_unresolvable(name.unwrap_or("default"), e.to_string()),
             Err(e) => anyhow::bail!("--model {}: {e}", name.unwrap_or_default()),
         }
+    }
+    if let (Some(b), false) = (&args.base, base_used) {
+        anyhow::bail!(
+            "--base {b}: it chooses the base of a PEFT adapter folder given with --model, and none is"
+        );
     }
     if let (Some(c), false) = (&args.checkpoint, checkpoint_used) {
         anyhow::bail!(

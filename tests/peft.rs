@@ -396,3 +396,60 @@ fn lora_training_writes_an_adapter_peft_reads_and_resumes_bit_identically() {
     }
     eprintln!("trained adapter: max |Δ logprob| vs PEFT {worst:.2e}; {adapter_bytes} bytes; checkpoints {ck_bytes} bytes");
 }
+
+/// `--base` puts an adapter on a base its adapter_config.json does not name (a base moved or
+/// renamed since), and GET /models names the base of each adapter.
+#[test]
+fn base_chooses_an_adapters_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, adapter) = (tmp.path().join("llama"), tmp.path().join("lora"));
+    for (from, to) in [("base", &base), ("all-modules", &adapter)] {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(fixtures().join(from)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    let cfg_path = adapter.join("adapter_config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["base_model_name_or_path"] = json!("/nowhere/llama");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let server = Server::start(
+        &tmp.path().join("state"),
+        &[
+            "--model",
+            base.to_str().unwrap(),
+            "--model",
+            adapter.to_str().unwrap(),
+            "--base",
+            base.to_str().unwrap(),
+            "--max-loaded-models",
+            "2",
+        ],
+    );
+    let (_, list) = server.get("/models");
+    assert_eq!(list[1]["id"], "lora", "{list}");
+    assert_eq!(list[1]["base"], list[0]["id"], "{list}");
+    assert!(list[0].get("base").is_none(), "{list}");
+    let (code, m) = server.post("/models/lora/load", json!({}));
+    assert!(code == 200 || code == 202, "{m}");
+    server.wait(std::time::Duration::from_secs(60), "adapter loaded", |s| {
+        s.model("lora")["status"] == "loaded"
+    });
+    server.kill();
+    // The same from the command line.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenscope"))
+        .args(["inspect", "--model"])
+        .arg(&adapter)
+        .arg("--base")
+        .arg(&base)
+        .arg("Hello")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

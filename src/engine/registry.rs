@@ -114,6 +114,10 @@ pub struct ModelView {
     /// The model requests without `model` use.
     pub default: bool,
     pub origin: Origin,
+    /// A LoRA adapter's base, as a model id of this server (absent when the base is not one
+    /// of its models, or the model is no adapter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -249,6 +253,7 @@ impl Entry {
             error,
             default,
             origin: self.origin,
+            base: None,
         }
     }
 }
@@ -539,20 +544,30 @@ impl ModelRegistry {
     pub fn list(&self) -> Vec<ModelView> {
         self.scan_models_dir();
         let entries = self.lock();
-        entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| e.view(i == 0))
+        (0..entries.len())
+            .map(|i| Self::view_of(&entries, i))
             .collect()
     }
 
     pub fn view(&self, id: &str) -> Option<ModelView> {
         let entries = self.lock();
-        entries
-            .iter()
-            .enumerate()
-            .find(|(_, e)| e.id == id)
-            .map(|(i, e)| e.view(i == 0))
+        let i = entries.iter().position(|e| e.id == id)?;
+        Some(Self::view_of(&entries, i))
+    }
+
+    /// Entry `i`'s view, an adapter's base named by its id.
+    fn view_of(entries: &[Entry], i: usize) -> ModelView {
+        let mut view = entries[i].view(i == 0);
+        if let Some(ModelSource::Adapter {
+            base: Some(base), ..
+        }) = &entries[i].source
+        {
+            view.base = entries
+                .iter()
+                .find(|e| e.source.as_ref() == Some(&**base))
+                .map(|e| e.id.clone());
+        }
+        view
     }
 
     pub fn source_of(&self, id: &str) -> Option<ModelSource> {

@@ -150,6 +150,24 @@ impl ModelSource {
         }
     }
 
+    /// This adapter on `base` (`--base`), whatever base its `adapter_config.json` names.
+    pub fn on_base(self, base: ModelSource) -> Result<Self> {
+        match (self, &base) {
+            (_, Self::Adapter { .. }) => Err(ModelError::Config(
+                "--base names a LoRA adapter: an adapter's base is a model".into(),
+            )),
+            (Self::Adapter { dir, .. }, _) => Ok(Self::Adapter {
+                dir,
+                base: Some(Box::new(base)),
+            }),
+            (other, _) => Err(ModelError::Config(format!(
+                "--base chooses the base of a PEFT adapter folder; {} is a {} model",
+                other.display_name(),
+                other.format()
+            ))),
+        }
+    }
+
     /// A short human name for logs and `metadata.model_name`.
     pub fn display_name(&self) -> String {
         match self {

@@ -294,8 +294,12 @@ try:
     settled("the default model's distribution")
     pick = Select(driver.find_element(By.ID, "modelpick"))
     names = [o.text for o in pick.options]
-    check(len(names) == 2 and any("SmolLM2" in n and "loaded" in n for n in names),
-          f"the picker lists both models with their status: {names}")
+    check(len(names) == 4 and any("SmolLM2" in n and "loaded" in n for n in names),
+          f"the picker lists every model with its status: {names}")
+    base = next((i for i, n in enumerate(names) if n.startswith("base ")), -1)
+    check(0 <= base < 3 and names[base + 1].startswith("\u21b3 all-modules")
+          and "LoRA adapter on base" in names[base + 1],
+          f"the adapter is listed under its base: {names}")
     smol = next(o.get_attribute("value") for o in pick.options if "SmolLM2" in o.text)
     gemma = next(o.get_attribute("value") for o in pick.options if "gemma" in o.text)
     status = driver.find_element(By.ID, "status")
