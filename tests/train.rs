@@ -424,3 +424,52 @@ fn arch_is_checked() {
         "--arch only applies with --from-scratch",
     );
 }
+
+/// A LoRA run on a GGUF base keeps the frozen base packed (QLoRA-style: the file's blocks, no
+/// f32 copy) and trains as it would on the dequantized dense base
+/// (`TOKENSCOPE_DENSE_ONLY=1`): the same losses at every step, to float rounding.
+#[test]
+fn lora_on_a_packed_gguf_base_trains_as_on_its_dense_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let losses = |dense: bool| -> Vec<f64> {
+        let out = dir.path().join(if dense { "dense" } else { "packed" });
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_tokenscope"))
+            .args(["train", "--model"])
+            .arg(common::default_gguf())
+            .arg("--data")
+            .arg(&data)
+            .arg("--output")
+            .arg(&out)
+            .args([
+                "--steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--lr",
+                "0.01",
+            ])
+            .args(["--warmup", "0", "--lora-r", "4", "--lora-dropout", "0.1"])
+            .env("TOKENSCOPE_DENSE_ONLY", if dense { "1" } else { "0" })
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read_to_string(out.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+            .collect()
+    };
+    let (packed, dense) = (losses(false), losses(true));
+    assert_eq!(packed.len(), 3);
+    for (p, d) in packed.iter().zip(&dense) {
+        assert!(
+            (p - d).abs() <= 1e-4 * d.abs(),
+            "packed {packed:?} vs dense {dense:?}"
+        );
+    }
+}

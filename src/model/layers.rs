@@ -170,6 +170,57 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 }
 
+/// `x ↦ x Wᵀ` for a packed (GGUF) weight in a LoRA run whose base stays packed (QLoRA-style):
+/// the forward pass is the packed kernel's (exact w.r.t. the dequantized weights, as at
+/// inference), the backward pass the input's gradient `g W`, with W dequantized for that
+/// product only and dropped after it (one projection at a time).
+struct FrozenPacked {
+    packed: Arc<PackedMatrix>,
+}
+
+impl candle_core::CustomOp1 for FrozenPacked {
+    fn name(&self) -> &'static str {
+        "frozen-packed-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let data = storage.as_slice::<f32>()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-packed-matmul: the input must be contiguous")
+        };
+        let cols = self.packed.cols();
+        let mut dims = layout.dims().to_vec();
+        if dims.last() != Some(&cols) {
+            candle_core::bail!("input width {:?}, expected {cols}", dims.last());
+        }
+        let x = &data[start..end];
+        let y = self.packed.matmul(x, x.len() / cols);
+        if let Some(last) = dims.last_mut() {
+            *last = self.packed.rows();
+        }
+        Ok((candle_core::CpuStorage::F32(y), dims.into()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (rows, cols) = (self.packed.rows(), self.packed.cols());
+        let mut w = vec![0f32; rows * cols];
+        for (r, out) in w.chunks_exact_mut(cols).enumerate() {
+            self.packed.dequantize_row_into(r, out);
+        }
+        let w = Tensor::from_vec(w, (rows, cols), grad_res.device())?;
+        grad_res.broadcast_matmul(&w).map(Some)
+    }
+}
+
 /// Whether `l` is a frozen f32 CPU projection fed an input that carries gradients.
 fn frozen_training(l: &candle_nn::Linear, xs: &Tensor) -> bool {
     xs.track_op()
@@ -209,11 +260,18 @@ impl Module for Linear {
                 return y + delta;
             }
             Self::Quantized(q, bias) => (q.forward(xs)?, bias),
+            Self::Packed(packed, bias) if xs.track_op() => {
+                if xs.dtype() != DType::F32 || !xs.device().is_cpu() {
+                    candle_core::bail!("packed GGUF weights multiply f32 CPU inputs");
+                }
+                let y = xs.contiguous()?.apply_op1(FrozenPacked {
+                    packed: packed.clone(),
+                })?;
+                (y, bias)
+            }
             Self::Packed(packed, bias) => {
-                if xs.dtype() != DType::F32 || !xs.device().is_cpu() || xs.track_op() {
-                    candle_core::bail!(
-                        "packed GGUF weights multiply f32 CPU inputs, without gradients"
-                    );
+                if xs.dtype() != DType::F32 || !xs.device().is_cpu() {
+                    candle_core::bail!("packed GGUF weights multiply f32 CPU inputs");
                 }
                 let mut dims = xs.dims().to_vec();
                 let cols = dims.last().copied().unwrap_or(0);
@@ -590,6 +648,43 @@ pub(crate) fn causal_mask(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A packed projection in a run with gradients (a QLoRA base): the packed kernel's
+    /// product forward, and the input's gradient equal to the dense dequantized weight's.
+    #[test]
+    fn a_packed_projection_passes_gradients_like_its_dense_weight() -> candle_core::Result<()> {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let (rows, cols) = (48, 256);
+        let w = (Tensor::randn(0f32, 0.1, (rows, cols), &dev)?).contiguous()?;
+        let q = QTensor::quantize(&w, GgmlDType::Q4K)?;
+        let format = super::super::quant::Format::from_ggml(GgmlDType::Q4K).unwrap();
+        let packed =
+            PackedMatrix::from_blocks(format, rows, cols, q.data()?.into_owned(), None).unwrap();
+        let dequantized: Vec<f32> = (0..rows).flat_map(|r| packed.dequantize_row(r)).collect();
+        let dense = Linear::dense(Tensor::from_vec(dequantized, (rows, cols), &dev)?);
+        let packed = Linear::Packed(Arc::new(packed), None);
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, cols), &dev)?)?;
+        let weights = Tensor::randn(0f32, 1.0, (2, 5, rows), &dev)?;
+        let run = |l: &Linear| -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+            let y = l.forward(x.as_tensor())?;
+            let grads = (&y * &weights)?.sum_all()?.backward()?;
+            let dx = grads.get(x.as_tensor()).expect("a gradient for x");
+            Ok((y.flatten_all()?.to_vec1()?, dx.flatten_all()?.to_vec1()?))
+        };
+        let (yp, gp) = run(&packed)?;
+        let (yd, gd) = run(&dense)?;
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max)
+        };
+        assert!(diff(&yp, &yd) < 1e-4, "forward {}", diff(&yp, &yd));
+        assert!(diff(&gp, &gd) < 1e-4, "input gradient {}", diff(&gp, &gd));
+        assert!(gp.iter().any(|v| *v != 0.0));
+        Ok(())
+    }
 
     /// The parallel CPU activation equals candle's ops bit for bit.
     #[test]

@@ -226,6 +226,13 @@ pub fn resolve_source_at(model: Option<&str>, checkpoint: Option<&str>) -> Resul
     }
 }
 
+/// `TOKENSCOPE_DENSE_ONLY=1`: GGUF weights dequantized into dense f32 copies rather than kept
+/// packed, for serving and for LoRA training's frozen base (the reference the packed kernels
+/// are checked against).
+pub fn dense_only() -> bool {
+    std::env::var("TOKENSCOPE_DENSE_ONLY").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 /// The models this process holds, by source and load options (see [`load_shared`]).
 static RESIDENT: std::sync::Mutex<Vec<(String, std::sync::Weak<LoadedModel>)>> =
     std::sync::Mutex::new(Vec::new());
@@ -336,8 +343,7 @@ fn load_gguf(
     let keep_quantized = choice == DtypeChoice::Gguf;
     // On the CPU in f32 the file's blocks are kept packed (exact w.r.t. the dequantized
     // weights, no dense copy); the dense reference dequantizes everything.
-    let dense_reference = dense_reference
-        || std::env::var("TOKENSCOPE_DENSE_ONLY").is_ok_and(|v| !v.is_empty() && v != "0");
+    let dense_reference = dense_reference || dense_only();
     let use_packed = !keep_quantized && dtype == DType::F32 && device.is_cpu() && !dense_reference;
     let (tensors, mut quantized, packed) = if use_packed {
         let (t, p) = file.tensors_with_packed(&cfg, device)?;

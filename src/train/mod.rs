@@ -21,7 +21,8 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::model::{
-    self, gguf::GgufFile, hf_dir, Config, Decoder, ModelError, ModelSource, TextTokenizer,
+    self, gguf::GgufFile, gguf::PackedWeights, hf_dir, Config, Decoder, ModelError, ModelSource,
+    TextTokenizer,
 };
 use checkpoint::TrainState;
 use optim::{AdamW, AdamWParams};
@@ -208,10 +209,22 @@ fn validate(o: &TrainOptions) -> Result<(), TrainError> {
 }
 
 /// The starting weights (f32, HF names), config and tokenizer.
+/// The starting point of a run: config, tokenizer, the weights (f32, HF names), the weights
+/// kept packed (a LoRA run on a GGUF base in f32 on the CPU keeps its frozen base in the
+/// file's blocks, QLoRA-style, where `keep_packed`), and the source's name.
+type Start = (
+    Config,
+    TextTokenizer,
+    HashMap<String, Tensor>,
+    PackedWeights,
+    String,
+);
+
 fn starting_point(
     o: &TrainOptions,
     device: &Device,
-) -> Result<(Config, TextTokenizer, HashMap<String, Tensor>, String), TrainError> {
+    keep_packed: bool,
+) -> Result<Start, TrainError> {
     let source = model::resolve_source(o.model.as_deref())?;
     let name = source.display_name();
     let dir = match &source {
@@ -246,7 +259,7 @@ fn starting_point(
             cfg.family.arch.name()
         )))
     };
-    let (mut cfg, tokenizer, mut tensors) = match (&source, dir) {
+    let (mut cfg, tokenizer, mut tensors, packed) = match (&source, dir) {
         (ModelSource::Gguf(path), _) => {
             let mut file = GgufFile::open(path)?;
             let mut cfg = file.config()?;
@@ -259,12 +272,17 @@ fn starting_point(
                 [one] => Some(model::EosTokenId::One(*one)),
                 many => Some(model::EosTokenId::Many(many.to_vec())),
             };
-            let tensors = if o.from_scratch {
-                HashMap::new()
+            let (tensors, packed) = if o.from_scratch {
+                (HashMap::new(), PackedWeights::new())
+            } else if keep_packed {
+                file.tensors_with_packed(&cfg, device)?
             } else {
-                file.tensors(&cfg, DType::F32, device, false)?.0
+                (
+                    file.tensors(&cfg, DType::F32, device, false)?.0,
+                    PackedWeights::new(),
+                )
             };
-            (cfg, tk, tensors)
+            (cfg, tk, tensors, packed)
         }
         // A nanoGPT run trains on as the GPT-2 it is (exact GELU; a bias-free run's biases
         // start at zero and train), and is written as a Hugging Face GPT-2 directory.
@@ -279,7 +297,7 @@ fn starting_point(
             } else {
                 ck.decoder_tensors(tokens)?
             };
-            (cfg, tk, tensors)
+            (cfg, tk, tensors, PackedWeights::new())
         }
         (_, Some(dir)) => {
             let parts = hf_dir::inspect(&dir)?;
@@ -294,7 +312,7 @@ fn starting_point(
                 }
                 tensors = hf_dir::to_decoder(&parts.config, tensors)?;
             }
-            (parts.config, tk, tensors)
+            (parts.config, tk, tensors, PackedWeights::new())
         }
         _ => unreachable!("every source kind is covered above"),
     };
@@ -325,11 +343,11 @@ fn starting_point(
     }
     if cfg.tie_word_embeddings {
         tensors.remove("lm_head.weight");
-    } else if !tensors.contains_key("lm_head.weight") {
+    } else if !tensors.contains_key("lm_head.weight") && !packed.contains_key("lm_head.weight") {
         // A checkpoint without a head ties it to the embeddings.
         cfg.tie_word_embeddings = true;
     }
-    Ok((cfg, tokenizer, tensors, name))
+    Ok((cfg, tokenizer, tensors, packed, name))
 }
 
 fn resolve_device(o: &TrainOptions) -> Result<(Device, DType), TrainError> {
@@ -451,7 +469,9 @@ pub fn run_observed(
     validate(o)?;
     let started = Instant::now();
     let (device, dtype) = resolve_device(o)?;
-    let (cfg, tokenizer, mut tensors, base_name) = starting_point(o, &device)?;
+    let keep_packed =
+        o.lora.is_some() && device.is_cpu() && dtype == DType::F32 && !model::dense_only();
+    let (cfg, tokenizer, mut tensors, packed, base_name) = starting_point(o, &device, keep_packed)?;
     if let Some(l) = &o.lora {
         lora::check(l, &cfg)
             .map_err(|(field, msg)| TrainError::Config(format!("LoRA {field}: {msg}")))?;
@@ -538,7 +558,15 @@ pub fn run_observed(
                 Some(w) => w,
                 None => lora::init(l, &cfg, o.seed, &device)?,
             };
-            trainable_lora(&cfg, tensors, adapter, l, dropout.as_ref(), dtype, &device)
+            trainable_lora(
+                &cfg,
+                (tensors, packed),
+                adapter,
+                l,
+                dropout.as_ref(),
+                dtype,
+                &device,
+            )
         }
     }
     .map_err(|e| TrainError::Config(format!("the weights do not fit the config: {e}")))?;
@@ -825,11 +853,11 @@ pub fn trainable(
     Ok((lm, named))
 }
 
-/// A LoRA run's model: the base's tensors as plain (frozen) tensors, the adapter's as the
-/// trained variables (PEFT's names), applied with `dropout`.
+/// A LoRA run's model: the base's tensors as plain (frozen) tensors and its packed matrices
+/// as they are, the adapter's as the trained variables (PEFT's names), applied with `dropout`.
 pub fn trainable_lora(
     cfg: &Config,
-    base: HashMap<String, Tensor>,
+    (base, packed): (HashMap<String, Tensor>, PackedWeights),
     adapter: HashMap<String, Tensor>,
     o: &lora::LoraOptions,
     dropout: Option<&std::sync::Arc<lora::DropoutKey>>,
@@ -840,7 +868,7 @@ pub fn trainable_lora(
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
         .collect::<candle_core::Result<HashMap<_, _>>>()?;
-    let mut lm = Decoder::load(VarBuilder::from_tensors(base, dtype, device), cfg)?;
+    let mut lm = Decoder::load_packed(VarBuilder::from_tensors(base, dtype, device), cfg, packed)?;
     let mut names: Vec<String> = adapter.keys().cloned().collect();
     names.sort();
     let named: Vec<(String, Var)> = names
