@@ -473,3 +473,78 @@ fn lora_on_a_packed_gguf_base_trains_as_on_its_dense_weights() {
         );
     }
 }
+
+/// Gradient checkpointing (what LoRA runs train with) changes no number: the loss and every
+/// adapter gradient equal those of the pass that keeps all activations.
+#[test]
+fn checkpointed_layers_give_the_same_gradients() {
+    let dev = Device::Cpu;
+    let cfg = Config::tiny_of("llama", 300).unwrap();
+    let base = model::init::random_weights(&cfg, 5, &dev).unwrap();
+    let o = train::lora::LoraOptions {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.2,
+        targets: ["q_proj", "v_proj", "down_proj"].map(String::from).to_vec(),
+    };
+    // B starts at zero (PEFT's init); random here, so that A's gradients are not zero too.
+    let adapter: std::collections::HashMap<String, Tensor> = train::lora::init(&o, &cfg, 1, &dev)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| match n.contains("lora_B") {
+            true => (n, t.randn_like(0.0, 0.1).unwrap()),
+            false => (n, t),
+        })
+        .collect();
+    let key = train::lora::DropoutKey::new(o.dropout, 9);
+    key.train(0, 0);
+    let (mut lm, named) = train::trainable_lora(
+        &cfg,
+        (base, Default::default()),
+        adapter,
+        &o,
+        Some(&key),
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
+    let ids: Vec<u32> = (0..2 * 16).map(|i| (i * 37 % 300) as u32).collect();
+    let x = Tensor::from_vec(ids.clone(), (2, 16), &dev).unwrap();
+    let y = Tensor::from_vec(
+        ids.iter().map(|i| (i + 1) % 300).collect::<Vec<u32>>(),
+        (2, 16),
+        &dev,
+    )
+    .unwrap();
+    let grads = |lm: &model::Decoder| {
+        let l = train::loss(lm, &x, &y).unwrap();
+        let store = l.backward().unwrap();
+        let mut g = train::optim::collect_grads(&named, &store);
+        if let Some(sink) = lm.grad_sink() {
+            for (var, grad) in sink.drain() {
+                let (n, _) = named
+                    .iter()
+                    .find(|(_, v)| v.as_tensor().id() == var.id())
+                    .unwrap();
+                assert!(g.insert(n.clone(), grad).is_none(), "{n} twice");
+            }
+        }
+        (l.to_scalar::<f32>().unwrap(), g)
+    };
+    assert!(
+        lm.grad_sink().is_some(),
+        "LoRA runs checkpoint their layers"
+    );
+    let (l1, g1) = grads(&lm);
+    lm.checkpoint_layers(false);
+    let (l2, g2) = grads(&lm);
+    assert_eq!(l1, l2);
+    assert_eq!(g1.len(), named.len());
+    assert_eq!(g2.len(), named.len());
+    for (n, a) in &g1 {
+        let d = common::max_abs_diff_tensors(a, &g2[n]);
+        let scale: f32 = g2[n].abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d <= 1e-5 * scale.max(1e-3), "{n}: {d} (of {scale})");
+        assert!(scale > 0.0, "{n} has a gradient");
+    }
+}

@@ -236,6 +236,33 @@ impl Block {
         out
     }
 
+    /// The layer's trained tensors (variables): weights, biases and norms in a full run, the
+    /// adapter's matrices in a LoRA run.
+    fn variables(&mut self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        let mut norms = vec![&self.attn_norm, &self.ffn_norm];
+        norms.extend(self.attn_out_norm.iter());
+        norms.extend(self.ffn_out_norm.iter());
+        norms.extend(self.self_attn.q_norm.iter());
+        norms.extend(self.self_attn.k_norm.iter());
+        for n in norms {
+            out.push(n.weight.clone());
+            out.extend(n.bias.iter().cloned());
+        }
+        for (_, l) in self.projections_mut() {
+            match l {
+                Linear::Dense(d) => {
+                    out.push(d.weight().clone());
+                    out.extend(d.bias().cloned());
+                }
+                Linear::Lora { a, b, .. } => out.extend([a.clone(), b.clone()]),
+                _ => {}
+            }
+        }
+        out.retain(|t| t.is_variable());
+        out
+    }
+
     fn load(w: Weights, cfg: &Config, layer: usize) -> candle_core::Result<Self> {
         let norm = |name: &str| {
             let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
@@ -283,6 +310,80 @@ impl Block {
     }
 }
 
+/// Gradients of a checkpointed layer's variables, computed in its backward pass (see
+/// [`LayerCheckpoint`]) outside the GradStore of the pass: the training loop adds them.
+#[derive(Debug, Default)]
+pub struct GradSink(std::sync::Mutex<Vec<(Tensor, Tensor)>>);
+
+impl GradSink {
+    /// Every (variable, gradient) collected since the last call.
+    pub fn drain(&self) -> Vec<(Tensor, Tensor)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// One layer of a training pass with gradient checkpointing: the forward pass keeps only the
+/// layer's input and output (none of its intermediates); the backward pass runs the layer again
+/// from the input, with the same ops (and the same dropout masks, which are keyed, not drawn),
+/// and back-propagates through that copy: the input's gradient goes on through the pass, the
+/// layer's variables' gradients into the [`GradSink`]. Activation memory is then one layer's,
+/// not every layer's, for a second forward pass's time.
+struct LayerCheckpoint {
+    block: Block,
+    variables: Vec<Tensor>,
+    rope: RopeAt,
+    mask: Option<Tensor>,
+    sink: std::sync::Arc<GradSink>,
+}
+
+impl LayerCheckpoint {
+    fn run(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        self.block
+            .forward(x, &self.rope, self.mask.as_ref(), None, None, true)
+    }
+}
+
+impl candle_core::CustomOp1 for LayerCheckpoint {
+    fn name(&self) -> &'static str {
+        "layer-checkpoint"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("layer-checkpoint: the input must be contiguous")
+        };
+        let data = storage.as_slice::<f32>()?;
+        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?;
+        // The graph this builds (through the variables) is dropped with `y`.
+        let y = self.run(x)?.detach();
+        let shape = y.shape().clone();
+        let values = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(values), shape))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let x = candle_core::Var::from_tensor(&arg.detach())?;
+        let y = self.run(x.as_tensor().clone())?;
+        let store = (y * grad_res.detach())?.sum_all()?.backward()?;
+        let mut sink = self.sink.0.lock().unwrap_or_else(|p| p.into_inner());
+        for v in &self.variables {
+            if let Some(g) = store.get(v) {
+                sink.push((v.clone(), g.clone()));
+            }
+        }
+        Ok(store.get(x.as_tensor()).cloned())
+    }
+}
+
 /// A decoder-only transformer with its LM head.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -306,6 +407,9 @@ pub struct Decoder {
     /// What nanochat adds around the layers (embedding norm and smear, residual mixes, value
     /// embeddings, backout).
     extras: Option<std::sync::Arc<Extras>>,
+    /// Training with gradient checkpointing per layer (f32 on the CPU), the variables'
+    /// gradients collected here.
+    checkpointing: Option<std::sync::Arc<GradSink>>,
 }
 
 impl Decoder {
@@ -385,6 +489,7 @@ impl Decoder {
             false => None,
         };
         let mut model = Self {
+            checkpointing: None,
             extras,
             embed_tokens,
             embed_positions,
@@ -575,6 +680,21 @@ impl Decoder {
             intermediate: self.cfg.intermediate_size,
             eps: self.cfg.rms_norm_eps as f32,
         })
+    }
+
+    /// Trains with gradient checkpointing per layer from now on (f32 on the CPU, families
+    /// without nanochat's extras): [`Self::forward_train`] keeps one layer's activations at a
+    /// time and recomputes each in the backward pass; the variables' gradients are collected
+    /// in the returned sink, which the training loop adds to the pass's.
+    pub fn checkpoint_layers(&mut self, on: bool) -> Option<std::sync::Arc<GradSink>> {
+        let able = self.dtype == DType::F32 && self.device.is_cpu() && self.extras.is_none();
+        self.checkpointing = (on && able).then(|| std::sync::Arc::new(GradSink::default()));
+        self.checkpointing.clone()
+    }
+
+    /// The sink of checkpointed layers' gradients, when training with checkpointing.
+    pub fn grad_sink(&self) -> Option<&std::sync::Arc<GradSink>> {
+        self.checkpointing.as_ref()
     }
 
     /// Whether short inputs take the fused CPU path.
@@ -840,7 +960,29 @@ impl Decoder {
                 value = e.value_embedding(i, ids)?;
             }
             let kv = kvs.as_deref_mut().and_then(|k| k.get_mut(i));
-            x = layer.forward(x, rope, mask, kv, value, differentiable)?;
+            x = match (
+                &self.checkpointing,
+                differentiable && kv.is_none() && value.is_none(),
+            ) {
+                (Some(sink), true) => {
+                    let mut block = layer.clone();
+                    let op = LayerCheckpoint {
+                        variables: block.variables(),
+                        block,
+                        rope: rope.clone(),
+                        mask: mask.cloned(),
+                        sink: sink.clone(),
+                    };
+                    // The first layer's input (frozen embeddings) carries no graph: as a
+                    // variable it does, so that the op's backward pass is reached.
+                    let x = match x.track_op() {
+                        true => x.contiguous()?,
+                        false => candle_core::Var::from_tensor(&x.contiguous()?)?.into_inner(),
+                    };
+                    x.apply_op1(op)?
+                }
+                _ => layer.forward(x, rope, mask, kv, value, differentiable)?,
+            };
             if extras.is_some_and(|e| e.backout_layer() == i) {
                 mid = Some(x.clone());
             }

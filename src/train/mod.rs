@@ -682,7 +682,21 @@ pub fn run_observed(
             let tb = Instant::now();
             let store = (l / o.grad_accum as f64)?.backward()?;
             bwd_s += tb.elapsed().as_secs_f64();
-            for (n, g) in optim::collect_grads(&named, &store) {
+            let mut pass = optim::collect_grads(&named, &store);
+            // Checkpointed layers' variables got theirs in their own backward passes.
+            if let Some(sink) = lm.grad_sink() {
+                for (var, g) in sink.drain() {
+                    if let Some((n, _)) = named.iter().find(|(_, v)| v.as_tensor().id() == var.id())
+                    {
+                        let g = match pass.remove(n) {
+                            Some(acc) => (acc + g)?,
+                            None => g,
+                        };
+                        pass.insert(n.clone(), g);
+                    }
+                }
+            }
+            for (n, g) in pass {
                 let g = match grads.remove(&n) {
                     Some(acc) => (acc + g)?,
                     None => g,
@@ -882,5 +896,7 @@ pub fn trainable_lora(
         .collect::<candle_core::Result<_>>()?;
     lm.apply_adapter(&lora::adapter(o, &named), dropout)
         .map_err(candle_core::Error::msg)?;
+    // Activations, not weights, are most of a LoRA run's memory: keep one layer's at a time.
+    lm.checkpoint_layers(true);
     Ok((lm, named))
 }
