@@ -422,8 +422,9 @@ fn base_chooses_an_adapters_base() {
             base.to_str().unwrap(),
             "--model",
             adapter.to_str().unwrap(),
+            // The same folder by another path.
             "--base",
-            base.to_str().unwrap(),
+            adapter.join("../llama").to_str().unwrap(),
             "--max-loaded-models",
             "2",
         ],
@@ -437,6 +438,14 @@ fn base_chooses_an_adapters_base() {
     server.wait(std::time::Duration::from_secs(60), "adapter loaded", |s| {
         s.model("lora")["status"] == "loaded"
     });
+    // On the served base's weights: the adapter adds only its own.
+    let mb = |id: &str| server.model(id)["memory_mb"].as_f64().unwrap();
+    assert!(
+        mb("lora") < mb("llama") / 4.0,
+        "{} on {}",
+        mb("lora"),
+        mb("llama")
+    );
     server.kill();
     // The same from the command line.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenscope"))

@@ -564,7 +564,7 @@ impl ModelRegistry {
         {
             view.base = entries
                 .iter()
-                .find(|e| e.source.as_ref() == Some(&**base))
+                .find(|e| e.source.as_ref().is_some_and(|s| s.same_as(base)))
                 .map(|e| e.id.clone());
         }
         view

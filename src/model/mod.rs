@@ -246,7 +246,7 @@ pub fn load_shared(
     source: &ModelSource,
     opts: &LoadOptions,
 ) -> Result<(std::sync::Arc<LoadedModel>, bool)> {
-    let key = format!("{source:?}|{opts:?}");
+    let key = format!("{:?}|{opts:?}", source.canonical());
     let resident = |key: &str| {
         let mut held = RESIDENT.lock().unwrap_or_else(|p| p.into_inner());
         held.retain(|(_, m)| m.strong_count() > 0);

@@ -150,6 +150,31 @@ impl ModelSource {
         }
     }
 
+    /// The same source with its paths made absolute and resolved (links, `..`) where they
+    /// exist: two spellings of one file or folder become equal.
+    pub fn canonical(&self) -> Self {
+        let c = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        match self {
+            Self::Gguf(p) => Self::Gguf(c(p)),
+            Self::HfDir(p) => Self::HfDir(c(p)),
+            Self::NanoGpt(p) => Self::NanoGpt(c(p)),
+            Self::Nanochat { dir, step } => Self::Nanochat {
+                dir: c(dir),
+                step: *step,
+            },
+            Self::Adapter { dir, base } => Self::Adapter {
+                dir: c(dir),
+                base: base.as_ref().map(|b| Box::new(b.canonical())),
+            },
+            Self::Hub { .. } => self.clone(),
+        }
+    }
+
+    /// Whether both name the same model (`adapter/../base` and `base` do).
+    pub fn same_as(&self, other: &Self) -> bool {
+        self == other || self.canonical() == other.canonical()
+    }
+
     /// This adapter on `base` (`--base`), whatever base its `adapter_config.json` names.
     pub fn on_base(self, base: ModelSource) -> Result<Self> {
         match (self, &base) {
