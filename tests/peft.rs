@@ -462,3 +462,76 @@ fn base_chooses_an_adapters_base() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// QLoRA end to end: an adapter trained on the default GGUF (its base kept packed) gives, in
+/// PEFT on transformers reading the same GGUF (its blocks dequantized by the `gguf` package),
+/// the log-probs tokenscope serves for it.
+#[test]
+fn an_adapter_trained_on_the_gguf_gives_pefts_log_probs_on_transformers_reading_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("corpus.txt");
+    std::fs::write(
+        &data,
+        "The quick brown fox jumps over the lazy dog. ".repeat(30)
+            + &"Pack my box with five dozen liquor jugs. ".repeat(30),
+    )
+    .unwrap();
+    let gguf = common::default_gguf();
+    let out = tmp.path().join("fox-lora");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_tokenscope"))
+        .args(["train", "--model"])
+        .arg(&gguf)
+        .arg("--data")
+        .arg(&data)
+        .arg("--output")
+        .arg(&out)
+        .args([
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--lr",
+            "0.01",
+        ])
+        .args([
+            "--warmup",
+            "0",
+            "--lora-r",
+            "4",
+            "--lora-targets",
+            "q_proj,v_proj,down_proj",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let m = load(&out).unwrap();
+    let base = tokenscope::model::load(
+        &tokenscope::model::ModelSource::Gguf(gguf.clone()),
+        &Default::default(),
+    )
+    .unwrap();
+    let ids = m
+        .tokenizer
+        .encode("The quick brown fox jumps over the")
+        .unwrap();
+    let ours = common::all_logprobs(&m, &ids);
+    let plain = common::all_logprobs(&base, &ids);
+    assert!(
+        ours.iter()
+            .zip(&plain)
+            .any(|(a, b)| common::max_abs_diff(a, b) > 1e-3),
+        "the adapter changes the distribution"
+    );
+    let theirs = peft_logprobs(&gguf, &out, &ids, m.model.config().vocab_size);
+    let mut worst = 0f32;
+    for (pos, (o, t)) in ours.iter().zip(&theirs).enumerate() {
+        let d = common::max_abs_diff(o, t);
+        assert!(d <= 1e-3, "position {pos}: {d}");
+        worst = worst.max(d);
+    }
+    eprintln!("adapter on the GGUF: max |Δ logprob| vs PEFT on transformers' GGUF {worst:.2e}");
+}
