@@ -826,7 +826,28 @@ impl JobManager {
             tracing::warn!(base = %spec.base_model, "job admitted without a memory estimate (the base model's sizes are unknown)");
             return Ok(());
         };
-        let need = crate::train::memory::estimate(params, &shape, spec.batch_size, spec.seq_len);
+        let need = match &spec.lora {
+            None => crate::train::memory::estimate(params, &shape, spec.batch_size, spec.seq_len),
+            Some(_) => {
+                // A GGUF base stays packed (its file's size); any other is held in f32.
+                let view = self
+                    .registry
+                    .find(&spec.base_model)
+                    .and_then(|id| self.registry.view(&id));
+                let base_bytes = match view {
+                    Some(v) if v.format == "gguf" => v
+                        .file_mb
+                        .map_or(params.saturating_mul(4), |mb| (mb * 1048576.0) as u64),
+                    _ => params.saturating_mul(4),
+                };
+                crate::train::memory::estimate_lora(
+                    base_bytes,
+                    &shape,
+                    spec.batch_size,
+                    spec.seq_len,
+                )
+            }
+        };
         let limit = self.settings.max_job_memory;
         if need.total() > limit {
             return Err(JobError::Memory(format!(
@@ -841,13 +862,29 @@ impl JobManager {
 
     /// What a job will write at most: two checkpoints (f32 weights and AdamW's two moments
     /// each) and the model (f32), from the base model's parameter count.
+    /// A LoRA job writes its adapter's parameters only: at most r × (in + out) per targeted
+    /// projection and layer.
     fn disk_estimate(&self, spec: &JobSpec) -> u64 {
-        let params = self
-            .registry
-            .find(&spec.base_model)
-            .and_then(|id| self.registry.view(&id))
+        let id = self.registry.find(&spec.base_model);
+        let mut params = id
+            .as_ref()
+            .and_then(|id| self.registry.view(id))
             .and_then(|v| v.parameters)
             .unwrap_or(0);
+        if let (Some(l), Some((_, shape))) = (
+            &spec.lora,
+            id.as_ref().and_then(|id| self.registry.shape_of(id)),
+        ) {
+            let per_layer: u64 = l
+                .target_modules
+                .iter()
+                .map(|t| match t.as_str() {
+                    "gate_proj" | "up_proj" | "down_proj" => shape.hidden + shape.ffn,
+                    _ => 2 * shape.hidden,
+                })
+                .sum();
+            params = params.min(shape.layers.saturating_mul(l.r).saturating_mul(per_layer));
+        }
         let data = match &spec.data {
             DataSpec::Text(t) => t.text.len() as u64,
             _ => 0,
