@@ -353,11 +353,8 @@ impl candle_core::CustomOp1 for LayerCheckpoint {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("layer-checkpoint: the input must be contiguous")
-        };
-        let data = storage.as_slice::<f32>()?;
-        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?;
+        let x = super::layers::contiguous_f32(storage, layout, self.name())?;
+        let x = Tensor::from_slice(x, layout.shape(), &Device::Cpu)?;
         // The graph this builds (through the variables) is dropped with `y`.
         let y = self.run(x)?.detach();
         let shape = y.shape().clone();

@@ -147,13 +147,11 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let data = storage.as_slice::<f32>()?;
-        let x = match layout.contiguous_offsets() {
-            Some((start, end)) => {
-                Tensor::from_slice(&data[start..end], layout.shape(), &candle_core::Device::Cpu)?
-            }
-            None => candle_core::bail!("frozen-matmul: the input must be contiguous"),
-        };
+        let x = Tensor::from_slice(
+            contiguous_f32(storage, layout, self.name())?,
+            layout.shape(),
+            &candle_core::Device::Cpu,
+        )?;
         let y = x.broadcast_matmul(&self.weight.t()?)?;
         let shape = y.shape().clone();
         let values = y.flatten_all()?.to_vec1::<f32>()?;
@@ -167,6 +165,19 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         grad_res.broadcast_matmul(&self.weight).map(Some)
+    }
+}
+
+/// A custom op's f32 input, which must be contiguous (its callers make it so).
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: the input must be contiguous"),
     }
 }
 
@@ -188,16 +199,12 @@ impl candle_core::CustomOp1 for FrozenPacked {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let data = storage.as_slice::<f32>()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-packed-matmul: the input must be contiguous")
-        };
+        let x = contiguous_f32(storage, layout, self.name())?;
         let cols = self.packed.cols();
         let mut dims = layout.dims().to_vec();
         if dims.last() != Some(&cols) {
             candle_core::bail!("input width {:?}, expected {cols}", dims.last());
         }
-        let x = &data[start..end];
         let y = self.packed.matmul(x, x.len() / cols);
         if let Some(last) = dims.last_mut() {
             *last = self.packed.rows();

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use config::{Config, EosTokenId, Family};
@@ -448,17 +448,31 @@ fn load_nanochat(
     let eos_ids = tokenizer.end_of_generation().to_vec();
     let cfg = ck.decoder_config(eos_ids.first().copied());
     let tensors = ck.decoder_tensors()?;
+    let parts = (cfg, tensors, tokenizer, eos_ids);
+    from_checkpoint(dir, parts, source, nanochat::ARCHITECTURE, dtype, device)
+}
+
+/// A model from a training checkpoint's tensors (dense, the decoder's names), its config,
+/// tokenizer and end-of-generation ids.
+fn from_checkpoint(
+    path: &std::path::Path,
+    (cfg, tensors, tokenizer, eos_ids): (Config, HashMap<String, Tensor>, TextTokenizer, Vec<u32>),
+    source: &ModelSource,
+    architecture: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedModel> {
     let weight_bytes = dense_bytes(tensors.values(), dtype);
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let model = Decoder::load(vb, &cfg).map_err(|e| ModelError::Corrupt {
-        path: dir.to_path_buf(),
+        path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
     Ok(LoadedModel {
         model,
         tokenizer: std::sync::Arc::new(tokenizer),
         name: source.display_name(),
-        architecture: nanochat::ARCHITECTURE.into(),
+        architecture: architecture.into(),
         eos_ids,
         device_label: device_label(device),
         dtype_label: dtype_name(dtype).to_string(),
@@ -492,23 +506,8 @@ fn load_nanogpt(
     let eos = tokenizer.info.eos_token_id;
     let cfg = ck.config(tokens, eos);
     let tensors = ck.decoder_tensors(tokens)?;
-    let weight_bytes = dense_bytes(tensors.values(), dtype);
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    let model = Decoder::load(vb, &cfg).map_err(|e| ModelError::Corrupt {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    Ok(LoadedModel {
-        model,
-        tokenizer: std::sync::Arc::new(tokenizer),
-        name: source.display_name(),
-        architecture: nanogpt::ARCHITECTURE.into(),
-        eos_ids: eos.into_iter().collect(),
-        device_label: device_label(device),
-        dtype_label: dtype_name(dtype).to_string(),
-        weight_bytes,
-        shares: None,
-    })
+    let parts = (cfg, tensors, tokenizer, eos.into_iter().collect());
+    from_checkpoint(path, parts, source, nanogpt::ARCHITECTURE, dtype, device)
 }
 
 fn load_hf_dir(
