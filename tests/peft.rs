@@ -168,6 +168,16 @@ fn bad_adapters_are_refused_naming_what_is_wrong() {
     });
     let err = load(&other).err().unwrap();
     assert!(err.contains("made for another base"), "{err}");
+    // Listed, it is failed with that reason before any load is tried.
+    let card = tokenscope::model::probe::probe(
+        &tokenscope::model::ModelSource::parse(other.to_str().unwrap()).unwrap(),
+    );
+    assert!(
+        card.error
+            .as_deref()
+            .is_some_and(|e| e.contains("made for another base")),
+        "{card:?}"
+    );
     let cut = variant(tmp.path(), "truncated", |_| {});
     let file = cut.join("adapter_model.safetensors");
     let bytes = std::fs::read(&file).unwrap();

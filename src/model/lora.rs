@@ -29,6 +29,71 @@ pub const MODULES: [(&str, &str); 7] = [
     ("down_proj", "mlp.down_proj"),
 ];
 
+/// (out, in) of a module's projection in every layer of `cfg`'s decoder, or `None` when the
+/// family has no such projection.
+pub fn module_dims(cfg: &super::Config, module: &str) -> Option<(usize, usize)> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let q = cfg.num_attention_heads * cfg.head_dim();
+    let kv = cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads) * cfg.head_dim();
+    match module {
+        "q_proj" => Some((q, h)),
+        "k_proj" | "v_proj" => Some((kv, h)),
+        "o_proj" => Some((h, q)),
+        "gate_proj" if cfg.family.gated_mlp => Some((i, h)),
+        "up_proj" => Some((i, h)),
+        "down_proj" => Some((h, i)),
+        _ => None,
+    }
+}
+
+/// Checks an adapter's matrices, `(tensor name, shape)` as its safetensors header lists them,
+/// against the projections of the base `cfg`: the first that does not fit is the error (the
+/// adapter was made for another base).
+pub fn check_shapes(
+    cfg: &super::Config,
+    shapes: &[(String, Vec<u64>)],
+) -> std::result::Result<(), String> {
+    for (key, shape) in shapes {
+        let Some((layer, rest)) = key
+            .strip_prefix("base_model.model.model.layers.")
+            .and_then(|r| r.split_once('.'))
+        else {
+            continue;
+        };
+        let (path, is_a) = match (
+            rest.strip_suffix(".lora_A.weight"),
+            rest.strip_suffix(".lora_B.weight"),
+        ) {
+            (Some(p), _) => (p, true),
+            (_, Some(p)) => (p, false),
+            _ => continue,
+        };
+        let Some((name, _)) = MODULES.iter().find(|(_, p)| *p == path) else {
+            continue;
+        };
+        let layer: usize = layer.parse().unwrap_or(usize::MAX);
+        let Some((out, inp)) = module_dims(cfg, name).filter(|_| layer < cfg.num_hidden_layers)
+        else {
+            return Err(format!(
+                "`{key}`: the base ({}, {} layers) has no such projection: the adapter was made for another base",
+                cfg.family.arch.name(),
+                cfg.num_hidden_layers
+            ));
+        };
+        let fits = match (is_a, shape.as_slice()) {
+            (true, [_, cols]) => *cols == inp as u64,
+            (false, [rows, _]) => *rows == out as u64,
+            _ => false,
+        };
+        if !fits {
+            return Err(format!(
+                "`{key}` is {shape:?}, but the base's {name} is {out} × {inp}: the adapter was made for another base"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Largest adapter file read (an adapter is the size of a few low-rank matrices per layer).
 const MAX_ADAPTER_BYTES: u64 = 2 << 30;
 

@@ -114,7 +114,7 @@ fn probe_hf_dir(dir: &Path) -> Result<ModelCard, String> {
         let name = f.file_name().unwrap_or_default().to_string_lossy();
         let header =
             safetensors_header(f).ok_or_else(|| format!("{name}: not a valid safetensors file"))?;
-        for (dtype, shape) in header {
+        for (_, dtype, shape) in header {
             let elems = shape
                 .iter()
                 .try_fold(1u64, |n, &d| n.checked_mul(d))
@@ -152,9 +152,16 @@ fn probe_adapter(dir: &Path, base: Option<&ModelSource>) -> Result<ModelCard, St
     let file = dir.join("adapter_model.safetensors");
     let header = safetensors_header(&file)
         .ok_or_else(|| "adapter_model.safetensors: not a valid safetensors file".to_string())?;
+    if let Some(base_cfg) = &card.config {
+        let shapes: Vec<(String, Vec<u64>)> = header
+            .iter()
+            .map(|(n, _, s)| (n.clone(), s.clone()))
+            .collect();
+        super::lora::check_shapes(base_cfg, &shapes)?;
+    }
     let own: u64 = header
         .iter()
-        .map(|(_, shape)| shape.iter().product::<u64>())
+        .map(|(_, _, shape)| shape.iter().product::<u64>())
         .sum();
     card.parameters = card.parameters.map(|p| p.saturating_add(own));
     card.file_bytes = std::fs::metadata(&file).ok().map(|m| m.len());
@@ -202,8 +209,8 @@ fn probe_nanochat(dir: &Path, step: u64) -> Result<ModelCard, String> {
     })
 }
 
-/// (dtype, shape) of every tensor in a safetensors file, from its JSON header alone.
-fn safetensors_header(path: &PathBuf) -> Option<Vec<(String, Vec<u64>)>> {
+/// (name, dtype, shape) of every tensor in a safetensors file, from its JSON header alone.
+fn safetensors_header(path: &PathBuf) -> Option<Vec<(String, String, Vec<u64>)>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).ok()?;
     let mut len = [0u8; 8];
@@ -221,7 +228,7 @@ fn safetensors_header(path: &PathBuf) -> Option<Vec<(String, Vec<u64>)>> {
     Some(
         json.iter()
             .filter(|(k, _)| k.as_str() != "__metadata__")
-            .filter_map(|(_, v)| {
+            .filter_map(|(name, v)| {
                 let dtype = v.get("dtype")?.as_str()?.to_string();
                 let shape = v
                     .get("shape")?
@@ -229,7 +236,7 @@ fn safetensors_header(path: &PathBuf) -> Option<Vec<(String, Vec<u64>)>> {
                     .iter()
                     .map(|d| d.as_u64())
                     .collect::<Option<Vec<u64>>>()?;
-                Some((dtype, shape))
+                Some((name.clone(), dtype, shape))
             })
             .collect(),
     )

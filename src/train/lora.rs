@@ -30,22 +30,7 @@ pub struct LoraOptions {
     pub targets: Vec<String>,
 }
 
-/// (out, in) of a module's projection in every layer of `cfg`'s decoder, or `None` when the
-/// family has no such projection.
-pub fn module_dims(cfg: &Config, module: &str) -> Option<(usize, usize)> {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let q = cfg.num_attention_heads * cfg.head_dim();
-    let kv = cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads) * cfg.head_dim();
-    match module {
-        "q_proj" => Some((q, h)),
-        "k_proj" | "v_proj" => Some((kv, h)),
-        "o_proj" => Some((h, q)),
-        "gate_proj" if cfg.family.gated_mlp => Some((i, h)),
-        "up_proj" => Some((i, h)),
-        "down_proj" => Some((h, i)),
-        _ => None,
-    }
-}
+pub use crate::model::lora::module_dims;
 
 /// The settings checked against the model: `(field, message)` for the first that is wrong.
 pub fn check(o: &LoraOptions, cfg: &Config) -> Result<(), (&'static str, String)> {
