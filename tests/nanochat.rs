@@ -42,57 +42,16 @@ fn load_err(dir: &Path) -> String {
 }
 
 /// The largest |Δ log-prob| against the reference of step `step` in `dir`, over every position
-/// and token: the whole text at once, and again prefilled to half and then a token at a time.
+/// and token: the whole text at once, and again prefilled to half and then a token at a time
+/// (the smear reads the token before each new one from the cache). Token ids: `<|bos|>` first,
+/// then tiktoken's.
 fn against_reference(dir: &Path, step: u64) -> f32 {
     let m = load(&ModelSource::Nanochat {
         dir: dir.to_path_buf(),
         step,
     });
-    let raw = std::fs::read_to_string(dir.join(format!("reference_{step:06}.json"))).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&raw).unwrap();
-    let mut worst = 0f32;
-    for p in json["prompts"].as_array().unwrap() {
-        let prompt = p["prompt"].as_str().unwrap();
-        let vocab = p["vocab"].as_u64().unwrap() as usize;
-        let ids: Vec<u32> = p["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(
-            m.tokenizer.encode(prompt).unwrap(),
-            ids,
-            "tokens of {prompt:?} (<|bos|> first, then tiktoken's)"
-        );
-        assert_eq!(m.model.config().vocab_size, vocab, "real tokens only");
-        let bytes = std::fs::read(dir.join(p["file"].as_str().unwrap())).unwrap();
-        let theirs: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        assert_eq!(theirs.len(), ids.len() * vocab);
-        for (pos, ours) in common::all_logprobs(&m, &ids).iter().enumerate() {
-            let d = common::max_abs_diff(ours, &theirs[pos * vocab..(pos + 1) * vocab]);
-            assert!(d <= 1e-4, "step {step}: position {pos} differs by {d}");
-            worst = worst.max(d);
-        }
-        // With a KV cache: the smear reads the token before each new one from the cache.
-        let half = ids.len() / 2;
-        let mut cache = m.model.new_cache();
-        m.model.next_logits(&ids[..half], &mut cache).unwrap();
-        for (pos, &id) in ids.iter().enumerate().skip(half) {
-            let l = m.model.next_logits(&[id], &mut cache).unwrap();
-            let ours = tokenscope::engine::distribution::log_softmax(&l);
-            let d = common::max_abs_diff(&ours, &theirs[pos * vocab..(pos + 1) * vocab]);
-            assert!(
-                d <= 1e-4,
-                "step {step}: incremental position {pos} differs by {d}"
-            );
-            worst = worst.max(d);
-        }
-    }
-    worst
+    let reference = dir.join(format!("reference_{step:06}.json"));
+    common::against_reference(&m, &reference, &format!("step {step}"))
 }
 
 #[test]

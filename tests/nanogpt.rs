@@ -35,60 +35,11 @@ fn load_err(path: &Path) -> String {
     }
 }
 
-/// The largest |Δ log-prob| against the reference over every position and token.
+/// The largest |Δ log-prob| against the reference over every position and token (also
+/// incrementally).
 fn against_reference(name: &str) -> f32 {
     let dir = fixtures().join(name);
-    let m = load(&dir);
-    let raw = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&raw).unwrap();
-    let mut worst = 0f32;
-    for p in json["prompts"].as_array().unwrap() {
-        let prompt = p["prompt"].as_str().unwrap();
-        let vocab = p["vocab"].as_u64().unwrap() as usize;
-        let ids: Vec<u32> = p["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(
-            m.tokenizer.encode(prompt).unwrap(),
-            ids,
-            "{name}: tokens of {prompt:?}"
-        );
-        assert_eq!(
-            m.model.config().vocab_size,
-            vocab,
-            "{name}: real tokens only"
-        );
-        let bytes = std::fs::read(dir.join(p["file"].as_str().unwrap())).unwrap();
-        let theirs: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        for (pos, ours) in common::all_logprobs(&m, &ids).iter().enumerate() {
-            let d = common::max_abs_diff(ours, &theirs[pos * vocab..(pos + 1) * vocab]);
-            assert!(
-                d <= 1e-4,
-                "{name}: position {pos} of {prompt:?} differs by {d}"
-            );
-            worst = worst.max(d);
-        }
-        // Incrementally (prefill half, then a token at a time) too.
-        let half = ids.len() / 2;
-        let mut cache = m.model.new_cache();
-        m.model.next_logits(&ids[..half], &mut cache).unwrap();
-        for (pos, &id) in ids.iter().enumerate().skip(half) {
-            let l = m.model.next_logits(&[id], &mut cache).unwrap();
-            let ours = tokenscope::engine::distribution::log_softmax(&l);
-            let d = common::max_abs_diff(&ours, &theirs[pos * vocab..(pos + 1) * vocab]);
-            assert!(
-                d <= 1e-4,
-                "{name}: incremental position {pos} differs by {d}"
-            );
-        }
-    }
-    worst
+    common::against_reference(&load(&dir), &dir.join("reference.json"), name)
 }
 
 #[test]

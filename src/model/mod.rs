@@ -233,6 +233,16 @@ pub fn dense_only() -> bool {
     std::env::var("TOKENSCOPE_DENSE_ONLY").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// `--dtype gguf` (candle's quantized matmul) needs GGUF blocks: refused for `what`.
+fn refuse_gguf_dtype(choice: DtypeChoice, what: &str) -> Result<()> {
+    if choice == DtypeChoice::Gguf {
+        return Err(ModelError::Config(format!(
+            "--dtype gguf needs a .gguf model; use f32, f16 or bf16 for {what}"
+        )));
+    }
+    Ok(())
+}
+
 /// The models this process holds, by source and load options (see [`load_shared`]).
 static RESIDENT: std::sync::Mutex<Vec<(String, std::sync::Weak<LoadedModel>)>> =
     std::sync::Mutex::new(Vec::new());
@@ -430,12 +440,7 @@ fn load_nanochat(
     dtype: DType,
     device: &Device,
 ) -> Result<LoadedModel> {
-    if opts.dtype == DtypeChoice::Gguf {
-        return Err(ModelError::Config(
-            "--dtype gguf needs a .gguf model; use f32, f16 or bf16 for a nanochat checkpoint"
-                .into(),
-        ));
-    }
+    refuse_gguf_dtype(opts.dtype, "a nanochat checkpoint")?;
     let mut ck = nanochat::Checkpoint::open(dir, step)?;
     let tokenizer = nanochat::tokenizer_for(dir, opts.tokenizer.as_deref())?;
     let tokens = tokenizer.vocab_size();
@@ -488,12 +493,7 @@ fn load_nanogpt(
     dtype: DType,
     device: &Device,
 ) -> Result<LoadedModel> {
-    if opts.dtype == DtypeChoice::Gguf {
-        return Err(ModelError::Config(
-            "--dtype gguf needs a .gguf model; use f32, f16 or bf16 for a nanoGPT checkpoint"
-                .into(),
-        ));
-    }
+    refuse_gguf_dtype(opts.dtype, "a nanoGPT checkpoint")?;
     let mut ck = nanogpt::Checkpoint::open(path)?;
     let tokenizer = nanogpt::tokenizer_for(&ck, opts.tokenizer.as_deref())?;
     let tokens = tokenizer.vocab_size();
@@ -517,12 +517,7 @@ fn load_hf_dir(
     dtype: DType,
     device: &Device,
 ) -> Result<LoadedModel> {
-    if choice == DtypeChoice::Gguf {
-        return Err(ModelError::Config(
-            "--dtype gguf needs a .gguf model; use f32, f16 or bf16 for a Hugging Face directory"
-                .into(),
-        ));
-    }
+    refuse_gguf_dtype(choice, "a Hugging Face directory")?;
     let parts = hf_dir::inspect(dir)?;
     let tokenizer = TextTokenizer::from_file(&parts.tokenizer, parts.config.vocab_size)?;
     // SAFETY: the files are memory-mapped read-only; like every safetensors loader we rely on

@@ -317,3 +317,64 @@ pub fn cache_dir() -> PathBuf {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tokenscope")
         })
 }
+
+/// The largest |Δ log-prob| of `m` against a reference file (`{"prompts": [{"prompt", "ids",
+/// "vocab", "file"}]}`, each file the f32 log-softmax at every position, in `reference`'s
+/// folder), over every position and token: the text in one pass, and again prefilled to half
+/// and then a token at a time. Tokens and vocabulary are checked first; `label` names the
+/// model in failures.
+pub fn against_reference(m: &LoadedModel, reference: &std::path::Path, label: &str) -> f32 {
+    let dir = reference.parent().unwrap();
+    let raw = std::fs::read_to_string(reference).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let mut worst = 0f32;
+    for p in json["prompts"].as_array().unwrap() {
+        let prompt = p["prompt"].as_str().unwrap();
+        let vocab = p["vocab"].as_u64().unwrap() as usize;
+        let ids: Vec<u32> = p["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            m.tokenizer.encode(prompt).unwrap(),
+            ids,
+            "{label}: tokens of {prompt:?}"
+        );
+        assert_eq!(
+            m.model.config().vocab_size,
+            vocab,
+            "{label}: real tokens only"
+        );
+        let bytes = std::fs::read(dir.join(p["file"].as_str().unwrap())).unwrap();
+        let theirs: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(theirs.len(), ids.len() * vocab, "{label}: reference size");
+        let at = |pos: usize| &theirs[pos * vocab..(pos + 1) * vocab];
+        for (pos, ours) in all_logprobs(m, &ids).iter().enumerate() {
+            let d = max_abs_diff(ours, at(pos));
+            assert!(
+                d <= 1e-4,
+                "{label}: position {pos} of {prompt:?} differs by {d}"
+            );
+            worst = worst.max(d);
+        }
+        let half = ids.len() / 2;
+        let mut cache = m.model.new_cache();
+        m.model.next_logits(&ids[..half], &mut cache).unwrap();
+        for (pos, &id) in ids.iter().enumerate().skip(half) {
+            let l = m.model.next_logits(&[id], &mut cache).unwrap();
+            let ours = tokenscope::engine::distribution::log_softmax(&l);
+            let d = max_abs_diff(&ours, at(pos));
+            assert!(
+                d <= 1e-4,
+                "{label}: incremental position {pos} differs by {d}"
+            );
+            worst = worst.max(d);
+        }
+    }
+    worst
+}
