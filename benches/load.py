@@ -30,23 +30,10 @@ first word cycles through a pool of a few hundred, so a prefix of at most one to
 between requests hundreds apart. The client runs on the same machine (its cost is small:
 http.client with one keep-alive connection per client thread).
 
-Build the peers (outside this repository, e.g. in /tmp/llamacpp; ~4-9 min each on 2 cores):
-
-    mkdir -p /tmp/llamacpp && cd /tmp/llamacpp
-    pip download --no-binary llama-cpp-python --no-deps llama-cpp-python==0.3.36 -d .
-    tar xzf llama_cpp_python-0.3.36.tar.gz
-    python3 -m venv venv && venv/bin/pip install cmake ninja
-    GGML="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-      -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
-      -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release"
-    # native detection must stay off: some VMs advertise AMX but fault on it
-    (cd llama_cpp_python-0.3.36/vendor/llama.cpp && PATH=/tmp/llamacpp/venv/bin:$PATH \
-      nice -n 19 cmake -S . -B build -G Ninja $GGML && \
-      PATH=/tmp/llamacpp/venv/bin:$PATH nice -n 19 cmake --build build --target llama-server -j2)
-    CMAKE_ARGS="$GGML" nice -n 19 venv/bin/pip install 'llama-cpp-python[server]==0.3.36'
-
-    (`pip download --no-binary :all:` also works but builds every build dependency, cmake
-    included, from source: restrict --no-binary to llama-cpp-python.)
+Build the peers for the CPU this runs on (outside this repository, /tmp/llamacpp by default;
+~5-10 min on 2 cores): `benches/build-llama.sh` takes the instruction sets from /proc/cpuinfo
+(a fixed list either crashes on a CPU without one of them or handicaps llama.cpp on a CPU with
+more), and prints the two paths for the flags below.
 
 Run (from the repository root, after `cargo build --release` and ./scripts/setup.sh):
 

@@ -10,6 +10,8 @@ start=$SECONDS
 ./scripts/setup.sh --test-assets
 # Generated-weight models of every family and llama.cpp's log-probs for them (tests/families.rs).
 ./scripts/families.sh
+# Stock llama.cpp's kernels and log-probs on the real models (tests/activations_q8.rs).
+./scripts/q8.sh
 # nanoGPT checkpoints saved by PyTorch and transformers' log-probs for them (tests/nanogpt.rs).
 ./scripts/nanogpt.sh
 # nanochat checkpoints and tokenizer saved as nanochat saves them, and a PyTorch transcription

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::engine::scoring::Target;
 use crate::engine::{GenerateParams, LogprobsMode};
+use crate::model::q8::Activations;
 use crate::model::{DeviceChoice, DtypeChoice, LoadOptions};
 
 #[derive(Debug, Parser)]
@@ -365,6 +366,12 @@ pub struct DeviceArgs {
     /// nanochat's <base>/tokenizer/).
     #[arg(long, env = "TOKENSCOPE_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
+    /// f32 | q8: how activations meet quantized GGUF weights. f32 (default): exact products
+    /// with the dequantized weights. q8: llama.cpp's CPU arithmetic (activations quantized to
+    /// 8 bits, integer dot products, f16 keys/values, GELU via its f16 table): the numbers
+    /// llama.cpp computes for the same file, and faster long prompts.
+    #[arg(long, env = "TOKENSCOPE_ACTIVATIONS", default_value = "f32")]
+    pub activations: Activations,
 }
 
 impl DeviceArgs {
@@ -373,6 +380,7 @@ impl DeviceArgs {
             device: self.device,
             dtype: self.dtype,
             tokenizer: self.tokenizer.clone(),
+            activations: self.activations,
             ..LoadOptions::default()
         }
     }
@@ -404,6 +412,12 @@ pub struct ModelArgs {
     /// nanochat one (a tokenizer.pkl; default: beside it, or nanochat's <base>/tokenizer/).
     #[arg(long, env = "TOKENSCOPE_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
+    /// f32 | q8: how activations meet quantized GGUF weights. f32 (default): exact products
+    /// with the dequantized weights. q8: llama.cpp's CPU arithmetic (activations quantized to
+    /// 8 bits, integer dot products, f16 keys/values, GELU via its f16 table): the numbers
+    /// llama.cpp computes for the same file, and faster long prompts.
+    #[arg(long, env = "TOKENSCOPE_ACTIVATIONS", default_value = "f32")]
+    pub activations: Activations,
 }
 
 impl ModelArgs {
@@ -412,6 +426,7 @@ impl ModelArgs {
             device: self.device,
             dtype: self.dtype,
             tokenizer: self.tokenizer.clone(),
+            activations: self.activations,
             ..LoadOptions::default()
         }
     }

@@ -29,6 +29,10 @@ import math
 import os
 import sys
 
+# GELU in f32, not through ggml's f16 table (the one patch scripts/families.sh makes to
+# llama.cpp reads this; it must be set before llama.cpp first evaluates a GELU).
+os.environ["GGML_GELU_F32"] = "1"
+
 import numpy as np
 import gguf
 from safetensors.numpy import save_file

@@ -95,6 +95,10 @@ pub struct LensMetadata {
     pub distribution: String,
     pub device: String,
     pub dtype: String,
+    /// How activations met the quantized weights: `f32` (exact products, the default) or `q8`
+    /// (llama.cpp's arithmetic, `serve --activations q8`).
+    #[schema(example = "f32")]
+    pub activations: String,
 }
 
 impl From<Metadata> for LensMetadata {
@@ -109,6 +113,7 @@ impl From<Metadata> for LensMetadata {
             distribution: "softmax(logits) at T = 1".into(),
             device: m.device,
             dtype: m.dtype,
+            activations: m.activations,
         }
     }
 }

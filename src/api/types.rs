@@ -213,6 +213,10 @@ pub struct ModelStatus {
     pub device: String,
     /// float32 | float16 | bfloat16 | gguf-<type>
     pub precision: String,
+    /// How activations met the quantized weights: `f32` (exact products, the default) or `q8`
+    /// (llama.cpp's arithmetic, `serve --activations q8`); empty while no model is loaded.
+    #[schema(example = "f32")]
+    pub activations: String,
     /// Context length in tokens.
     pub max_length: usize,
     pub vocab_size: usize,

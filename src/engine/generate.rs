@@ -374,6 +374,7 @@ pub fn decode_from(
             logprobs_mode: params.logprobs_mode,
             device: model.device_label.clone(),
             dtype: model.dtype_label.clone(),
+            activations: model.model.activations().name().into(),
             seed,
             prompt_perplexity: None,
         },

@@ -110,6 +110,10 @@ pub struct Metadata {
     pub device: String,
     /// Weight format: `f32`, `f16`, `bf16`, or `gguf-<type>`.
     pub dtype: String,
+    /// How activations met the quantized weights: `f32` (exact products, the default) or `q8`
+    /// (llama.cpp's arithmetic, `serve --activations q8`).
+    #[schema(example = "f32")]
+    pub activations: String,
     /// The seed used for sampling (absent for greedy decoding).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,

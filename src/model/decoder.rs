@@ -24,6 +24,7 @@ use super::layers::{
     causal_mask, gated_activation, repeat_kv, Embedding, Linear, Norm, PackedWeights, RopeAt,
     RotaryEmbedding, Weights,
 };
+use super::q8::Activations;
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -45,6 +46,9 @@ struct Attention {
     rotary: bool,
     /// q and k are normed after the rotary embedding, not before (nanochat).
     qk_norm_after_rope: bool,
+    /// In llama.cpp's arithmetic ([`Activations::Q8`]): keys and values kept in f16, queries
+    /// and attention weights rounded to f16 for their products, as ggml does by default.
+    f16_attention: bool,
 }
 
 impl Attention {
@@ -76,6 +80,7 @@ impl Attention {
             softcap: cfg.family.attn_softcap,
             rotary: !cfg.family.learned_positions,
             qk_norm_after_rope: cfg.family.qk_norm_after_rope,
+            f16_attention: false,
         })
     }
 
@@ -125,6 +130,10 @@ impl Attention {
         let q = Norm::apply_if(norm_after.0, q, differentiable)?;
         let k = Norm::apply_if(norm_after.1, k, differentiable)?;
         let v = if differentiable { v } else { v.contiguous()? };
+        let (q, k, v) = match self.f16_attention {
+            true => (f16_rounded(&q)?, f16_rounded(&k)?, f16_rounded(&v)?),
+            false => (q, k, v),
+        };
 
         let (k, v) = match kv {
             Some(slot) => {
@@ -155,12 +164,21 @@ impl Attention {
         } else {
             candle_nn::ops::softmax_last_dim(&att)?
         };
+        let att = match self.f16_attention {
+            true => f16_rounded(&att)?,
+            false => att,
+        };
         let y = att.matmul(&v.contiguous()?)?;
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.n_head * self.head_dim))?;
         self.o_proj.forward(&y)
     }
+}
+
+/// Each value rounded to f16 and back (what ggml stores in, or converts to, an f16 tensor).
+fn f16_rounded(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F16)?.to_dtype(DType::F32)
 }
 
 #[derive(Debug, Clone)]
@@ -170,6 +188,8 @@ struct Mlp {
     up_proj: Linear,
     down_proj: Linear,
     activation: Activation,
+    /// GELU through ggml's f16 table ([`Activations::Q8`]).
+    gelu_table: bool,
 }
 
 impl Mlp {
@@ -185,19 +205,27 @@ impl Mlp {
             up_proj: Linear::load_biased(w.pp("up_proj"), h, i, bias)?,
             down_proj: Linear::load_biased(w.pp("down_proj"), i, h, bias)?,
             activation: cfg.family.activation,
+            gelu_table: false,
         })
     }
     fn forward(&self, x: &Tensor, differentiable: bool) -> candle_core::Result<Tensor> {
         let Some(gate_proj) = &self.gate_proj else {
             let up = self.up_proj.forward(x)?;
-            return self.down_proj.forward(&self.activation.apply(&up)?);
+            let h = match self.gelu_table && self.activation == Activation::GeluTanh {
+                true => up.flatten_all()?.to_vec1::<f32>().and_then(|v| {
+                    let v: Vec<f32> = v.into_iter().map(super::q8::gelu_table).collect();
+                    Tensor::from_vec(v, up.shape(), up.device())
+                })?,
+                false => self.activation.apply(&up)?,
+            };
+            return self.down_proj.forward(&h);
         };
         let gate = gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
         let h = if differentiable {
             (self.activation.apply(&gate)? * up)?
         } else {
-            gated_activation(self.activation, &gate, &up)?
+            gated_activation(self.activation, self.gelu_table, &gate, &up)?
         };
         self.down_proj.forward(&h)
     }
@@ -407,6 +435,8 @@ pub struct Decoder {
     /// Training with gradient checkpointing per layer (f32 on the CPU), the variables'
     /// gradients collected here.
     checkpointing: Option<std::sync::Arc<GradSink>>,
+    /// f32 (exact) or llama.cpp's arithmetic.
+    activations: Activations,
 }
 
 impl Decoder {
@@ -500,6 +530,7 @@ impl Decoder {
             dtype,
             device,
             fused: None,
+            activations: Activations::F32,
         };
         if any_packed {
             model.fused = model.build_fused().map(std::sync::Arc::new);
@@ -676,7 +707,28 @@ impl Decoder {
             head_dim: hd,
             intermediate: self.cfg.intermediate_size,
             eps: self.cfg.rms_norm_eps as f32,
+            llama_cpp: self.activations == Activations::Q8,
         })
+    }
+
+    /// Runs attention and the GELU in llama.cpp's arithmetic with [`Activations::Q8`] (the
+    /// packed matrices carry their own setting: [`super::packed::PackedMatrix::with_activations`]).
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        let q8 = activations == Activations::Q8;
+        self.activations = activations;
+        for layer in &mut self.layers {
+            layer.self_attn.f16_attention = q8;
+            layer.mlp.gelu_table = q8;
+        }
+        if self.fused.is_some() {
+            self.fused = self.build_fused().map(std::sync::Arc::new);
+        }
+        self
+    }
+
+    /// The arithmetic the model runs in.
+    pub fn activations(&self) -> Activations {
+        self.activations
     }
 
     /// Trains with gradient checkpointing per layer from now on (f32 on the CPU, families

@@ -15,8 +15,9 @@ use rayon::prelude::*;
 
 use super::config::Activation;
 use super::kv_cache::Cache;
-use super::layers::{gated, RotaryEmbedding};
+use super::layers::{gated_in, RotaryEmbedding};
 use super::packed::{matmul_many, PackedMatrix, MAX_ROWS};
+use super::q8;
 use super::simd;
 
 /// One decoder layer's weights for the fused path, with the family's extras.
@@ -75,6 +76,10 @@ pub(crate) struct Fused {
     pub head_dim: usize,
     pub intermediate: usize,
     pub eps: f32,
+    /// llama.cpp's arithmetic around the matmuls (`--activations q8`; the packed matrices
+    /// carry their own): keys, values, queries and attention weights rounded to f16, GELU
+    /// through ggml's f16 table.
+    pub llama_cpp: bool,
 }
 
 /// Reusable activations of one pass.
@@ -357,6 +362,11 @@ impl Fused {
                 self.n_kv_head,
                 tables,
             );
+            if self.llama_cpp {
+                q8::f16_round_all(&mut b.q[rows.start * qd..rows.end * qd]);
+                q8::f16_round_all(&mut b.k[rows.start * kvd..rows.end * kvd]);
+                q8::f16_round_all(&mut b.v[rows.start * kvd..rows.end * kvd]);
+            }
             let cache = &mut *caches[g.seq];
             let kv = cache.host_layer(index, self.n_kv_head, hd)?;
             if kv.len != g.offset {
@@ -379,6 +389,7 @@ impl Fused {
                     head_dim: hd,
                     scale: self.attn_scale,
                     window,
+                    f16_weights: self.llama_cpp,
                 },
                 &mut b.att[rows.start * qd..rows.end * qd],
             );
@@ -397,13 +408,13 @@ impl Fused {
             t,
         );
         // Across the pool: an exp or a tanh per value is a tenth of a 16-row piece's time.
-        let act = self.activation;
+        let (act, table) = (self.activation, self.llama_cpp);
         b.gate
             .par_chunks_mut(self.intermediate)
             .zip(b.up.par_chunks(self.intermediate))
             .for_each(|(g, u)| {
                 for (g, &u) in g.iter_mut().zip(u) {
-                    *g = gated(act, *g, u);
+                    *g = gated_in(act, table, *g, u);
                 }
             });
         matmul_many(&mut [(&layer.down, &mut b.o)], &b.gate, t);
@@ -464,6 +475,8 @@ struct Shape {
     scale: f32,
     /// Sliding window (keys at most `window` − 1 positions back), if any.
     window: Option<usize>,
+    /// Attention weights rounded to f16 before they multiply the values (llama.cpp).
+    f16_weights: bool,
 }
 
 /// Causal attention of the t new queries (t, n_head, head_dim) over the cached keys and values
@@ -484,7 +497,7 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], s: Shape, out: &mut [f32]) {
             stride,
             len: s.head_dim,
         };
-        head_attention(qv, k, v, at, end - from, s.scale, out);
+        head_attention(qv, k, v, at, end - from, (s.scale, s.f16_weights), out);
     };
     // Splitting across threads pays only once there is enough context to scan.
     if s.t * total >= 64 {
@@ -510,19 +523,21 @@ impl Strided {
     }
 }
 
+/// `(scale, f16_weights)`: what multiplies the scores, and whether the attention weights are
+/// rounded to f16 (llama.cpp's arithmetic: the portable kernel does that).
 fn head_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     at: Strided,
     seen: usize,
-    scale: f32,
+    (scale, f16_weights): (f32, bool),
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         let level = simd::level();
-        if level >= simd::Level::Avx512 {
+        if level >= simd::Level::Avx512 && !f16_weights {
             // SAFETY (both arms): the CPU supports AVX-512F and FMA (the level is never above
             // what it detected); the head dimension is 16 · H.
             match at.len {
@@ -533,11 +548,11 @@ fn head_attention(
         }
         if level >= simd::Level::Avx2 {
             // SAFETY: the CPU supports AVX2 and FMA (as above).
-            unsafe { head_attention_avx2(q, k, v, at, seen, scale, out) };
+            unsafe { head_attention_avx2(q, k, v, at, seen, (scale, f16_weights), out) };
             return;
         }
     }
-    head_attention_generic(q, k, v, at, seen, scale, out);
+    head_attention_generic(q, k, v, at, seen, (scale, f16_weights), out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -548,7 +563,7 @@ unsafe fn head_attention_avx2(
     v: &[f32],
     at: Strided,
     seen: usize,
-    scale: f32,
+    scale: (f32, bool),
     out: &mut [f32],
 ) {
     // The portable code, vectorised by LLVM with AVX2 enabled.
@@ -626,7 +641,7 @@ fn head_attention_generic(
     v: &[f32],
     at: Strided,
     seen: usize,
-    scale: f32,
+    (scale, f16_weights): (f32, bool),
     out: &mut [f32],
 ) {
     let mut scores = vec![0f32; seen];
@@ -643,7 +658,10 @@ fn head_attention_generic(
     }
     out.fill(0.0);
     for p in 0..seen {
-        let w = scores[p] / sum;
+        let mut w = scores[p] / sum;
+        if f16_weights {
+            w = q8::f16_round(w);
+        }
         for (o, x) in out.iter_mut().zip(at.at(v, p)) {
             *o += w * x;
         }

@@ -387,18 +387,22 @@ impl Embedding {
     }
 }
 
+/// The tanh GELU of one value, in f32, as candle (and ggml's `ggml_gelu_f32`) computes it.
+#[inline]
+pub(crate) fn gelu_tanh(g: f32) -> f32 {
+    #[allow(clippy::excessive_precision)]
+    const SQRT_TWO_OVER_PI: f32 = 0.79788456080286535587989211986876373;
+    0.5 * g * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * g * (1.0 + 0.044715 * g * g)))
+}
+
 /// The MLP's gated activation of one value: act(gate) · up, in f32 exactly as candle computes
 /// `silu(gate) * up` and `gelu(gate) * up` (its tanh GELU), so the fused path, the parallel op
 /// below and candle's own ops agree bit for bit.
 #[inline]
 pub(crate) fn gated(act: Activation, g: f32, u: f32) -> f32 {
-    #[allow(clippy::excessive_precision)]
-    const SQRT_TWO_OVER_PI: f32 = 0.79788456080286535587989211986876373;
     let a = match act {
         Activation::Silu => g / (1.0 + (-g).exp()),
-        Activation::GeluTanh => {
-            0.5 * g * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * g * (1.0 + 0.044715 * g * g)))
-        }
+        Activation::GeluTanh => gelu_tanh(g),
         Activation::GeluErf => {
             (candle_core::cpu::erf::erf_f32(g * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * g
         }
@@ -407,24 +411,35 @@ pub(crate) fn gated(act: Activation, g: f32, u: f32) -> f32 {
     a * u
 }
 
+/// [`gated`], with GELU through ggml's f16 table where `gelu_table` is set (`--activations
+/// q8`: llama.cpp's arithmetic).
+#[inline]
+pub(crate) fn gated_in(act: Activation, gelu_table: bool, g: f32, u: f32) -> f32 {
+    match (gelu_table, act) {
+        (true, Activation::GeluTanh) => super::q8::gelu_table(g) * u,
+        _ => gated(act, g, u),
+    }
+}
+
 /// act(gate) · up for inference. On the CPU in f32 it runs across the thread pool: candle's
 /// unary ops run on one thread, and for long prompts the activation (an exp or a tanh per
 /// value: 18 M of them for 500 tokens on Gemma 3) was a sixth of the time with the other core
 /// idle. Elsewhere, candle's ops.
 pub(crate) fn gated_activation(
     act: Activation,
+    gelu_table: bool,
     gate: &Tensor,
     up: &Tensor,
 ) -> candle_core::Result<Tensor> {
     if gate.device().is_cpu() && gate.dtype() == DType::F32 && gate.shape() == up.shape() {
         return gate
             .contiguous()?
-            .apply_op2_no_bwd(&up.contiguous()?, &GatedActivation(act));
+            .apply_op2_no_bwd(&up.contiguous()?, &GatedActivation(act, gelu_table));
     }
     act.apply(gate)? * up
 }
 
-struct GatedActivation(Activation);
+struct GatedActivation(Activation, bool);
 
 impl candle_core::CustomOp2 for GatedActivation {
     fn name(&self) -> &'static str {
@@ -452,13 +467,13 @@ impl candle_core::CustomOp2 for GatedActivation {
         if g.len() != u.len() {
             candle_core::bail!("gated-activation: {} gate values, {} up", g.len(), u.len());
         }
-        let act = self.0;
+        let (act, table) = (self.0, self.1);
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(4096)
             .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
             .for_each(|(o, (g, u))| {
                 for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = gated(act, g, u);
+                    *o = gated_in(act, table, g, u);
                 }
             });
         Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
@@ -711,7 +726,7 @@ mod tests {
             (Activation::GeluTanh, (gate.gelu()? * &up)?),
             (Activation::GeluErf, (gate.gelu_erf()? * &up)?),
         ] {
-            let ours = gated_activation(act, &gate, &up)?;
+            let ours = gated_activation(act, false, &gate, &up)?;
             assert_eq!(bits(&ours)?, bits(&reference)?, "{act:?}");
         }
         Ok(())

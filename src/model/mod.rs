@@ -20,6 +20,7 @@ pub mod nanogpt;
 pub mod packed;
 pub mod pickle;
 pub mod probe;
+pub mod q8;
 pub mod quant;
 pub mod simd;
 pub mod source;
@@ -139,6 +140,9 @@ pub struct LoadOptions {
     /// `--tokenizer`: for checkpoints that carry none (nanoGPT), instead of the one found
     /// beside them or GPT-2's.
     pub tokenizer: Option<PathBuf>,
+    /// `--activations`: f32 (exact, the default) or q8, llama.cpp's arithmetic ([`q8`]): only
+    /// for GGUF files on the CPU with their blocks kept packed; other models are refused.
+    pub activations: q8::Activations,
 }
 
 /// A model ready to run: weights, tokenizer and what to report about them.
@@ -277,15 +281,15 @@ pub fn load_shared(
 pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
     let device = opts.device.resolve()?;
     let dtype = opts.dtype.resolve(&device);
+    if opts.activations == q8::Activations::Q8 && !matches!(source, ModelSource::Gguf(_)) {
+        return Err(ModelError::Config(format!(
+            "{}: --activations q8 is llama.cpp's arithmetic on a GGUF file's blocks; this is \
+             not a GGUF file (serve it with --activations f32)",
+            source.display_name()
+        )));
+    }
     match source {
-        ModelSource::Gguf(path) => load_gguf(
-            path,
-            source,
-            opts.dtype,
-            dtype,
-            &device,
-            opts.dense_reference,
-        ),
+        ModelSource::Gguf(path) => load_gguf(path, source, opts, dtype, &device),
         ModelSource::HfDir(dir) => {
             load_hf_dir(dir, source.display_name(), opts.dtype, dtype, &device)
         }
@@ -341,11 +345,11 @@ fn load_adapter(
 fn load_gguf(
     path: &std::path::Path,
     source: &ModelSource,
-    choice: DtypeChoice,
+    opts: &LoadOptions,
     dtype: DType,
     device: &Device,
-    dense_reference: bool,
 ) -> Result<LoadedModel> {
+    let (choice, dense_reference) = (opts.dtype, opts.dense_reference);
     let mut file = gguf::GgufFile::open(path)?;
     let architecture = file.architecture()?;
     let cfg = file.config()?;
@@ -355,8 +359,25 @@ fn load_gguf(
     // weights, no dense copy); the dense reference dequantizes everything.
     let dense_reference = dense_reference || dense_only();
     let use_packed = !keep_quantized && dtype == DType::F32 && device.is_cpu() && !dense_reference;
+    if opts.activations == q8::Activations::Q8 && !use_packed {
+        return Err(ModelError::Config(format!(
+            "{}: --activations q8 runs on the CPU in f32 with the file's blocks kept packed \
+             (not with --dtype {}, a dense reference or another device)",
+            source.display_name(),
+            format!("{choice:?}").to_lowercase()
+        )));
+    }
     let (tensors, mut quantized, packed) = if use_packed {
-        let (t, p) = file.tensors_with_packed(&cfg, device)?;
+        let (t, mut p) = file.tensors_with_packed(&cfg, device)?;
+        if opts.activations == q8::Activations::Q8 {
+            p = p
+                .into_iter()
+                .map(|(name, m)| {
+                    let m = std::sync::Arc::unwrap_or_clone(m).with_activations(opts.activations);
+                    (name, std::sync::Arc::new(m))
+                })
+                .collect();
+        }
         (t, HashMap::new(), p)
     } else {
         let (t, q) = file.tensors(&cfg, dtype, device, keep_quantized)?;
@@ -390,6 +411,7 @@ fn load_gguf(
     if keep_quantized {
         model = model.with_quantized(|name| quantized.remove(name));
     }
+    let model = model.with_activations(opts.activations);
     let eos_ids = gguf_eos_ids(&cfg, file.metadata(), &tokenizer);
     Ok(LoadedModel {
         model,

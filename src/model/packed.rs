@@ -15,6 +15,7 @@
 
 use rayon::prelude::*;
 
+use super::q8::Activations;
 use super::quant::Format;
 use super::simd;
 
@@ -30,6 +31,8 @@ pub struct PackedMatrix {
     cols: usize,
     format: Format,
     data: Vec<u8>,
+    /// f32 (exact) or llama.cpp's 8-bit activations ([`super::q8`]).
+    activations: Activations,
 }
 
 impl PackedMatrix {
@@ -65,6 +68,7 @@ impl PackedMatrix {
             cols,
             format,
             data,
+            activations: Activations::F32,
         })
     }
 
@@ -77,6 +81,14 @@ impl PackedMatrix {
     pub fn format(&self) -> Format {
         self.format
     }
+    /// The same blocks multiplied in the given arithmetic.
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.activations = activations;
+        self
+    }
+    pub fn activations(&self) -> Activations {
+        self.activations
+    }
     /// Memory held by the blocks.
     pub fn bytes(&self) -> usize {
         self.data.len()
@@ -86,7 +98,7 @@ impl PackedMatrix {
         self.cols / self.format.block_len() * self.format.block_bytes()
     }
 
-    fn row(&self, r: usize) -> &[u8] {
+    pub(crate) fn row(&self, r: usize) -> &[u8] {
         let rb = self.row_bytes();
         &self.data[r * rb..(r + 1) * rb]
     }
@@ -132,7 +144,7 @@ impl PackedMatrix {
         if n == 0 {
             return Vec::new();
         }
-        if n <= MAX_ROWS {
+        if n <= MAX_ROWS || self.activations == Activations::Q8 {
             let mut y = vec![0f32; n * self.rows];
             matmul_many(&mut [(self, &mut y)], x, n);
             return y;
@@ -204,6 +216,9 @@ pub fn matmul_many(parts: &mut [(&PackedMatrix, &mut [f32])], x: &[f32], n: usiz
     let Some(cols) = parts.first().map(|(m, _)| m.cols) else {
         return;
     };
+    if parts[0].0.activations == Activations::Q8 {
+        return super::q8::matmul_many(parts, x, n);
+    }
     assert!((1..=MAX_ROWS).contains(&n) && x.len() == n * cols);
     for (m, y) in parts.iter() {
         assert!(m.cols == cols && y.len() == n * m.rows);

@@ -68,6 +68,7 @@ fn info_of(m: &LoadedModel, load_seconds: f64) -> ModelInfo {
         architecture: m.architecture.clone(),
         device: m.device_label.clone(),
         dtype: m.dtype_label.clone(),
+        activations: m.model.activations().name().into(),
         context_length: m.context_length(),
         vocab_size: m.model.config().vocab_size,
         load_seconds,
@@ -113,6 +114,7 @@ fn run(
             let secs = started.elapsed().as_secs_f64();
             tracing::info!(
                 model = %m.name, device = %m.device_label, dtype = %m.dtype_label,
+                activations = %m.model.activations(),
                 "model loaded in {secs:.2}s"
             );
             let info = Arc::new(info_of(&m, secs));

@@ -48,6 +48,8 @@ pub struct ModelInfo {
     pub architecture: String,
     pub device: String,
     pub dtype: String,
+    /// `f32` or `q8` (llama.cpp's arithmetic).
+    pub activations: String,
     pub context_length: usize,
     pub vocab_size: usize,
     pub load_seconds: f64,
