@@ -31,6 +31,9 @@ use super::packed::PackedMatrix;
 use super::quant::Format;
 use super::simd;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 /// How activations meet quantized weights: the model's mode, fixed at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Activations {
@@ -125,7 +128,7 @@ struct QuantizedRows {
     qs: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
-    bsums: Vec<i32>,
+    bsums: Vec<i16>,
     halves: Vec<f32>,
 }
 
@@ -183,7 +186,8 @@ impl QuantizedRows {
                         *o = ((iscale * v).round_ties_even() as i32).min(127) as i8;
                     }
                     for s in qb.chunks_exact(16) {
-                        q.bsums.push(s.iter().map(|&v| v as i32).sum());
+                        // At most 16 · 127: an i16, as ggml keeps it.
+                        q.bsums.push(s.iter().map(|&v| v as i16).sum());
                     }
                     q.d.push(1.0 / iscale);
                 }
@@ -345,7 +349,7 @@ fn block_dot(format: Format, u: &Unpacked, q: &QuantizedRows, t: usize, b: usize
             let mut mins = 0i32;
             for j in 0..8 {
                 sumi += u.sc[j] * idot(&u.w[j * 32..j * 32 + 32], &a[j * 32..j * 32 + 32]);
-                mins += u.mins[j] * (bsums[2 * j] + bsums[2 * j + 1]);
+                mins += u.mins[j] * (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32);
             }
             (u.d * d) * sumi as f32 - (u.m * d) * mins as f32
         }
@@ -417,6 +421,13 @@ unsafe fn rows_q8_avx2(m: &PackedMatrix, q: &QuantizedRows, n: usize, r0: usize,
 }
 
 fn rows_kernel(m: &PackedMatrix, q: &QuantizedRows, n: usize, r0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::level() >= simd::Level::Avx2 && avx2::reads(m.format()) {
+        // SAFETY: the CPU has AVX2, FMA and F16C; the format is one the kernels read; q
+        // holds the n inputs quantized for it (matmul_many).
+        unsafe { avx2::rows(m, q, n, r0, out) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if simd::level() >= simd::Level::Avx2 {
         // SAFETY: the CPU has AVX2, FMA and F16C (the level never exceeds what it detected).
