@@ -1,7 +1,8 @@
 //! The two arithmetic modes side by side on the three real test models (CPU, f32
 //! activations vs `--activations q8`): a ~450-token prompt, eight 12-token prompts batched,
 //! and a decoding step after 64 tokens. Run: `cargo bench --bench activations` (after
-//! ./scripts/setup.sh --test-assets). Server-level figures against llama.cpp: benches/load.py.
+//! ./scripts/setup.sh --test-assets; TOKENSCOPE_BENCH_MODELS=SmolLM2,gemma picks models by
+//! name). Server-level figures against llama.cpp: benches/load.py.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tokenscope::model::q8::Activations;
@@ -22,7 +23,7 @@ fn modes(c: &mut Criterion) {
     let only = std::env::var("TOKENSCOPE_BENCH_MODELS").unwrap_or_default();
     for file in MODELS
         .iter()
-        .filter(|f| only.is_empty() || only.contains(*f))
+        .filter(|f| only.is_empty() || only.split(',').any(|o| f.contains(o)))
     {
         let mut group = c.benchmark_group(file.split('.').next().unwrap_or(file).to_string());
         group.sample_size(10);

@@ -116,7 +116,7 @@ criterion_main!(benches, kernels);
 
 /// The packed kernels alone, on the default model's shapes (one input row, or 16) and, for the
 /// K-quant and Q5_0 formats of the Gemma 3 / Qwen2.5 files, a 640×2048 matrix; plus the tiled
-/// GEMM of long prompts (128 input rows).
+/// GEMM of long prompts (128 input rows); each also with 8-bit activations (`/q8`).
 fn packed(c: &mut Criterion) {
     use candle_core::quantized::{GgmlDType, QTensor};
     use tokenscope::model::packed::PackedMatrix;
@@ -163,6 +163,11 @@ fn packed(c: &mut Criterion) {
             .unwrap();
         let x: Vec<f32> = (0..n * cols).map(|i| (i % 7) as f32 * 0.1).collect();
         group.bench_function(name, |b| b.iter(|| m.matmul(std::hint::black_box(&x), n)));
+        // The same product in llama.cpp's arithmetic (`--activations q8`).
+        let m = m.with_activations(tokenscope::model::q8::Activations::Q8);
+        group.bench_function(format!("{name}/q8"), |b| {
+            b.iter(|| m.matmul(std::hint::black_box(&x), n))
+        });
     }
     group.finish();
 }
