@@ -178,7 +178,12 @@ impl Attention {
 
 /// Each value rounded to f16 and back (what ggml stores in, or converts to, an f16 tensor).
 fn f16_rounded(t: &Tensor) -> candle_core::Result<Tensor> {
-    t.to_dtype(DType::F16)?.to_dtype(DType::F32)
+    if t.dtype() != DType::F32 || !t.device().is_cpu() {
+        return t.to_dtype(DType::F16)?.to_dtype(DType::F32);
+    }
+    let mut values = t.flatten_all()?.to_vec1::<f32>()?;
+    super::q8::f16_round_all(&mut values);
+    Tensor::from_vec(values, t.shape(), t.device())
 }
 
 #[derive(Debug, Clone)]

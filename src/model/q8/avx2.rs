@@ -140,7 +140,7 @@ unsafe fn bits_as_bytes(p: *const u8) -> __m256i {
     }
 }
 
-/// The 32-weight formats.
+/// The 32-weight formats, one copy per format (`F`: 0 Q4_0, 1 Q4_1, 2 Q5_0, 3 Q8_0).
 #[inline(always)]
 unsafe fn small(
     format: Format,
@@ -151,43 +151,94 @@ unsafe fn small(
     acc: &mut [__m256; CHUNK],
     extra: &mut [f32; CHUNK],
 ) {
-    let bytes = format.block_bytes();
+    // SAFETY: the caller's bounds, passed on.
+    unsafe {
+        match format {
+            Format::Q4_0 => small_f::<0>(row, q, t0, width, acc, extra),
+            Format::Q4_1 => small_f::<1>(row, q, t0, width, acc, extra),
+            Format::Q5_0 => small_f::<2>(row, q, t0, width, acc, extra),
+            _ => small_f::<3>(row, q, t0, width, acc, extra),
+        }
+    }
+}
+
+/// Block `p` of format `F` as 32 integers (signed, or unsigned for Q4_1), its scale and (Q4_1)
+/// its minimum.
+#[inline(always)]
+unsafe fn block32<const F: u8>(p: *const u8) -> (__m256i, f32, f32) {
+    // SAFETY: AVX2 and F16C; a whole block readable at p (the callers' promise).
+    unsafe {
+        let w = match F {
+            0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+            1 => nibbles(p.add(4)),
+            2 => {
+                let high = _mm256_andnot_si256(bits_as_bytes(p.add(2)), _mm256_set1_epi8(-16));
+                _mm256_or_si256(nibbles(p.add(6)), high)
+            }
+            _ => _mm256_loadu_si256(p.add(2) as *const __m256i),
+        };
+        let m = if F == 1 { half(p.add(2)) } else { 0.0 };
+        (w, half(p), m)
+    }
+}
+
+/// Σ w·y over a block of format `F`, as 8 i32 lanes.
+#[inline(always)]
+unsafe fn dot32<const F: u8>(w: __m256i, y: __m256i) -> __m256i {
+    // SAFETY: AVX2 (the callers' promise).
+    unsafe {
+        if F == 1 {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1))
+        } else {
+            dot_i8(w, y)
+        }
+    }
+}
+
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn small_f<const F: u8>(
+    row: &[u8],
+    q: &QuantizedRows,
+    t0: usize,
+    width: usize,
+    acc: &mut [__m256; CHUNK],
+    extra: &mut [f32; CHUNK],
+) {
+    let bytes = [18, 20, 22, 34][F as usize];
     let blocks = q.cols / 32;
     // SAFETY (whole body): block b of the row is row[b·bytes..(b+1)·bytes]; input t's block
     // b is qs[t·cols + 32b..][..32], its scale d[t·blocks + b] (the caller's bounds).
     unsafe {
-        for b in 0..blocks {
-            let p = row.as_ptr().add(b * bytes);
-            let dw = half(p);
-            let (w, signed) = match format {
-                Format::Q4_0 => (
-                    _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
-                    true,
-                ),
-                Format::Q4_1 => (nibbles(p.add(4)), false),
-                Format::Q5_0 => {
-                    let high = _mm256_andnot_si256(bits_as_bytes(p.add(2)), _mm256_set1_epi8(-16));
-                    (_mm256_or_si256(nibbles(p.add(6)), high), true)
+        if width == 1 {
+            // Decoding: one input, its accumulator in a register (the same operations in the
+            // same order as below).
+            let y = q.qs.as_ptr().add(t0 * q.cols);
+            let (d, s) = (q.d.as_ptr().add(t0 * blocks), q.s.as_ptr());
+            let (mut a, mut e) = (acc[0], extra[0]);
+            for b in 0..blocks {
+                let (w, dw, mw) = block32::<F>(row.as_ptr().add(b * bytes));
+                let yb = _mm256_loadu_si256(y.add(b * 32) as *const __m256i);
+                let sum = dot32::<F>(w, yb);
+                a = _mm256_fmadd_ps(_mm256_set1_ps(dw * *d.add(b)), _mm256_cvtepi32_ps(sum), a);
+                if F == 1 {
+                    e += mw * *s.add(t0 * blocks + b);
                 }
-                _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), true),
-            };
-            let mw = if format == Format::Q4_1 {
-                half(p.add(2))
-            } else {
-                0.0
-            };
+            }
+            acc[0] = a;
+            extra[0] = e;
+            return;
+        }
+        for b in 0..blocks {
+            let (w, dw, mw) = block32::<F>(row.as_ptr().add(b * bytes));
             for k in 0..width {
                 let t = t0 + k;
                 let y =
                     _mm256_loadu_si256(q.qs.as_ptr().add(t * q.cols + b * 32) as *const __m256i);
-                let sum = if signed {
-                    dot_i8(w, y)
-                } else {
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1))
-                };
+                let sum = dot32::<F>(w, y);
                 let scale = _mm256_set1_ps(dw * *q.d.get_unchecked(t * blocks + b));
                 acc[k] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[k]);
-                if format == Format::Q4_1 {
+                if F == 1 {
                     extra[k] += mw * *q.s.get_unchecked(t * blocks + b);
                 }
             }
@@ -208,6 +259,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn q4k(
     row: &[u8],
@@ -268,6 +320,9 @@ unsafe fn q4k(
     }
 }
 
+// Plain index loops: closures and iterator adapters are not always inlined into the AVX2
+// instance, and would then run without it.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn q6k(row: &[u8], q: &QuantizedRows, t0: usize, width: usize, acc: &mut [__m256; CHUNK]) {
     let blocks = q.cols / QK_K;
@@ -286,27 +341,23 @@ unsafe fn q6k(row: &[u8], q: &QuantizedRows, t0: usize, width: usize, acc: &mut 
                 let ql_a = _mm256_loadu_si256(p.add(64 * h) as *const __m256i);
                 let ql_b = _mm256_loadu_si256(p.add(64 * h + 32) as *const __m256i);
                 let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
-                let high = |shift: i32| -> __m256i {
-                    // bits 2·(shift/2).. of qh, moved to bits 4-5 of each byte.
-                    let two = match shift {
-                        0 => qh,
-                        2 => _mm256_srli_epi16(qh, 2),
-                        4 => _mm256_srli_epi16(qh, 4),
-                        _ => _mm256_srli_epi16(qh, 6),
-                    };
-                    _mm256_slli_epi16(_mm256_and_si256(two, m2), 4)
-                };
+                // Bits 0-1, 2-3, 4-5, 6-7 of qh, moved to bits 4-5 of each byte.
+                let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4);
+                let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4);
+                let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4);
+                let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4);
                 let lo_a = _mm256_and_si256(ql_a, m4);
                 let lo_b = _mm256_and_si256(ql_b, m4);
                 let hi_a = _mm256_and_si256(_mm256_srli_epi16(ql_a, 4), m4);
                 let hi_b = _mm256_and_si256(_mm256_srli_epi16(ql_b, 4), m4);
                 let vs = [
-                    _mm256_or_si256(lo_a, high(0)),
-                    _mm256_or_si256(lo_b, high(2)),
-                    _mm256_or_si256(hi_a, high(4)),
-                    _mm256_or_si256(hi_b, high(6)),
+                    _mm256_or_si256(lo_a, h0),
+                    _mm256_or_si256(lo_b, h1),
+                    _mm256_or_si256(hi_a, h2),
+                    _mm256_or_si256(hi_b, h3),
                 ];
-                for (v, val) in vs.into_iter().enumerate() {
+                for v in 0..4 {
+                    let val = vs[v];
                     // Unsigned (0..63): the −32 is taken off once per block through the
                     // inputs' sums of 16, as ggml does (the same integers in each lane).
                     w[4 * h + v] = val;

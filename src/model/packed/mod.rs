@@ -19,6 +19,9 @@ use super::q8::Activations;
 use super::quant::Format;
 use super::simd;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 /// Up to this many input rows go through the streaming kernels; more through the tiled GEMM.
 pub const MAX_ROWS: usize = 16;
 /// Size of one f32 panel of the tiled GEMM (per thread: about an L2 cache).
@@ -287,8 +290,13 @@ fn rows_kernel_at(
             return;
         }
         simd::Level::Avx2 => {
-            // SAFETY: the CPU supports AVX2, FMA and F16C (as above).
-            unsafe { rows_avx2(m, x, n, r0, out) };
+            if avx2::reads(m.format) {
+                // SAFETY: the CPU supports AVX2, FMA and F16C (as above).
+                unsafe { avx2::rows(m, x, n, r0, out) };
+            } else {
+                // SAFETY: as above.
+                unsafe { rows_avx2(m, x, n, r0, out) };
+            }
             return;
         }
         simd::Level::Portable => {}
