@@ -10,8 +10,9 @@
 //!
 //! Either way the products are those of the dense f32 path on the dequantized weights, up to
 //! summation order — unlike llama.cpp's (and candle's) quantized matmul, which also quantizes
-//! the activations to 8 bits. Hand-written SIMD is here because no maintained crate multiplies
-//! f32 activations with GGUF blocks without quantizing the activations.
+//! the activations to 8 bits (what a matrix set to [`Activations::Q8`] does instead: see
+//! [`super::q8`]). Hand-written SIMD (AVX-512 below, AVX2 in [`avx2`]) is here because no
+//! maintained crate multiplies f32 activations with GGUF blocks without quantizing them.
 
 use rayon::prelude::*;
 
