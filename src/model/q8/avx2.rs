@@ -12,7 +12,7 @@ use std::arch::x86_64::*;
 
 use super::{QuantizedRows, QK_K};
 use crate::model::packed::PackedMatrix;
-use crate::model::quant::Format;
+use crate::model::quant::{scale_min_k4, Format};
 
 /// The formats these kernels read; the others take the portable kernel.
 pub(super) fn reads(format: Format) -> bool {
@@ -243,19 +243,6 @@ unsafe fn small_f<const F: u8>(
                 }
             }
         }
-    }
-}
-
-/// The 6-bit scale and min of sub-block `j` of a Q4_K block (ggml's `get_scale_min_k4`).
-#[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
     }
 }
 

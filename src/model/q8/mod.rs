@@ -28,7 +28,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::packed::PackedMatrix;
-use super::quant::Format;
+use super::quant::{scale_min_k4, Format};
 use super::simd;
 
 #[cfg(target_arch = "x86_64")]
@@ -248,19 +248,6 @@ struct Unpacked {
 #[inline(always)]
 fn half_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
-}
-
-/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block (ggml's `get_scale_min_k4`).
-#[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
 }
 
 #[inline(always)]
