@@ -368,8 +368,9 @@ pub struct DeviceArgs {
     pub tokenizer: Option<PathBuf>,
     /// f32 | q8: how activations meet quantized GGUF weights. f32 (default): exact products
     /// with the dequantized weights. q8: llama.cpp's CPU arithmetic (activations quantized to
-    /// 8 bits, integer dot products, f16 keys/values, GELU via its f16 table): the numbers
-    /// llama.cpp computes for the same file, and faster long prompts.
+    /// 8 bits, integer dot products, f16 keys/values, GELU via its f16 table): llama.cpp's kind
+    /// of numbers for the same file (within llama.cpp's own spread: see the README), faster
+    /// decoding, slower long prompts.
     #[arg(long, env = "TOKENSCOPE_ACTIVATIONS", default_value = "f32")]
     pub activations: Activations,
 }
@@ -414,8 +415,9 @@ pub struct ModelArgs {
     pub tokenizer: Option<PathBuf>,
     /// f32 | q8: how activations meet quantized GGUF weights. f32 (default): exact products
     /// with the dequantized weights. q8: llama.cpp's CPU arithmetic (activations quantized to
-    /// 8 bits, integer dot products, f16 keys/values, GELU via its f16 table): the numbers
-    /// llama.cpp computes for the same file, and faster long prompts.
+    /// 8 bits, integer dot products, f16 keys/values, GELU via its f16 table): llama.cpp's kind
+    /// of numbers for the same file (within llama.cpp's own spread: see the README), faster
+    /// decoding, slower long prompts.
     #[arg(long, env = "TOKENSCOPE_ACTIVATIONS", default_value = "f32")]
     pub activations: Activations,
 }
