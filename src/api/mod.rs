@@ -19,6 +19,7 @@ pub mod routes;
 pub mod server;
 pub mod types;
 pub mod ui;
+pub mod unread_body;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -304,7 +305,9 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(middleware::from_fn_with_state(state, auth::require_key))
         .layer(middleware::from_fn(log_request))
-        .layer(middleware::from_fn(request_id::assign));
+        .layer(middleware::from_fn(request_id::assign))
+        // Outside auth and routing, so that their refusals' unread bodies are read too.
+        .layer(middleware::from_fn(unread_body::drain));
     // Outermost, so that a preflight OPTIONS is answered before auth asks for a key.
     match cors {
         Some(cors) => app.layer(cors),

@@ -40,23 +40,15 @@ impl Server {
         server
     }
 
-    /// A GET, tried a second time after a transport error: a pooled keep-alive connection can
-    /// be closed by the server just as the client reuses it (seen once in CI while a job
-    /// trained on both cores); a server that is really gone fails the second try too (status 0).
+    /// A GET; status 0 when no answer came.
     pub fn get(&self, path: &str) -> (u16, Value) {
-        for attempt in 0..2 {
-            match self.agent.get(&format!("{}{path}", self.base)).call() {
-                Ok(mut r) => {
-                    return (
-                        r.status().as_u16(),
-                        r.body_mut().read_json().unwrap_or(Value::Null),
-                    )
-                }
-                Err(_) if attempt == 0 => std::thread::sleep(Duration::from_millis(200)),
-                Err(_) => {}
-            }
+        match self.agent.get(&format!("{}{path}", self.base)).call() {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_json().unwrap_or(Value::Null),
+            ),
+            Err(_) => (0, Value::Null),
         }
-        (0, Value::Null)
     }
 
     pub fn post(&self, path: &str, body: Value) -> (u16, Value) {
