@@ -42,14 +42,6 @@ struct Reference {
     fa: Vec<f32>,
 }
 
-fn read_f32(path: &Path) -> Vec<f32> {
-    std::fs::read(path)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
 fn references(model: &str) -> Vec<Reference> {
     let dir = reference_dir();
     let raw = std::fs::read_to_string(dir.join("index.json")).unwrap();
@@ -73,8 +65,8 @@ fn references(model: &str) -> Vec<Reference> {
                     .map(|x| x as usize)
                     .collect(),
                 vocab: p["vocab"].as_u64().unwrap() as usize,
-                nofa: read_f32(&dir.join(p["nofa"].as_str().unwrap())),
-                fa: read_f32(&dir.join(p["fa"].as_str().unwrap())),
+                nofa: common::read_f32(&dir.join(p["nofa"].as_str().unwrap())),
+                fa: common::read_f32(&dir.join(p["fa"].as_str().unwrap())),
             };
             assert_eq!(r.nofa.len(), r.positions.len() * r.vocab);
             assert_eq!(r.fa.len(), r.nofa.len());
@@ -138,8 +130,8 @@ fn q8_matmuls_are_ggmls_kernels() {
         let (rows, cols, n) = (dim("rows"), dim("cols"), dim("n"));
         let prefix = dir.join(k["prefix"].as_str().unwrap());
         let blocks = std::fs::read(prefix.with_extension("w")).unwrap();
-        let x = read_f32(&prefix.with_extension("x"));
-        let want = read_f32(&prefix.with_extension("y"));
+        let x = common::read_f32(&prefix.with_extension("x"));
+        let want = common::read_f32(&prefix.with_extension("y"));
         let m = PackedMatrix::from_blocks(format, rows, cols, blocks, None)
             .unwrap()
             .with_activations(Activations::Q8);

@@ -46,11 +46,7 @@ fn references(dir: &Path) -> Vec<Reference> {
         .unwrap()
         .iter()
         .map(|p| {
-            let bytes = std::fs::read(dir.join(p["file"].as_str().unwrap())).unwrap();
-            let logprobs: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let logprobs = common::read_f32(&dir.join(p["file"].as_str().unwrap()));
             let vocab = p["vocab"].as_u64().unwrap() as usize;
             let ids: Vec<u32> = p["ids"]
                 .as_array()

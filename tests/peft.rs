@@ -65,11 +65,7 @@ fn against_peft(name: &str) -> f32 {
             ids,
             "tokens of {prompt:?}"
         );
-        let bytes = std::fs::read(dir.join(format!("logprobs{i}.f32"))).unwrap();
-        let theirs: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let theirs = common::read_f32(&dir.join(format!("logprobs{i}.f32")));
         let ours = common::all_logprobs(&m, ids);
         let base = common::all_logprobs(&plain, ids);
         for (pos, lp) in ours.iter().enumerate() {
@@ -302,11 +298,7 @@ fn peft_logprobs(base: &Path, adapter: &Path, ids: &[u32], vocab: usize) -> Vec<
         .status()
         .unwrap();
     assert!(status.success(), "logprobs.py failed");
-    let bytes = std::fs::read(&out).unwrap();
-    let all: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let all = common::read_f32(&out);
     all.chunks(vocab).map(|c| c.to_vec()).collect()
 }
 

@@ -148,6 +148,15 @@ pub fn http_agent(timeout: Option<Duration>) -> ureq::Agent {
         .into()
 }
 
+/// A file of little-endian f32s (what the reference scripts write).
+pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 /// How often [`wait_until`] and [`wait_until_async`] look again.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -347,11 +356,7 @@ pub fn against_reference(m: &LoadedModel, reference: &std::path::Path, label: &s
             vocab,
             "{label}: real tokens only"
         );
-        let bytes = std::fs::read(dir.join(p["file"].as_str().unwrap())).unwrap();
-        let theirs: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let theirs = read_f32(&dir.join(p["file"].as_str().unwrap()));
         assert_eq!(theirs.len(), ids.len() * vocab, "{label}: reference size");
         let at = |pos: usize| &theirs[pos * vocab..(pos + 1) * vocab];
         for (pos, ours) in all_logprobs(m, &ids).iter().enumerate() {

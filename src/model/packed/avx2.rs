@@ -1,16 +1,17 @@
-//! Hand-written AVX2 kernel of the exact mode for the 32-weight formats (Q4_0, Q4_1, Q5_0,
-//! Q8_0): the AVX-512 kernel's operations on 8-lane registers, for the many CPUs without
-//! AVX-512 (AMD before Zen 4, most Intel client parts). Each block is converted once to f32
-//! (rounded as ggml rounds it: `(q − bias)·d`, or `q·d + m` for Q4_1) and multiplied with
-//! every input row: four fused multiply-adds per block and input into one 8-lane accumulator,
-//! the same operations in the same order whatever the number of rows (batching is invisible).
-//! LLVM's vectorisation of the portable kernel converts and sums the same values but keeps 32
-//! partial sums per input and re-reads the block for each: measured 1.5–2× slower on a 2-core
-//! AMD EPYC without AVX-512.
+//! Hand-written AVX2 kernel of the exact mode, for the many CPUs without AVX-512 (AMD before
+//! Zen 4, most Intel client parts): the 32-weight formats (Q4_0, Q4_1, Q5_0, Q8_0: the AVX-512
+//! kernel's operations on 8-lane registers) and the 256-weight K-quants (Q4_K, Q5_K, Q6_K: most
+//! of a Q4_K_M file). Each block is converted once to f32, rounded as ggml rounds it (`(q −
+//! bias)·d`, `q·d + m` for Q4_1, `d·sc·q − dmin·m` for Q4_K/Q5_K, `(d·sc)·q` for Q6_K), and
+//! multiplied with every input row by fused multiply-adds: the same operations in the same
+//! order whatever the number of rows (batching is invisible). LLVM's vectorisation of the
+//! portable kernel converts and sums the same values but keeps 32 partial sums per input and
+//! re-reads the block for each: measured 1.5–2× slower on a 2-core AMD EPYC without AVX-512.
 
 use std::arch::x86_64::*;
 
 use super::{Format, PackedMatrix, MAX_ROWS};
+use crate::model::quant::scale_min_k4;
 
 /// Software prefetch distance, in blocks (as the AVX-512 kernel's).
 const PREFETCH: usize = 128;
@@ -18,10 +19,20 @@ const BLOCK: usize = 32;
 
 /// The formats this kernel reads (the others go to the portable one).
 pub fn reads(format: Format) -> bool {
+    small_blocks(format) || k_quant(format)
+}
+
+/// 32-weight blocks with one scale.
+fn small_blocks(format: Format) -> bool {
     matches!(
         format,
         Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q8_0
     )
+}
+
+/// 256-weight blocks of eight or sixteen scaled sub-blocks.
+fn k_quant(format: Format) -> bool {
+    matches!(format, Format::Q4K | Format::Q5K | Format::Q6K)
 }
 
 /// Dispatches on the number of input rows so that each variant keeps its accumulators in
@@ -30,27 +41,8 @@ pub fn reads(format: Format) -> bool {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; the matrix is in a format the kernel [`reads`].
 pub unsafe fn rows(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
-    // SAFETY (all arms): the caller guarantees the CPU features.
-    unsafe {
-        match n {
-            1 => rows_n::<1>(m, x, r0, out),
-            2 => rows_n::<2>(m, x, r0, out),
-            3 => rows_n::<3>(m, x, r0, out),
-            4 => rows_n::<4>(m, x, r0, out),
-            5 => rows_n::<5>(m, x, r0, out),
-            6 => rows_n::<6>(m, x, r0, out),
-            7 => rows_n::<7>(m, x, r0, out),
-            8 => rows_n::<8>(m, x, r0, out),
-            9 => rows_n::<9>(m, x, r0, out),
-            10 => rows_n::<10>(m, x, r0, out),
-            11 => rows_n::<11>(m, x, r0, out),
-            12 => rows_n::<12>(m, x, r0, out),
-            13 => rows_n::<13>(m, x, r0, out),
-            14 => rows_n::<14>(m, x, r0, out),
-            15 => rows_n::<15>(m, x, r0, out),
-            _ => rows_n::<16>(m, x, r0, out),
-        }
-    }
+    // SAFETY: the caller guarantees the CPU features.
+    unsafe { super::by_input_rows!(n, rows_n(m, x, r0, out)) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -60,6 +52,13 @@ unsafe fn rows_n<const N: usize>(m: &PackedMatrix, x: &[f32], r0: usize, out: &m
     assert!(x.len() == N * m.cols);
     assert!(reads(m.format));
     assert!(m.data.len() >= (r0 + rows) * m.row_bytes());
+    if k_quant(m.format) {
+        for i in 0..rows {
+            // SAFETY: row r0 + i is inside the asserted bounds.
+            unsafe { k_quant_row::<N>(m, x, r0 + i, &mut out[i * N..(i + 1) * N]) };
+        }
+        return;
+    }
     // With few inputs, two weight rows at a time: two independent accumulator chains per
     // input (16 registers: 2·N accumulators and a block's 4 vectors).
     let mut i = 0;
@@ -82,7 +81,7 @@ unsafe fn rows_n<const N: usize>(m: &PackedMatrix, x: &[f32], r0: usize, out: &m
 /// # Safety
 /// F16C; two bytes readable at `p`.
 #[inline(always)]
-unsafe fn half_to_f32(p: *const u8) -> f32 {
+pub(super) unsafe fn half_to_f32(p: *const u8) -> f32 {
     // SAFETY: the caller guarantees the feature and the bytes.
     unsafe {
         let bits = (p as *const u16).read_unaligned();
@@ -221,3 +220,179 @@ unsafe fn weight_rows<const N: usize, const R: usize>(
         }
     }
 }
+
+/// The 32 bytes of `v` as four 8-lane f32 vectors (bytes 0-7, 8-15, 16-23, 24-31), unsigned or
+/// signed.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn bytes_f32<const SIGNED: bool>(v: __m256i) -> [__m256; 4] {
+    // SAFETY: AVX2 (the caller's target features).
+    unsafe {
+        let lo = _mm256_castsi256_si128(v);
+        let hi = _mm256_extracti128_si256::<1>(v);
+        let parts = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
+        let mut f = [_mm256_setzero_ps(); 4];
+        for k in 0..4 {
+            f[k] = if SIGNED {
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k]))
+            } else {
+                u8x8_f32(parts[k])
+            };
+        }
+        f
+    }
+}
+
+/// A K-quant block's f32 scales: per sub-block, `d·sc` and (Q4_K, Q5_K) `dmin·m`; Q6_K has 16
+/// sub-blocks of 16 weights and no minimum.
+struct KScales {
+    scale: [f32; 16],
+    min: [f32; 8],
+}
+
+/// The scales of the K-quant block at `block`, rounded as ggml's dequantizers round them.
+///
+/// # Safety
+/// F16C; a whole block of `format` readable at `block`.
+#[inline(always)]
+unsafe fn k_scales(format: Format, block: *const u8) -> KScales {
+    let mut s = KScales {
+        scale: [0.0; 16],
+        min: [0.0; 8],
+    };
+    // SAFETY: the caller guarantees the feature and the block's bytes.
+    unsafe {
+        if format == Format::Q6K {
+            let d = half_to_f32(block.add(208));
+            for j in 0..16 {
+                s.scale[j] = d * (*block.add(192 + j) as i8) as f32;
+            }
+        } else {
+            let (d, dmin) = (half_to_f32(block), half_to_f32(block.add(2)));
+            let packed = std::slice::from_raw_parts(block.add(4), 12);
+            for j in 0..8 {
+                let (sc, m) = scale_min_k4(j, packed);
+                s.scale[j] = d * sc as f32;
+                s.min[j] = dmin * m as f32;
+            }
+        }
+    }
+    s
+}
+
+/// Weights 32c..32c + 32 of the K-quant block at `block` as four 8-lane vectors.
+///
+/// # Safety
+/// AVX2, FMA and F16C; a whole block of `format` readable at `block`; c < 8.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn k_chunk(format: Format, block: *const u8, c: usize, s: &KScales) -> [__m256; 4] {
+    // SAFETY (whole body): the caller guarantees the features and the block's bytes.
+    unsafe {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let mut w = [_mm256_setzero_ps(); 4];
+        if format == Format::Q6K {
+            // Half h of the block (128 weights): quarter i takes the low (i < 2) or high
+            // nibbles of ql[0..32] (i even) or ql[32..64] (i odd), and bits 2i, 2i + 1 of qh.
+            let (h, i) = (c / 4, c % 4);
+            let ql = _mm256_loadu_si256(block.add(64 * h + 32 * (i % 2)) as *const __m256i);
+            let nibbles = if i < 2 {
+                _mm256_and_si256(ql, low4)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql), low4)
+            };
+            let qh = _mm256_loadu_si256(block.add(128 + 32 * h) as *const __m256i);
+            let high = _mm256_and_si256(
+                _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * i as i32)),
+                _mm256_set1_epi8(3),
+            );
+            let q = _mm256_sub_epi8(
+                _mm256_or_si256(nibbles, _mm256_slli_epi16::<4>(high)),
+                _mm256_set1_epi8(32),
+            );
+            let q = bytes_f32::<true>(q);
+            for k in 0..4 {
+                // (d·sc)·q, a scale per 16 weights.
+                let scale = _mm256_set1_ps(s.scale[8 * h + 2 * i + k / 2]);
+                w[k] = _mm256_mul_ps(scale, q[k]);
+            }
+        } else {
+            let p = c / 2;
+            let at = if format == Format::Q5K { 48 } else { 16 };
+            let qs = _mm256_loadu_si256(block.add(at + 32 * p) as *const __m256i);
+            let mut q = if c.is_multiple_of(2) {
+                _mm256_and_si256(qs, low4)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16::<4>(qs), low4)
+            };
+            if format == Format::Q5K {
+                // Bit c of qh[l] is bit 4 of weight l of this chunk.
+                let qh = _mm256_loadu_si256(block.add(16) as *const __m256i);
+                let bit = _mm256_set1_epi8((1u8 << c) as i8);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                q = _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+            }
+            let q = bytes_f32::<false>(q);
+            let (scale, min) = (_mm256_set1_ps(s.scale[c]), _mm256_set1_ps(s.min[c]));
+            for k in 0..4 {
+                // d·sc·q − dmin·m: two roundings, as ggml's `d1 * q - m1`.
+                w[k] = _mm256_sub_ps(_mm256_mul_ps(scale, q[k]), min);
+            }
+        }
+        w
+    }
+}
+
+/// Dot products of K-quant weight row r with the N input rows. Four accumulators per input
+/// (one per 8-weight vector of a 32-weight chunk: short dependency chains when decoding),
+/// summed in a fixed order at the end; with many inputs some live in memory, which changes
+/// nothing in the arithmetic.
+///
+/// # Safety
+/// AVX2, FMA and F16C; row r exists in `m` (a K-quant format); x holds N rows of `m.cols`.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn k_quant_row<const N: usize>(m: &PackedMatrix, x: &[f32], r: usize, out: &mut [f32]) {
+    const K_BLOCK: usize = 256;
+    let cols = m.cols;
+    let nb = cols / K_BLOCK;
+    let bytes = m.format.block_bytes();
+    let format = m.format;
+    let xp = x.as_ptr();
+    // SAFETY (whole body): the caller guarantees the CPU features, that row r's blocks are in
+    // the matrix and that x holds N rows of `cols` values; prefetches never fault.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 4]; N];
+        for b in 0..nb {
+            let block = m.data.as_ptr().add((r * nb + b) * bytes);
+            let ahead = block.wrapping_add(K_PREFETCH * bytes);
+            for line in (0..bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+            }
+            let scales = k_scales(format, block);
+            for c in 0..8 {
+                let w = k_chunk(format, block, c, &scales);
+                for t in 0..N {
+                    let xb = xp.add(t * cols + b * K_BLOCK + c * 32);
+                    for k in 0..4 {
+                        acc[t][k] =
+                            _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xb.add(8 * k)), acc[t][k]);
+                    }
+                }
+            }
+        }
+        for t in 0..N {
+            let a = _mm256_add_ps(
+                _mm256_add_ps(acc[t][0], acc[t][1]),
+                _mm256_add_ps(acc[t][2], acc[t][3]),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            out[t] = _mm_cvtss_f32(s);
+        }
+    }
+}
+
+/// Software prefetch distance of the K-quant kernel, in 256-weight blocks.
+const K_PREFETCH: usize = 8;

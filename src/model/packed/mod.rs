@@ -23,6 +23,35 @@ use super::simd;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
+/// `f::<N>(args)` with N = `n` (1..=[`MAX_ROWS`]; more runs [`MAX_ROWS`]): the hand-written
+/// kernels have one instance per number of input rows, so that each keeps its accumulators in
+/// registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_input_rows {
+    ($n:expr, $f:ident($($arg:expr),*)) => {
+        match $n {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            8 => $f::<8>($($arg),*),
+            9 => $f::<9>($($arg),*),
+            10 => $f::<10>($($arg),*),
+            11 => $f::<11>($($arg),*),
+            12 => $f::<12>($($arg),*),
+            13 => $f::<13>($($arg),*),
+            14 => $f::<14>($($arg),*),
+            15 => $f::<15>($($arg),*),
+            _ => $f::<16>($($arg),*),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use by_input_rows;
+
 /// Up to this many input rows go through the streaming kernels; more through the tiled GEMM.
 pub const MAX_ROWS: usize = 16;
 /// Size of one f32 panel of the tiled GEMM (per thread: about an L2 cache).
@@ -227,9 +256,21 @@ pub fn matmul_many(parts: &mut [(&PackedMatrix, &mut [f32])], x: &[f32], n: usiz
     for (m, y) in parts.iter() {
         assert!(m.cols == cols && y.len() == n * m.rows);
     }
+    in_row_tasks(parts, n, |m, r0, out| rows_kernel(m, x, n, r0, out));
+}
+
+/// Runs `kernel(m, r0, out)` over every part's weight rows, 32 rows per task across the thread
+/// pool (one hand-off for all the parts), `out` receiving (rows × n) values row-major; then
+/// writes each part's `y` token-major (n × rows). Shared by both arithmetics' `matmul_many`.
+pub(crate) fn in_row_tasks(
+    parts: &mut [(&PackedMatrix, &mut [f32])],
+    n: usize,
+    kernel: impl Fn(&PackedMatrix, usize, &mut [f32]) + Sync,
+) {
     // Measured: 32-row tasks beat fewer, larger ones (better balance across the cores).
     let rows_per_task = 32;
     if n == 1 {
+        // One input: (rows × 1) is already token-major.
         let mut tasks = Vec::new();
         for (m, y) in parts.iter_mut() {
             for (i, out) in y.chunks_mut(rows_per_task).enumerate() {
@@ -238,7 +279,7 @@ pub fn matmul_many(parts: &mut [(&PackedMatrix, &mut [f32])], x: &[f32], n: usiz
         }
         tasks
             .into_par_iter()
-            .for_each(|(m, r0, out)| rows_kernel(m, x, 1, r0, out));
+            .for_each(|(m, r0, out)| kernel(m, r0, out));
         return;
     }
     // Computed as yᵀ (rows × n) so each task owns a contiguous slice, then transposed.
@@ -251,7 +292,7 @@ pub fn matmul_many(parts: &mut [(&PackedMatrix, &mut [f32])], x: &[f32], n: usiz
     }
     tasks
         .into_par_iter()
-        .for_each(|(m, r0, out)| rows_kernel(m, x, n, r0, out));
+        .for_each(|(m, r0, out)| kernel(m, r0, out));
     for ((m, y), yt) in parts.iter_mut().zip(&yts) {
         for r in 0..m.rows {
             for t in 0..n {
@@ -405,6 +446,7 @@ fn rows_format<const FMA: bool, const F16C: bool, const F: usize>(
 /// other formats take the portable kernel, compiled with AVX-512 enabled.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::avx2::half_to_f32;
     use super::{Format, PackedMatrix, BLOCK, MAX_ROWS};
     use std::arch::x86_64::*;
 
@@ -426,27 +468,8 @@ mod avx512 {
     /// The CPU must support AVX-512 F/BW/VL, FMA and F16C (the `avx512` level); the matrix is in a
     /// format the kernel [`reads`].
     pub unsafe fn rows(m: &PackedMatrix, x: &[f32], n: usize, r0: usize, out: &mut [f32]) {
-        // SAFETY (all arms): the caller guarantees the CPU features.
-        unsafe {
-            match n {
-                1 => rows_n::<1>(m, x, r0, out),
-                2 => rows_n::<2>(m, x, r0, out),
-                3 => rows_n::<3>(m, x, r0, out),
-                4 => rows_n::<4>(m, x, r0, out),
-                5 => rows_n::<5>(m, x, r0, out),
-                6 => rows_n::<6>(m, x, r0, out),
-                7 => rows_n::<7>(m, x, r0, out),
-                8 => rows_n::<8>(m, x, r0, out),
-                9 => rows_n::<9>(m, x, r0, out),
-                10 => rows_n::<10>(m, x, r0, out),
-                11 => rows_n::<11>(m, x, r0, out),
-                12 => rows_n::<12>(m, x, r0, out),
-                13 => rows_n::<13>(m, x, r0, out),
-                14 => rows_n::<14>(m, x, r0, out),
-                15 => rows_n::<15>(m, x, r0, out),
-                _ => rows_n::<16>(m, x, r0, out),
-            }
-        }
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe { super::by_input_rows!(n, rows_n(m, x, r0, out)) }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -470,19 +493,6 @@ mod avx512 {
             // SAFETY: row r0 + i is inside the asserted bounds.
             unsafe { weight_rows::<N, 1>(m, x, r0 + i, &mut out[i * N..(i + 1) * N]) };
             i += 1;
-        }
-    }
-
-    /// The f16 at `p` (little-endian, unaligned) as f32, exactly (F16C).
-    ///
-    /// # Safety
-    /// F16C; two bytes readable at `p`.
-    #[inline(always)]
-    unsafe fn half_to_f32(p: *const u8) -> f32 {
-        // SAFETY: the caller guarantees the feature and the bytes.
-        unsafe {
-            let bits = (p as *const u16).read_unaligned();
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
         }
     }
 

@@ -25,7 +25,6 @@ use std::fmt;
 use std::str::FromStr;
 
 use half::f16;
-use rayon::prelude::*;
 
 use super::packed::PackedMatrix;
 use super::quant::{scale_min_k4, Format};
@@ -482,31 +481,9 @@ pub(crate) fn matmul_many(parts: &mut [(&PackedMatrix, &mut [f32])], x: &[f32], 
             .expect("quantized above")
             .1
     };
-    let rows_per_task = 32;
-    let mut yts: Vec<Vec<f32>> = parts
-        .iter()
-        .map(|(m, _)| vec![0f32; m.rows() * n])
-        .collect();
-    let mut tasks = Vec::new();
-    for ((m, _), yt) in parts.iter().zip(yts.iter_mut()) {
-        for (i, out) in yt.chunks_mut(rows_per_task * n).enumerate() {
-            tasks.push((*m, i * rows_per_task, out));
-        }
-    }
-    tasks
-        .into_par_iter()
-        .for_each(|(m, r0, out)| rows_kernel(m, quantized_for(m), n, r0, out));
-    for ((m, y), yt) in parts.iter_mut().zip(&yts) {
-        if n == 1 {
-            y.copy_from_slice(yt);
-            continue;
-        }
-        for r in 0..m.rows() {
-            for t in 0..n {
-                y[t * m.rows() + r] = yt[r * n + t];
-            }
-        }
-    }
+    super::packed::in_row_tasks(parts, n, |m, r0, out| {
+        rows_kernel(m, quantized_for(m), n, r0, out)
+    });
 }
 
 #[cfg(test)]
