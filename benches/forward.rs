@@ -136,6 +136,9 @@ fn packed(c: &mut Criterion) {
         ("q5_0_2048x640", GgmlDType::Q5_0, 2048, 640, 1),
         ("q4k_640x2048", GgmlDType::Q4K, 640, 2048, 1),
         ("q6k_640x2048", GgmlDType::Q6K, 640, 2048, 1),
+        ("q4k_640x2048_2_inputs", GgmlDType::Q4K, 640, 2048, 2),
+        ("q4k_640x2048_4_inputs", GgmlDType::Q4K, 640, 2048, 4),
+        ("q4k_640x2048_8_inputs", GgmlDType::Q4K, 640, 2048, 8),
         ("q4k_640x2048_16_inputs", GgmlDType::Q4K, 640, 2048, 16),
         (
             "q4_1_1536x576_128_inputs_tiled",

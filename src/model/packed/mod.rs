@@ -332,7 +332,7 @@ fn rows_kernel_at(
             return;
         }
         simd::Level::Avx2 => {
-            if avx2::reads(m.format) {
+            if avx2::reads(m.format, n) {
                 // SAFETY: the CPU supports AVX2, FMA and F16C (as above).
                 unsafe { avx2::rows(m, x, n, r0, out) };
             } else {
@@ -699,6 +699,37 @@ mod tests {
                             "{level} {dtype:?} row {r} input {t}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 K-quant kernel takes few inputs and the portable kernel (at the same level)
+    /// many: batching stays invisible only if the two give the same bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_k_quant_kernel_gives_the_portable_kernels_bits() {
+        if simd::detected() < simd::Level::Avx2 {
+            return;
+        }
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let (rows, cols) = (37, 1280);
+            let m = quantized(dtype, rows, cols, 3);
+            for n in 1..=MAX_ROWS {
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| ((i * 7919) % 211) as f32 / 97.0 - 1.1)
+                    .collect();
+                let mut portable = vec![0f32; rows * n];
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+                unsafe { rows_avx2(&m, &x, n, 0, &mut portable) };
+                if !avx2::reads(m.format, n) {
+                    continue;
+                }
+                let mut kernel = vec![0f32; rows * n];
+                // SAFETY: as above; the kernel reads this format at this n.
+                unsafe { avx2::rows(&m, &x, n, 0, &mut kernel) };
+                for (i, (a, b)) in kernel.iter().zip(&portable).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{dtype:?} n={n} value {i}");
                 }
             }
         }
