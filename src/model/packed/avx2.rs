@@ -66,9 +66,18 @@ unsafe fn rows_n<const N: usize>(m: &PackedMatrix, x: &[f32], r0: usize, out: &m
         }
         return;
     }
-    // With few inputs, two weight rows at a time: two independent accumulator chains per
-    // input (16 registers: 2·N accumulators and a block's 4 vectors).
+    // Each (row, input) sum is one chain of dependent fused multiply-adds (4 per block): with
+    // few inputs, several weight rows at a time so that independent chains overlap (decoding
+    // is otherwise bound by the FMA latency, not by memory). The arithmetic of each sum is the
+    // same whatever the grouping.
     let mut i = 0;
+    if N <= 2 {
+        while i + 4 <= rows {
+            // SAFETY: rows r0 + i .. r0 + i + 4 are inside the asserted bounds.
+            unsafe { weight_rows::<N, 4>(m, x, r0 + i, &mut out[i * N..(i + 4) * N]) };
+            i += 4;
+        }
+    }
     if N <= 4 {
         while i + 2 <= rows {
             // SAFETY: rows r0 + i and r0 + i + 1 are inside the asserted bounds.
@@ -137,12 +146,6 @@ unsafe fn weight_rows<const N: usize, const R: usize>(
     // (r + j) * nb + b below is inside the matrix; x holds N rows of `cols` values;
     // prefetches never fault, even past the end.
     unsafe {
-        let lanes = [
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-            _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15),
-            _mm256_setr_epi32(16, 17, 18, 19, 20, 21, 22, 23),
-            _mm256_setr_epi32(24, 25, 26, 27, 28, 29, 30, 31),
-        ];
         let mask = _mm_set1_epi8(0x0F);
         let mut acc = [[_mm256_setzero_ps(); N]; R];
         for b in 0..nb {
@@ -171,37 +174,41 @@ unsafe fn weight_rows<const N: usize, const R: usize>(
                             _mm256_add_ps(_mm256_mul_ps(u8x8_f32(_mm_srli_si128::<8>(hi)), d), mv),
                         ]
                     }
-                    _ => {
-                        // Q4_0 (bias 8) and Q5_0 (bias 16): (q − bias)·d, the subtraction in
-                        // integers as ggml does it, then one rounding.
-                        let q5 = format == Format::Q5_0;
-                        let q =
-                            _mm_loadu_si128(block.add(if q5 { 6 } else { 2 }) as *const __m128i);
+                    Format::Q5_0 => {
+                        // (q − 16)·d, the subtraction in integers as ggml does it, then one
+                        // rounding; the 32 weights as bytes in order (low nibbles are weights
+                        // 0-15, high nibbles 16-31), bit j of `qh` as bit 4 of weight j.
+                        let q = _mm_loadu_si128(block.add(6) as *const __m128i);
                         let lo = _mm_and_si128(q, mask);
                         let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-                        let mut ints = [
-                            _mm256_cvtepu8_epi32(lo),
-                            _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(lo)),
-                            _mm256_cvtepu8_epi32(hi),
-                            _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(hi)),
-                        ];
-                        if q5 {
-                            // Bit j of `qh` is bit 4 of weight j.
-                            let qh =
-                                _mm256_set1_epi32((block.add(2) as *const i32).read_unaligned());
-                            let one = _mm256_set1_epi32(1);
-                            for k in 0..4 {
-                                let bit = _mm256_and_si256(_mm256_srlv_epi32(qh, lanes[k]), one);
-                                ints[k] = _mm256_or_si256(ints[k], _mm256_slli_epi32::<4>(bit));
-                            }
-                        }
-                        let bias = _mm256_set1_epi32(if q5 { 16 } else { 8 });
-                        let mut w = [_mm256_setzero_ps(); 4];
-                        for k in 0..4 {
-                            let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(ints[k], bias));
-                            w[k] = _mm256_mul_ps(v, d);
-                        }
-                        w
+                        let qh = (block.add(2) as *const i32).read_unaligned();
+                        let high = _mm256_and_si256(bits_as_bytes(qh), _mm256_set1_epi8(16));
+                        let q = _mm256_sub_epi8(
+                            _mm256_or_si256(_mm256_set_m128i(hi, lo), high),
+                            _mm256_set1_epi8(16),
+                        );
+                        let q = bytes_f32::<true>(q);
+                        [
+                            _mm256_mul_ps(q[0], d),
+                            _mm256_mul_ps(q[1], d),
+                            _mm256_mul_ps(q[2], d),
+                            _mm256_mul_ps(q[3], d),
+                        ]
+                    }
+                    _ => {
+                        // Q4_0: (q − 8)·d, the subtraction in integers as ggml does it, then
+                        // one rounding.
+                        let q = _mm_loadu_si128(block.add(2) as *const __m128i);
+                        let lo = _mm_and_si128(q, mask);
+                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+                        let q = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+                        let q = bytes_f32::<true>(q);
+                        [
+                            _mm256_mul_ps(q[0], d),
+                            _mm256_mul_ps(q[1], d),
+                            _mm256_mul_ps(q[2], d),
+                            _mm256_mul_ps(q[3], d),
+                        ]
                     }
                 };
                 // Four fused multiply-adds per input row, in the same order whatever the
@@ -247,6 +254,26 @@ unsafe fn bytes_f32<const SIGNED: bool>(v: __m256i) -> [__m256; 4] {
             };
         }
         f
+    }
+}
+
+/// Bit j of `bits` as byte j: 0xFF where set, 0 where not (ggml's `bytes_from_bits_32`).
+#[inline(always)]
+unsafe fn bits_as_bytes(bits: i32) -> __m256i {
+    // SAFETY: AVX2 (the caller's target features).
+    unsafe {
+        // Byte j takes byte j / 8 of `bits`, then every bit but bit j % 8 is set.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits),
+            _mm256_set_epi64x(
+                0x0303030303030303,
+                0x0202020202020202,
+                0x0101010101010101,
+                0,
+            ),
+        );
+        let others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+        _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1))
     }
 }
 
