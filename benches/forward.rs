@@ -133,6 +133,7 @@ fn packed(c: &mut Criterion) {
         ("q4_1_1536x576_16_inputs", GgmlDType::Q4_1, 1536, 576, 16),
         ("q4_1_576x1536_16_inputs", GgmlDType::Q4_1, 576, 1536, 16),
         ("q8_0_49152x576_lm_head", GgmlDType::Q8_0, 49152, 576, 1),
+        ("q4_1_49152x576", GgmlDType::Q4_1, 49152, 576, 1),
         ("q5_0_2048x640", GgmlDType::Q5_0, 2048, 640, 1),
         ("q4k_640x2048", GgmlDType::Q4K, 640, 2048, 1),
         ("q6k_640x2048", GgmlDType::Q6K, 640, 2048, 1),

@@ -166,12 +166,14 @@ unsafe fn weight_rows<const N: usize, const R: usize>(
                         let lo = _mm_and_si128(q, mask);
                         let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
                         let mv = _mm256_set1_ps(half_to_f32(block.add(2)));
-                        // q·d, then + m: two roundings, as ggml's `x0*d + m`.
+                        // ggml's `x0*d + m` rounds twice, but q·d is exact in f32 (a 4-bit
+                        // integer times an f16's 11-bit significand), so one fused
+                        // multiply-add gives the same bits.
                         [
-                            _mm256_add_ps(_mm256_mul_ps(u8x8_f32(lo), d), mv),
-                            _mm256_add_ps(_mm256_mul_ps(u8x8_f32(_mm_srli_si128::<8>(lo)), d), mv),
-                            _mm256_add_ps(_mm256_mul_ps(u8x8_f32(hi), d), mv),
-                            _mm256_add_ps(_mm256_mul_ps(u8x8_f32(_mm_srli_si128::<8>(hi)), d), mv),
+                            _mm256_fmadd_ps(u8x8_f32(lo), d, mv),
+                            _mm256_fmadd_ps(u8x8_f32(_mm_srli_si128::<8>(lo)), d, mv),
+                            _mm256_fmadd_ps(u8x8_f32(hi), d, mv),
+                            _mm256_fmadd_ps(u8x8_f32(_mm_srli_si128::<8>(hi)), d, mv),
                         ]
                     }
                     Format::Q5_0 => {
@@ -369,8 +371,10 @@ unsafe fn k_chunk(format: Format, block: *const u8, c: usize, s: &KScales) -> [_
             let q = bytes_f32::<false>(q);
             let (scale, min) = (_mm256_set1_ps(s.scale[c]), _mm256_set1_ps(s.min[c]));
             for k in 0..4 {
-                // d·sc·q − dmin·m: two roundings, as ggml's `d1 * q - m1`.
-                w[k] = _mm256_sub_ps(_mm256_mul_ps(scale, q[k]), min);
+                // ggml's `d1 * q - m1` rounds twice, but d1·q is exact in f32 (d·sc is
+                // an f16's 11-bit significand times a 6-bit integer, times a 5-bit q:
+                // 22 bits), so one fused multiply-add gives the same bits.
+                w[k] = _mm256_fmsub_ps(scale, q[k], min);
             }
         }
         w
