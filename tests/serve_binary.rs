@@ -506,4 +506,17 @@ fn unread_request_bodies_do_not_close_kept_alive_connections_unannounced() {
     assert!(head.contains("connection: close"), "{head}");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(read_response(&mut s).is_none(), "closed after the answer");
+
+    // A client waiting for `100 Continue` before an upload is refused without being
+    // asked for the body (nothing is read out of it), and told the connection closes.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(
+        b"POST /models/nope/load HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n\
+          content-length: 1000\r\n\r\n",
+    )
+    .unwrap();
+    let (head, body) = read_response(&mut s).expect("an answer");
+    assert!(head.starts_with("http/1.1 404"), "{head}{body}");
+    assert!(head.contains("connection: close"), "{head}");
 }

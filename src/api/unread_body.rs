@@ -12,6 +12,7 @@
 //! response says `connection: close`, so no client is surprised.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,9 +31,9 @@ const DRAIN_BYTES: usize = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// The request body, shared between the handler (which may read it) and [`drain`] (which reads
-/// what is left once the handler is done).
+/// what is left once the handler is done), and whether the handler ever asked for it.
 #[derive(Clone)]
-struct Shared(Arc<Mutex<Body>>);
+struct Shared(Arc<Mutex<Body>>, Arc<AtomicBool>);
 
 impl http_body::Body for Shared {
     type Data = Bytes;
@@ -42,6 +43,7 @@ impl http_body::Body for Shared {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        self.1.store(true, Ordering::Relaxed);
         let mut body = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         Pin::new(&mut *body).poll_frame(cx)
     }
@@ -65,11 +67,25 @@ pub async fn drain(req: Request, next: Next) -> Response {
         // No body (a GET) or an empty one: nothing can be left unread.
         return next.run(Request::from_parts(parts, body)).await;
     }
-    let shared = Shared(Arc::new(Mutex::new(body)));
+    // A client that sent `expect: 100-continue` sends the body only once asked (hyper asks
+    // when the body is first read): a body its handler never asked for is not asked for here
+    // either, and a body too large to read out is not read; either way the connection closes.
+    let expects_continue = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let too_large = body.size_hint().lower() > DRAIN_BYTES as u64;
+    let shared = Shared(Arc::new(Mutex::new(body)), Arc::new(AtomicBool::new(false)));
     let mut response = next
         .run(Request::from_parts(parts, Body::new(shared.clone())))
         .await;
-    if !read_rest(shared).await {
+    let asked = shared.1.load(Ordering::Relaxed);
+    let read_out = if too_large || (expects_continue && !asked) {
+        shared.is_end_stream()
+    } else {
+        read_rest(shared).await
+    };
+    if !read_out {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -143,6 +143,9 @@ pub fn free_port() -> u16 {
 pub fn http_agent(timeout: Option<Duration>) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
+        // Below the server's idle keep-alive limit (`--header-timeout`, 10 s by default), so
+        // that a pooled connection is never reused as the server closes it.
+        .max_idle_age(Duration::from_secs(5))
         .timeout_global(timeout)
         .build()
         .into()
