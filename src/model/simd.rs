@@ -114,6 +114,81 @@ pub fn level() -> Level {
     })
 }
 
+/// AVX2 building blocks shared by the exact-mode kernels (`packed`) and the q8 ones (`q8`).
+/// Plain `#[inline(always)]` functions: they take the target features of the kernel they are
+/// inlined into, and are only called from kernels compiled with AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// The f16 at `p` (little-endian, unaligned) as f32, exactly (F16C).
+    ///
+    /// # Safety
+    /// F16C; two bytes readable at `p`.
+    #[inline(always)]
+    pub(crate) unsafe fn half_to_f32(p: *const u8) -> f32 {
+        // SAFETY: the caller guarantees the feature and the bytes.
+        unsafe {
+            let bits = (p as *const u16).read_unaligned();
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
+    }
+
+    /// The sum of the 8 lanes of `v` (pairwise: high half onto low, then within).
+    ///
+    /// # Safety
+    /// AVX.
+    #[inline(always)]
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+        // SAFETY: the caller guarantees the feature.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    /// 32 nibbles (16 bytes at `p`: low nibbles are weights 0-15, high ones 16-31) as 32 bytes
+    /// 0..15, in weight order.
+    ///
+    /// # Safety
+    /// AVX2; 16 readable bytes at `p`.
+    #[inline(always)]
+    pub(crate) unsafe fn nibbles(p: *const u8) -> __m256i {
+        // SAFETY: the caller guarantees the feature and the bytes.
+        unsafe {
+            let lo = _mm_loadu_si128(p as *const __m128i);
+            let hi = _mm_srli_epi16(lo, 4);
+            _mm256_and_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(0x0F))
+        }
+    }
+
+    /// The 32 bits at `p` as 32 bytes, 0xFF where bit j is set (ggml's `bytes_from_bits_32`).
+    ///
+    /// # Safety
+    /// AVX2; 4 readable bytes at `p`.
+    #[inline(always)]
+    pub(crate) unsafe fn bits_as_bytes(p: *const u8) -> __m256i {
+        // SAFETY: the caller guarantees the feature and the bytes.
+        unsafe {
+            let x = (p as *const u32).read_unaligned() as i32;
+            // Byte j takes byte j / 8 of the bits, then every bit but bit j % 8 is set.
+            let spread = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(x),
+                _mm256_set_epi64x(
+                    0x0303030303030303,
+                    0x0202020202020202,
+                    0x0101010101010101,
+                    0,
+                ),
+            );
+            let with = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+            _mm256_cmpeq_epi8(with, _mm256_set1_epi64x(-1))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ use std::arch::x86_64::*;
 
 use super::{Format, PackedMatrix, MAX_ROWS};
 use crate::model::quant::scale_min_k4;
+use crate::model::simd::avx2::{bits_as_bytes, half_to_f32, hsum, nibbles};
 
 /// Software prefetch distance, in blocks (as the AVX-512 kernel's).
 const PREFETCH: usize = 128;
@@ -92,19 +93,6 @@ unsafe fn rows_n<const N: usize>(m: &PackedMatrix, x: &[f32], r0: usize, out: &m
     }
 }
 
-/// The f16 at `p` (little-endian, unaligned) as f32, exactly (F16C).
-///
-/// # Safety
-/// F16C; two bytes readable at `p`.
-#[inline(always)]
-pub(super) unsafe fn half_to_f32(p: *const u8) -> f32 {
-    // SAFETY: the caller guarantees the feature and the bytes.
-    unsafe {
-        let bits = (p as *const u16).read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-}
-
 /// The low 8 bytes of `v` (unsigned) as 8 f32 lanes.
 #[inline(always)]
 unsafe fn u8x8_f32(v: __m128i) -> __m256 {
@@ -176,34 +164,18 @@ unsafe fn weight_rows<const N: usize, const R: usize>(
                             _mm256_fmadd_ps(u8x8_f32(_mm_srli_si128::<8>(hi)), d, mv),
                         ]
                     }
-                    Format::Q5_0 => {
-                        // (q − 16)·d, the subtraction in integers as ggml does it, then one
-                        // rounding; the 32 weights as bytes in order (low nibbles are weights
-                        // 0-15, high nibbles 16-31), bit j of `qh` as bit 4 of weight j.
-                        let q = _mm_loadu_si128(block.add(6) as *const __m128i);
-                        let lo = _mm_and_si128(q, mask);
-                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-                        let qh = (block.add(2) as *const i32).read_unaligned();
-                        let high = _mm256_and_si256(bits_as_bytes(qh), _mm256_set1_epi8(16));
-                        let q = _mm256_sub_epi8(
-                            _mm256_or_si256(_mm256_set_m128i(hi, lo), high),
-                            _mm256_set1_epi8(16),
-                        );
-                        let q = bytes_f32::<true>(q);
-                        [
-                            _mm256_mul_ps(q[0], d),
-                            _mm256_mul_ps(q[1], d),
-                            _mm256_mul_ps(q[2], d),
-                            _mm256_mul_ps(q[3], d),
-                        ]
-                    }
                     _ => {
-                        // Q4_0: (q − 8)·d, the subtraction in integers as ggml does it, then
+                        // Q4_0 (bias 8) and Q5_0 (bias 16, bit j of `qh` as bit 4 of weight
+                        // j): (q − bias)·d, the subtraction in integers as ggml does it, then
                         // one rounding.
-                        let q = _mm_loadu_si128(block.add(2) as *const __m128i);
-                        let lo = _mm_and_si128(q, mask);
-                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-                        let q = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+                        let q5 = format == Format::Q5_0;
+                        let mut q = nibbles(block.add(if q5 { 6 } else { 2 }));
+                        if q5 {
+                            let high =
+                                _mm256_and_si256(bits_as_bytes(block.add(2)), _mm256_set1_epi8(16));
+                            q = _mm256_or_si256(q, high);
+                        }
+                        let q = _mm256_sub_epi8(q, _mm256_set1_epi8(if q5 { 16 } else { 8 }));
                         let q = bytes_f32::<true>(q);
                         [
                             _mm256_mul_ps(q[0], d),
@@ -228,10 +200,7 @@ unsafe fn weight_rows<const N: usize, const R: usize>(
         }
         for (j, acc) in acc.iter().enumerate() {
             for (t, a) in acc.iter().enumerate() {
-                let s = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps::<1>(*a));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                out[j * N + t] = _mm_cvtss_f32(s);
+                out[j * N + t] = hsum(*a);
             }
         }
     }
@@ -256,26 +225,6 @@ unsafe fn bytes_f32<const SIGNED: bool>(v: __m256i) -> [__m256; 4] {
             };
         }
         f
-    }
-}
-
-/// Bit j of `bits` as byte j: 0xFF where set, 0 where not (ggml's `bytes_from_bits_32`).
-#[inline(always)]
-unsafe fn bits_as_bytes(bits: i32) -> __m256i {
-    // SAFETY: AVX2 (the caller's target features).
-    unsafe {
-        // Byte j takes byte j / 8 of `bits`, then every bit but bit j % 8 is set.
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(bits),
-            _mm256_set_epi64x(
-                0x0303030303030303,
-                0x0202020202020202,
-                0x0101010101010101,
-                0,
-            ),
-        );
-        let others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
-        _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1))
     }
 }
 

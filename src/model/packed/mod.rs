@@ -446,8 +446,8 @@ fn rows_format<const FMA: bool, const F16C: bool, const F: usize>(
 /// other formats take the portable kernel, compiled with AVX-512 enabled.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::avx2::half_to_f32;
     use super::{Format, PackedMatrix, BLOCK, MAX_ROWS};
+    use crate::model::simd::avx2::half_to_f32;
     use std::arch::x86_64::*;
 
     /// Software prefetch distance, in blocks (measured: 64-128 best on the dev machine).

@@ -13,6 +13,7 @@ use std::arch::x86_64::*;
 use super::{QuantizedRows, QK_K};
 use crate::model::packed::PackedMatrix;
 use crate::model::quant::{scale_min_k4, Format};
+use crate::model::simd::avx2::{bits_as_bytes, half_to_f32, hsum, nibbles};
 
 /// The formats these kernels read; the others take the portable kernel.
 pub(super) fn reads(format: Format) -> bool {
@@ -78,27 +79,6 @@ pub(super) unsafe fn rows(
     }
 }
 
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    // SAFETY: AVX (the callers' target features).
-    unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-}
-
-#[inline(always)]
-unsafe fn half(p: *const u8) -> f32 {
-    // SAFETY: F16C; two readable bytes (the callers' promise).
-    unsafe {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (p as *const u16).read_unaligned() as i32,
-        )))
-    }
-}
-
 /// Σ of 32 signed byte products, as 8 i32 lanes.
 #[inline(always)]
 unsafe fn dot_i8(w: __m256i, y: __m256i) -> __m256i {
@@ -106,37 +86,6 @@ unsafe fn dot_i8(w: __m256i, y: __m256i) -> __m256i {
     unsafe {
         let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
         _mm256_madd_epi16(p, _mm256_set1_epi16(1))
-    }
-}
-
-/// 32 nibbles (16 bytes: low nibbles are weights 0-15, high ones 16-31) as 32 bytes 0..15.
-#[inline(always)]
-unsafe fn nibbles(p: *const u8) -> __m256i {
-    // SAFETY: AVX2; 16 readable bytes.
-    unsafe {
-        let lo = _mm_loadu_si128(p as *const __m128i);
-        let hi = _mm_srli_epi16(lo, 4);
-        _mm256_and_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(0x0F))
-    }
-}
-
-/// The 32 bits at `p` as 32 bytes, 0xFF where the bit is set.
-#[inline(always)]
-unsafe fn bits_as_bytes(p: *const u8) -> __m256i {
-    // SAFETY: AVX2; 4 readable bytes.
-    unsafe {
-        let x = (p as *const u32).read_unaligned() as i32;
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(x),
-            _mm256_set_epi64x(
-                0x0303030303030303,
-                0x0202020202020202,
-                0x0101010101010101,
-                0,
-            ),
-        );
-        let with = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-        _mm256_cmpeq_epi8(with, _mm256_set1_epi64x(-1))
     }
 }
 
@@ -177,8 +126,8 @@ unsafe fn block32<const F: u8>(p: *const u8) -> (__m256i, f32, f32) {
             }
             _ => _mm256_loadu_si256(p.add(2) as *const __m256i),
         };
-        let m = if F == 1 { half(p.add(2)) } else { 0.0 };
-        (w, half(p), m)
+        let m = if F == 1 { half_to_f32(p.add(2)) } else { 0.0 };
+        (w, half_to_f32(p), m)
     }
 }
 
@@ -265,7 +214,7 @@ unsafe fn q4k(
         for b in 0..blocks {
             let block = &row[b * 144..(b + 1) * 144];
             let p = block.as_ptr();
-            let (d, dmin) = (half(p), half(p.add(2)));
+            let (d, dmin) = (half_to_f32(p), half_to_f32(p.add(2)));
             let mut sc = [0i16; 8];
             let mut mins = [0i32; 8];
             for j in 0..8 {
@@ -318,7 +267,7 @@ unsafe fn q6k(row: &[u8], q: &QuantizedRows, t0: usize, width: usize, acc: &mut 
         for b in 0..blocks {
             let block = &row[b * 210..(b + 1) * 210];
             let p = block.as_ptr();
-            let d = half(p.add(208));
+            let d = half_to_f32(p.add(208));
             let sc = &block[192..208];
             let mut w = [_mm256_setzero_si256(); 8];
             let mut scales = [_mm256_setzero_si256(); 8];
